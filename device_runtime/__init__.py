@@ -1,0 +1,1 @@
+"""Nightjar device_runtime (see README)."""

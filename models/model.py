@@ -1,0 +1,197 @@
+"""The Gboard next-word model: a CIFG-LSTM with tied input/output embeddings.
+
+Read top to bottom: the config, the network, the loss and metrics, then the
+wrappers that make it a `tff.learning` model. The forward pass is written with
+plain TensorFlow ops, unrolled over a fixed sequence length and with the
+cross-entropy as `one_hot * log_softmax`, so the very same function converts
+to a TFLite training plan that uses built-in ops only (see tflite_export/).
+
+CIFG ("coupled input and forget gate", Hard et al. 2018): an LSTM whose forget
+gate is `1 - input gate`, with the cell output projected down to the embedding
+size so the output layer can reuse (tie) the input embedding matrix.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from models.text import NEVER_SUGGEST, PAD_ID
+from models.weights import WeightLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 10_004   # 10k words + pad, bos, eos, oov (must equal len(Vocabulary))
+    embedding_dim: int = 96    # input embedding = projection size = tied output embedding
+    units: int = 670           # CIFG cell size
+    seq_len: int = 20          # tokens per training window (fixed: the RNN is unrolled)
+    input_gate_bias: float = -1.0  # initial input-gate bias: forget gate starts ≈ 0.73 open
+    init_seed: int = 0         # seed of the initial weights (same seed → same model)
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+
+GBOARD = ModelConfig()
+# Tiny: for unit tests and end-to-end tests; same code path, ~40k parameters.
+TINY = ModelConfig(vocab_size=1_004, embedding_dim=16, units=32, seq_len=20)
+CONFIGS = {"gboard": GBOARD, "tiny": TINY}
+
+
+def weight_layout(config: ModelConfig) -> WeightLayout:
+    """Trainable tensors in the order of `CIFGLanguageModel.trainable_weights`."""
+    v, e, h = config.vocab_size, config.embedding_dim, config.units
+    return WeightLayout([
+        ("embedding", (v, e)),              # tied: input lookup and output projection
+        ("cifg/kernel", (e, 3 * h)),        # input → [input gate | candidate | output gate]
+        ("cifg/recurrent_kernel", (e, 3 * h)),  # projected state → gates
+        ("cifg/bias", (3 * h,)),
+        ("cifg/projection", (h, e)),        # cell output → embedding space
+        ("output_bias", (v,)),
+    ])
+
+
+def parameter_count(config: ModelConfig) -> int:
+    return weight_layout(config).size
+
+
+class CIFGLanguageModel(tf.keras.layers.Layer):
+    """token ids [B, T] int32 → next-token logits [B, T, V] float32."""
+
+    def __init__(self, config: ModelConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+
+    def build(self, input_shape):
+        c = self.config
+        v, e, h = c.vocab_size, c.embedding_dim, c.units
+        seed = c.init_seed
+        glorot = tf.keras.initializers.GlorotUniform
+        self.embedding = self.add_weight(
+            name="embedding", shape=(v, e),
+            initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=seed))
+        self.kernel = self.add_weight(name="cifg/kernel", shape=(e, 3 * h),
+                                      initializer=glorot(seed=seed + 1))
+        self.recurrent_kernel = self.add_weight(
+            name="cifg/recurrent_kernel", shape=(e, 3 * h),
+            initializer=tf.keras.initializers.Orthogonal(seed=seed + 2))
+        bias = [c.input_gate_bias] * h + [0.0] * (2 * h)
+        self.bias = self.add_weight(name="cifg/bias", shape=(3 * h,),
+                                    initializer=tf.keras.initializers.Constant(bias))
+        self.projection = self.add_weight(name="cifg/projection", shape=(h, e),
+                                          initializer=glorot(seed=seed + 3))
+        self.output_bias = self.add_weight(name="output_bias", shape=(v,),
+                                           initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, tokens):
+        return forward(self.trainable_weights, tokens, self.config)
+
+
+def forward(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """The network as a pure function of its weights (in `weight_layout` order).
+
+    tokens: [B, T] int32 → logits [B, T, V]. The RNN is unrolled in Python over
+    T = config.seq_len steps, which TFLite's built-in ops can express.
+    """
+    embedding, kernel, recurrent_kernel, bias, projection, output_bias = weights
+    h_units, e_dim = config.units, config.embedding_dim
+    inputs = tf.gather(embedding, tokens)                       # [B, T, E]
+    batch = tf.shape(tokens)[0]
+    state_c = tf.zeros([batch, h_units])                        # [B, H]
+    state_h = tf.zeros([batch, e_dim])                          # [B, E] (projected)
+    outputs = []
+    for t in range(config.seq_len):
+        z = inputs[:, t, :] @ kernel + state_h @ recurrent_kernel + bias   # [B, 3H]
+        i, g, o = tf.split(z, 3, axis=-1)
+        i = tf.sigmoid(i)
+        state_c = (1.0 - i) * state_c + i * tf.tanh(g)          # forget gate = 1 - input gate
+        state_h = (tf.sigmoid(o) * tf.tanh(state_c)) @ projection  # [B, E]
+        outputs.append(state_h)
+    hidden = tf.stack(outputs, axis=1)                          # [B, T, E]
+    return tf.einsum("bte,ve->btv", hidden, embedding) + output_bias  # tied output
+
+
+def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean cross-entropy over non-pad targets of the batch (0 if there are none).
+
+    Written as `one_hot * log_softmax` (not the sparse TF op) so that the
+    gradient graph converts to TFLite built-ins.
+    """
+    mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)          # [B, T]
+    one_hot = tf.one_hot(targets, tf.shape(logits)[-1], dtype=tf.float32)
+    nll = -tf.reduce_sum(one_hot * tf.nn.log_softmax(logits), axis=-1)  # [B, T]
+    return tf.reduce_sum(nll * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+
+
+class MaskedCrossEntropy(tf.keras.losses.Loss):
+    """Keras face of `masked_cross_entropy` (already a batch mean: no reduction)."""
+
+    def __init__(self, name: str = "masked_cross_entropy"):
+        super().__init__(name=name, reduction=tf.keras.losses.Reduction.NONE)
+
+    def call(self, y_true, y_pred):
+        return masked_cross_entropy(tf.cast(y_true, tf.int32), y_pred)
+
+
+def suggestion_hits(targets: tf.Tensor, logits: tf.Tensor, k: int) -> tf.Tensor:
+    """1.0 where the target is among the top-k suggestions (see models.metrics)."""
+    banned = tf.reduce_sum(tf.one_hot(list(NEVER_SUGGEST), tf.shape(logits)[-1]), axis=0)
+    scores = tf.where(banned > 0, tf.constant(-float("inf"), logits.dtype), logits)
+    _, top = tf.math.top_k(scores, k=k)                         # [B, T, k]
+    hit = tf.reduce_any(tf.equal(top, tf.cast(targets, tf.int32)[..., None]), axis=-1)
+    return tf.cast(hit, tf.float32)
+
+
+class SuggestionRecall(tf.keras.metrics.Mean):
+    """top-k recall over non-pad targets, micro-averaged (k=1: top-1 accuracy)."""
+
+    def __init__(self, k: int, name: str | None = None, **kwargs):
+        super().__init__(name=name or f"top{k}", **kwargs)
+        self.k = k
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        mask = tf.cast(tf.not_equal(y_true, PAD_ID), tf.float32)
+        return super().update_state(suggestion_hits(y_true, y_pred, self.k), sample_weight=mask)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
+
+
+class TokenCount(tf.keras.metrics.Sum):
+    """Number of non-pad targets seen (the denominator of every metric)."""
+
+    def __init__(self, name: str = "tokens", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(tf.reduce_sum(tf.cast(tf.not_equal(y_true, PAD_ID), tf.float32)))
+
+
+def build_keras_model(config: ModelConfig) -> tf.keras.Model:
+    """Functional Keras model: tokens [B, T] → logits [B, T, V]."""
+    tokens = tf.keras.Input(shape=(config.seq_len,), dtype=tf.int32, name="tokens")
+    logits = CIFGLanguageModel(config, name="cifg_lm")(tokens)
+    return tf.keras.Model(tokens, logits, name="nightjar_cifg")
+
+
+def keras_metrics() -> list[tf.keras.metrics.Metric]:
+    return [SuggestionRecall(1), SuggestionRecall(3), TokenCount()]
+
+
+def input_spec(config: ModelConfig) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+    spec = tf.TensorSpec([None, config.seq_len], tf.int32)
+    return (spec, spec)
+
+
+def tff_model_fn(config: ModelConfig):
+    """A no-argument constructor of the `tff.learning` model, as TFF's builders want."""
+    import tensorflow_federated as tff
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            build_keras_model(config), loss=MaskedCrossEntropy(),
+            input_spec=input_spec(config), metrics=keras_metrics())
+
+    return model_fn

@@ -1,0 +1,1 @@
+"""Nightjar server (see README)."""

@@ -1,0 +1,118 @@
+"""TFF simulation on the tiny config, and that TFF's worker never outlives us."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from models.corpus import load_corpus_from_texts
+from models.model import TINY
+from models.simulate import SimulationConfig, run_simulation
+from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
+from models.weights import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_play(n_roles: int = 8, speeches: int = 12, seed: int = 0) -> str:
+    """A play in the ALL-CAPS format whose roles speak in learnable patterns."""
+    rng = np.random.default_rng(seed)
+    subjects = ["the king", "my lord", "the queen", "good friend", "the fool"]
+    verbs = ["doth speak", "shall come", "is gone", "will stay", "hath said"]
+    lines = ["THE SYNTHETIC PLAY", "", "ACT I.", "", "SCENE I. Nowhere.", ""]
+    for i in range(speeches * n_roles):
+        role = f"ROLE{chr(65 + i % n_roles)}"
+        sentence = " ".join(f"{subjects[rng.integers(5)]} {verbs[rng.integers(5)]} to the hall."
+                            for _ in range(3))
+        lines += [f"{role}.", sentence.capitalize(), ""]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def small_corpus():
+    texts = {f"play{i}": synthetic_play(seed=i) for i in range(3)}
+    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25)
+
+
+def test_two_round_simulation_decreases_training_loss(small_corpus, tmp_path):
+    train_clients = len(small_corpus.train)
+    sim = SimulationConfig(rounds=2, clients_per_round=train_clients, local_epochs=2,
+                           batch_size=8, client_lr=1.0, server_optimizer="sgd",
+                           server_lr=1.0, eval_every=1)
+    summary = run_simulation(small_corpus, TINY, sim, tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train"] for r in rows if "train" in r]
+    assert len(train) == 2
+    assert train[1]["loss"] < train[0]["loss"] - 0.05
+    assert summary["final"]["loss"] < summary["initial"]["loss"]
+    assert train[0]["num_examples"] == sum(len(w) for w in small_corpus.train.values()) * 2
+    # checkpoints are plain tensors readable without TF, and the PNG exists
+    layout, flat, meta = load_checkpoint(tmp_path / "checkpoints" / "round_0002.safetensors")
+    assert meta["round"] == 2 and flat.shape == (layout.size,)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # run_simulation stopped its worker on the way out
+    assert not [p for p in worker_processes() if is_alive(p)]
+
+
+def _workers_with_marker(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] != WORKER_NAME:
+            continue
+        try:
+            if p.environ().get("NIGHTJAR_RUN_MARKER") == marker and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+TFF_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import tensorflow as tf
+    from models.tff_runtime import install_exit_handlers, worker_processes
+    install_exit_handlers()
+    import tensorflow_federated as tff
+
+    @tff.tensorflow.computation(tf.int32)
+    def double(x):
+        return x * 2
+
+    assert double(21) == 42
+    assert worker_processes(), "TFF did not start a worker"
+    print("READY", flush=True)
+    if sys.argv[1] == "wait":
+        time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("how", ["normal-exit", "sigterm"])
+def test_no_worker_outlives_a_process_that_used_tff(how):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "NIGHTJAR_RUN_MARKER": marker, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", TFF_SCRIPT, "wait" if how == "sigterm" else "exit"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        if how == "sigterm":  # (the script itself asserted that its worker started)
+            assert _workers_with_marker(marker), "the worker should run while TFF is in use"
+            proc.terminate()
+        assert proc.wait(timeout=60) == (0 if how == "normal-exit" else 128 + 15)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 10
+    while _workers_with_marker(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaked = _workers_with_marker(marker)
+    for p in leaked:
+        p.kill()
+    assert not leaked, f"worker_binary left running after the process exited ({how})"

@@ -1,0 +1,1 @@
+"""Nightjar tflite_export (see README)."""
