@@ -72,6 +72,8 @@ def cmd_central(args) -> None:
                            epochs=args.epochs, batch_size=args.batch_size,
                            learning_rate=args.lr, seed=args.seed)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus.vocab.save(out / "vocab.json")
     save_checkpoint(out / "central.safetensors", weight_layout(config), result.flat,
                     {"model_config": dataclasses.asdict(config), "history": result.history})
     for row in result.history:

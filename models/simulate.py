@@ -8,6 +8,7 @@ average of the client deltas. It writes, under `out_dir`:
 
 * `metrics.jsonl` — one JSON object per round (and held-out evaluations);
 * `checkpoints/round_NNNN.safetensors` — global weights (see models.weights);
+* `vocab.json` — the vocabulary the weights belong to;
 * `curves.png` — training loss and held-out top-1/top-3 per round;
 * `summary.json` — configuration, final metrics, wall time.
 """
@@ -124,6 +125,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
     flat = initial_weights(model_config) if initial is None else initial
     history: list[dict] = []
     start = time.monotonic()
+    corpus.vocab.save(out / "vocab.json")
     log = (out / "metrics.jsonl").open("w")
 
     def checkpoint_and_eval(round_num: int, flat: np.ndarray) -> dict:
