@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup corpus demo test bench bench-quality clean
+.PHONY: setup corpus demo test bench bench-quality bench-server clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,15 @@ demo: setup corpus
 bench-quality: setup corpus
 	$(PY) -m benchmarks.quality
 
-bench: bench-quality
+.PHONY: bench-export
+bench-export: setup corpus
+	$(PY) -m benchmarks.export
+
+# The Flask server under gunicorn on loopback against emulated devices (about a minute).
+bench-server: setup
+	$(PY) -m benchmarks.server
+
+bench: bench-quality bench-export bench-server
 
 clean:
 	rm -rf $(VENV) runs

@@ -102,8 +102,10 @@ def forward(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
     state_c = tf.zeros([batch, h_units])                        # [B, H]
     state_h = tf.zeros([batch, e_dim])                          # [B, E] (projected)
     outputs = []
-    for t in range(config.seq_len):
-        z = inputs[:, t, :] @ kernel + state_h @ recurrent_kernel + bias   # [B, 3H]
+    # unstack (not inputs[:, t]) because its gradient is a TFLite built-in
+    # (StridedSliceGrad would need a Flex op in the training plan).
+    for x_t in tf.unstack(inputs, num=config.seq_len, axis=1):    # [B, E] each
+        z = x_t @ kernel + state_h @ recurrent_kernel + bias       # [B, 3H]
         i, g, o = tf.split(z, 3, axis=-1)
         i = tf.sigmoid(i)
         state_c = (1.0 - i) * state_c + i * tf.tanh(g)          # forget gate = 1 - input gate

@@ -1,0 +1,136 @@
+"""Quality benchmark: n-gram vs central CIFG vs federated CIFG on held-out clients.
+
+`make bench-quality` runs a reduced configuration (Gboard-size model, fewer
+rounds than production) sized to finish in well under 45 minutes on 2 cores,
+writes `benchmarks/results/quality.json`, `benchmarks/results/quality.png`
+(the federated run's curves) and the table between the `quality` markers of
+README.md. All three models are scored by `models.metrics` on the same
+held-out clients.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclasses.dataclass
+class QualityConfig:
+    model: str = "gboard"
+    central_epochs: int = 2
+    central_batch_size: int = 64
+    central_lr: float = 2e-3
+    rounds: int = 120
+    clients_per_round: int = 20
+    local_epochs: int = 1
+    batch_size: int = 16
+    client_lr: float = 0.5
+    server_optimizer: str = "adam"
+    server_lr: float = 0.01
+    eval_every: int = 20
+    seed: int = 0
+
+
+def run(cfg: QualityConfig, work_dir: Path) -> dict:
+    from models.central import train_central
+    from models.corpus import load_corpus
+    from models.model import CONFIGS
+    from models.ngram import KneserNeyTrigram
+    from models.simulate import SimulationConfig, run_simulation
+
+    model_config = CONFIGS[cfg.model]
+    start = time.monotonic()
+    corpus = load_corpus(vocab_size=model_config.vocab_size - 4, seq_len=model_config.seq_len)
+    heldout = np.concatenate(list(corpus.heldout.values()))
+    timings = {}
+
+    t0 = time.monotonic()
+    ngram = KneserNeyTrigram(len(corpus.vocab)).fit(list(corpus.train.values()))
+    results = {"ngram": ngram.evaluate(heldout).as_dict()}
+    timings["ngram_s"] = time.monotonic() - t0
+    print(f"n-gram: {results['ngram']}")
+
+    t0 = time.monotonic()
+    central = train_central(model_config, list(corpus.train.values()), heldout,
+                            epochs=cfg.central_epochs, batch_size=cfg.central_batch_size,
+                            learning_rate=cfg.central_lr, seed=cfg.seed)
+    results["central"] = central.history[-1]["heldout"]
+    timings["central_s"] = time.monotonic() - t0
+    print(f"central: {results['central']}")
+
+    t0 = time.monotonic()
+    sim = SimulationConfig(rounds=cfg.rounds, clients_per_round=cfg.clients_per_round,
+                           local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                           client_lr=cfg.client_lr, server_optimizer=cfg.server_optimizer,
+                           server_lr=cfg.server_lr, eval_every=cfg.eval_every, seed=cfg.seed)
+    summary = run_simulation(corpus, model_config, sim, work_dir / "federated")
+    results["federated"] = summary["final"]
+    timings["federated_s"] = time.monotonic() - t0
+    shutil.copy(work_dir / "federated" / "curves.png", RESULTS / "quality.png")
+
+    results = {k: {"top1": v["top1"], "top3": v["top3"], "loss": v["loss"]}
+               for k, v in results.items()}
+    return {"config": dataclasses.asdict(cfg), "results": results,
+            "heldout_positions": int(np.sum(heldout[:, 1:] != 0)),
+            "heldout_clients": len(corpus.heldout), "timings": timings,
+            "wall_s": time.monotonic() - start}
+
+
+def table(report: dict) -> str:
+    r, c = report["results"], report["config"]
+    rows = [("n-gram (interpolated Kneser-Ney trigram)", r["ngram"]),
+            (f"CIFG, central ({c['central_epochs']} epochs, Adam)", r["central"]),
+            (f"CIFG, federated ({c['rounds']} rounds × {c['clients_per_round']} clients, "
+             f"Fed{c['server_optimizer'].capitalize()})", r["federated"])]
+    lines = ["| model | top-1 | top-3 |", "|---|---|---|"]
+    lines += [f"| {name} | {v['top1']:.2%} | {v['top3']:.2%} |" for name, v in rows]
+    lines.append("")
+    lines.append(f"Held-out: {report['heldout_clients']} clients, {report['heldout_positions']:,} "
+                 f"positions. Federated: client SGD lr {c['client_lr']}, batch {c['batch_size']}, "
+                 f"{c['local_epochs']} local epoch(s), server {c['server_optimizer']} lr "
+                 f"{c['server_lr']}. Wall time {report['wall_s'] / 60:.0f} min on this machine "
+                 f"(`make bench-quality`; figures from `benchmarks/results/quality.json`).")
+    return "\n".join(lines)
+
+
+def update_readme(report: dict, readme: Path = REPO / "README.md") -> None:
+    text = readme.read_text()
+    new = re.sub(r"(<!-- quality:begin -->\n).*?(<!-- quality:end -->)",
+                 lambda m: m.group(1) + table(report) + "\n" + m.group(2), text, flags=re.S)
+    readme.write_text(new)
+
+
+def main() -> None:
+    from models.tff_runtime import install_exit_handlers
+
+    install_exit_handlers()
+    p = argparse.ArgumentParser(description=__doc__)
+    d = QualityConfig()
+    for f in dataclasses.fields(QualityConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)),
+                       default=getattr(d, f.name))
+    p.add_argument("--work-dir", default=str(REPO / "runs" / "bench-quality"))
+    args = vars(p.parse_args())
+    work_dir = Path(args.pop("work_dir"))
+    cfg = QualityConfig(**args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = run(cfg, work_dir)
+    (RESULTS / "quality.json").write_text(json.dumps(report, indent=2))
+    update_readme(report)
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Server benchmark: the real server under gunicorn on loopback against emulated devices.
+
+`make bench-server` writes `benchmarks/results/server.json`:
+
+* check-ins per second and p99 latency with 100 and 1000 devices checking in
+  concurrently (each device its own keep-alive connection, every device
+  eligible: the first goal x 1.3 get assignments, the rest round_full
+  rejections with a retry window — the normal mix of a large population);
+* updates ingested per second for the Gboard-size model (1,422,638 float32,
+  5.7 MB per upload) over one 1000-report round, the last report completing
+  the round (aggregation, server optimizer, new version);
+* the server's peak memory (RSS of the gunicorn master and workers) during it;
+* the ceiling: the same upload bodies decoded, validated and folded into the
+  weighted sum in this process, without HTTP, persistence or SQLite, and the
+  ratio HTTP ingest / ceiling.
+
+The load generator is asyncio with raw HTTP/1.1 (one coroutine per device), so
+the client side costs little CPU next to the server it measures. Everything
+runs on 127.0.0.1, every loop is bounded, and the server is stopped at the end.
+The machine's 2 cores are shared by server and clients: figures are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    workers: int = 2
+    threads: int = 8
+    concurrency: tuple[int, ...] = (100, 1000)
+    checkins_per_device: int = 10
+    reports: int = 1000
+    upload_concurrency: int = 8
+    distinct_bodies: int = 4
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection (enough of the protocol for this server's answers)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader = self.writer = None
+
+    async def open(self) -> "Conn":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: str = "") -> tuple[int, bytes]:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                f"{headers}\r\n").encode()
+        self.writer.write(head)
+        if body:
+            self.writer.write(body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def register(port: int, n: int, parallel: int = 50) -> list[str]:
+    """n devices → their Authorization header values."""
+    out: list[str] = []
+
+    async def worker(count: int):
+        conn = await Conn(port).open()
+        for _ in range(count):
+            status, body = await conn.request("POST", "/v1/devices")
+            assert status == 201, body
+            reg = json.loads(body)
+            out.append(f"Bearer {reg['device_id']}:{reg['secret']}")
+        conn.close()
+
+    await asyncio.gather(*[worker(n // parallel + (i < n % parallel)) for i in range(parallel)])
+    return out
+
+
+CONDITIONS = {"charging": True, "idle": True, "unmetered": True, "battery": 0.9, "free_memory_mb": 4096,
+              "num_examples": 100, "runtime_version": "1.0.0"}
+
+
+async def checkin_load(port: int, auths: list[str], population: str, per_device: int) -> dict:
+    body = json.dumps({"population": population, "conditions": CONDITIONS}).encode()
+    conns = await asyncio.gather(*[Conn(port).open() for _ in auths])
+    latencies: list[float] = []
+    kinds = {"assignment": 0, "rejection": 0}
+    start_gate = asyncio.Event()
+
+    async def device(conn: Conn, auth: str):
+        await start_gate.wait()
+        for _ in range(per_device):
+            t = time.perf_counter()
+            status, answer = await conn.request("POST", "/v1/checkin", body,
+                                                f"Authorization: {auth}\r\nContent-Type: application/json\r\n")
+            latencies.append(time.perf_counter() - t)
+            assert status == 200, answer
+            kinds[next(iter(json.loads(answer)))] += 1
+
+    tasks = [asyncio.create_task(device(c, a)) for c, a in zip(conns, auths)]
+    t0 = time.perf_counter()
+    start_gate.set()
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    lat = np.array(latencies) * 1000
+    return {"per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests": len(latencies), **kinds}
+
+
+async def assign_all(port: int, auths: list[str], population: str) -> list[tuple[str, str]]:
+    body = json.dumps({"population": population, "conditions": CONDITIONS}).encode()
+    sessions = []
+
+    async def worker(chunk):
+        conn = await Conn(port).open()
+        for auth in chunk:
+            status, answer = await conn.request("POST", "/v1/checkin", body,
+                                                f"Authorization: {auth}\r\nContent-Type: application/json\r\n")
+            reply = json.loads(answer)
+            assert status == 200 and "assignment" in reply, answer
+            sessions.append((auth, reply["assignment"]["session_id"]))
+        conn.close()
+
+    await asyncio.gather(*[worker(auths[i::20]) for i in range(20)])
+    return sessions
+
+
+async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[bytes], parallel: int) -> dict:
+    queue = list(enumerate(sessions))
+    statuses: dict[str, int] = {}
+
+    async def worker():
+        conn = await Conn(port).open()
+        while queue:
+            i, (auth, sid) = queue.pop()
+            status, answer = await conn.request(
+                "POST", f"/v1/sessions/{sid}/update?model_version=0&num_examples={1 + i % 50}",
+                bodies[i % len(bodies)], f"Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n")
+            key = json.loads(answer).get("status", f"http {status}")
+            statuses[key] = statuses.get(key, 0) + 1
+        conn.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(parallel)])
+    elapsed = time.perf_counter() - t0
+    return {"per_s": statuses.get("accepted", 0) / elapsed, "elapsed_s": elapsed, "statuses": statuses}
+
+
+def inprocess_ceiling(bodies: list[bytes], size: int, n: int) -> float:
+    from server.aggregation import WeightedSum, decode_update
+
+    total = WeightedSum(size)
+    t0 = time.perf_counter()
+    for i in range(n):
+        total.add(decode_update(bodies[i % len(bodies)], size), 1 + i % 50)
+    return n / (time.perf_counter() - t0)
+
+
+class PeakRSS(threading.Thread):
+    """Samples the summed RSS of a process and its children every 20 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stop_event = threading.Event()
+
+    def run(self):
+        import psutil
+
+        while not self.stop_event.wait(0.02):
+            try:
+                procs = [self.proc] + self.proc.children(recursive=True)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                continue
+
+    def stop(self) -> float:
+        self.stop_event.set()
+        self.join()
+        return self.peak / 2**20
+
+
+def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
+    from models.model import GBOARD, weight_layout
+    from models.weights import save_checkpoint
+
+    layout = weight_layout(GBOARD)
+    flat = np.random.default_rng(0).normal(0, 0.05, layout.size).astype(np.float32)
+    save_checkpoint(work / "init.safetensors", layout, flat, {"round": 0,
+                                                             "model_config": dataclasses.asdict(GBOARD)})
+    common = {"selection_window_s": 3600.0, "reporting_window_s": 3600.0, "eval_every": 0,
+              "server_optimizer": "sgdm", "server_lr": 1.0}
+    config = {"database": str(work / "state/nightjar.db"), "artifact_dir": str(work / "state/artifacts"),
+              "state_dir": str(work / "state/private"), "tick_interval_s": 1.0,
+              "aggregation_shards": cfg.threads,
+              "populations": {
+                  "checkin": {"goal": 100, **common, "eligibility": {"min_separation_s": 0.0}},
+                  "ingest": {"goal": cfg.reports, "over_selection": 1.0, **common,
+                             "eligibility": {"min_separation_s": 0.0}}}}
+    path = work / "server.json"
+    path.write_text(json.dumps(config))
+    for population in ("checkin", "ingest"):
+        subprocess.run([sys.executable, "-m", "server", "init", "--config", str(path), "--population", population,
+                        "--checkpoint", str(work / "init.safetensors")], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+    return path, layout.size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(config: Path, port: int, cfg: BenchConfig, log: Path) -> subprocess.Popen:
+    import requests
+
+    proc = subprocess.Popen([sys.executable, "-m", "server", "run", "--config", str(config), "--bind",
+                             f"127.0.0.1:{port}", "--workers", str(cfg.workers), "--threads", str(cfg.threads)],
+                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError("server did not start within 60 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run(cfg: BenchConfig) -> dict:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    with tempfile.TemporaryDirectory(prefix="nightjar-bench-") as tmp:
+        work = Path(tmp)
+        config, size = write_setup(work, cfg)
+        port = free_port()
+        server = start_server(config, port, cfg, work / "server.log")
+        try:
+            auths = asyncio.run(register(port, max(max(cfg.concurrency), cfg.reports)))
+            checkins = {}
+            for n in cfg.concurrency:
+                checkins[n] = asyncio.run(checkin_load(port, auths[:n], "checkin", cfg.checkins_per_device))
+                print(f"check-in x{n}: {checkins[n]['per_s']:.0f}/s, p50 {checkins[n]['p50_ms']:.1f} ms, "
+                      f"p99 {checkins[n]['p99_ms']:.1f} ms ({checkins[n]['assignment']} assignments)", flush=True)
+            sessions = asyncio.run(assign_all(port, auths[:cfg.reports], "ingest"))
+            rng = np.random.default_rng(1)
+            from server.aggregation import encode_update
+
+            bodies = [encode_update(rng.normal(0, 1e-3, size).astype(np.float32))
+                      for _ in range(cfg.distinct_bodies)]
+            sampler = PeakRSS(server.pid)
+            sampler.start()
+            ingest = asyncio.run(ingest_load(port, sessions, bodies, cfg.upload_concurrency))
+            peak_mb = sampler.stop()
+            print(f"ingest: {ingest['per_s']:.1f} updates/s ({ingest['statuses']}), peak RSS {peak_mb:.0f} MB",
+                  flush=True)
+            assert ingest["statuses"].get("accepted") == cfg.reports, ingest
+        finally:
+            stop_server(server)
+        ceiling = inprocess_ceiling(bodies, size, cfg.reports)
+        print(f"in-process ceiling: {ceiling:.1f} updates/s", flush=True)
+    return {
+        "checkin_per_s": {str(n): round(r["per_s"], 1) for n, r in checkins.items()},
+        "checkin_p99_ms": {str(n): round(r["p99_ms"], 2) for n, r in checkins.items()},
+        "ingest_updates_per_s": round(ingest["per_s"], 2),
+        "inprocess_updates_per_s": round(ceiling, 2),
+        "ingest_ratio": round(ingest["per_s"] / ceiling, 4),
+        "peak_rss_mb_1000_reports": round(peak_mb, 1),
+        "workers": cfg.workers,
+    }, {"checkin": checkins, "ingest": ingest}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=BenchConfig.workers)
+    parser.add_argument("--threads", type=int, default=BenchConfig.threads)
+    parser.add_argument("--out", default=str(RESULTS / "server.json"))
+    args = parser.parse_args()
+    cfg = BenchConfig(workers=args.workers, threads=args.threads)
+    start = time.monotonic()
+    result, details = run(cfg)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"p50 ms: {({n: round(r['p50_ms'], 2) for n, r in details['checkin'].items()})}; "
+          f"wall {time.monotonic() - start:.0f} s; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""tflite_export on the tiny config: LiteRT parity with TensorFlow, the app model, no Flex ops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.central import get_flat_weights, set_flat_weights
+from models.corpus import load_corpus_from_texts
+from models.metrics import suggestions
+from models.model import (TINY, build_keras_model, forward, masked_cross_entropy, tff_model_fn,
+                          weight_layout)
+from models.text import NEVER_SUGGEST, PAD_ID, Vocabulary
+from tflite_export.export import export_app_model, export_plan
+from tflite_export.modelinfo import constant_buffers, non_builtin_ops, operator_names
+from tflite_export.reader import load_app_model, load_plan
+
+LAYOUT = weight_layout(TINY)
+
+
+def patterned_play(seed: int, speeches: int = 60) -> str:
+    """A play whose sentences follow learnable, biased word patterns (a clear top-1 at most places)."""
+    rng = np.random.default_rng(seed)
+    subjects = ["the king", "my lord", "the queen", "good friend", "the fool", "sweet lady",
+                "the duke", "thy father"]
+    verbs = ["doth speak", "shall come", "is gone", "will stay", "hath said", "must fly", "can see"]
+    objects = ["to the hall", "of the night", "with the sword", "in the garden", "for the crown",
+               "upon the hill"]
+    lines = ["THE PATTERNED PLAY", "", "ACT I.", "", "SCENE I. Nowhere.", ""]
+    for i in range(speeches):
+        sentences = []
+        for _ in range(3):
+            s = rng.integers(len(subjects))
+            v = (s + rng.choice(2, p=[0.75, 0.25])) % len(verbs)
+            o = (v + rng.choice(2, p=[0.75, 0.25])) % len(objects)
+            sentences.append(f"{subjects[s]} {verbs[v]} {objects[o]}.")
+        lines += [f"ROLE{chr(65 + i % 6)}.", " ".join(sentences).capitalize(), ""]
+    return "\n".join(lines)
+
+
+def full_vocab(vocab: Vocabulary) -> Vocabulary:
+    """The corpus vocabulary filled up to TINY's size (the tiny corpus has few words)."""
+    return Vocabulary(vocab.tokens + [f"<unused{i}>" for i in range(TINY.vocab_size - len(vocab))])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    texts = {f"play{i}": patterned_play(i) for i in range(4)}
+    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def heldout(corpus) -> np.ndarray:
+    return np.concatenate(list(corpus.heldout.values()))
+
+
+@pytest.fixture(scope="module")
+def trained_flat(corpus) -> np.ndarray:
+    """TINY after 300 Keras SGD steps on the patterned training clients."""
+    train = np.concatenate(list(corpus.train.values()))
+    model = build_keras_model(TINY)
+    optimizer = tf.keras.optimizers.SGD(1.0)
+
+    @tf.function
+    def step(w):
+        with tf.GradientTape() as tape:
+            loss = masked_cross_entropy(w[:, 1:], model(w[:, :-1]))
+        grads = tape.gradient(loss, model.trainable_weights)
+        optimizer.apply_gradients(zip(grads, model.trainable_weights))
+        return loss
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        loss = step(train[rng.integers(0, len(train), 32)])
+    assert float(loss) < 2.0
+    return get_flat_weights(model, TINY)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, corpus, trained_flat):
+    out = tmp_path_factory.mktemp("export")
+    vocab = full_vocab(corpus.vocab)
+    export_plan(TINY, trained_flat, vocab, out, batch_size=16, model_version=7)
+    export_app_model(TINY, trained_flat, vocab, out, k=3, model_version=7)
+    export_app_model(TINY, trained_flat, vocab, out / "float", k=3, quantize=False)
+    return out
+
+
+def keras_logits(flat: np.ndarray, x: np.ndarray) -> np.ndarray:
+    model = build_keras_model(TINY)
+    set_flat_weights(model, TINY, flat)
+    return model(x).numpy()
+
+
+def tf_sgd_step(flat: np.ndarray, x: np.ndarray, y: np.ndarray, lr: float):
+    """The reference: one w -= lr * grad step in TensorFlow on tf.Variables."""
+    variables = [tf.Variable(t) for t in LAYOUT.unflatten(flat.copy()).values()]
+    with tf.GradientTape() as tape:
+        loss = masked_cross_entropy(tf.constant(y), forward(variables, tf.constant(x), TINY))
+    for v, g in zip(variables, tape.gradient(loss, variables)):
+        v.assign_sub(lr * tf.convert_to_tensor(g))
+    return LAYOUT.flatten([v.numpy() for v in variables]), float(loss)
+
+
+def test_infer_matches_keras_logits(export_dir, trained_flat, heldout):
+    plan = load_plan(export_dir / "plan.manifest.json")
+    x = heldout[:37, :-1]          # two full batches of 16 and a padded one
+    got = plan.infer(x)
+    assert got.shape == (37, TINY.seq_len, TINY.vocab_size)
+    assert np.abs(got - keras_logits(trained_flat, x)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("rows", [16, 5], ids=["full_batch", "padded_short_batch"])
+def test_train_step_matches_tensorflow_sgd(export_dir, trained_flat, heldout, rows):
+    plan = load_plan(export_dir / "plan.manifest.json")
+    np.testing.assert_array_equal(plan.get_weights(), trained_flat)
+    batch = heldout[:rows]
+    step = plan.train_windows(batch, lr=0.5)
+    expected, expected_loss = tf_sgd_step(trained_flat, batch[:, :-1], batch[:, 1:], 0.5)
+    got = plan.get_weights()
+    assert np.abs(got - expected).max() <= 1e-5
+    assert np.abs(got - trained_flat).max() > 1e-3          # the step did move the weights
+    assert step.loss == pytest.approx(expected_loss, abs=1e-5)
+    assert step.tokens == int(np.sum(batch[:, 1:] != PAD_ID))
+
+
+def test_set_weights_then_get_weights_is_exact_and_used_by_infer(export_dir, heldout):
+    plan = load_plan(export_dir / "plan.manifest.json")
+    flat = np.random.default_rng(1).normal(0, 0.1, LAYOUT.size).astype(np.float32)
+    plan.set_weights(flat)
+    np.testing.assert_array_equal(plan.get_weights(), flat)
+    x = heldout[:16, :-1]
+    assert np.abs(plan.infer(x) - keras_logits(flat, x)).max() <= 1e-4
+    with pytest.raises(ValueError, match="flat weights"):
+        plan.set_weights(flat[:-1])
+
+
+def test_flat_layout_round_trips_with_tff_model_weights(export_dir):
+    import tensorflow_federated as tff
+
+    model = tff_model_fn(TINY)()       # building the model object starts no TFF worker
+    trainable = tff.learning.models.ModelWeights.from_model(model).trainable
+    for variable, entry in zip(trainable, LAYOUT.entries):
+        assert variable.name.split("/", 1)[1].startswith(entry.name) and variable.shape == entry.shape
+    rng = np.random.default_rng(2)
+    for variable in trainable:
+        variable.assign(rng.normal(size=variable.shape).astype(np.float32))
+    tensors = [v.numpy() for v in trainable]
+    plan = load_plan(export_dir / "plan.manifest.json")
+    plan.set_weights(LAYOUT.flatten(tensors))
+    back = LAYOUT.unflatten(plan.get_weights())
+    for (name, tensor), original in zip(back.items(), tensors):
+        np.testing.assert_array_equal(tensor, original, err_msg=name)
+
+
+def test_plan_uses_builtin_ops_only(export_dir):
+    plan = load_plan(export_dir / "plan.manifest.json")
+    model = (export_dir / "plan.tflite").read_bytes()
+    assert non_builtin_ops(model) == []
+    ops = operator_names(model)
+    assert not [op for op in ops if op.startswith("CUSTOM")]
+    assert {"ASSIGN_VARIABLE", "READ_VARIABLE", "LOG_SOFTMAX", "ONE_HOT"} <= set(ops)
+    assert plan.manifest.ops == ops
+    assert plan.manifest.signatures["train"]["inputs"] == {
+        "lr": {"shape": [], "dtype": "float32"},
+        "x": {"shape": [16, TINY.seq_len], "dtype": "int32"},
+        "y": {"shape": [16, TINY.seq_len], "dtype": "int32"}}
+
+
+def test_float_app_model_gives_the_training_models_suggestions(export_dir, trained_flat, heldout):
+    app = load_app_model(export_dir / "float" / "app.manifest.json")
+    rows = heldout[:6, :-1]
+    probs = tf.nn.softmax(keras_logits(trained_flat, rows)).numpy()
+    for row, p in zip(rows, probs):
+        for length in (1, 2, 7, TINY.seq_len):
+            got = app.suggest(row[:length])
+            expected = suggestions(p[length - 1], k=3)
+            assert [i for i, _ in got] == expected.tolist()
+            np.testing.assert_allclose([q for _, q in got], p[length - 1][expected], atol=1e-5)
+    # A longer context keeps its last seq_len tokens (read from zero state, like a training window).
+    long_context = np.concatenate([heldout[0, :5], heldout[1, :-1]])
+    last = long_context[-TINY.seq_len:]
+    expected = suggestions(keras_logits(trained_flat, last[None])[0, -1], k=3)
+    assert [i for i, _ in app.suggest(long_context)] == expected.tolist()
+
+
+def test_quantized_app_model_agrees_with_float_top1(export_dir, trained_flat, heldout):
+    app = load_app_model(export_dir / "app.manifest.json")
+    assert app.k == 3 and app.manifest.model_version == 7
+    logits = keras_logits(trained_flat, heldout[:, :-1])
+    agree = positions = 0
+    for row, row_logits in zip(heldout, logits):
+        for pos in range(TINY.seq_len):
+            if row[pos + 1] == PAD_ID:
+                break
+            got = app.suggest(row[:pos + 1])
+            assert len(got) == 3 and not {i for i, _ in got} & set(NEVER_SUGGEST)
+            assert got[0][1] >= got[1][1] >= got[2][1] > 0
+            agree += got[0][0] == suggestions(row_logits[pos], k=1)[0]
+            positions += 1
+    assert positions >= 1000
+    assert agree / positions >= 0.98, f"top-1 agreement {agree / positions:.4f} over {positions}"
+
+
+def test_app_model_stores_the_tied_embedding_once_in_int8(export_dir):
+    model = (export_dir / "app.tflite").read_bytes()
+    embedding_sized = [c for c in constant_buffers(model)
+                       if any(sorted(t["shape"]) == sorted([TINY.vocab_size, TINY.embedding_dim])
+                              for t in c["tensors"])]
+    assert len(embedding_sized) == 1
+    assert {t["dtype"] for t in embedding_sized[0]["tensors"]} == {"int8"}
+    assert embedding_sized[0]["bytes"] == TINY.vocab_size * TINY.embedding_dim

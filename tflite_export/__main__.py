@@ -1,0 +1,150 @@
+"""`python -m tflite_export …`: export a checkpoint for phones, or look inside an export.
+
+    plan    --checkpoint CKPT [--vocab V] [--config C] [--batch-size 16] [--model-version N] --out DIR
+    app     --checkpoint CKPT [--vocab V] [--config C] [--k 3] [--model-version N] --out DIR
+    inspect FILE     (a .tflite or a manifest: size, ops, signatures)
+    verify  MANIFEST (check hashes, schema and vocabulary as a phone would)
+
+Bad input (a missing file, a flag out of range, a checkpoint that does not fit
+its config) ends with a one-line message naming it and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_export(args) -> None:
+    from tflite_export.export import export_app_model, export_plan, read_checkpoint
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} exists and is not a directory")
+    inputs = read_checkpoint(args.checkpoint, args.vocab, args.config)
+    version = inputs.model_version if args.model_version is None else args.model_version
+    start = time.monotonic()
+    if args.command == "plan":
+        path = export_plan(inputs.config, inputs.flat, inputs.vocab, args.out,
+                           batch_size=args.batch_size, model_version=version)
+    else:
+        path = export_app_model(inputs.config, inputs.flat, inputs.vocab, args.out, k=args.k,
+                                model_version=version, quantize=not args.float)
+    _print_summary(path, time.monotonic() - start)
+
+
+def _print_summary(manifest_path: Path, seconds: float) -> None:
+    from tflite_export.manifest import read_manifest
+
+    m = read_manifest(manifest_path)
+    size = m.files[m.artifact]["bytes"]
+    print(f"{m.kind} v{m.model_version}: {manifest_path.parent / m.artifact} "
+          f"({size / 1e6:.2f} MB, {len(m.ops)} op types, built-ins only) in {seconds:.1f} s")
+    print(f"manifest: {manifest_path}")
+
+
+def cmd_inspect(args) -> None:
+    from tflite_export.manifest import read_manifest
+    from tflite_export.modelinfo import describe
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"inspect: no file at {path}")
+    if path.suffix == ".json":
+        path = path.parent / read_manifest(path).artifact
+        if not path.is_file():
+            raise ValueError(f"inspect: the manifest's model {path} does not exist")
+    try:
+        info = describe(path.read_bytes())
+    except Exception as e:  # flatbuffers/LiteRT raise assorted errors on non-models
+        raise ValueError(f"inspect: {path} is not a .tflite model ({e})") from None
+    print(json.dumps({"file": str(path), **info}, indent=2))
+
+
+def cmd_verify(args) -> None:
+    from tflite_export.manifest import load_verified
+
+    verified = load_verified(args.manifest)
+    m = verified.manifest
+    print(f"ok: {m.kind} v{m.model_version}, {len(m.files)} files match their sha256, "
+          f"vocabulary {m.vocab_sha256[:12]}… ({len(verified.vocab)} tokens)")
+
+
+class _UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (main prints them and exits 2)."""
+
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+        return value
+    return parse
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m tflite_export",
+                                description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
+    common.add_argument("--vocab", help="vocabulary JSON (default: vocab.json beside the "
+                                        "checkpoint or in its parent directory)")
+    common.add_argument("--config", choices=["gboard", "tiny"],
+                        help="model config, if the checkpoint's metadata has none")
+    common.add_argument("--model-version", type=_non_negative,
+                        help="version recorded in the manifest (default: the checkpoint's round)")
+    common.add_argument("--out", required=True, help="output directory")
+
+    plan = sub.add_parser("plan", parents=[common], help="export the on-device training plan")
+    plan.add_argument("--batch-size", type=_positive, default=16,
+                      help="fixed training batch (short batches are padded)")
+    plan.set_defaults(func=cmd_export)
+    app = sub.add_parser("app", parents=[common], help="export the quantized suggestion model")
+    app.add_argument("--k", type=_positive, default=3, help="suggestions per call")
+    app.add_argument("--float", action="store_true", help="keep float weights (no quantization)")
+    app.set_defaults(func=cmd_export)
+    ins = sub.add_parser("inspect", help="size, ops and signatures of a .tflite or manifest")
+    ins.add_argument("file")
+    ins.set_defaults(func=cmd_inspect)
+    ver = sub.add_parser("verify", help="check a manifest's files as the device does")
+    ver.add_argument("manifest")
+    ver.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tflite_export.errors import ArtifactError, ExportError
+
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except (ValueError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The on-device training plan: train / infer / get_weights / set_weights in one .tflite.
+
+A phone has LiteRT and nothing else, so one SGD step of the model must be a
+graph of TFLite built-ins. `models.model` already makes that possible (RNN
+unrolled over a fixed length, cross-entropy as one_hot * log_softmax); here the
+weights become resource variables initialised from the checkpoint, the batch
+size is fixed (a short last batch is padded with all-pad rows, which the
+masked loss ignores), and the step is plain SGD, w -= lr * grad, exactly the
+client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from models.model import ModelConfig, forward, masked_cross_entropy, weight_layout
+from models.text import PAD_ID
+from tflite_export.convert import convert
+
+SIGNATURES = ("train", "infer", "get_weights", "set_weights")
+
+
+def plan_module(config: ModelConfig, flat: np.ndarray,
+                batch_size: int) -> tuple[tf.Module, dict[str, object]]:
+    """The plan as a tf.Module holding the weights, and its four concrete signatures."""
+    layout = weight_layout(config)
+    module = tf.Module(name="nightjar_plan")
+    module.weights = [tf.Variable(tensor, name=name.replace("/", "_"))
+                      for name, tensor in layout.unflatten(np.asarray(flat, np.float32)).items()]
+    tokens = tf.TensorSpec([batch_size, config.seq_len], tf.int32)
+
+    @tf.function(input_signature=[tf.TensorSpec.from_spec(tokens, "x"),
+                                  tf.TensorSpec.from_spec(tokens, "y"),
+                                  tf.TensorSpec([], tf.float32, "lr")])
+    def train(x, y, lr):
+        with tf.GradientTape() as tape:
+            loss = masked_cross_entropy(y, forward(module.weights, x, config))
+        grads = tape.gradient(loss, module.weights)
+        for weight, grad in zip(module.weights, grads):
+            weight.assign_sub(lr * tf.convert_to_tensor(grad))
+        targets = tf.reduce_sum(tf.cast(tf.not_equal(y, PAD_ID), tf.int32))
+        return {"loss": loss, "tokens": targets}
+
+    @tf.function(input_signature=[tf.TensorSpec.from_spec(tokens, "x")])
+    def infer(x):
+        return {"logits": forward(module.weights, x, config)}
+
+    @tf.function(input_signature=[])
+    def get_weights():
+        return {"flat": tf.concat([tf.reshape(w, [-1]) for w in module.weights], axis=0)}
+
+    @tf.function(input_signature=[tf.TensorSpec([layout.size], tf.float32, "flat")])
+    def set_weights(flat):
+        parts = tf.split(flat, [e.size for e in layout.entries])
+        assigns = [w.assign(tf.reshape(p, e.shape))
+                   for w, p, e in zip(module.weights, parts, layout.entries)]
+        # A signature without outputs is pruned to nothing by the converter.
+        with tf.control_dependencies(assigns):
+            return {"count": tf.size(flat)}
+
+    concrete = dict(train=train.get_concrete_function(),
+                    infer=infer.get_concrete_function(),
+                    get_weights=get_weights.get_concrete_function(),
+                    set_weights=set_weights.get_concrete_function())
+    return module, concrete
+
+
+def convert_plan(config: ModelConfig, flat: np.ndarray, batch_size: int = 16) -> bytes:
+    """The training plan as .tflite bytes (built-in ops only, float32 weights)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    module, concrete = plan_module(config, flat, batch_size)
+    return convert(module, concrete, what="training plan", resource_variables=True)
