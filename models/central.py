@@ -104,5 +104,7 @@ def train_central(config: ModelConfig, train_windows: Sequence[np.ndarray] | np.
         if eval_windows is not None:
             flat = get_flat_weights(model, config)
             row["heldout"] = evaluate(config, flat, eval_windows).as_dict()
+            tqdm.write(f"central epoch {epoch + 1}: train loss {row['train_loss']:.3f}, held-out "
+                       f"top-1 {row['heldout']['top1']:.4f} top-3 {row['heldout']['top3']:.4f}")
         history.append(row)
     return CentralResult(get_flat_weights(model, config), history)
