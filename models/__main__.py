@@ -47,6 +47,7 @@ def cmd_simulate(args) -> None:
     config = _model_config(args.config)
     sim = SimulationConfig(rounds=args.rounds, clients_per_round=args.clients_per_round,
                            local_epochs=args.local_epochs, batch_size=args.batch_size,
+                           max_client_examples=args.max_client_examples,
                            client_lr=args.client_lr, server_optimizer=args.server_optimizer,
                            server_lr=args.server_lr, eval_every=args.eval_every,
                            max_eval_windows=args.max_eval_windows, seed=args.seed)
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clients-per-round", type=int, default=d.clients_per_round)
     s.add_argument("--local-epochs", type=int, default=d.local_epochs)
     s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--max-client-examples", type=int, default=None,
+                   help="cap on the windows a client trains on per epoch")
     s.add_argument("--client-lr", type=float, default=d.client_lr)
     s.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=d.server_optimizer)
     s.add_argument("--server-lr", type=float, default=d.server_lr)
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     install_exit_handlers()
     args = build_parser().parse_args(argv)
-    positive = ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "epochs")
+    positive = ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
+                "epochs", "max_client_examples", "max_eval_windows")
     for name in positive:
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

@@ -9,27 +9,36 @@ from __future__ import annotations
 import numpy as np
 
 
-def client_batches(windows: np.ndarray, batch_size: int, epochs: int,
-                   seed: int) -> list[np.ndarray]:
+def client_batches(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
+                   max_examples: int | None = None) -> list[np.ndarray]:
     """Windows int32 [n, L+1] → batches [b ≤ batch_size, L+1] for `epochs` passes.
 
-    Each epoch visits every window once in a fresh permutation drawn from
-    `np.random.default_rng(seed)`; the last batch of an epoch may be short
-    (it is never dropped, and batches never straddle two epochs).
+    Each epoch visits the windows in a fresh permutation drawn from
+    `np.random.default_rng(seed)` — all of them, or the first `max_examples`
+    of the permutation; the last batch of an epoch may be short (it is never
+    dropped, and batches never straddle two epochs).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     return [windows[order[start:start + batch_size]]
-            for order in epoch_orders(len(windows), epochs, seed)
-            for start in range(0, len(windows), batch_size)]
+            for order in epoch_orders(len(windows), epochs, seed, max_examples)
+            for start in range(0, len(order), batch_size)]
 
 
-def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
-    """One permutation of range(n) per epoch, drawn from `np.random.default_rng(seed)`."""
+def epoch_orders(n: int, epochs: int, seed: int,
+                 max_examples: int | None = None) -> list[np.ndarray]:
+    """Per epoch, a permutation of range(n) from `np.random.default_rng(seed)`,
+    cut to its first `max_examples` entries when given.
+
+    The cap bounds a round's work on a device with a lot of data (and the
+    drift of its update), as production FL caps examples per task.
+    """
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError("max_examples must be >= 1")
     rng = np.random.default_rng(seed)
-    return [rng.permutation(n) for _ in range(epochs)]
+    return [rng.permutation(n)[:max_examples] for _ in range(epochs)]
 
 
 def pad_batch(batch: np.ndarray, batch_size: int) -> np.ndarray:

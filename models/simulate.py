@@ -39,6 +39,7 @@ class SimulationConfig:
     clients_per_round: int = 10   # training clients sampled (without replacement) per round
     local_epochs: int = 1         # passes over its own data each client makes per round
     batch_size: int = 16          # client SGD batch size (sequences)
+    max_client_examples: int | None = None  # cap on windows a client trains on per epoch
     client_lr: float = 0.5        # client SGD learning rate
     server_optimizer: str = "adam"  # one of SERVER_OPTIMIZERS (TFF's own implementations)
     server_lr: float = 0.01       # server optimizer learning rate
@@ -63,10 +64,11 @@ def server_optimizer(name: str, learning_rate: float):
     return builders[name]()
 
 
-def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int) -> tf.data.Dataset:
+def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
+                   max_examples: int | None = None) -> tf.data.Dataset:
     """(x, y) batches of one client in `models.batching` order."""
     parts = [tf.data.Dataset.from_tensor_slices(windows[order]).batch(batch_size)
-             for order in epoch_orders(len(windows), epochs, seed)]
+             for order in epoch_orders(len(windows), epochs, seed, max_examples)]
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.concatenate(p)
@@ -91,7 +93,7 @@ def fedavg_round(process, state, corpus: FederatedCorpus, client_ids: list[str],
                  sim: SimulationConfig, round_num: int):
     """One `process.next` over `client_ids`; returns (state, train metrics)."""
     datasets = [client_dataset(corpus.train[cid], sim.batch_size, sim.local_epochs,
-                               round_seed(sim.seed, round_num, i))
+                               round_seed(sim.seed, round_num, i), sim.max_client_examples)
                 for i, cid in enumerate(client_ids)]
     result = process.next(state, datasets)
     train = result.metrics["client_work"]["train"]
