@@ -29,7 +29,6 @@ import os
 import resource
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,8 @@ class Conn:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         return self
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: str = "") -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"",
+                      headers: str = "") -> tuple[int, bytes]:
         head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
                 f"{headers}\r\n").encode()
         self.writer.write(head)
@@ -104,6 +104,7 @@ async def register(port: int, n: int, parallel: int = 50) -> list[str]:
     return out
 
 
+JSON_HEADERS = "Content-Type: application/json\r\n"
 CONDITIONS = {"charging": True, "idle": True, "unmetered": True, "battery": 0.9, "free_memory_mb": 4096,
               "num_examples": 100, "runtime_version": "1.0.0"}
 
@@ -120,7 +121,7 @@ async def checkin_load(port: int, auths: list[str], population: str, per_device:
         for _ in range(per_device):
             t = time.perf_counter()
             status, answer = await conn.request("POST", "/v1/checkin", body,
-                                                f"Authorization: {auth}\r\nContent-Type: application/json\r\n")
+                                                f"Authorization: {auth}\r\n{JSON_HEADERS}")
             latencies.append(time.perf_counter() - t)
             assert status == 200, answer
             kinds[next(iter(json.loads(answer)))] += 1
@@ -145,7 +146,7 @@ async def assign_all(port: int, auths: list[str], population: str) -> list[tuple
         conn = await Conn(port).open()
         for auth in chunk:
             status, answer = await conn.request("POST", "/v1/checkin", body,
-                                                f"Authorization: {auth}\r\nContent-Type: application/json\r\n")
+                                                f"Authorization: {auth}\r\n{JSON_HEADERS}")
             reply = json.loads(answer)
             assert status == 200 and "assignment" in reply, answer
             sessions.append((auth, reply["assignment"]["session_id"]))
@@ -155,7 +156,8 @@ async def assign_all(port: int, auths: list[str], population: str) -> list[tuple
     return sessions
 
 
-async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[bytes], parallel: int) -> dict:
+async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[bytes],
+                      parallel: int) -> dict:
     queue = list(enumerate(sessions))
     statuses: dict[str, int] = {}
 
@@ -165,7 +167,8 @@ async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[b
             i, (auth, sid) = queue.pop()
             status, answer = await conn.request(
                 "POST", f"/v1/sessions/{sid}/update?model_version=0&num_examples={1 + i % 50}",
-                bodies[i % len(bodies)], f"Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n")
+                bodies[i % len(bodies)],
+                f"Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n")
             key = json.loads(answer).get("status", f"http {status}")
             statuses[key] = statuses.get(key, 0) + 1
         conn.close()
@@ -233,10 +236,33 @@ def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
     path = work / "server.json"
     path.write_text(json.dumps(config))
     for population in ("checkin", "ingest"):
-        subprocess.run([sys.executable, "-m", "server", "init", "--config", str(path), "--population", population,
-                        "--checkpoint", str(work / "init.safetensors")], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "server", "init", "--config", str(path),
+                        "--population", population, "--checkpoint", str(work / "init.safetensors")],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return path, layout.size
+
+
+def check_aggregate(port: int, work: Path, bodies: list[bytes], size: int, reports: int) -> None:
+    """The round's new version must be exactly init + the weighted mean of all 1000 uploads."""
+    import requests
+
+    from models.weights import load_checkpoint
+    from server.aggregation import decode_update
+
+    versions = requests.get(f"http://127.0.0.1:{port}/v1/populations/ingest/versions", timeout=30).json()
+    newest = versions["versions"][0]
+    assert newest["version"] == 1, newest
+    ckpt = requests.get(f"http://127.0.0.1:{port}/v1/artifacts/{newest['checkpoint_sha256']}", timeout=60)
+    (work / "v1.safetensors").write_bytes(ckpt.content)
+    _, got, _ = load_checkpoint(work / "v1.safetensors")
+    _, initial, _ = load_checkpoint(work / "init.safetensors")
+    weights = np.array([1 + i % 50 for i in range(reports)], np.float64)
+    per_body = [weights[i::len(bodies)].sum() for i in range(len(bodies))]
+    mean = sum(w * decode_update(b, size).astype(np.float64)
+               for w, b in zip(per_body, bodies)) / weights.sum()
+    error = float(np.max(np.abs(got - (initial + mean))))
+    print(f"aggregate check: max |error| {error:.2e} over {size:,} weights", flush=True)
+    assert error < 1e-5, error
 
 
 def free_port() -> int:
@@ -248,10 +274,12 @@ def free_port() -> int:
 def start_server(config: Path, port: int, cfg: BenchConfig, log: Path) -> subprocess.Popen:
     import requests
 
-    proc = subprocess.Popen([sys.executable, "-m", "server", "run", "--config", str(config), "--bind",
-                             f"127.0.0.1:{port}", "--workers", str(cfg.workers), "--threads", str(cfg.threads)],
-                            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "wb") as out:   # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "server", "run", "--config", str(config),
+                                 "--bind", f"127.0.0.1:{port}", "--workers", str(cfg.workers),
+                                 "--threads", str(cfg.threads)],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -290,8 +318,9 @@ def run(cfg: BenchConfig) -> dict:
             checkins = {}
             for n in cfg.concurrency:
                 checkins[n] = asyncio.run(checkin_load(port, auths[:n], "checkin", cfg.checkins_per_device))
-                print(f"check-in x{n}: {checkins[n]['per_s']:.0f}/s, p50 {checkins[n]['p50_ms']:.1f} ms, "
-                      f"p99 {checkins[n]['p99_ms']:.1f} ms ({checkins[n]['assignment']} assignments)", flush=True)
+                r = checkins[n]
+                print(f"check-in x{n}: {r['per_s']:.0f}/s, p50 {r['p50_ms']:.1f} ms, "
+                      f"p99 {r['p99_ms']:.1f} ms ({r['assignment']} assignments)", flush=True)
             sessions = asyncio.run(assign_all(port, auths[:cfg.reports], "ingest"))
             rng = np.random.default_rng(1)
             from server.aggregation import encode_update
@@ -302,9 +331,10 @@ def run(cfg: BenchConfig) -> dict:
             sampler.start()
             ingest = asyncio.run(ingest_load(port, sessions, bodies, cfg.upload_concurrency))
             peak_mb = sampler.stop()
-            print(f"ingest: {ingest['per_s']:.1f} updates/s ({ingest['statuses']}), peak RSS {peak_mb:.0f} MB",
-                  flush=True)
+            print(f"ingest: {ingest['per_s']:.1f} updates/s ({ingest['statuses']}), "
+                  f"peak RSS {peak_mb:.0f} MB", flush=True)
             assert ingest["statuses"].get("accepted") == cfg.reports, ingest
+            check_aggregate(port, work, bodies, size, cfg.reports)
         finally:
             stop_server(server)
         ceiling = inprocess_ceiling(bodies, size, cfg.reports)

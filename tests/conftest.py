@@ -22,3 +22,62 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nERROR: {len(leaked)} TFF worker_binary process(es) left running by the "
               f"tests: {[p.pid for p in leaked]} (stopped now)")
+
+
+# --- server (issue 4): an app on a temporary state directory, driven by a manual clock ---
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Factory: `make_server(**population_overrides)` → env with app, services, clock, exporter.
+
+    The population "en" has the small test layout (server.testing.SMALL_LAYOUT),
+    permissive eligibility, goal 4 (max 6 selected, >= 2 to start and to complete),
+    plain SGD with lr 1 on the server, and no background ticker.
+    """
+    from types import SimpleNamespace
+
+    from server import create_app
+    from server.clock import ManualClock
+    from server.populations import register_population
+    from server.testing import FakeExporter, SMALL_LAYOUT, write_checkpoint, write_plan_dir
+
+    made = []
+
+    def make(name: str = "en", server: dict | None = None, **population):
+        root = tmp_path / f"server{len(made)}"
+        root.mkdir()
+        settings = {"goal": 4, "over_selection": 1.5, "min_selected_fraction": 0.5,
+                    "min_report_fraction": 0.5, "selection_window_s": 60.0,
+                    "reporting_window_s": 300.0, "eval_every": 0, "publish_every": 0,
+                    "server_optimizer": "sgd", "server_lr": 1.0,
+                    "eligibility": {"min_separation_s": 0.0, "min_free_memory_mb": 0}}
+        settings.update(population)
+        config = {"database": str(root / "nightjar.db"), "artifact_dir": str(root / "artifacts"),
+                  "state_dir": str(root / "private"), "tick_interval_s": 0,
+                  "populations": {name: settings}, **(server or {})}
+        clock, exporter = ManualClock(), FakeExporter()
+        app = create_app(config, clock=clock, exporter=exporter)
+        services = app.extensions["nightjar"]
+        flat = write_checkpoint(root / "init.safetensors", model_config={"vocab_size": 5})
+        register_population(services.store, services.artifacts, clock, name, root / "init.safetensors",
+                            plan_dir=write_plan_dir(root / "plan"))
+        env = SimpleNamespace(app=app, services=services, clock=clock, exporter=exporter, root=root,
+                              population=name, layout=SMALL_LAYOUT, flat=flat, config=config,
+                              client=app.test_client())
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.services.store.close()
+
+
+@pytest.fixture
+def server_env(make_server):
+    return make_server()
+
+
+@pytest.fixture
+def client(server_env):
+    """Flask's test client of a fresh server (population "en", see make_server)."""
+    return server_env.client

@@ -1,0 +1,155 @@
+"""`python -m server …`: create the state, serve, inspect, roll back, publish.
+
+    init     --config C [--population P] --checkpoint CKPT [--vocab V] [--plan-dir D]
+    run      --config C [--bind HOST:PORT] [--workers N] [--threads N]
+    status   --config C [--population P] [--rounds 10]
+    rollback --config C [--population P] [--to VERSION]
+    publish  --config C          (run pending publish jobs now, in this process)
+
+`run` serves `server.app:create_app` with gunicorn (gthread workers: each
+worker process builds its own services after the fork; all round state is in
+SQLite and files, so any number of workers may serve one database). Bad
+input ends with a one-line message naming it and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from server.config import ConfigError, ServerConfig, load_config
+
+
+def _population(config: ServerConfig, name: str | None) -> str:
+    if name is None:
+        if len(config.populations) != 1:
+            raise ConfigError(f"--population: the config has {len(config.populations)} populations; "
+                              "name one")
+        return next(iter(config.populations))
+    if name not in config.populations:
+        raise ConfigError(f"--population: {name!r} is not in the config ({', '.join(config.populations)})")
+    return name
+
+
+def cmd_init(args, config: ServerConfig) -> None:
+    from server.artifacts import ArtifactStore
+    from server.clock import SystemClock
+    from server.populations import register_population
+    from server.store import Store
+
+    name = _population(config, args.population)
+    store = Store(config.database, fsync=config.fsync)
+    artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
+    pop = register_population(store, artifacts, SystemClock(), name, Path(args.checkpoint),
+                              Path(args.vocab) if args.vocab else None,
+                              Path(args.plan_dir) if args.plan_dir else None,
+                              batch_size=config.population(name).client_batch_size)
+    plan = f"plan {pop.plan.artifact_sha256[:12]}…" if pop.plan else "no plan (devices cannot train yet)"
+    print(f"population {name!r}: version 0, {pop.layout.size:,} weights, {plan}; "
+          f"database {config.database}")
+
+
+def cmd_run(args, config: ServerConfig) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    bind = args.bind or config.bind
+    workers = args.workers or config.workers
+    threads = args.threads or config.threads
+
+    class NightjarServer(BaseApplication):
+        def load_config(self):
+            for key, value in {"bind": bind, "workers": workers, "threads": threads,
+                               "worker_class": "gthread", "worker_connections": 2000,
+                               "timeout": 120, "graceful_timeout": 10, "keepalive": 30,
+                               "loglevel": args.log_level, "errorlog": "-", "accesslog": None,
+                               "proc_name": "nightjar-server"}.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            from server.app import create_app
+
+            return create_app(args.config)
+
+    print(f"serving on http://{bind} ({workers} worker(s) x {threads} threads)", flush=True)
+    NightjarServer().run()
+
+
+def cmd_status(args, config: ServerConfig) -> None:
+    from server.services import build_services
+
+    services = build_services(config)
+    name = _population(config, args.population)
+    versions = services.versions.list(name, limit=5)
+    pop_row = services.store.connection().execute(
+        "SELECT current_version, published_version FROM populations WHERE name = ?", (name,)).fetchone()
+    if pop_row is None:
+        raise ConfigError(f"population {name!r} is not initialised: run `python -m server init`")
+    print(f"population {name}: current version {pop_row[0]}, published {pop_row[1]}")
+    for v in versions:
+        ev = v.eval or {}
+        print(f"  v{v.version:<5} parent {v.parent!s:<5} round {v.round_number!s:<5} "
+              f"top3 {ev.get('top3', float('nan')):.4f}  published {'yes' if v.published_at else 'no'}")
+    print(f"{'round':>6} {'task':>5} {'state':>10} {'ver':>4} {'sel':>5} {'rep':>5} {'abort':>5} "
+          f"{'fail':>5} {'drop':>5}  reason")
+    for r in services.analytics.list(name, time.time(), limit=args.rounds):
+        counts = " ".join(f"{r[k]:>5}" for k in ("selected", "reported", "aborted", "failed", "dropped"))
+        print(f"{r['round']:>6} {r['task']:>5} {r['state']:>10} {r['model_version']:>4} {counts}  "
+              f"{r['reason'] or ''}")
+
+
+def cmd_rollback(args, config: ServerConfig) -> None:
+    from server.services import build_services
+
+    name = _population(config, args.population)
+    target = build_services(config).versions.rollback(name, args.to)
+    print(f"population {name}: apps now get version {target.version}")
+
+
+def cmd_publish(args, config: ServerConfig) -> None:
+    from server.services import build_services
+
+    done = build_services(config).publisher.run_pending()
+    print(f"{done} publish job(s) done")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "rollback": cmd_rollback,
+                "publish": cmd_publish}
+    parsers = {name: sub.add_parser(name) for name in commands}
+    for p in parsers.values():
+        p.add_argument("--config", required=True, help="TOML or JSON server config")
+    for name in ("init", "status", "rollback"):
+        parsers[name].add_argument("--population", help="default: the config's only population")
+    parsers["init"].add_argument("--checkpoint", required=True, help="initial model (safetensors)")
+    parsers["init"].add_argument("--vocab", help="default: vocab.json beside the checkpoint or its run dir")
+    parsers["init"].add_argument("--plan-dir", help="output of `python -m tflite_export plan`")
+    parsers["run"].add_argument("--bind", help="HOST:PORT (default: the config's bind)")
+    parsers["run"].add_argument("--workers", type=int)
+    parsers["run"].add_argument("--threads", type=int)
+    parsers["run"].add_argument("--log-level", default="warning")
+    parsers["status"].add_argument("--rounds", type=int, default=10)
+    parsers["rollback"].add_argument("--to", type=int, help="version (default: the one published before)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+        commands[args.command](args, config)
+    except (ConfigError, ValueError) as e:   # RegistrationError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from server.errors import ProtocolError
+
+        if isinstance(e, ProtocolError):
+            print(f"error: {e.message}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Round analytics for operators: what each round selected, received and decided.
+
+Counts come from the round row (kept in the same transactions that change
+sessions); phase durations from its timestamps: selection = opened → selection
+closed, reporting = selection closed → closed, finalize = the time spent
+aggregating, stepping the optimizer and writing the new version.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from server.errors import NotFound
+from server.store import Store
+
+
+def _phases(row: sqlite3.Row, now: float) -> dict:
+    selection_end = row["selection_closed_at"] or row["closed_at"] or now
+    reporting = ((row["closed_at"] or now) - selection_end) if row["selection_closed_at"] else 0.0
+    return {"selection_s": selection_end - row["opened_at"], "reporting_s": reporting,
+            "finalize_s": row["finalize_s"]}
+
+
+def round_summary(row: sqlite3.Row, now: float) -> dict:
+    return {
+        "round": row["number"], "task": row["task"], "state": row["state"], "reason": row["reason"],
+        "model_version": row["model_version"], "attempt": row["attempt"],
+        "result_version": row["result_version"],
+        "goal": row["goal"], "max_selected": row["max_selected"], "min_reports": row["min_reports"],
+        "selected": row["selected"], "reported": row["reported"], "aborted": row["aborted"],
+        "failed": row["failed"], "dropped": row["dropped"],
+        "bytes_in": row["bytes_in"], "bytes_out": row["bytes_out"],
+        "opened_at": row["opened_at"], "deadline": row["deadline"], "closed_at": row["closed_at"],
+        "phases": _phases(row, now),
+    }
+
+
+class RoundAnalytics:
+    def __init__(self, store: Store):
+        self._store = store
+
+    def _population_exists(self, conn: sqlite3.Connection, population: str) -> None:
+        if conn.execute("SELECT 1 FROM populations WHERE name = ?", (population,)).fetchone() is None:
+            raise NotFound(f"no population named {population!r}", code="unknown_population")
+
+    def list(self, population: str, now: float, limit: int = 50, before: int | None = None) -> list[dict]:
+        with self._store.read() as conn:
+            self._population_exists(conn, population)
+            rows = conn.execute("SELECT * FROM rounds WHERE population = ? AND number < ?"
+                                " ORDER BY number DESC LIMIT ?",
+                                (population, before if before is not None else 2**62, limit)).fetchall()
+        return [round_summary(r, now) for r in rows]
+
+    def detail(self, population: str, number: int, now: float) -> dict:
+        with self._store.read() as conn:
+            self._population_exists(conn, population)
+            row = conn.execute("SELECT * FROM rounds WHERE population = ? AND number = ?",
+                               (population, number)).fetchone()
+            if row is None:
+                raise NotFound(f"population {population!r} has no round {number}", code="unknown_round")
+            sessions = conn.execute("SELECT * FROM sessions WHERE round_id = ? ORDER BY assigned_at, id",
+                                    (row["id"],)).fetchall()
+            reasons = conn.execute("SELECT reason, COUNT(*) AS n FROM sessions WHERE round_id = ? AND"
+                                   " state = 'failed' GROUP BY reason", (row["id"],)).fetchall()
+        out = round_summary(row, now)
+        out["hyperparameters"] = json.loads(row["hyperparameters_json"])
+        out["failure_reasons"] = {}
+        for r in reasons:
+            key = (r["reason"] or "unknown").split(":")[0]
+            out["failure_reasons"][key] = out["failure_reasons"].get(key, 0) + r["n"]
+        out["devices"] = [{
+            "device_id": s["device_id"], "session_id": s["id"], "outcome": s["state"],
+            "reason": s["reason"], "assigned_at": s["assigned_at"], "finished_at": s["finished_at"],
+            "num_examples": s["num_examples"], "bytes_in": s["bytes_in"], "bytes_out": s["bytes_out"],
+            "metrics": json.loads(s["metrics_json"]) if s["metrics_json"] else None,
+        } for s in sessions]
+        return out

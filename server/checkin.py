@@ -1,0 +1,193 @@
+"""Check-in: eligibility, selection into the open round, and pace steering.
+
+A device says what state it is in; the answer is either an assignment (a new
+session in the population's open round, or the same one again if the device
+asks twice) or a rejection with a retry window `[min, max]` seconds from which
+the device picks its next check-in uniformly at random.
+
+Pace steering (Bonawitz et al. 2019, sec. 2.3): the server wants about
+`2 x max_selected` check-ins per selection window (half of a population is
+typically ineligible at any time), so with D registered devices it spreads
+their returns over `D x window / (2 x max_selected)` seconds (at least one
+window, at most `max_retry_s`): a large population is thinned out, a small one
+is gathered within one window. The window starts when the current round is
+expected to end: at the deadline, or earlier if the previous round of the
+population finished faster. Ineligible devices come back after 15 min +- 20%
+(federated-compute's transient-error window), or when their minimum
+separation between participations has passed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import sqlite3
+import threading
+import time
+
+from models.batching import round_seed
+from server.artifacts import ArtifactStore
+from server.clock import Clock
+from server.config import PopulationConfig
+from server.policy import Context, DeviceConditions, EligibilityPolicy
+from server.populations import Population, load_population
+from server.registry import Device, DeviceRegistry
+from server.rounds import Round, RoundService
+from server.store import Store
+from server.versions import VersionRegistry
+
+DEVICE_COUNT_TTL_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    reason: str                 # ineligible | round_full | already_participated
+    retry_min_s: float
+    retry_max_s: float
+    criteria: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        out = {"reason": self.reason,
+               "retry_after_s": {"min": round(self.retry_min_s, 3), "max": round(self.retry_max_s, 3)}}
+        if self.criteria:
+            out["criteria"] = list(self.criteria)
+        return out
+
+
+def artifact_url(sha256: str) -> str:
+    return f"/v1/artifacts/{sha256}"
+
+
+def _ref(sha256: str) -> dict:
+    return {"url": artifact_url(sha256), "sha256": sha256}
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    session_id: str
+    seed: int
+    round: Round
+    population: Population
+    checkpoint_sha256: str
+
+    def to_json(self, now: float) -> dict:
+        rnd, pop = self.round, self.population
+        plan = None
+        if pop.plan is not None:
+            plan = {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)}
+        out = {
+            "session_id": self.session_id, "task": rnd.task, "population": pop.name,
+            "round": rnd.number, "model_version": rnd.model_version,
+            "plan": plan, "checkpoint": _ref(self.checkpoint_sha256),
+            "vocab": _ref(pop.vocab_sha256) if pop.vocab_sha256 else None,
+            "hyperparameters": {**rnd.hyperparameters, "seed": self.seed},
+            "report_deadline": rnd.deadline,
+            "report_deadline_in_s": max(0.0, rnd.deadline - now),
+        }
+        action = "update" if rnd.task == "train" else "eval"
+        out["report"] = {"url": f"/v1/sessions/{self.session_id}/{action}",
+                         "failure_url": f"/v1/sessions/{self.session_id}/failure"}
+        if rnd.task == "train":
+            out["report"].update(tensor="delta", dtype="float32", size=pop.layout.size)
+        return out
+
+
+class CheckinService:
+    def __init__(self, store: Store, clock: Clock, rounds: RoundService, versions: VersionRegistry,
+                 registry: DeviceRegistry, policies: dict[str, EligibilityPolicy],
+                 artifacts: ArtifactStore):
+        self._store = store
+        self._clock = clock
+        self._rounds = rounds
+        self._versions = versions
+        self._registry = registry
+        self._policies = policies
+        self._artifacts = artifacts
+        self._sizes: dict[str, int] = {}
+        self._device_count = (0.0, 0)
+        self._lock = threading.Lock()
+
+    def checkin(self, device: Device, population: str,
+                conditions: DeviceConditions) -> Assignment | Rejection:
+        cfg = self._rounds.settings(population)                      # NotFound if not configured
+        load_population(self._store.connection(), population)        # ... or not registered
+        policy = self._policies[population]
+        ctx = Context(self._clock.now(), device.last_participation_at)
+        failed = policy.failures(conditions, ctx)
+        if failed:
+            low, high = cfg.ineligible_retry_s
+            wait = policy.wait_s(ctx)
+            return Rejection("ineligible", max(low, wait), max(high, wait + high - low), tuple(failed))
+        with self._store.read() as conn:   # most check-ins meet a full round: no write lock for those
+            rnd = self._rounds.latest(conn, population)
+            full = not self._rounds.due(rnd, ctx.now) and (rnd.state != "selecting"
+                                                            or rnd.selected >= rnd.max_selected)
+            if full and conn.execute("SELECT 1 FROM sessions WHERE round_id = ? AND device_id = ?",
+                                     (rnd.id, device.id)).fetchone() is None:
+                return self._busy(conn, rnd, cfg, "round_full")
+        with self._store.write() as tx:
+            result = self._select(tx, device, population, cfg)
+        self._rounds.cleanup()
+        return result
+
+    def _select(self, tx: sqlite3.Connection, device: Device, population: str,
+                cfg: PopulationConfig) -> Assignment | Rejection:
+        rnd = self._rounds.tick(tx, population) or self._rounds.open_round(tx, population)
+        pop = load_population(tx, population)
+        mine = tx.execute("SELECT id, seed, state FROM sessions WHERE round_id = ? AND device_id = ?",
+                          (rnd.id, device.id)).fetchone()
+        if mine is not None:
+            if mine["state"] == "assigned" and rnd.accepts_reports(self._clock.now()):
+                return self._assignment(tx, mine["id"], mine["seed"], rnd, pop)
+            return self._busy(tx, rnd, cfg, "already_participated")
+        if rnd.state != "selecting" or rnd.selected >= rnd.max_selected:
+            return self._busy(tx, rnd, cfg, "round_full")
+        session_id = "s-" + secrets.token_hex(16)
+        seed = round_seed(cfg.seed, rnd.number, rnd.selected)
+        version = self._versions.get(population, rnd.model_version, tx)
+        bytes_out = self._artifact_bytes(version.checkpoint_sha256, pop)
+        now = self._clock.now()
+        tx.execute("INSERT INTO sessions (id, round_id, device_id, seed, state, assigned_at, bytes_out)"
+                   " VALUES (?, ?, ?, ?, 'assigned', ?, ?)",
+                   (session_id, rnd.id, device.id, seed, now, bytes_out))
+        tx.execute("UPDATE rounds SET selected = selected + 1, bytes_out = bytes_out + ? WHERE id = ?",
+                   (bytes_out, rnd.id))
+        rnd = self._rounds.by_id(tx, rnd.id)
+        if rnd.selected >= rnd.max_selected:
+            rnd = self._rounds.close_selection(tx, rnd, now)
+        return Assignment(session_id, seed, rnd, pop, version.checkpoint_sha256)
+
+    def _assignment(self, tx, session_id: str, seed: int, rnd: Round, pop: Population) -> Assignment:
+        version = self._versions.get(pop.name, rnd.model_version, tx)
+        return Assignment(session_id, seed, rnd, pop, version.checkpoint_sha256)
+
+    def _busy(self, tx: sqlite3.Connection, rnd: Round, cfg: PopulationConfig, reason: str) -> Rejection:
+        """A retry window that spreads the population over the next selection window(s)."""
+        now = self._clock.now()
+        window = cfg.selection_window_s
+        spread = self.device_count() * window / (2 * cfg.max_selected)
+        spread = min(max(spread, window), cfg.max_retry_s)
+        last = tx.execute("SELECT closed_at - opened_at FROM rounds WHERE population = ?"
+                          " AND state = 'completed' ORDER BY number DESC LIMIT 1",
+                          (rnd.population,)).fetchone()
+        expected_end = rnd.deadline if last is None else min(rnd.deadline, rnd.opened_at + last[0])
+        start = max(0.0, expected_end - now)
+        return Rejection(reason, start, start + spread)
+
+    def device_count(self) -> int:
+        with self._lock:
+            at, count = self._device_count
+            if time.monotonic() - at < DEVICE_COUNT_TTL_S and count:
+                return count
+        count = self._registry.count()
+        with self._lock:
+            self._device_count = (time.monotonic(), count)
+        return count
+
+    def _artifact_bytes(self, checkpoint_sha256: str, pop: Population) -> int:
+        """Bytes the configuration phase sends one device: the checkpoint (and plan, if any)."""
+        total = 0
+        for sha in [checkpoint_sha256] + ([pop.plan.artifact_sha256] if pop.plan else []):
+            if sha not in self._sizes:
+                self._sizes[sha] = self._artifacts.path(sha).stat().st_size
+            total += self._sizes[sha]
+        return total

@@ -1,0 +1,201 @@
+"""Server configuration: a small TOML (or JSON) file read into dataclasses with defaults.
+
+Every knob has an explicit default here, chosen from the production systems
+Nightjar imitates (see /work/shared/REFERENCES.md): over-selection 1.3 (Bonawitz
+et al. 2019: 6-10% of devices drop out), devices idle + charging + unmetered
+with >= 2 GB of memory and server momentum 0.9 at learning rate 1.0 (Gboard,
+Hard et al. 2018), an ineligible device retrying after 15 min +- 20%
+(federated-compute). Relative paths in a file are relative to that file.
+
+    database = "state/nightjar.db"
+    bind = "127.0.0.1:8080"
+
+    [populations.en-keyboard]
+    goal = 100
+    server_optimizer = "sgdm"
+
+    [populations.en-keyboard.eligibility]
+    min_battery = 0.3
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
+TASKS = ("train", "eval")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EligibilityConfig:
+    """Which check-ins may take part (see server.policy)."""
+
+    require_charging: bool = True
+    require_idle: bool = True
+    require_unmetered: bool = True
+    min_battery: float = 0.0            # fraction 0..1
+    min_free_memory_mb: int = 2048      # Gboard: >= 2 GB
+    min_examples: int = 1
+    min_separation_s: float = 3600.0    # between two accepted reports of one device
+    min_runtime_version: str | None = None   # inclusive, dotted integers ("1.2.0")
+    max_runtime_version: str | None = None   # inclusive
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    """How the rounds of one population run. Fixed into each round when it opens."""
+
+    goal: int = 100                     # reports a round wants
+    over_selection: float = 1.3         # select up to ceil(goal * over_selection)
+    min_selected_fraction: float = 0.8  # a round starts reporting only with this x goal selected
+    min_report_fraction: float = 0.8    # ... and completes only with this x goal reports
+    selection_window_s: float = 120.0
+    reporting_window_s: float = 600.0   # after the selection window: the report deadline
+    client_lr: float = 0.5
+    client_epochs: int = 1
+    client_batch_size: int = 16         # must be the training plan's fixed batch size
+    client_max_examples: int | None = None   # windows per epoch per device (models.batching cap)
+    server_optimizer: str = "sgdm"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9        # sgdm only
+    eval_every: int = 10                # an evaluation round after every N training rounds (0: never)
+    publish_every: int = 10             # publish at most every K versions (0: never)
+    max_num_examples: int = 1_000_000   # an update's weight above this is refused
+    ineligible_retry_s: tuple[float, float] = (720.0, 1080.0)   # 15 min +- 20%
+    max_retry_s: float = 6 * 3600.0     # pace steering never spreads further than this
+    seed: int = 0
+    eligibility: EligibilityConfig = EligibilityConfig()
+
+    @property
+    def max_selected(self) -> int:
+        return max(1, math.ceil(self.goal * self.over_selection - 1e-9))
+
+    @property
+    def min_selected(self) -> int:
+        return max(1, math.ceil(self.goal * self.min_selected_fraction - 1e-9))
+
+    @property
+    def min_reports(self) -> int:
+        return max(1, math.ceil(self.goal * self.min_report_fraction - 1e-9))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    database: Path = Path("nightjar-state/nightjar.db")
+    artifact_dir: Path = Path("nightjar-state/artifacts")   # public, content-addressed
+    state_dir: Path = Path("nightjar-state/private")        # partial sums, optimizer states
+    bind: str = "127.0.0.1:8080"
+    workers: int = 2                           # gunicorn processes (state is all in SQLite/files)
+    threads: int = 8
+    max_upload_bytes: int = 32 * 1024 * 1024   # an update body (Gboard's is 5.7 MB)
+    max_json_bytes: int = 64 * 1024            # any other request body
+    aggregation_shards: int = 4                # concurrent writers of a round's running sum
+    fsync: bool = False     # True: survive power loss too (fsync files, SQLite synchronous=FULL)
+    tick_interval_s: float = 1.0               # background round ticker (0: requests only)
+    publish_timeout_s: float = 1800.0          # a publish job older than this is retried
+    operator_token: str | None = None          # if set, operator endpoints need it as Bearer
+    exporter: tuple[str, ...] | None = None    # command prefix; default: this python -m tflite_export
+    populations: Mapping[str, PopulationConfig] = dataclasses.field(default_factory=dict)
+
+    def population(self, name: str) -> PopulationConfig:
+        return self.populations[name]
+
+
+def load_config(source: str | Path | Mapping[str, Any] | ServerConfig | None = None) -> ServerConfig:
+    """A `ServerConfig` from a file path, a mapping (tests), an existing config or defaults."""
+    if source is None:
+        return _validated(ServerConfig())
+    if isinstance(source, ServerConfig):
+        return _validated(source)
+    if isinstance(source, Mapping):
+        return _validated(_from_mapping(source, base=Path.cwd()))
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"--config: no file at {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"{path}: not valid {kind} ({e})") from None
+    return _validated(_from_mapping(data, base=path.resolve().parent))
+
+
+def _build(cls, data: Mapping[str, Any], where: str, convert=None):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = convert(key, value) if convert else value
+    return cls(**kwargs)
+
+
+def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
+    def convert(key, value):
+        if key == "eligibility":
+            return _build(EligibilityConfig, value, f"populations.{name}.eligibility")
+        if key == "ineligible_retry_s":
+            return tuple(float(v) for v in value)
+        return value
+
+    return _build(PopulationConfig, data, f"populations.{name}", convert)
+
+
+PATH_KEYS = ("database", "artifact_dir", "state_dir")
+
+
+def _from_mapping(data: Mapping[str, Any], base: Path) -> ServerConfig:
+    def convert(key, value):
+        if key == "populations":
+            return {str(n): p if isinstance(p, PopulationConfig) else _population(str(n), p)
+                    for n, p in value.items()}
+        if key == "exporter":
+            return tuple(value) if value else None
+        return value
+
+    config = _build(ServerConfig, data, "config", convert)
+    return dataclasses.replace(config, **{k: base / Path(getattr(config, k)) for k in PATH_KEYS})
+
+
+def _validated(config: ServerConfig) -> ServerConfig:
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    check(config.workers >= 1 and config.threads >= 1, "workers and threads must be >= 1")
+    check(config.aggregation_shards >= 1, "aggregation_shards must be >= 1")
+    check(config.max_upload_bytes > 0 and config.max_json_bytes > 0, "body limits must be > 0")
+    for name, p in config.populations.items():
+        where = f"populations.{name}"
+        check(bool(name) and name.replace("-", "").replace("_", "").isalnum(),
+              f"{where}: a population name is letters, digits, '-' and '_'")
+        check(isinstance(p.goal, int) and p.goal >= 1, f"{where}.goal must be an integer >= 1")
+        check(p.over_selection >= 1.0, f"{where}.over_selection must be >= 1")
+        check(0 < p.min_selected_fraction <= p.over_selection,
+              f"{where}.min_selected_fraction must be in (0, over_selection]")
+        check(0 < p.min_report_fraction <= 1, f"{where}.min_report_fraction must be in (0, 1]")
+        check(p.selection_window_s > 0 and p.reporting_window_s > 0, f"{where}: windows must be > 0")
+        check(p.server_optimizer in SERVER_OPTIMIZERS,
+              f"{where}.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}")
+        check(p.server_lr >= 0 and p.client_lr >= 0, f"{where}: learning rates must be >= 0")
+        check(p.client_epochs >= 1 and p.client_batch_size >= 1, f"{where}: epochs/batch size >= 1")
+        check(p.client_max_examples is None or p.client_max_examples >= 1,
+              f"{where}.client_max_examples must be >= 1 (or absent: no cap)")
+        check(p.eval_every >= 0 and p.publish_every >= 0, f"{where}: eval_every/publish_every >= 0")
+        check(len(p.ineligible_retry_s) == 2 and 0 <= p.ineligible_retry_s[0] <= p.ineligible_retry_s[1],
+              f"{where}.ineligible_retry_s must be [min, max] with 0 <= min <= max")
+        e = p.eligibility
+        check(0.0 <= e.min_battery <= 1.0, f"{where}.eligibility.min_battery must be in [0, 1]")
+        check(e.min_separation_s >= 0, f"{where}.eligibility.min_separation_s must be >= 0")
+    return config

@@ -1,0 +1,155 @@
+"""The files behind a round's running sum: sharded, copy-on-write, durable.
+
+A round's `sum(w_i * delta_i)` is split over S shards so that S uploads can be
+folded at once (by threads or by gunicorn worker processes). Shard k of round
+r at generation g is the raw float32 file `<root>/<r>/<k>.<g>.f32`; the
+`partials` table says which generation of each shard is committed. Accepting
+an update (server.reporting) is:
+
+1. lease a shard: an exclusive `flock` on `<root>/<r>/<k>.lock`, which works
+   across threads and processes and is released by the kernel if the process
+   dies;
+2. read the committed generation g (cached in memory when this process wrote
+   and committed it), add `w * delta`, write generation g+1 to a temporary file
+   and rename it into place;
+3. in one SQLite transaction: check the session and round are still open, move
+   the shard's pointer to g+1, mark the session accepted, count it. COMMIT is
+   the single point at which the update becomes part of the round.
+
+A crash before 3 leaves the pointer at g: the g+1 file is an orphan that the
+next writer of that shard overwrites (names are deterministic) or `collect`
+removes; a crash after 3 only leaves g behind as garbage. So an update is
+counted exactly once or not at all, and the device's retry (uploads are
+idempotent per session) brings it in. Memory: one vector per cached shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+class PartialSums:
+    def __init__(self, root: str | Path, shards: int, fsync: bool = False):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.shards = shards
+        self._fsync = fsync
+        self._cache: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
+        self._cache_lock = threading.Lock()
+
+    def path(self, round_id: int, shard: int, generation: int) -> Path:
+        return self.root / str(round_id) / f"{shard}.{generation}.f32"
+
+    @contextlib.contextmanager
+    def lease(self, round_id: int) -> Iterator[int]:
+        """Exclusive use of one shard of a round: a free one if any, else wait for one."""
+        directory = self.root / str(round_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        start = random.randrange(self.shards)
+        order = [(start + i) % self.shards for i in range(self.shards)]
+        for blocking in (False, True):
+            for shard in order if not blocking else order[:1]:
+                fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    yield shard
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                return
+
+    def read(self, round_id: int, shard: int, generation: int, size: int) -> np.ndarray:
+        """Generation `generation` of a shard (zeros for generation 0, which has no file)."""
+        if generation == 0:
+            return np.zeros(size, np.float32)
+        with self._cache_lock:
+            cached = self._cache.get((round_id, shard))
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        data = np.fromfile(self.path(round_id, shard, generation), dtype=np.float32)
+        if data.shape != (size,):
+            raise OSError(f"partial sum {self.path(round_id, shard, generation)} is truncated")
+        return data
+
+    def write(self, round_id: int, shard: int, generation: int, total: np.ndarray) -> None:
+        path = self.path(round_id, shard, generation)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            total.tofile(f)
+            if self._fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def remember(self, round_id: int, shard: int, generation: int, total: np.ndarray) -> None:
+        """Cache a generation this process wrote, once it is committed (never before: an
+        uncommitted generation number may later be written by another process)."""
+        with self._cache_lock:
+            for key in [k for k in self._cache if k[0] != round_id]:
+                del self._cache[key]   # only the round being written is worth memory
+            self._cache[(round_id, shard)] = (generation, total)
+
+    def discard(self, round_id: int, shard: int, generation: int) -> None:
+        """Forget a generation that was not (or is no longer) committed."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(round_id, shard, generation).unlink()
+        with self._cache_lock:
+            cached = self._cache.get((round_id, shard))
+            if cached is not None and cached[0] == generation:
+                del self._cache[(round_id, shard)]
+
+    def remove_round(self, round_id: int) -> None:
+        with self._cache_lock:
+            for key in [k for k in self._cache if k[0] == round_id]:
+                del self._cache[key]
+        shutil.rmtree(self.root / str(round_id), ignore_errors=True)
+
+    def collect(self, committed: dict[int, dict[int, int]], newest_round: int) -> int:
+        """Delete files no open round refers to.
+
+        `committed`: open round id → {shard: committed generation}, read in one
+        snapshot in which `newest_round` was the highest round id. Directories
+        of rounds newer than the snapshot are left alone (they may have opened
+        since), and a shard of an open round is only cleaned while holding its
+        lease, so a writer between steps 2 and 3 above never loses its file.
+        """
+        removed = 0
+        for directory in [d for d in self.root.iterdir() if d.is_dir()]:
+            round_id = int(directory.name) if directory.name.isdigit() else -1
+            if round_id > newest_round:
+                continue
+            if round_id not in committed:
+                shutil.rmtree(directory, ignore_errors=True)
+                removed += 1
+                continue
+            generations = committed[round_id]
+            for shard in range(self.shards):
+                fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    keep = f"{shard}.{generations.get(shard, 0)}.f32"
+                    for f in directory.glob(f"{shard}.*"):
+                        if f.suffix in (".f32", ".tmp") and f.name != keep:
+                            f.unlink(missing_ok=True)
+                            removed += 1
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+        return removed

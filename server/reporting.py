@@ -1,0 +1,242 @@
+"""Reports from selected devices: model updates, evaluation results and failures.
+
+Every report names a session; only the device the session was assigned to
+may report on it (403 otherwise). Reports are idempotent per session: a
+repeated upload gets the first answer again and is never counted twice.
+
+The answer is `accepted` (counted in the round), or `aborted` (the round has
+closed, passed its deadline or already has its goal of reports: the work is
+not needed). An update that cannot be used at all (not safetensors, wrong
+dtype/shape/model version, NaN/Inf, weight out of range) raises a 4xx
+ProtocolError and changes nothing, so the device may retry with a good one.
+
+How an upload is accepted atomically with its contribution to the running
+sum: see server.partials (shard lease → new generation file → one
+transaction that re-checks the session and round, moves the shard pointer and
+marks the session accepted).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sqlite3
+from collections.abc import Mapping
+
+import numpy as np
+
+from server.aggregation import decode_update
+from server.clock import Clock
+from server.errors import BadRequest, Conflict, Forbidden, InvalidUpdate, NotFound
+from server.partials import PartialSums
+from server.populations import load_population
+from server.rounds import Round, RoundService
+from server.store import Store
+
+log = logging.getLogger(__name__)
+# What device_runtime's training policy reports when a condition fails mid-task, and crashes.
+FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
+                   "outside_window", "out_of_time", "out_of_memory", "cancelled", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    status: str                 # accepted | aborted | recorded
+    round: int
+    reason: str | None = None
+    counted: bool = dataclasses.field(default=False, compare=False)   # counted by this very call
+
+    def to_json(self) -> dict:
+        out = {"status": self.status, "round": self.round}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    """Summable counts of an evaluation task (see models.metrics.Hits)."""
+
+    top1_hits: int
+    top3_hits: int
+    positions: int
+    loss_sum: float | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.top1_hits <= self.top3_hits <= self.positions:
+            raise BadRequest("evaluation counts need 0 <= top1_hits <= top3_hits <= positions",
+                             code="invalid_field")
+
+
+class ReportingService:
+    def __init__(self, store: Store, clock: Clock, rounds: RoundService, partials: PartialSums):
+        self._store = store
+        self._clock = clock
+        self._rounds = rounds
+        self._partials = partials
+
+    def _session(self, conn: sqlite3.Connection, device_id: str,
+                 session_id: str) -> tuple[sqlite3.Row, Round]:
+        row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no session {session_id!r}", code="unknown_session")
+        if row["device_id"] != device_id:
+            raise Forbidden("this session was assigned to another device", code="not_your_session")
+        return row, self._rounds.by_id(conn, row["round_id"])
+
+    def _check(self, session: sqlite3.Row, rnd: Round, task: str, model_version: int) -> Outcome | None:
+        """The stored answer of a session that already ended, or None if it may report now."""
+        if rnd.task != task:
+            raise Conflict(f"session {session['id']} is a {rnd.task} task", code="wrong_task")
+        if session["state"] == "accepted":
+            return Outcome("accepted", rnd.number, "duplicate")
+        if session["state"] == "aborted":
+            return Outcome("aborted", rnd.number, session["reason"])
+        if session["state"] == "failed":
+            raise Conflict("this session already reported a failure", code="session_closed")
+        if model_version != rnd.model_version:
+            raise Conflict(f"the session trains version {rnd.model_version}, not {model_version}",
+                           code="wrong_model_version")
+        return None
+
+    def upload(self, device_id: str, session_id: str, body: bytes, model_version: int,
+               num_examples: int, metrics: Mapping[str, float]) -> Outcome:
+        conn = self._store.connection()
+        session, rnd = self._session(conn, device_id, session_id)
+        stored = self._check(session, rnd, "train", model_version)
+        if stored is not None:
+            return stored
+        settings = self._rounds.settings(rnd.population)
+        if not 1 <= num_examples <= settings.max_num_examples:
+            raise InvalidUpdate(f"num_examples must be in [1, {settings.max_num_examples}]",
+                                code="weight_out_of_range")
+        size = load_population(conn, rnd.population).layout.size
+        update = decode_update(body, size)
+        np.multiply(update, np.float32(num_examples), out=update)   # weighted, in place: no copy
+        if not (np.isfinite(update.min()) and np.isfinite(update.max())):
+            raise InvalidUpdate("num_examples x delta overflows float32", code="non_finite")
+        if not rnd.accepts_reports(self._clock.now()):
+            return self._commit(session_id, rnd.id, None)
+        with self._partials.lease(rnd.id) as shard:
+            part = conn.execute("SELECT generation FROM partials WHERE round_id = ? AND shard = ?",
+                                (rnd.id, shard)).fetchone()
+            generation = part["generation"] if part else 0
+            total = np.add(update, self._partials.read(rnd.id, shard, generation, size), out=update)
+            try:
+                self._partials.write(rnd.id, shard, generation + 1, total)
+            except OSError:   # the round was closed and its directory removed meanwhile
+                return self._commit(session_id, rnd.id, None)
+            contribution = (shard, generation, float(num_examples), dict(metrics), len(body))
+            outcome = Outcome("aborted", rnd.number, "error")
+            try:
+                outcome = self._commit(session_id, rnd.id, contribution)
+            finally:
+                if outcome.counted:
+                    self._partials.remember(rnd.id, shard, generation + 1, total)
+                self._partials.discard(rnd.id, shard, generation if outcome.counted else generation + 1)
+        return outcome
+
+    def evaluation(self, device_id: str, session_id: str, model_version: int,
+                   report: EvalReport) -> Outcome:
+        session, rnd = self._session(self._store.connection(), device_id, session_id)
+        stored = self._check(session, rnd, "eval", model_version)
+        if stored is not None:
+            return stored
+        return self._commit(session_id, rnd.id, report)
+
+    def failure(self, device_id: str, session_id: str, reason: str, detail: str | None) -> Outcome:
+        with self._store.write() as tx:
+            session, rnd = self._session(tx, device_id, session_id)
+            if session["state"] == "failed":
+                return Outcome("recorded", rnd.number, session["reason"])
+            if session["state"] not in ("assigned", "dropped"):
+                raise Conflict(f"the session is already {session['state']}", code="session_closed")
+            stored_reason = reason if not detail else f"{reason}: {detail}"
+            tx.execute("UPDATE sessions SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
+                       (stored_reason, self._clock.now(), session_id))
+            tx.execute("UPDATE rounds SET failed = failed + 1, dropped = dropped - ? WHERE id = ?",
+                       (int(session["state"] == "dropped"), rnd.id))
+        self._advance(rnd.population)
+        return Outcome("recorded", rnd.number, reason)
+
+    def _commit(self, session_id: str, round_id: int, contribution) -> Outcome:
+        """The one transaction in which a report is counted (or the session aborted)."""
+        now = self._clock.now()
+        with self._store.write() as tx:
+            population = tx.execute("SELECT population FROM rounds WHERE id = ?", (round_id,)).fetchone()[0]
+            self._rounds.tick(tx, population)
+            rnd = self._rounds.by_id(tx, round_id)
+            session = tx.execute("SELECT state, reason FROM sessions WHERE id = ?",
+                                 (session_id,)).fetchone()
+            if session["state"] == "accepted":          # a concurrent duplicate won the race
+                return Outcome("accepted", rnd.number, "duplicate")
+            if session["state"] not in ("assigned", "dropped"):
+                return Outcome("aborted", rnd.number, session["reason"])
+            if contribution is None or not rnd.accepts_reports(now) or session["state"] == "dropped":
+                return self._abort(tx, rnd, session_id, session["state"], now)
+            if isinstance(contribution, EvalReport):
+                self._count_eval(tx, round_id, session_id, contribution)
+            else:
+                self._count_update(tx, round_id, session_id, *contribution)
+            device = tx.execute("SELECT device_id FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
+            tx.execute("UPDATE devices SET last_participation_at = ? WHERE id = ?", (now, device))
+            tx.execute("UPDATE sessions SET state = 'accepted', finished_at = ? WHERE id = ?",
+                       (now, session_id))
+            tx.execute("UPDATE rounds SET reported = reported + 1 WHERE id = ?", (round_id,))
+            rnd = self._rounds.by_id(tx, round_id)
+        if rnd.reported >= rnd.goal or (rnd.state == "reporting" and rnd.outstanding <= 0):
+            self._advance(population)
+        return Outcome("accepted", rnd.number, counted=True)
+
+    def _abort(self, tx: sqlite3.Connection, rnd: Round, session_id: str, state: str,
+               now: float) -> Outcome:
+        """A report the round cannot use: after its deadline, after it closed, or surplus."""
+        if now >= rnd.deadline:
+            reason = "late"
+        elif state == "dropped" or not rnd.is_open:
+            reason = "round_closed"
+        else:
+            reason = "goal_reached"
+        tx.execute("UPDATE sessions SET state = 'aborted', reason = ?, finished_at = ? WHERE id = ?",
+                   (reason, now, session_id))
+        tx.execute("UPDATE rounds SET aborted = aborted + 1, dropped = dropped - ? WHERE id = ?",
+                   (int(state == "dropped"), rnd.id))
+        return Outcome("aborted", rnd.number, reason)
+
+    def _count_update(self, tx: sqlite3.Connection, round_id: int, session_id: str, shard: int,
+                      generation: int, weight: float, metrics: dict, nbytes: int) -> None:
+        moved = tx.execute("UPDATE partials SET generation = generation + 1, weight = weight + ?,"
+                           " count = count + 1 WHERE round_id = ? AND shard = ? AND generation = ?",
+                           (weight, round_id, shard, generation)).rowcount
+        if not moved:
+            if generation != 0:
+                raise RuntimeError(f"round {round_id} shard {shard} moved while leased")
+            tx.execute("INSERT INTO partials (round_id, shard, generation, weight, count)"
+                       " VALUES (?, ?, 1, ?, 1)", (round_id, shard, weight))
+        sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?",
+                                     (round_id,)).fetchone()[0])
+        for name, value in metrics.items():
+            s, w = sums.get(name, (0.0, 0.0))
+            sums[name] = (s + weight * value, w + weight)
+        tx.execute("UPDATE rounds SET weight_sum = weight_sum + ?, bytes_in = bytes_in + ?,"
+                   " metric_sums_json = ? WHERE id = ?", (weight, nbytes, json.dumps(sums), round_id))
+        tx.execute("UPDATE sessions SET num_examples = ?, metrics_json = ?, bytes_in = ? WHERE id = ?",
+                   (int(weight), json.dumps(metrics), nbytes, session_id))
+
+    def _count_eval(self, tx: sqlite3.Connection, round_id: int, session_id: str,
+                    report: EvalReport) -> None:
+        sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?",
+                                     (round_id,)).fetchone()[0])
+        counts = {k: v for k, v in dataclasses.asdict(report).items() if v is not None}
+        for name, value in counts.items():
+            sums[name] = sums.get(name, 0) + value
+        tx.execute("UPDATE rounds SET metric_sums_json = ? WHERE id = ?", (json.dumps(sums), round_id))
+        tx.execute("UPDATE sessions SET num_examples = ?, metrics_json = ? WHERE id = ?",
+                   (report.positions, json.dumps(counts), session_id))
+
+    def _advance(self, population: str) -> None:
+        """Close the round if this report completed it; a failure here must not undo the report."""
+        try:
+            self._rounds.advance(population)
+        except Exception:   # the ticker and the next request retry the transition
+            log.exception("closing a round of %s failed; will retry", population)

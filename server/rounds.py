@@ -1,0 +1,273 @@
+"""The round lifecycle: selecting → reporting → completed | failed.
+
+As in Bonawitz et al. 2019 (see REFERENCES.md): a round opens when the first
+eligible device checks in and selects up to `goal x over_selection` devices
+within the selection window. When the selection is full, or the window ends
+with at least `min_selected` devices, it stops selecting; if the window ends
+with fewer, the round fails ("too_few_selected"). Reports close at `goal`, at
+the deadline (window + reporting window after opening), or as soon as no
+selected device can still report; the round then completes if it has
+`min_reports` reports and fails otherwise ("too_few_reports"). A failed round
+is retried: the next round runs the same task on the same model version with
+`attempt + 1`. Reports after the close are aborted.
+
+Nothing waits: `tick` applies whatever transitions the clock and the counters
+call for, and is run by every check-in and report and by the background
+ticker. It runs inside a write transaction, so exactly one caller closes a
+round; completing a training round (reading the shards of the running sum,
+the server optimizer step, the new version) happens inside that same
+transaction, so a crash leaves the round open and the next tick redoes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sqlite3
+import threading
+import time
+
+import numpy as np
+
+from server.aggregation import WeightedSum
+from server.clock import Clock
+from server.config import PopulationConfig, ServerConfig
+from server.errors import NotFound
+from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
+from server.partials import PartialSums
+from server.populations import Population, load_population
+from server.store import Store
+from server.versions import VersionRegistry
+
+log = logging.getLogger(__name__)
+OPEN_STATES = ("selecting", "reporting")
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    id: int
+    population: str
+    number: int
+    task: str
+    model_version: int
+    attempt: int
+    state: str
+    goal: int
+    max_selected: int
+    min_selected: int
+    min_reports: int
+    hyperparameters: dict
+    opened_at: float
+    selection_ends_at: float
+    deadline: float
+    closed_at: float | None
+    selected: int
+    reported: int
+    aborted: int
+    failed: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Round":
+        names = {f.name for f in dataclasses.fields(cls)} - {"hyperparameters"}
+        return cls(hyperparameters=json.loads(row["hyperparameters_json"]),
+                   **{n: row[n] for n in names})
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+    @property
+    def outstanding(self) -> int:
+        """Selected devices that may still report."""
+        return self.selected - self.reported - self.failed - self.aborted
+
+    def accepts_reports(self, now: float) -> bool:
+        return self.is_open and now < self.deadline and self.reported < self.goal
+
+
+class RoundService:
+    def __init__(self, store: Store, clock: Clock, config: ServerConfig, versions: VersionRegistry,
+                 partials: PartialSums, on_publish=None):
+        self._store = store
+        self._clock = clock
+        self._config = config
+        self._versions = versions
+        self._partials = partials
+        self._on_publish = on_publish or (lambda tx, population, version: None)
+        self._closed = threading.local()   # ids of rounds closed by this thread, for cleanup()
+
+    def settings(self, population: str) -> PopulationConfig:
+        if population not in self._config.populations:
+            raise NotFound(f"population {population!r} is not served by this configuration",
+                           code="unknown_population")
+        return self._config.population(population)
+
+    def latest(self, conn: sqlite3.Connection, population: str) -> Round | None:
+        row = conn.execute("SELECT * FROM rounds WHERE population = ? ORDER BY number DESC LIMIT 1",
+                           (population,)).fetchone()
+        return Round.from_row(row) if row else None
+
+    def by_id(self, conn: sqlite3.Connection, round_id: int) -> Round:
+        return Round.from_row(conn.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone())
+
+    def advance(self, population: str) -> Round | None:
+        """Apply due transitions in a transaction of its own; returns the open round, if any."""
+        with self._store.write() as tx:
+            current = self.tick(tx, population)
+        self.cleanup()
+        return current
+
+    def tick(self, tx: sqlite3.Connection, population: str) -> Round | None:
+        rnd = self.latest(tx, population)
+        if rnd is None or not rnd.is_open:
+            return None
+        now = self._clock.now()
+        if rnd.state == "selecting" and rnd.reported < rnd.goal and now >= rnd.selection_ends_at:
+            if rnd.selected < rnd.min_selected:
+                return self._fail(tx, rnd, now, "too_few_selected")
+            rnd = self.close_selection(tx, rnd, now)
+        nobody_left = rnd.state == "reporting" and (now >= rnd.deadline or rnd.outstanding <= 0)
+        if rnd.reported >= rnd.goal or nobody_left:
+            if rnd.reported < rnd.min_reports:
+                return self._fail(tx, rnd, now, "too_few_reports")
+            return self._complete(tx, rnd, now)
+        return rnd
+
+    @staticmethod
+    def due(rnd: Round | None, now: float) -> bool:
+        """Whether `tick` would change anything (a closed or missing round needs opening)."""
+        if rnd is None or not rnd.is_open or rnd.reported >= rnd.goal:
+            return True
+        if rnd.state == "selecting":
+            return now >= rnd.selection_ends_at
+        return now >= rnd.deadline or rnd.outstanding <= 0
+
+    def open_round(self, tx: sqlite3.Connection, population: str) -> Round:
+        """Open the next round (callers hold the write transaction and found none open)."""
+        cfg = self.settings(population)
+        pop = load_population(tx, population)
+        last = self.latest(tx, population)
+        task = "eval" if cfg.eval_every and pop.train_since_eval >= cfg.eval_every else "train"
+        attempt = 1
+        if (last and last.state == "failed" and last.task == task
+                and last.model_version == pop.current_version):
+            attempt = last.attempt + 1
+        now = self._clock.now()
+        batch_size = pop.plan.batch_size if pop.plan and pop.plan.batch_size else cfg.client_batch_size
+        hyper = {"learning_rate": cfg.client_lr, "epochs": cfg.client_epochs, "batch_size": batch_size,
+                 "max_examples": cfg.client_max_examples}
+        number = (last.number if last else 0) + 1
+        tx.execute(
+            "INSERT INTO rounds (population, number, task, model_version, attempt, state, goal,"
+            " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"
+            " selection_ends_at, deadline) VALUES (?, ?, ?, ?, ?, 'selecting', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (population, number, task, pop.current_version, attempt, cfg.goal, cfg.max_selected,
+             min(cfg.min_selected, cfg.max_selected), cfg.min_reports, json.dumps(hyper), now,
+             now + cfg.selection_window_s, now + cfg.selection_window_s + cfg.reporting_window_s))
+        return self.latest(tx, population)
+
+    def close_selection(self, tx: sqlite3.Connection, rnd: Round, now: float) -> Round:
+        tx.execute("UPDATE rounds SET state = 'reporting', selection_closed_at = ? WHERE id = ?",
+                   (now, rnd.id))
+        return self.by_id(tx, rnd.id)
+
+    def cleanup(self) -> None:
+        """Delete the running-sum files of rounds this thread closed, once that is committed."""
+        pending, self._closed.ids = getattr(self._closed, "ids", set()), set()
+        conn = self._store.connection()
+        for round_id in pending:
+            row = conn.execute("SELECT state FROM rounds WHERE id = ?", (round_id,)).fetchone()
+            if row is not None and row["state"] not in OPEN_STATES:
+                self._partials.remove_round(round_id)
+
+    def collect_garbage(self) -> int:
+        """Remove every partial-sum file no open round refers to (startup after a crash)."""
+        with self._store.read() as conn:
+            open_ids = conn.execute("SELECT id FROM rounds WHERE state IN ('selecting', 'reporting')")
+            committed: dict[int, dict[int, int]] = {r["id"]: {} for r in open_ids}
+            for r in conn.execute("SELECT round_id, shard, generation FROM partials"):
+                if r["round_id"] in committed:
+                    committed[r["round_id"]][r["shard"]] = r["generation"]
+            newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM rounds").fetchone()[0]
+        return self._partials.collect(committed, newest)
+
+    def _close(self, tx: sqlite3.Connection, rnd: Round, now: float, state: str, reason: str | None,
+               result_version: int | None = None, finalize_s: float | None = None) -> None:
+        self._closed.ids = getattr(self._closed, "ids", set()) | {rnd.id}
+        dropped = tx.execute("UPDATE sessions SET state = 'dropped', reason = 'no_report_before_close',"
+                             " finished_at = ? WHERE round_id = ? AND state = 'assigned'",
+                             (now, rnd.id)).rowcount
+        tx.execute("UPDATE rounds SET state = ?, reason = ?, closed_at = ?, dropped = ?,"
+                   " result_version = ?, finalize_s = ?,"
+                   " selection_closed_at = COALESCE(selection_closed_at, ?) WHERE id = ?",
+                   (state, reason, now, dropped, result_version, finalize_s, now, rnd.id))
+
+    def _fail(self, tx: sqlite3.Connection, rnd: Round, now: float, reason: str) -> None:
+        log.info("round %s/%d failed: %s", rnd.population, rnd.number, reason)
+        self._close(tx, rnd, now, "failed", reason)
+        return None
+
+    def _complete(self, tx: sqlite3.Connection, rnd: Round, now: float) -> None:
+        start = time.perf_counter()
+        pop = load_population(tx, rnd.population)
+        cfg = self.settings(rnd.population)
+        if rnd.task == "eval":
+            self._finish_eval(tx, rnd, pop, cfg)
+            self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
+            return None
+        version = self._finish_train(tx, rnd, pop, cfg)
+        if version is None:
+            return self._fail(tx, rnd, now, "non_finite_aggregate")
+        self._close(tx, rnd, now, "completed", None, version, time.perf_counter() - start)
+        log.info("round %s/%d completed: version %d from %d reports", rnd.population, rnd.number,
+                 version, rnd.reported)
+        return None
+
+    def running_sum(self, tx: sqlite3.Connection, rnd: Round, size: int) -> WeightedSum:
+        total = WeightedSum(size)
+        for row in tx.execute("SELECT shard, generation, weight, count FROM partials WHERE round_id = ?",
+                              (rnd.id,)).fetchall():
+            shard = self._partials.read(rnd.id, row["shard"], row["generation"], size)
+            total.merge(WeightedSum(size, shard, row["weight"], row["count"]))
+        return total
+
+    def _finish_train(self, tx: sqlite3.Connection, rnd: Round, pop: Population,
+                      cfg: PopulationConfig) -> int | None:
+        size = pop.layout.size
+        total = self.running_sum(tx, rnd, size)
+        if total.count != rnd.reported:
+            raise RuntimeError(f"round {rnd.id}: {total.count} updates in the running sum, "
+                               f"{rnd.reported} accepted")
+        mean_delta = total.mean()
+        parent = self._versions.get(rnd.population, rnd.model_version, tx)
+        optimizer = build_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
+        fresh = optimizer.initialize(size)
+        state = self._versions.optimizer_state(parent)
+        if state is None or set(state) != set(fresh):   # first round, or the optimizer was changed
+            state = fresh
+        state, weights, applied = apply_mean_delta(optimizer, state, self._versions.weights(parent),
+                                                   mean_delta)
+        if not applied:
+            return None
+        row = tx.execute("SELECT weight_sum, metric_sums_json FROM rounds WHERE id = ?",
+                         (rnd.id,)).fetchone()
+        train = {name: s / w for name, (s, w) in json.loads(row["metric_sums_json"]).items() if w > 0}
+        train.update(reports=rnd.reported, examples=row["weight_sum"],
+                     mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name)
+        version = self._versions.add(tx, rnd.population, pop.layout, pop.model_config, rnd.model_version,
+                                     rnd.number, weights, state_to_bytes(optimizer, state), train)
+        return version.version
+
+    def _finish_eval(self, tx: sqlite3.Connection, rnd: Round, pop: Population,
+                     cfg: PopulationConfig) -> None:
+        sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?",
+                                     (rnd.id,)).fetchone()[0])
+        positions = int(sums.get("positions", 0))
+        result = {"round": rnd.number, "reports": rnd.reported, "positions": positions,
+                  "top1_hits": int(sums.get("top1_hits", 0)), "top3_hits": int(sums.get("top3_hits", 0))}
+        result["top1"] = result["top1_hits"] / max(positions, 1)
+        result["top3"] = result["top3_hits"] / max(positions, 1)
+        if "loss_sum" in sums:
+            result["loss"] = sums["loss_sum"] / max(positions, 1)
+        if self._versions.record_eval(tx, rnd.population, rnd.model_version, result, cfg.publish_every):
+            self._on_publish(tx, rnd.population, rnd.model_version)

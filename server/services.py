@@ -1,0 +1,106 @@
+"""Every service of the server, built once from a config (by create_app and the CLI)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+from server.analytics import RoundAnalytics
+from server.artifacts import ArtifactStore
+from server.checkin import CheckinService
+from server.clock import Clock, SystemClock
+from server.config import ServerConfig
+from server.partials import PartialSums
+from server.policy import build_policy
+from server.publisher import Exporter, PublishJobs, SubprocessExporter
+from server.registry import DeviceRegistry
+from server.reporting import ReportingService
+from server.rounds import RoundService
+from server.store import Store
+from server.versions import VersionRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Services:
+    config: ServerConfig
+    clock: Clock
+    store: Store
+    artifacts: ArtifactStore
+    private: ArtifactStore
+    partials: PartialSums
+    registry: DeviceRegistry
+    versions: VersionRegistry
+    rounds: RoundService
+    checkin: CheckinService
+    reporting: ReportingService
+    publisher: PublishJobs
+    analytics: RoundAnalytics
+
+    def populations(self) -> list[str]:
+        """Populations that are both configured and registered."""
+        rows = self.store.connection().execute("SELECT name FROM populations").fetchall()
+        return [r["name"] for r in rows if r["name"] in self.config.populations]
+
+    def tick(self) -> None:
+        """Apply due round transitions of every population (what the ticker does each interval)."""
+        for name in self.populations():
+            self.rounds.advance(name)
+
+
+def build_services(config: ServerConfig, clock: Clock | None = None,
+                   exporter: Exporter | None = None) -> Services:
+    clock = clock or SystemClock()
+    store = Store(config.database, fsync=config.fsync)
+    artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
+    private = ArtifactStore(config.state_dir / "objects", fsync=config.fsync)
+    partials = PartialSums(config.state_dir / "partials", config.aggregation_shards, fsync=config.fsync)
+    registry = DeviceRegistry(store, clock)
+    versions = VersionRegistry(store, artifacts, private, clock)
+    publisher = PublishJobs(store, artifacts, versions,
+                            exporter or SubprocessExporter(config.exporter, config.publish_timeout_s),
+                            clock, config.publish_timeout_s)
+    rounds = RoundService(store, clock, config, versions, partials, on_publish=publisher.enqueue)
+    policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
+    checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
+    reporting = ReportingService(store, clock, rounds, partials)
+    services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
+                        checkin, reporting, publisher, RoundAnalytics(store))
+    removed = rounds.collect_garbage()
+    if removed:
+        log.info("removed %d stale partial-sum files", removed)
+    return services
+
+
+class Ticker:
+    """Background threads: round transitions every `interval_s`, and publish jobs.
+
+    Requests already advance rounds; the ticker makes deadlines fire when no
+    device is talking to the server, and runs exports (minutes long) on a
+    thread of their own so a deadline is never late because of an export.
+    """
+
+    def __init__(self, services: Services, interval_s: float):
+        self._services = services
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(services.tick,), daemon=True,
+                                          name="nightjar-ticker"),
+                         threading.Thread(target=self._loop, args=(services.publisher.run_pending,),
+                                          daemon=True, name="nightjar-publisher")]
+
+    def start(self) -> "Ticker":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self, step) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                step()
+            except Exception:   # a failed tick is logged and retried next interval
+                log.exception("background %s failed", getattr(step, "__name__", step))

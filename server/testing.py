@@ -1,0 +1,165 @@
+"""Helpers for driving the server in tests, benchmarks and emulated fleets. TensorFlow-free.
+
+* `write_checkpoint` / `write_plan_dir`: a small initial model and a stand-in
+  training plan (`python -m tflite_export plan` writes the real one);
+* `FakeExporter`: publishes an app model without TensorFlow;
+* `DeviceClient`: one emulated device speaking the protocol, over Flask's test
+  client (`FlaskTransport`) or real HTTP (`HttpTransport`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+
+from models.weights import WeightLayout, save_checkpoint
+from server.aggregation import encode_update
+
+# A few hundred floats: fast, but with several tensors like the real layout.
+SMALL_LAYOUT = WeightLayout([("embedding", (16, 8)), ("dense/kernel", (8, 16)), ("dense/bias", (16,))])
+ELIGIBLE = {"charging": True, "idle": True, "unmetered": True, "battery": 0.9,
+            "free_memory_mb": 4096, "num_examples": 50, "runtime_version": "1.0.0"}
+
+
+def write_checkpoint(path: Path, layout: WeightLayout = SMALL_LAYOUT, seed: int = 0,
+                     model_config: dict | None = None) -> np.ndarray:
+    flat = np.random.default_rng(seed).normal(0, 0.1, layout.size).astype(np.float32)
+    meta = {"round": 0}
+    if model_config is not None:
+        meta["model_config"] = model_config
+    save_checkpoint(path, layout, flat, meta)
+    return flat
+
+
+def _record(data: bytes) -> dict:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def write_manifest_dir(out_dir: Path, name: str, kind: str, model: bytes, layout: WeightLayout,
+                       model_version: int = 0, **extra: Any) -> Path:
+    """Files shaped like tflite_export's output: <name>.tflite, vocab.json, <name>.manifest.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = json.dumps(["<pad>", "<bos>", "<eos>", "<oov>", "thou"]).encode()
+    (out_dir / f"{name}.tflite").write_bytes(model)
+    (out_dir / "vocab.json").write_bytes(vocab)
+    manifest = {"schema_version": 1, "kind": kind, "model_version": model_version,
+                "artifact": f"{name}.tflite", "vocab_file": "vocab.json",
+                "weight_layout": layout.to_json(),
+                "files": {f"{name}.tflite": _record(model), "vocab.json": _record(vocab)}, **extra}
+    path = out_dir / f"{name}.manifest.json"
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    return path
+
+
+def write_plan_dir(out_dir: Path, layout: WeightLayout = SMALL_LAYOUT, batch_size: int = 16) -> Path:
+    write_manifest_dir(out_dir, "plan", "training_plan", b"TFL3 fake plan " + bytes(64), layout,
+                       batch_size=batch_size)
+    return out_dir
+
+
+class FakeExporter:
+    """Writes a tiny app model whose bytes depend on the checkpoint and version."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple[Path, Path | None, int]] = []
+        self.fail = fail
+
+    def export_app_model(self, checkpoint: Path, vocab: Path | None, model_version: int,
+                         out_dir: Path) -> Path:
+        from models.weights import load_checkpoint
+
+        self.calls.append((checkpoint, vocab, model_version))
+        if self.fail:
+            raise RuntimeError("fake exporter failure")
+        layout, flat, _ = load_checkpoint(checkpoint)
+        model = b"TFL3 fake app " + flat.tobytes()[:64] + str(model_version).encode()
+        return write_manifest_dir(out_dir, "app", "app_model", model, layout, model_version, k=3)
+
+
+@dataclasses.dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict
+    content: bytes
+
+
+class FlaskTransport:
+    def __init__(self, client):
+        self.client = client
+
+    def request(self, method: str, path: str, **kwargs) -> Reply:
+        r = self.client.open(path, method=method, **kwargs)
+        return Reply(r.status_code, r.get_json(silent=True), dict(r.headers), r.get_data())
+
+
+class HttpTransport:
+    def __init__(self, base_url: str, timeout_s: float = 30.0):
+        import requests
+
+        self.base_url = base_url.rstrip("/")
+        self.session = requests.Session()
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, json=None, data=None, headers=None) -> Reply:
+        r = self.session.request(method, self.base_url + path, json=json, data=data, headers=headers,
+                                 timeout=self.timeout_s)
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        return Reply(r.status_code, body, dict(r.headers), r.content)
+
+
+class DeviceClient:
+    """One device: register, check in, report. Raises AssertionError on unexpected statuses."""
+
+    def __init__(self, transport, population: str, conditions: dict | None = None):
+        self.transport = transport
+        self.population = population
+        self.conditions = dict(conditions or ELIGIBLE)
+        reply = transport.request("POST", "/v1/devices")
+        assert reply.status == 201, reply.body
+        self.device_id, self.secret = reply.body["device_id"], reply.body["secret"]
+        self.assignment: dict | None = None
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.device_id}:{self.secret}"}
+
+    def checkin(self, **conditions: Any) -> Reply:
+        reply = self.transport.request("POST", "/v1/checkin", headers=self.headers,
+                                       json={"population": self.population,
+                                             "conditions": {**self.conditions, **conditions}})
+        if reply.status == 200 and "assignment" in reply.body:
+            self.assignment = reply.body["assignment"]
+        return reply
+
+    def upload(self, delta: np.ndarray, num_examples: int = 10, model_version: int | None = None,
+               metrics: dict | None = None, body: bytes | None = None,
+               session_id: str | None = None) -> Reply:
+        a = self.assignment or {}
+        query = {"model_version": a.get("model_version", 0) if model_version is None else model_version,
+                 "num_examples": num_examples}
+        if metrics is not None:
+            query["metrics"] = json.dumps(metrics)
+        path = f"/v1/sessions/{session_id or a['session_id']}/update?{urlencode(query)}"
+        return self.transport.request("POST", path, headers=self.headers,
+                                      data=encode_update(delta) if body is None else body)
+
+    def evaluate(self, top1: int, top3: int, positions: int, model_version: int | None = None) -> Reply:
+        a = self.assignment
+        return self.transport.request("POST", f"/v1/sessions/{a['session_id']}/eval", headers=self.headers,
+                                      json={"model_version": a["model_version"] if model_version is None
+                                            else model_version, "top1_hits": top1, "top3_hits": top3,
+                                            "positions": positions})
+
+    def fail(self, reason: str = "unplugged", detail: str | None = None) -> Reply:
+        body = {"reason": reason, **({"detail": detail} if detail else {})}
+        return self.transport.request("POST", f"/v1/sessions/{self.assignment['session_id']}/failure",
+                                      headers=self.headers, json=body)

@@ -1,0 +1,67 @@
+"""Per-population reads: the published app model (for apps) and round/version analytics (operators)."""
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, jsonify, request
+
+from server import validation as v
+from server.checkin import artifact_url
+from server.populations import load_population
+from server.versions import Version
+from server.views._common import require_operator, services
+
+bp = Blueprint("populations", __name__, url_prefix="/v1/populations/<population>")
+
+
+def _app_model(version: Version) -> dict:
+    store = services().artifacts
+    manifest = json.loads(store.read(version.app_manifest_sha256))
+    files = {name: {"url": artifact_url(rec["sha256"]), "sha256": rec["sha256"], "bytes": rec.get("bytes")}
+             for name, rec in manifest["files"].items()}
+
+    def ref(name: str | None) -> dict | None:
+        return {"url": files[name]["url"], "sha256": files[name]["sha256"]} if name in files else None
+
+    return {"population": version.population, "version": version.version,
+            "published_at": version.published_at, "eval": version.eval,
+            "manifest": {"url": artifact_url(version.app_manifest_sha256),
+                         "sha256": version.app_manifest_sha256},
+            "model": ref(manifest.get("artifact")), "vocab": ref(manifest.get("vocab_file")),
+            "files": files}
+
+
+@bp.get("/app-model")
+def latest_app_model(population: str):
+    return jsonify(_app_model(services().versions.published(population)))
+
+
+@bp.get("/app-model/<int:version>")
+def app_model(population: str, version: int):
+    return jsonify(_app_model(services().versions.published(population, version)))
+
+
+@bp.get("/rounds")
+def rounds(population: str):
+    require_operator()
+    svc = services()
+    limit = v.query_int(request.args, "limit", 1, 1000, default=50)
+    before = v.query_int(request.args, "before", 0, v.MAX_INT, default=None)
+    return jsonify({"rounds": svc.analytics.list(population, svc.clock.now(), limit, before)})
+
+
+@bp.get("/rounds/<int:number>")
+def round_detail(population: str, number: int):
+    require_operator()
+    svc = services()
+    return jsonify(svc.analytics.detail(population, number, svc.clock.now()))
+
+
+@bp.get("/versions")
+def versions(population: str):
+    require_operator()
+    svc = services()
+    load_population(svc.store.connection(), population)   # 404 for an unknown population
+    limit = v.query_int(request.args, "limit", 1, 1000, default=50)
+    before = v.query_int(request.args, "before", 0, v.MAX_INT, default=None)
+    return jsonify({"versions": [ver.to_json() for ver in svc.versions.list(population, limit, before)]})

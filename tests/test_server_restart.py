@@ -1,0 +1,236 @@
+"""Kill the real server (gunicorn, 2 worker processes) with SIGKILL mid-round and restart it.
+
+Invariants checked after each restart on the same database and artifact folder:
+* the round continues: updates accepted before the kill are still counted, once;
+  a retried upload of one of them is answered "duplicate" and not re-counted;
+* an upload that was half-received at the kill was not counted, and the device's
+  retry is accepted;
+* the completed round's new version equals the initial weights plus the weighted
+  average of exactly the accepted deltas (none lost, none twice);
+* after a second kill the completed round and its version are intact, every
+  artifact's bytes hash to its name, SQLite's integrity check passes and no
+  partial-sum file of a closed round is left behind;
+* a round whose deadline passed while the server was down is closed cleanly
+  (failed: too few reports) on restart and retried as attempt 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from models.weights import load_checkpoint
+from server.aggregation import encode_update
+from server.testing import DeviceClient, HttpTransport, write_checkpoint, write_plan_dir
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m server run` in its own process group, so one signal reaches master and workers."""
+
+    def __init__(self, config: Path, port: int, log: Path):
+        self.config, self.port, self.log = config, port, log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "server", "run", "--config", str(self.config),
+                 "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "4"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:   # not listening yet, or the workers still booting
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server did not start: {self.log.read_text()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        for _ in range(100):   # workers are reparented and reaped by init: wait for the group to vanish
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+def write_config(root: Path, **population) -> Path:
+    settings = {"goal": 6, "over_selection": 1.5, "min_selected_fraction": 0.5, "min_report_fraction": 0.5,
+                "selection_window_s": 300.0, "reporting_window_s": 600.0, "eval_every": 0,
+                "server_optimizer": "sgd", "server_lr": 1.0, **population}
+    lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',
+             'state_dir = "state/private"', "tick_interval_s = 0.2", "aggregation_shards = 3",
+             "", "[populations.en]"]
+    lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()]
+    lines += ["", "[populations.en.eligibility]", "min_separation_s = 0.0", "min_free_memory_mb = 0"]
+    path = root / "server.toml"
+    path.write_text("\n".join(lines).replace("'", '"') + "\n")
+    return path
+
+
+def init_population(root: Path, config: Path) -> np.ndarray:
+    flat = write_checkpoint(root / "init.safetensors")
+    done = subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
+                           "--checkpoint", str(root / "init.safetensors"),
+                           "--plan-dir", str(write_plan_dir(root / "plan"))],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return flat
+
+
+def round_info(server: ServerProcess, number: int) -> dict:
+    return requests.get(f"{server.url}/v1/populations/en/rounds/{number}", timeout=10).json()
+
+
+def half_sent_upload(server: ServerProcess, device: DeviceClient, body: bytes) -> socket.socket:
+    """Send the headers and half the body of an upload, then stall (as a phone losing its network)."""
+    sid = device.assignment["session_id"]
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    head = (f"POST /v1/sessions/{sid}/update?model_version=0&num_examples=4 HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nAuthorization: Bearer {device.device_id}:{device.secret}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body[: len(body) // 2])
+    return sock
+
+
+def verify_state(root: Path) -> None:
+    artifacts = root / "state" / "artifacts"
+    files = [p for p in artifacts.glob("??/*")]
+    assert files and all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in files)
+    conn = sqlite3.connect(root / "state" / "nightjar.db")
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        open_rounds = {r[0] for r in conn.execute(
+            "SELECT id FROM rounds WHERE state IN ('selecting', 'reporting')")}
+    finally:
+        conn.close()
+    leftovers = {int(p.parent.name) for p in (root / "state" / "private" / "partials").glob("*/*.f32")}
+    assert leftovers <= open_rounds
+
+
+def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once(tmp_path):
+    config = write_config(tmp_path)
+    initial = init_population(tmp_path, config)
+    server = ServerProcess(config, free_port(), tmp_path / "server.log")
+    stalled = None
+    try:
+        server.start()
+        devices = [DeviceClient(HttpTransport(server.url), "en") for _ in range(9)]
+        for d in devices:
+            assert "assignment" in d.checkin().body
+        size = devices[0].assignment["report"]["size"]
+        deltas = np.random.default_rng(3).normal(0, 0.01, (9, size)).astype(np.float32)
+        counts = [4, 9, 1, 4, 6, 2]
+        for i in range(3):
+            assert devices[i].upload(deltas[i], counts[i]).body["status"] == "accepted"
+        stalled = half_sent_upload(server, devices[3], encode_update(deltas[3]))
+        time.sleep(0.5)
+        server.kill()                                            # SIGKILL master and both workers
+        stalled.close()
+
+        server.start()
+        info = round_info(server, 1)
+        assert (info["state"], info["selected"], info["reported"]) == ("reporting", 9, 3)
+        again = devices[0].upload(deltas[0], counts[0]).body
+        assert again == {"status": "accepted", "round": 1, "reason": "duplicate"}
+        assert round_info(server, 1)["reported"] == 3
+        for i in (3, 4, 5):
+            assert devices[i].upload(deltas[i], counts[i]).body["status"] == "accepted"
+        info = round_info(server, 1)
+        assert (info["state"], info["reported"], info["result_version"]) == ("completed", 6, 1)
+        assert devices[6].upload(deltas[6], 3).body["reason"] == "round_closed"
+
+        server.kill()
+        verify_state(tmp_path)
+        server.start()
+        versions = requests.get(server.url + "/v1/populations/en/versions", timeout=10).json()["versions"]
+        assert [v["version"] for v in versions] == [1, 0]
+        ckpt = requests.get(f"{server.url}/v1/artifacts/{versions[0]['checkpoint_sha256']}", timeout=10)
+        assert hashlib.sha256(ckpt.content).hexdigest() == versions[0]["checkpoint_sha256"]
+        (tmp_path / "v1.safetensors").write_bytes(ckpt.content)
+        _, flat, meta = load_checkpoint(tmp_path / "v1.safetensors")
+        assert meta["version"] == 1 and meta["parent"] == 0
+        expected = initial + np.average(deltas[:6], axis=0, weights=counts)
+        np.testing.assert_allclose(flat, expected, rtol=1e-5, atol=1e-6)
+        nxt = devices[7].checkin().body["assignment"]
+        assert (nxt["round"], nxt["model_version"]) == (2, 1)
+        assert round_info(server, 1)["reported"] == 6
+    finally:
+        if stalled is not None:
+            stalled.close()
+        server.kill()
+    verify_state(tmp_path)
+
+
+def test_round_whose_deadline_passed_while_down_is_abandoned_and_retried(tmp_path):
+    config = write_config(tmp_path, goal=4, over_selection=1.0, selection_window_s=1.0,
+                          reporting_window_s=2.0)
+    init_population(tmp_path, config)
+    server = ServerProcess(config, free_port(), tmp_path / "server.log")
+    try:
+        server.start()
+        devices = [DeviceClient(HttpTransport(server.url), "en") for _ in range(3)]
+        for d in devices:
+            d.checkin()
+        size = devices[0].assignment["report"]["size"]
+        assert devices[0].upload(np.zeros(size, np.float32), 1).body["status"] == "accepted"
+        deadline = round_info(server, 1)["deadline"]
+        server.kill()
+        time.sleep(max(0.0, deadline - time.time() + 0.2))      # the deadline passes while down
+        server.start()
+        for _ in range(100):                                     # the ticker closes the round
+            info = round_info(server, 1)
+            if info["state"] == "failed":
+                break
+            time.sleep(0.1)
+        assert (info["state"], info["reason"], info["reported"]) == ("failed", "too_few_reports", 1)
+        late = devices[1].upload(np.zeros(size, np.float32), 1).body
+        assert (late["status"], late["reason"]) == ("aborted", "late")
+        retry = devices[2].checkin().body["assignment"]
+        assert retry["round"] == 2 and retry["model_version"] == 0
+        versions = requests.get(server.url + "/v1/populations/en/versions", timeout=10).json()["versions"]
+        assert [v["version"] for v in versions] == [0]
+    finally:
+        server.kill()
+    verify_state(tmp_path)

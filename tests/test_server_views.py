@@ -1,0 +1,278 @@
+"""The HTTP layer through Flask's test client: every endpoint's success and errors, validated
+against /openapi.json, with stored state unchanged by every refused request, and fuzzing."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from safetensors.numpy import save
+
+from server.openapi import openapi_document
+from server.testing import ELIGIBLE, DeviceClient, FlaskTransport
+
+DOC_URI = "urn:nightjar:openapi"
+
+
+class OpenAPIChecker:
+    """Validates a response's status and JSON body against the operation Flask routed it to."""
+
+    def __init__(self, app):
+        self.app = app
+        self.doc = openapi_document()
+        self.registry = Registry().with_resource(
+            DOC_URI, Resource.from_contents(self.doc, default_specification=DRAFT202012))
+        self.seen: set[tuple[str, str, int]] = set()
+
+    def template(self, method: str, path: str) -> str | None:
+        adapter = self.app.url_map.bind("localhost")
+        try:
+            rule, _ = adapter.match(path.split("?")[0], method=method, return_rule=True)
+        except Exception:   # 404/405: no route, checked by the caller
+            return None
+        return rule.rule.replace("<int:", "<").replace("<", "{").replace(">", "}")
+
+    def check(self, method: str, path: str, status: int, body, content_type: str) -> None:
+        template = self.template(method, path)
+        if template is None:
+            assert status in (404, 405) and set(body) == {"error", "message"}, (path, status, body)
+            return
+        responses = self.doc["paths"][template][method.lower()]["responses"]
+        assert str(status) in responses, f"{method} {template} answered undocumented {status}: {body}"
+        self.seen.add((method.upper(), template, status))
+        content = responses[str(status)].get("content", {})
+        if "application/json" in content:
+            assert content_type.startswith("application/json"), (template, status, content_type)
+            pointer = "/".join(["#", "paths", template.replace("/", "~1"), method.lower(), "responses",
+                                str(status), "content", "application~1json", "schema"])
+            validator = Draft202012Validator({"$ref": DOC_URI + quote(pointer, safe="#/~")},
+                                             registry=self.registry)
+            errors = list(validator.iter_errors(body))
+            assert not errors, f"{method} {template} {status}: {errors[0].message} in {body}"
+        elif "application/octet-stream" in content:
+            assert content_type == "application/octet-stream"
+
+
+class CheckedTransport(FlaskTransport):
+    def __init__(self, client, checker: OpenAPIChecker):
+        super().__init__(client)
+        self.checker = checker
+
+    def request(self, method, path, **kwargs):
+        reply = super().request(method, path, **kwargs)
+        self.checker.check(method, path, reply.status, reply.body, reply.headers.get("Content-Type", ""))
+        return reply
+
+
+@pytest.fixture
+def api(server_env):
+    checker = OpenAPIChecker(server_env.app)
+    return CheckedTransport(server_env.client, checker)
+
+
+def state_of(env) -> str:
+    """Everything a request could change: all tables, the partial sums and the artifacts."""
+    conn = sqlite3.connect(env.config["database"])
+    try:
+        dump = "\n".join(conn.iterdump())
+    finally:
+        conn.close()
+    files = sorted(str(p.relative_to(env.root)) for p in (env.root / "private").rglob("*.f32"))
+    return dump + "\n" + "\n".join(files) + "\n" + "\n".join(sorted(env.services.artifacts))
+
+
+def fleet(env, api, n):
+    return [DeviceClient(api, env.population) for _ in range(n)]
+
+
+def test_openapi_documents_exactly_the_routes(server_env):
+    checker = OpenAPIChecker(server_env.app)
+    routes = {(r.rule.replace("<int:", "<").replace("<", "{").replace(">", "}"), m)
+              for r in server_env.app.url_map.iter_rules() if r.endpoint != "static"
+              for m in r.methods - {"HEAD", "OPTIONS"}}
+    documented = {(path, m.upper()) for path, ops in checker.doc["paths"].items() for m in ops}
+    assert routes == documented
+    Draft202012Validator.check_schema({"$defs": checker.doc["components"]["schemas"]})
+
+
+def test_full_protocol_over_http_matches_the_openapi_document(make_server):
+    env = make_server(goal=2, over_selection=1.5, eval_every=1, publish_every=1)
+    checker = OpenAPIChecker(env.app)
+    api = CheckedTransport(env.client, checker)
+    devs = fleet(env, api, 4)
+    answers = [d.checkin().body for d in devs]
+    assert ["assignment" in a for a in answers] == [True, True, True, False]
+    assignment = answers[0]["assignment"]
+    assert assignment["report"]["size"] == env.layout.size and assignment["plan"]["manifest"]["url"]
+    ckpt = api.request("GET", assignment["checkpoint"]["url"])
+    assert ckpt.status == 200 and ckpt.headers["ETag"] == f'"{assignment["checkpoint"]["sha256"]}"'
+    assert "immutable" in ckpt.headers["Cache-Control"]
+    again = api.request("GET", assignment["checkpoint"]["url"],
+                        headers={"If-None-Match": ckpt.headers["ETag"]})
+    assert again.status == 304 and again.content == b""
+    rng = np.random.default_rng(0)
+    delta = rng.normal(0, 0.01, env.layout.size).astype(np.float32)
+    first = devs[0].upload(delta, 12, metrics={"loss": 2.5})
+    assert first.body == {"status": "accepted", "round": 1}
+    assert devs[0].upload(delta, 12).body["reason"] == "duplicate"
+    assert devs[1].fail("unplugged", "charger pulled").body["status"] == "recorded"
+    assert devs[2].upload(delta, 3).body["status"] == "accepted"          # 2 reports: goal
+    evaluators = fleet(env, api, 2)
+    for d in evaluators:
+        assert d.checkin().body["assignment"]["task"] == "eval"
+        assert d.evaluate(10, 20, 100).body["status"] == "accepted"
+    assert env.services.publisher.run_pending() == 1
+    latest = api.request("GET", "/v1/populations/en/app-model")
+    assert latest.status == 200 and latest.body["version"] == 1
+    assert api.request("GET", latest.body["model"]["url"]).status == 200
+    assert api.request("GET", "/v1/populations/en/app-model/1").body == latest.body
+    assert api.request("GET", "/v1/populations/en/rounds").body["rounds"][0]["task"] == "eval"
+    detail = api.request("GET", "/v1/populations/en/rounds/1").body
+    assert detail["failure_reasons"] == {"unplugged": 1} and len(detail["devices"]) == 3
+    assert api.request("GET", "/v1/populations/en/versions?limit=1").body["versions"][0]["version"] == 1
+    assert api.request("GET", "/openapi.json").body["openapi"].startswith("3.1")
+    assert api.request("GET", "/healthz").body == {"status": "ok"}
+    ok_paths = {t for (_, t, s) in checker.seen if s < 300}
+    assert ok_paths == set(checker.doc["paths"])
+
+
+def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
+    env = make_server(server={"max_upload_bytes": 4096, "max_json_bytes": 2048})
+    api = CheckedTransport(env.client, OpenAPIChecker(env.app))
+    mine, other = fleet(env, api, 2)
+    mine.checkin()
+    other.checkin()
+    sid = mine.assignment["session_id"]
+    n = env.layout.size
+    upload = f"/v1/sessions/{sid}/update?model_version=0&num_examples=5"
+    auth = mine.headers
+
+    def raw(data: bytes, headers: dict | None = auth) -> dict:
+        return {"data": data, "headers": headers or {}}
+
+    def js(body, headers: dict | None = auth) -> dict:
+        return {"json": body, "headers": headers or {}}
+
+    good = save({"delta": np.zeros(n, np.float32)})
+    checkin = {"population": "en", "conditions": ELIGIBLE}
+    eval_body = {"model_version": 0, "top1_hits": 1, "top3_hits": 2, "positions": 3}
+    cases = [
+        ("POST", "/v1/checkin", raw(b"{not json"), 400, "malformed_json"),
+        ("POST", "/v1/checkin", js([1, 2]), 400, "invalid_body"),
+        ("POST", "/v1/checkin", js({"population": "en"}), 400, "missing_field"),
+        ("POST", "/v1/checkin", js({**checkin, "population": 7}), 400, "invalid_field"),
+        ("POST", "/v1/checkin", js({**checkin, "conditions": {**ELIGIBLE, "idle": "yes"}}), 400,
+         "invalid_field"),
+        ("POST", "/v1/checkin", js({**checkin, "population": "fr"}), 404, "unknown_population"),
+        ("POST", "/v1/checkin", js(checkin, headers=None), 401, "unauthorized"),
+        ("POST", "/v1/checkin", js(checkin, {"Authorization": "Bearer d-nobody:secret"}), 401,
+         "unknown_device"),
+        ("POST", "/v1/checkin", js(checkin, {"Authorization": f"Bearer {mine.device_id}:wrong"}), 401,
+         "unknown_device"),
+        ("POST", "/v1/checkin", raw(b'{"population": "' + b"x" * 3000 + b'"}'), 413, "payload_too_large"),
+        ("POST", upload, raw(good, other.headers), 403, "not_your_session"),
+        ("POST", "/v1/sessions/s-nope/update?model_version=0&num_examples=5", raw(good), 404,
+         "unknown_session"),
+        ("POST", upload, raw(save({"delta": np.zeros(n - 1, np.float32)})), 422, "wrong_shape"),
+        ("POST", upload, raw(save({"delta": np.zeros(n, np.float16)})), 422, "wrong_dtype"),
+        ("POST", upload, raw(save({"delta": np.full(n, np.nan, np.float32)})), 422, "non_finite"),
+        ("POST", upload, raw(b"\x00" * 100), 422, "malformed_update"),
+        ("POST", upload, raw(b"\x00" * 5000), 413, "payload_too_large"),
+        ("POST", upload.replace("model_version=0", "model_version=3"), raw(good), 409,
+         "wrong_model_version"),
+        ("POST", upload.replace("num_examples=5", "num_examples=0"), raw(good), 422, "weight_out_of_range"),
+        ("POST", upload.replace("num_examples=5", "num_examples=five"), raw(good), 400, "invalid_field"),
+        ("POST", upload + "&metrics=%7Bbad", raw(good), 400, "malformed_json"),
+        ("POST", upload + "&metrics=" + quote('{"loss": "high"}'), raw(good), 400, "invalid_field"),
+        ("POST", f"/v1/sessions/{sid}/update", raw(good), 400, "missing_field"),
+        ("POST", f"/v1/sessions/{sid}/eval", js(eval_body), 409, "wrong_task"),
+        ("POST", f"/v1/sessions/{sid}/failure", js({"reason": "bored"}), 400, "invalid_field"),
+        ("POST", f"/v1/sessions/{sid}/failure", js({"reason": "error", "detail": 5}), 400, "invalid_field"),
+        ("GET", "/v1/artifacts/" + "0" * 64, {}, 404, "unknown_artifact"),
+        ("GET", "/v1/artifacts/../../etc/passwd", {}, 404, "not_found"),
+        ("GET", "/v1/populations/en/app-model", {}, 404, "not_published"),
+        ("GET", "/v1/populations/en/app-model/0", {}, 404, "not_published"),
+        ("GET", "/v1/populations/en/app-model/99", {}, 404, "unknown_version"),
+        ("GET", "/v1/populations/fr/rounds", {}, 404, "unknown_population"),
+        ("GET", "/v1/populations/en/rounds/99", {}, 404, "unknown_round"),
+        ("GET", "/v1/populations/en/rounds?limit=0", {}, 400, "invalid_field"),
+        ("GET", "/v1/populations/fr/versions", {}, 404, "unknown_population"),
+        ("GET", "/v1/checkin", {}, 405, "method_not_allowed"),
+        ("DELETE", "/v1/devices", {}, 405, "method_not_allowed"),
+        ("GET", "/v2/anything", {}, 404, "not_found"),
+    ]
+    before = state_of(env)
+    for method, path, kwargs, status, code in cases:
+        reply = api.request(method, path, **kwargs)
+        assert (reply.status, reply.body and reply.body.get("error")) == (status, code), (path, reply.body)
+        assert isinstance(reply.body.get("message"), str) and reply.body["message"]
+        assert state_of(env) == before, f"{method} {path} changed the stored state"
+
+
+def test_eval_errors_and_operator_token(make_server):
+    env = make_server(goal=1, over_selection=1.0, eval_every=1, server={"operator_token": "s3cret"})
+    api = CheckedTransport(env.client, OpenAPIChecker(env.app))
+    trainer = DeviceClient(api, "en")
+    trainer.checkin()
+    trainer.upload(np.zeros(env.layout.size, np.float32), 1)
+    dev = DeviceClient(api, "en")
+    dev.checkin()
+    assert dev.assignment["task"] == "eval"
+    sid = dev.assignment["session_id"]
+    before = state_of(env)
+    counts = {"model_version": 1, "top1_hits": 1, "top3_hits": 2, "positions": 9}
+    for body, code in [({**counts, "top1_hits": 5}, "invalid_field"),
+                       ({**counts, "top1_hits": -1}, "invalid_field"),
+                       ({k: v for k, v in counts.items() if k != "positions"}, "missing_field"),
+                       ({**counts, "model_version": 0}, "wrong_model_version")]:
+        reply = api.request("POST", f"/v1/sessions/{sid}/eval", json=body, headers=dev.headers)
+        assert reply.status in (400, 409) and reply.body["error"] == code
+    assert state_of(env) == before
+    assert api.request("GET", "/v1/populations/en/rounds").status == 401
+    ok = api.request("GET", "/v1/populations/en/rounds", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status == 200 and len(ok.body["rounds"]) == 2
+
+
+def test_fuzz_no_input_makes_a_5xx(client):
+    rng = np.random.default_rng(42)
+    dev = DeviceClient(FlaskTransport(client), "en")
+    dev.checkin()
+    sid = dev.assignment["session_id"]
+    paths = ["/v1/devices", "/v1/checkin", f"/v1/sessions/{sid}/update", f"/v1/sessions/{sid}/eval",
+             f"/v1/sessions/{sid}/failure", "/v1/artifacts/" + dev.assignment["checkpoint"]["sha256"],
+             "/v1/populations/en/app-model", "/v1/populations/en/app-model/0", "/v1/populations/en/rounds",
+             "/v1/populations/en/rounds/1", "/v1/populations/en/versions", "/openapi.json", "/healthz",
+             "/v1/sessions/%00/update", "/v1/populations/%ff%fe/rounds"]
+    values = [None, True, 0, -1, 2**70, 1.5, float("nan"), "", "x" * 300, [], {}, [1, {"a": None}],
+              {"charging": "true"}, ELIGIBLE]
+    queries = ["", "?model_version=0&num_examples=3", "?model_version=-1&num_examples=1e3",
+               "?metrics=%5B%5D&model_version=0&num_examples=1", "?limit=abc&before=-5", "?metrics=nan"]
+    auths = [{}, dev.headers, {"Authorization": "Bearer"}, {"Authorization": "Basic xyz"},
+             {"Authorization": "Bearer :"}, {"Authorization": "Bearer \x00:\x00"}]
+    for i in range(500):
+        path = paths[rng.integers(len(paths))] + queries[rng.integers(len(queries))]
+        method = ["GET", "POST", "PUT", "HEAD"][rng.integers(4)]
+        kind = rng.integers(4)
+        if kind == 0:
+            body = rng.bytes(int(rng.integers(0, 400)))
+        elif kind == 1:
+            body = json.dumps({k: values[rng.integers(len(values))]
+                               for k in ("population", "conditions", "reason", "detail", "model_version",
+                                         "top1_hits", "top3_hits", "positions")
+                               if rng.random() < 0.6}).encode()
+        elif kind == 2:
+            conditions = {k: values[rng.integers(len(values))] if rng.random() < 0.3 else v
+                          for k, v in ELIGIBLE.items()}
+            body = json.dumps({"population": "en", "conditions": conditions}).encode()
+        else:
+            body = save({"delta": rng.normal(size=int(rng.integers(1, 400))).astype(
+                [np.float32, np.float64, np.int8][rng.integers(3)])})
+        r = client.open(path, method=method, data=body, headers=auths[rng.integers(len(auths))])
+        assert r.status_code < 500, (method, path, body[:100], r.get_data()[:300])
+        if r.status_code >= 400 and method != "HEAD":
+            assert set(r.get_json()) == {"error", "message"}
