@@ -35,14 +35,13 @@ def _population(config: ServerConfig, name: str | None) -> str:
 
 def cmd_init(args, config: ServerConfig) -> None:
     from server.artifacts import ArtifactStore
-    from server.clock import SystemClock
     from server.populations import register_population
     from server.store import Store
 
     name = _population(config, args.population)
     store = Store(config.database, fsync=config.fsync)
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
-    pop = register_population(store, artifacts, SystemClock(), name, Path(args.checkpoint),
+    pop = register_population(store, artifacts, config.make_clock(), name, Path(args.checkpoint),
                               Path(args.vocab) if args.vocab else None,
                               Path(args.plan_dir) if args.plan_dir else None,
                               batch_size=config.population(name).client_batch_size)

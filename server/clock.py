@@ -20,6 +20,23 @@ class SystemClock:
         return time.time()
 
 
+class ScaledClock:
+    """Simulated time for emulated fleets: `start` + real seconds elapsed since `epoch` × `speed`.
+
+    Gunicorn workers are separate processes; they agree on the time because
+    they all derive it from the same real-time `epoch` (a config value), not
+    from when each one started.
+    """
+
+    def __init__(self, start: float, speed: float, epoch: float):
+        if speed <= 0:
+            raise ValueError("clock speed must be > 0")
+        self.start, self.speed, self.epoch = start, speed, epoch
+
+    def now(self) -> float:
+        return self.start + (time.time() - self.epoch) * self.speed
+
+
 class ManualClock:
     """A clock that only moves when told to (thread-safe)."""
 

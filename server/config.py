@@ -104,7 +104,21 @@ class ServerConfig:
     publish_timeout_s: float = 1800.0          # a publish job older than this is retried
     operator_token: str | None = None          # if set, operator endpoints need it as Bearer
     exporter: tuple[str, ...] | None = None    # command prefix; default: this python -m tflite_export
+    # Simulated time (emulated fleets): now = clock_start + (time.time() - clock_epoch) * clock_speed.
+    clock_speed: float = 1.0
+    clock_start: float | None = None
+    clock_epoch: float | None = None
     populations: Mapping[str, PopulationConfig] = dataclasses.field(default_factory=dict)
+
+    def make_clock(self):
+        from server.clock import ScaledClock, SystemClock
+
+        if self.clock_speed == 1.0 and self.clock_start is None:
+            return SystemClock()
+        import time
+        epoch = time.time() if self.clock_epoch is None else self.clock_epoch
+        start = epoch if self.clock_start is None else self.clock_start
+        return ScaledClock(start, self.clock_speed, epoch)
 
     def population(self, name: str) -> PopulationConfig:
         return self.populations[name]
@@ -175,6 +189,7 @@ def _validated(config: ServerConfig) -> ServerConfig:
 
     check(config.workers >= 1 and config.threads >= 1, "workers and threads must be >= 1")
     check(config.aggregation_shards >= 1, "aggregation_shards must be >= 1")
+    check(config.clock_speed > 0, "clock_speed must be > 0")
     check(config.max_upload_bytes > 0 and config.max_json_bytes > 0, "body limits must be > 0")
     for name, p in config.populations.items():
         where = f"populations.{name}"

@@ -8,7 +8,7 @@ import threading
 from server.analytics import RoundAnalytics
 from server.artifacts import ArtifactStore
 from server.checkin import CheckinService
-from server.clock import Clock, SystemClock
+from server.clock import Clock
 from server.config import ServerConfig
 from server.partials import PartialSums
 from server.policy import build_policy
@@ -51,7 +51,7 @@ class Services:
 
 def build_services(config: ServerConfig, clock: Clock | None = None,
                    exporter: Exporter | None = None) -> Services:
-    clock = clock or SystemClock()
+    clock = clock or config.make_clock()
     store = Store(config.database, fsync=config.fsync)
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
     private = ArtifactStore(config.state_dir / "objects", fsync=config.fsync)

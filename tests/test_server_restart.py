@@ -16,8 +16,6 @@ Invariants checked after each restart on the same database and artifact folder:
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -31,68 +29,11 @@ import requests
 
 from models.weights import load_checkpoint
 from server.aggregation import encode_update
-from server.testing import DeviceClient, HttpTransport, write_checkpoint, write_plan_dir
+from server.testing import (DeviceClient, HttpTransport, ServerProcess, free_port,
+                            write_checkpoint, write_plan_dir)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m server run` in its own process group, so one signal reaches master and workers."""
-
-    def __init__(self, config: Path, port: int, log: Path):
-        self.config, self.port, self.log = config, port, log
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "ServerProcess":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server", "run", "--config", str(self.config),
-                 "--bind", f"127.0.0.1:{self.port}", "--workers", "2", "--threads", "4"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:   # not listening yet, or the workers still booting
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server did not start: {self.log.read_text()[-3000:]}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        for _ in range(100):   # workers are reparented and reaped by init: wait for the group to vanish
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc = None
 
 
 def write_config(root: Path, **population) -> Path:

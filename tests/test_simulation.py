@@ -10,37 +10,21 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
-from models.corpus import load_corpus_from_texts
 from models.model import TINY
 from models.simulate import SimulationConfig, run_simulation
 from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
 from models.weights import load_checkpoint
+from tests.e2e import tiny_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_play(n_roles: int = 8, speeches: int = 12, seed: int = 0) -> str:
-    """A play in the ALL-CAPS format whose roles speak in learnable patterns."""
-    rng = np.random.default_rng(seed)
-    subjects = ["the king", "my lord", "the queen", "good friend", "the fool"]
-    verbs = ["doth speak", "shall come", "is gone", "will stay", "hath said"]
-    lines = ["THE SYNTHETIC PLAY", "", "ACT I.", "", "SCENE I. Nowhere.", ""]
-    for i in range(speeches * n_roles):
-        role = f"ROLE{chr(65 + i % n_roles)}"
-        sentence = " ".join(f"{subjects[rng.integers(5)]} {verbs[rng.integers(5)]} to the hall."
-                            for _ in range(3))
-        lines += [f"{role}.", sentence.capitalize(), ""]
-    return "\n".join(lines)
-
-
 @pytest.fixture(scope="module")
 def small_corpus():
-    texts = {f"play{i}": synthetic_play(seed=i) for i in range(3)}
-    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25)
+    return tiny_corpus()
 
 
 def test_two_round_simulation_decreases_training_loss(small_corpus, tmp_path):

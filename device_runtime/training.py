@@ -1,0 +1,76 @@
+"""Local training of a LiteRT plan on the phone's own examples: FedAvg's client step.
+
+Given the server's weights and the task's hyperparameters, the device tokenizes
+its stored text with the plan's vocabulary, visits the windows in the order
+`models.batching` defines for the task's seed (the order TFF's simulation uses
+too), runs one SGD step per batch in LiteRT, and returns the weight delta and
+the number of examples it represents — FedAvg's client weight. Between every
+two batches it asks `should_stop`; a reason aborts the task at once, before
+the next batch, and nothing of the partial training survives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from models.batching import client_batches
+from models.text import to_sequences
+from tflite_export.reader import TrainingPlan
+
+
+class Interrupted(Exception):
+    """Training stopped because a condition failed; `reason` is the policy's code."""
+
+    def __init__(self, reason: str, batches_done: int):
+        super().__init__(f"training interrupted after {batches_done} batches: {reason}")
+        self.reason, self.batches_done = reason, batches_done
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    seed: int
+    max_examples: int | None = None   # cap on windows per epoch (see models.batching)
+
+
+@dataclasses.dataclass
+class LocalUpdate:
+    delta: np.ndarray        # trained − initial weights, float32 [layout.size]
+    num_examples: int        # windows trained on, over all epochs (FedAvg's weight)
+    metrics: dict[str, float]
+
+
+def local_windows(plan: TrainingPlan, texts: list[str]) -> np.ndarray:
+    """The device's text as token windows [n, seq_len + 1], with the plan's vocabulary."""
+    return to_sequences(texts, plan.vocab, plan.seq_len)
+
+
+def train_locally(plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray,
+                  hp: Hyperparameters,
+                  should_stop: Callable[[], str | None] = lambda: None) -> LocalUpdate:
+    """FedAvg's client update with `plan`, interruptible between batches."""
+    if hp.batch_size != plan.batch_size:
+        raise ValueError(f"task batch size {hp.batch_size} != the plan's {plan.batch_size}")
+    plan.set_weights(initial)
+    batches = client_batches(windows, hp.batch_size, hp.epochs, hp.seed, hp.max_examples)
+    start = time.monotonic()
+    loss_sum = tokens = 0.0
+    for done, batch in enumerate(batches):
+        reason = should_stop()
+        if reason:
+            plan.set_weights(initial)   # leave no half-trained state behind
+            raise Interrupted(reason, done)
+        step = plan.train_windows(batch, hp.learning_rate)
+        loss_sum += step.loss * step.tokens
+        tokens += step.tokens
+    delta = plan.get_weights() - np.asarray(initial, np.float32)
+    return LocalUpdate(delta=delta.astype(np.float32),
+                       num_examples=int(sum(len(b) for b in batches)),
+                       metrics={"loss": loss_sum / max(tokens, 1.0), "tokens": tokens,
+                                "batches": float(len(batches)),
+                                "train_seconds": time.monotonic() - start})
