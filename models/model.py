@@ -92,10 +92,20 @@ class CIFGLanguageModel(tf.keras.layers.Layer):
 def forward(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
     """The network as a pure function of its weights (in `weight_layout` order).
 
-    tokens: [B, T] int32 → logits [B, T, V]. The RNN is unrolled in Python over
-    T = config.seq_len steps, which TFLite's built-in ops can express.
+    tokens: [B, T] int32 → logits [B, T, V].
     """
-    embedding, kernel, recurrent_kernel, bias, projection, output_bias = weights
+    embedding, output_bias = weights[0], weights[-1]
+    hidden = hidden_states(weights, tokens, config)                  # [B, T, E]
+    return tf.einsum("bte,ve->btv", hidden, embedding) + output_bias  # tied output
+
+
+def hidden_states(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """The CIFG's projected outputs [B, T, E] for tokens [B, T], from zero state.
+
+    The RNN is unrolled in Python over T = config.seq_len steps, which
+    TFLite's built-in ops can express.
+    """
+    embedding, kernel, recurrent_kernel, bias, projection, _ = weights
     h_units, e_dim = config.units, config.embedding_dim
     inputs = tf.gather(embedding, tokens)                       # [B, T, E]
     batch = tf.shape(tokens)[0]
@@ -111,8 +121,7 @@ def forward(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
         state_c = (1.0 - i) * state_c + i * tf.tanh(g)          # forget gate = 1 - input gate
         state_h = (tf.sigmoid(o) * tf.tanh(state_c)) @ projection  # [B, E]
         outputs.append(state_h)
-    hidden = tf.stack(outputs, axis=1)                          # [B, T, E]
-    return tf.einsum("bte,ve->btv", hidden, embedding) + output_bias  # tied output
+    return tf.stack(outputs, axis=1)
 
 
 def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:

@@ -9,9 +9,8 @@ context cannot change the answer: it is exactly the training model's
 distribution at that position.
 
 The output layer is the costly part (E x V per position, V = 10k). Only one
-position is needed, so the network runs through `models.model.forward` for its
-states and the tied output layer is applied once, at position length-1 (see
-`state_at`). Weights are quantized to int8 (dynamic range: activations stay
+position is needed, so the network runs `models.model.hidden_states` and the
+tied output layer is applied once, at position length-1. Weights are quantized to int8 (dynamic range: activations stay
 float, no calibration data); the tied embedding is stored once, shared by the
 input lookup and the output layer.
 """
@@ -20,31 +19,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from models.model import ModelConfig, forward, weight_layout
+from models.model import ModelConfig, hidden_states, weight_layout
 from models.text import NEVER_SUGGEST
 from tflite_export.convert import convert
 
 SIGNATURE = "suggest"
-
-
-def state_at(weights: list[tf.Tensor], tokens: tf.Tensor, length: tf.Tensor,
-             config: ModelConfig) -> tf.Tensor:
-    """The CIFG's projected state [E] after reading tokens[0, :length], computed by `forward`.
-
-    `forward` only returns logits = states @ embedding^T + bias. Given a stand-in
-    embedding whose rows are the context's own embeddings followed by the E x E
-    identity, token ids 0..T-1 and a zero bias, its recurrence is unchanged
-    (step t reads row t = embedding[tokens[t]]) and the last E "logits" are
-    the states themselves, bit for bit (x*1 + sum of 0s). This keeps the one
-    definition of the cell in models.model and costs T x (T+E) instead of
-    T x V multiply-adds for the output layer.
-    """
-    embedding, *cell, _ = weights
-    seq_len, dim = config.seq_len, config.embedding_dim
-    stand_in = tf.concat([tf.gather(embedding, tokens[0]), tf.eye(dim)], axis=0)   # [T+E, E]
-    positions = tf.range(seq_len, dtype=tf.int32)[None, :]
-    outputs = forward([stand_in, *cell, tf.zeros([seq_len + dim])], positions, config)
-    return tf.gather(outputs[0], length - 1)[seq_len:]
 
 
 def _without_never_suggest(scores: tf.Tensor) -> tf.Tensor:
@@ -65,7 +44,7 @@ def app_module(config: ModelConfig, flat: np.ndarray, k: int) -> tuple[tf.Module
     @tf.function(input_signature=[tf.TensorSpec([1, config.seq_len], tf.int32, "tokens"),
                                   tf.TensorSpec([], tf.int32, "length")])
     def suggest(tokens, length):
-        state = state_at(weights, tokens, length, config)
+        state = tf.gather(hidden_states(weights, tokens, config)[0], length - 1)   # [E]
         # transpose_b: the embedding [V, E] is already a FULLY_CONNECTED weight [out, in].
         logits = tf.matmul(state[None, :], embedding, transpose_b=True)[0] + output_bias
         probs, ids = tf.math.top_k(_without_never_suggest(tf.nn.softmax(logits)), k=k)
