@@ -48,7 +48,8 @@ def cmd_simulate(args) -> None:
     sim = SimulationConfig(rounds=args.rounds, clients_per_round=args.clients_per_round,
                            local_epochs=args.local_epochs, batch_size=args.batch_size,
                            max_client_examples=args.max_client_examples,
-                           client_lr=args.client_lr, server_optimizer=args.server_optimizer,
+                           client_lr=args.client_lr, client_clip_norm=args.client_clip_norm,
+                           server_optimizer=args.server_optimizer,
                            server_lr=args.server_lr, eval_every=args.eval_every,
                            max_eval_windows=args.max_eval_windows, seed=args.seed)
     initial = _read_checkpoint(args.init, config) if args.init else None
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-client-examples", type=int, default=None,
                    help="cap on the windows a client trains on per epoch")
     s.add_argument("--client-lr", type=float, default=d.client_lr)
+    s.add_argument("--client-clip-norm", type=float, default=None,
+                   help="clip each client step's gradient to this global L2 norm")
     s.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=d.server_optimizer)
     s.add_argument("--server-lr", type=float, default=d.server_lr)
     s.add_argument("--eval-every", type=int, default=d.eval_every)

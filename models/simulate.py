@@ -41,6 +41,7 @@ class SimulationConfig:
     batch_size: int = 16          # client SGD batch size (sequences)
     max_client_examples: int | None = None  # cap on windows a client trains on per epoch
     client_lr: float = 0.5        # client SGD learning rate
+    client_clip_norm: float | None = None  # clip each client step's gradient to this global L2 norm
     server_optimizer: str = "adam"  # one of SERVER_OPTIMIZERS (TFF's own implementations)
     server_lr: float = 0.01       # server optimizer learning rate
     eval_every: int = 5           # held-out evaluation (and checkpoint) every k rounds
@@ -78,10 +79,43 @@ def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
 def build_process(model_config: ModelConfig, sim: SimulationConfig):
     import tensorflow_federated as tff
 
+    if sim.client_clip_norm is None:
+        client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=sim.client_lr)
+    else:
+        client_optimizer = build_clipped_sgd(sim.client_lr, sim.client_clip_norm)
     return tff.learning.algorithms.build_weighted_fed_avg(
-        tff_model_fn(model_config),
-        client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=sim.client_lr),
+        tff_model_fn(model_config), client_optimizer_fn=client_optimizer,
         server_optimizer_fn=server_optimizer(sim.server_optimizer, sim.server_lr))
+
+
+def build_clipped_sgd(learning_rate: float, clip_norm: float):
+    """A `tff.learning` optimizer: w -= lr * clip_by_global_norm(g, clip_norm).
+
+    Plain SGD on a client that trains dozens of local steps on one speaker's
+    text can blow up; bounding each step's norm keeps a high learning rate
+    usable. The training plan applies the same `tf.clip_by_global_norm`.
+    """
+    import collections
+
+    import tensorflow_federated as tff
+
+    class ClippedSGD(tff.learning.optimizers.Optimizer):
+        def initialize(self, specs):
+            return collections.OrderedDict(learning_rate=learning_rate)
+
+        def next(self, state, weights, gradients):
+            clipped, _ = tf.clip_by_global_norm(tf.nest.flatten(gradients), clip_norm)
+            updated = [w - tf.cast(state["learning_rate"], w.dtype) * g
+                       for w, g in zip(tf.nest.flatten(weights), clipped)]
+            return state, tf.nest.pack_sequence_as(weights, updated)
+
+        def get_hparams(self, state):
+            return collections.OrderedDict(learning_rate=state["learning_rate"])
+
+        def set_hparams(self, state, hparams):
+            return collections.OrderedDict(learning_rate=hparams["learning_rate"])
+
+    return ClippedSGD()
 
 
 def initial_weights(model_config: ModelConfig) -> np.ndarray:

@@ -124,6 +124,32 @@ def test_train_step_matches_tensorflow_sgd(export_dir, trained_flat, heldout, ro
     assert step.tokens == int(np.sum(batch[:, 1:] != PAD_ID))
 
 
+def test_clipped_train_step_matches_the_simulations_client_optimizer(tmp_path, trained_flat,
+                                                                     corpus, heldout):
+    from models.simulate import build_clipped_sgd
+
+    clip = 0.05
+    export_plan(TINY, trained_flat, full_vocab(corpus.vocab), tmp_path, clip_norm=clip)
+    plan = load_plan(tmp_path / "plan.manifest.json")
+    assert plan.manifest.clip_norm == clip
+    batch = heldout[16:21]
+    plan.train_windows(batch, lr=0.5)
+
+    variables = [tf.constant(t) for t in LAYOUT.unflatten(trained_flat.copy()).values()]
+    with tf.GradientTape() as tape:
+        tape.watch(variables)
+        loss = masked_cross_entropy(tf.constant(batch[:, 1:]),
+                                    forward(variables, tf.constant(batch[:, :-1]), TINY))
+    grads = tape.gradient(loss, variables)
+    assert float(tf.linalg.global_norm(grads)) > 2 * clip     # the clip really bites
+    optimizer = build_clipped_sgd(0.5, clip)
+    _, expected = optimizer.next(optimizer.initialize(None), variables, grads)
+    expected = LAYOUT.flatten([t.numpy() for t in expected])
+    got = plan.get_weights()
+    assert np.abs(got - expected).max() <= 1e-6
+    assert np.linalg.norm(got - trained_flat) == pytest.approx(0.5 * clip, rel=1e-3)
+
+
 def test_set_weights_then_get_weights_is_exact_and_used_by_infer(export_dir, heldout):
     plan = load_plan(export_dir / "plan.manifest.json")
     flat = np.random.default_rng(1).normal(0, 0.1, LAYOUT.size).astype(np.float32)

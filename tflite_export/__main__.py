@@ -1,6 +1,7 @@
 """`python -m tflite_export …`: export a checkpoint for phones, or look inside an export.
 
-    plan    --checkpoint CKPT [--vocab V] [--config C] [--batch-size 16] [--model-version N] --out DIR
+    plan    --checkpoint CKPT [--vocab V] [--config C] [--batch-size 16] [--clip-norm C]
+            [--model-version N] --out DIR
     app     --checkpoint CKPT [--vocab V] [--config C] [--k 3] [--model-version N] --out DIR
     inspect FILE     (a .tflite or a manifest: size, ops, signatures)
     verify  MANIFEST (check hashes, schema and vocabulary as a phone would)
@@ -30,7 +31,8 @@ def cmd_export(args) -> None:
     start = time.monotonic()
     if args.command == "plan":
         path = export_plan(inputs.config, inputs.flat, inputs.vocab, args.out,
-                           batch_size=args.batch_size, model_version=version)
+                           batch_size=args.batch_size, model_version=version,
+                           clip_norm=args.clip_norm)
     else:
         path = export_app_model(inputs.config, inputs.flat, inputs.vocab, args.out, k=args.k,
                                 model_version=version, quantize=not args.float)
@@ -100,6 +102,16 @@ def _at_least(minimum: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m tflite_export",
                                 description=__doc__.split("\n\n")[0])
@@ -117,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", parents=[common], help="export the on-device training plan")
     plan.add_argument("--batch-size", type=_positive, default=16,
                       help="fixed training batch (short batches are padded)")
+    plan.add_argument("--clip-norm", type=_positive_float, default=None,
+                      help="clip each step's gradient to this global L2 norm (default: none)")
     plan.set_defaults(func=cmd_export)
     app = sub.add_parser("app", parents=[common], help="export the quantized suggestion model")
     app.add_argument("--k", type=_positive, default=3, help="suggestions per call")

@@ -46,6 +46,7 @@ class Manifest:
     created_at: str                 # UTC, ISO 8601
     batch_size: int | None = None   # training plan: the fixed batch of train/infer
     k: int | None = None            # app model: suggestions per call
+    clip_norm: float | None = None  # training plan: gradient clip (global L2 norm), if any
     ops: list[str] = dataclasses.field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 

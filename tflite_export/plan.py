@@ -6,7 +6,9 @@ unrolled over a fixed length, cross-entropy as one_hot * log_softmax); here the
 weights become resource variables initialised from the checkpoint, the batch
 size is fixed (a short last batch is padded with all-pad rows, which the
 masked loss ignores), and the step is plain SGD, w -= lr * grad, exactly the
-client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)`.
+client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)` — or, when
+the plan is exported with a clip norm, w -= lr * clip_by_global_norm(grad),
+the update of `models.simulate.build_clipped_sgd`.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from tflite_export.convert import convert
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 
 
-def plan_module(config: ModelConfig, flat: np.ndarray,
-                batch_size: int) -> tuple[tf.Module, dict[str, object]]:
+def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int,
+                clip_norm: float | None = None) -> tuple[tf.Module, dict[str, object]]:
     """The plan as a tf.Module holding the weights, and its four concrete signatures."""
     layout = weight_layout(config)
     module = tf.Module(name="nightjar_plan")
@@ -35,9 +37,11 @@ def plan_module(config: ModelConfig, flat: np.ndarray,
     def train(x, y, lr):
         with tf.GradientTape() as tape:
             loss = masked_cross_entropy(y, forward(module.weights, x, config))
-        grads = tape.gradient(loss, module.weights)
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, module.weights)]
+        if clip_norm is not None:
+            grads, _ = tf.clip_by_global_norm(grads, clip_norm)
         for weight, grad in zip(module.weights, grads):
-            weight.assign_sub(lr * tf.convert_to_tensor(grad))
+            weight.assign_sub(lr * grad)
         targets = tf.reduce_sum(tf.cast(tf.not_equal(y, PAD_ID), tf.int32))
         return {"loss": loss, "tokens": targets}
 
@@ -65,9 +69,12 @@ def plan_module(config: ModelConfig, flat: np.ndarray,
     return module, concrete
 
 
-def convert_plan(config: ModelConfig, flat: np.ndarray, batch_size: int = 16) -> bytes:
+def convert_plan(config: ModelConfig, flat: np.ndarray, batch_size: int = 16,
+                 clip_norm: float | None = None) -> bytes:
     """The training plan as .tflite bytes (built-in ops only, float32 weights)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    module, concrete = plan_module(config, flat, batch_size)
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError("clip_norm must be > 0 (or None: no clipping)")
+    module, concrete = plan_module(config, flat, batch_size, clip_norm)
     return convert(module, concrete, what="training plan", resource_variables=True)
