@@ -107,7 +107,9 @@ def test_infer_matches_keras_logits(export_dir, trained_flat, heldout):
     x = heldout[:37, :-1]          # two full batches of 16 and a padded one
     got = plan.infer(x)
     assert got.shape == (37, TINY.seq_len, TINY.vocab_size)
-    assert np.abs(got - keras_logits(trained_flat, x)).max() <= 1e-4
+    diff = np.abs(got - keras_logits(trained_flat, x)).max()
+    print(f"\nparity: LiteRT infer vs Keras logits, max abs diff {diff:.2e}")
+    assert diff <= 1e-4
 
 
 @pytest.mark.parametrize("rows", [16, 5], ids=["full_batch", "padded_short_batch"])
@@ -118,7 +120,9 @@ def test_train_step_matches_tensorflow_sgd(export_dir, trained_flat, heldout, ro
     step = plan.train_windows(batch, lr=0.5)
     expected, expected_loss = tf_sgd_step(trained_flat, batch[:, :-1], batch[:, 1:], 0.5)
     got = plan.get_weights()
-    assert np.abs(got - expected).max() <= 1e-5
+    diff = np.abs(got - expected).max()
+    print(f"\nparity: LiteRT train step vs TensorFlow SGD ({rows} rows), max abs diff {diff:.2e}")
+    assert diff <= 1e-5
     assert np.abs(got - trained_flat).max() > 1e-3          # the step did move the weights
     assert step.loss == pytest.approx(expected_loss, abs=1e-5)
     assert step.tokens == int(np.sum(batch[:, 1:] != PAD_ID))
@@ -225,6 +229,8 @@ def test_quantized_app_model_agrees_with_float_top1(export_dir, trained_flat, he
             agree += got[0][0] == suggestions(row_logits[pos], k=1)[0]
             positions += 1
     assert positions >= 1000
+    print(f"\nparity: quantized app model top-1 agrees with float on {agree / positions:.2%} "
+          f"of {positions} positions")
     assert agree / positions >= 0.98, f"top-1 agreement {agree / positions:.4f} over {positions}"
 
 
