@@ -29,17 +29,18 @@ RESULTS = REPO / "benchmarks" / "results"
 @dataclasses.dataclass
 class QualityConfig:
     model: str = "gboard"
-    central_epochs: int = 2
+    central_epochs: int = 3
     central_batch_size: int = 64
     central_lr: float = 2e-3
-    rounds: int = 120
+    rounds: int = 230
     clients_per_round: int = 20
     local_epochs: int = 1
     batch_size: int = 16
-    client_lr: float = 0.5
+    client_lr: float = 0.3
+    client_clip_norm: float = 1.0
     server_optimizer: str = "adam"
     server_lr: float = 0.01
-    eval_every: int = 20
+    eval_every: int = 46
     seed: int = 0
 
 
@@ -73,7 +74,8 @@ def run(cfg: QualityConfig, work_dir: Path) -> dict:
     t0 = time.monotonic()
     sim = SimulationConfig(rounds=cfg.rounds, clients_per_round=cfg.clients_per_round,
                            local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                           client_lr=cfg.client_lr, server_optimizer=cfg.server_optimizer,
+                           client_lr=cfg.client_lr, client_clip_norm=cfg.client_clip_norm,
+                           server_optimizer=cfg.server_optimizer,
                            server_lr=cfg.server_lr, eval_every=cfg.eval_every, seed=cfg.seed)
     summary = run_simulation(corpus, model_config, sim, work_dir / "federated")
     results["federated"] = summary["final"]
@@ -98,7 +100,8 @@ def table(report: dict) -> str:
     lines += [f"| {name} | {v['top1']:.2%} | {v['top3']:.2%} |" for name, v in rows]
     lines.append("")
     lines.append(f"Held-out: {report['heldout_clients']} clients, {report['heldout_positions']:,} "
-                 f"positions. Federated: client SGD lr {c['client_lr']}, batch {c['batch_size']}, "
+                 f"positions. Federated: client SGD lr {c['client_lr']} (gradient clip "
+                 f"{c['client_clip_norm']}), batch {c['batch_size']}, "
                  f"{c['local_epochs']} local epoch(s), server {c['server_optimizer']} lr "
                  f"{c['server_lr']}. Wall time {report['wall_s'] / 60:.0f} min on this machine "
                  f"(`make bench-quality`; figures from `benchmarks/results/quality.json`).")
