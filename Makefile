@@ -26,8 +26,10 @@ corpus: setup
 test: setup corpus
 	$(PY) -m pytest
 
+# The whole system on this machine: Gboard-size model, the real server, 240 emulated phones over
+# simulated nights, until two app-model versions are published (~10 min on 2 cores).
 demo: setup corpus
-	$(PY) -m models simulate --config tiny --rounds 5 --out runs/demo
+	$(PY) -m benchmarks.demo
 
 bench-quality: setup corpus
 	$(PY) -m benchmarks.quality
@@ -40,7 +42,24 @@ bench-export: setup corpus
 bench-server: setup
 	$(PY) -m benchmarks.server
 
-bench: bench-quality bench-export bench-server
+# One phone's task with the Gboard-size plan against the real server: download/train/upload split.
+.PHONY: bench-device
+bench-device: setup corpus
+	$(PY) -m benchmarks.device
+
+# 10,000 emulated phones, rounds of 1,000, through one simulated night (~15 min).
+.PHONY: bench-fleet
+bench-fleet: setup corpus
+	$(PY) -m benchmarks.fleet
+
+# Every benchmark, then benchmarks/REPORT.md (and the README's table) from benchmarks/results/*.json.
+bench: bench-quality bench-export bench-server bench-device bench-fleet
+	$(PY) -m benchmarks.report
+
+# Only regenerate benchmarks/REPORT.md and the README's table from the existing results.
+.PHONY: report
+report: setup
+	$(PY) -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) runs

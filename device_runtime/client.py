@@ -4,7 +4,9 @@
 evaluation or a failure, find the published app model. `ArtifactCache` keeps
 downloaded artifacts by content hash and verifies every byte it hands out: a
 download whose sha256 is not the one the server named is thrown away and
-fetched again (a bounded number of times). Only what the protocol names goes
+fetched again (a bounded number of times). The cache is bounded in bytes,
+least recently used first out, because every round brings a new checkpoint
+and a phone's storage is not the server's. Only what the protocol names goes
 up: conditions (no text), a weight delta, counts and metrics.
 """
 from __future__ import annotations
@@ -126,13 +128,15 @@ class ServerClient:
 
 
 class ArtifactCache:
-    """Downloaded artifacts by sha256, verified on the way in."""
+    """Downloaded artifacts by sha256, verified on the way in, at most `max_bytes` kept."""
 
-    def __init__(self, root: str | Path, transport: Transport, max_fetches: int = 3):
+    def __init__(self, root: str | Path, transport: Transport, max_fetches: int = 3,
+                 max_bytes: int = 64 << 20):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.t = transport
         self.max_fetches = max_fetches
+        self.max_bytes = max_bytes
         self.downloaded_bytes = 0
 
     def path(self, sha256: str) -> Path:
@@ -143,6 +147,7 @@ class ArtifactCache:
         sha = ref["sha256"]
         target = self.path(sha)
         if target.is_file() and _sha256(target.read_bytes()) == sha:
+            os.utime(target)
             return target
         for _ in range(self.max_fetches):
             resp = self.t.request("GET", ref["url"])
@@ -152,8 +157,29 @@ class ArtifactCache:
             self.downloaded_bytes += len(resp.content)
             if _sha256(resp.content) == sha:
                 _atomic_write(target, resp.content)
+                self._evict(keep=target)
                 return target
         raise CorruptDownload(f"{ref['url']}: {self.max_fetches} downloads, none with sha256 {sha}")
+
+    def _evict(self, keep: Path) -> None:
+        """Drop least recently used artifacts until the cache fits `max_bytes` (never `keep`).
+
+        Tolerates files vanishing meanwhile (phones of the fleet emulator share one cache).
+        """
+        files = []
+        for p in self.root.iterdir():
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            if p != keep and p.suffix != ".tmp":
+                files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files) + keep.stat().st_size
+        for _, size, old in sorted(files):
+            if total <= self.max_bytes:
+                break
+            old.unlink(missing_ok=True)
+            total -= size
 
     def materialize(self, files: dict[str, dict], directory: str | Path) -> Path:
         """Lay out cached artifacts under the names a manifest refers to (hard links)."""

@@ -3,20 +3,27 @@
 `DeviceConditions` is one reading. A `ConditionSource` produces readings: the
 emulated one (tests, the fleet emulator) is set by its owner; `LinuxConditions`
 reads the real host, so the runtime can run on a laptop or a single-board
-computer:
+computer. Each field of a `LinuxConditions` reading comes from:
 
-* charging / battery: ``/sys/class/power_supply/*`` — a supply of type
-  ``Mains`` or ``USB`` that is ``online``, or a ``Battery`` whose ``status`` is
-  Charging/Full, means charging; the battery's ``capacity`` is the level. A
-  host with no battery at all (a desktop, a server) is always on mains: charging
-  at 100%.
-* idle: the 1-minute load average from ``/proc/loadavg`` below a threshold
-  (default 0.5 per core) — nobody is using the machine.
-* unmetered: the default route's interface from ``/proc/net/route``; a cellular
-  (``wwan*``/``rmnet*``/``ppp*``) interface is metered, Ethernet and Wi-Fi are
-  not. No default route: metered (no network worth using).
-* free memory: ``MemAvailable`` from ``/proc/meminfo``.
-* local time: the system clock in the host's time zone.
+* charging: ``/sys/class/power_supply/*/type`` and ``online`` / ``status``.
+  Charging if a supply of type ``Mains``, ``USB``, ``USB_C`` or ``USB_PD`` has
+  ``online`` = 1, or a ``Battery`` reports ``status`` Charging or Full.
+* battery: the lowest ``capacity`` (percent) of the ``Battery`` supplies,
+  as 0..1 (a battery without ``capacity`` reads 0). A host with no battery
+  at all (a desktop, a server, a board on a wall adapter) is on mains:
+  charging at 1.0.
+* idle: the 1-minute load average (first field of ``/proc/loadavg``) below
+  ``idle_load_per_core`` (default 0.5) × the number of CPUs — nothing else
+  is keeping the machine busy.
+* unmetered: the interface of the default route, from ``/proc/net/route``
+  (destination 00000000), else from ``/proc/net/ipv6_route`` (::/0, not
+  ``lo``). Names starting ``wwan``, ``rmnet``, ``ccmni`` (cellular modems),
+  ``ppp`` (dial-up / modem) or ``usb`` (phone tethering) are metered; any
+  other (Ethernet, Wi-Fi) is not. No default route: metered (there is no
+  network worth using).
+* free memory: ``MemAvailable`` (kB) from ``/proc/meminfo``, in MiB; 0 if the
+  kernel does not report it (older than 3.14).
+* local time: ``datetime.now()``, the system clock in the host's time zone.
 """
 from __future__ import annotations
 
@@ -100,12 +107,19 @@ class LinuxConditions:
         return load < self.idle_load_per_core * (os.cpu_count() or 1)
 
     def _unmetered(self) -> bool:
-        routes = (_read(self.root / "proc/net/route") or "").splitlines()[1:]
-        for route in routes:
+        iface = self._default_route_interface()
+        return iface is not None and not iface.startswith(_METERED_PREFIXES)
+
+    def _default_route_interface(self) -> str | None:
+        for route in (_read(self.root / "proc/net/route") or "").splitlines()[1:]:
             fields = route.split()
-            if len(fields) > 2 and fields[1] == "00000000":   # the default route
-                return not fields[0].startswith(_METERED_PREFIXES)
-        return False
+            if len(fields) > 2 and fields[1] == "00000000":
+                return fields[0]
+        for route in (_read(self.root / "proc/net/ipv6_route") or "").splitlines():
+            fields = route.split()
+            if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
+                return fields[9]
+        return None
 
     def _free_memory_mb(self) -> int:
         for line in (_read(self.root / "proc/meminfo") or "").splitlines():

@@ -39,12 +39,13 @@ class ExampleStore:
 
     def add(self, text: str, timestamp: float | None = None) -> None:
         """Store one piece of typed text (blank text is ignored)."""
-        if not isinstance(text, str):
-            raise TypeError("text must be a str")
-        if text.strip():
-            self.add_many([(text, time.time() if timestamp is None else timestamp)])
+        self.add_many([(text, time.time() if timestamp is None else timestamp)])
 
     def add_many(self, items: Iterable[tuple[str, float]]) -> None:
+        """Store (text, timestamp) pairs in one transaction (blank texts are ignored)."""
+        items = list(items)
+        if not all(isinstance(t, str) for t, _ in items):
+            raise TypeError("text must be a str")
         rows = [(float(ts), t) for t, ts in items if t.strip()]
         with self._lock, self._db:
             self._db.executemany("INSERT INTO examples(ts, text) VALUES (?, ?)", rows)

@@ -2,9 +2,10 @@
 
 Gboard trains only when the device is idle, charging and on an unmetered
 network (Hard et al. 2018); Nightjar adds a local time window (default
-22:00–06:00), a battery floor and a free-memory floor. The policy is checked
-before a check-in and again between training batches: the moment a reason
-appears, training stops.
+22:00–06:00; equal start and end mean all day), a battery floor, a
+free-memory floor and a minimum number of local examples. The policy is
+checked before a check-in and again between training batches: the moment a
+reason appears, training stops.
 """
 from __future__ import annotations
 
@@ -23,19 +24,23 @@ class TrainingPolicy:
     require_unmetered: bool = True
     min_battery: float = 0.5                 # 0..1
     min_free_memory_mb: int = 512
-    min_examples: int = 1                    # local training windows needed to volunteer
+    min_examples: int = 1                    # local sentences needed to volunteer
 
     def in_window(self, t: dt.time) -> bool:
         start, end = self.window_start, self.window_end
-        if start <= end:
+        if start == end:
+            return True
+        if start < end:
             return start <= t < end
         return t >= start or t < end
 
-    def blockers(self, c: DeviceConditions) -> list[str]:
+    def blockers(self, c: DeviceConditions, num_examples: int | None = None) -> list[str]:
         """Why the device may not train now; empty means it may.
 
         Reasons are stable codes the runtime reports to the server as the
-        failure reason when a running task has to stop.
+        failure reason when a running task has to stop. `num_examples` is
+        checked only when given (before a check-in: a running task already
+        has its examples), and its reason `too_few_examples` is never sent.
         """
         reasons = []
         if self.require_charging and not c.charging:
@@ -50,6 +55,8 @@ class TrainingPolicy:
             reasons.append("low_memory")
         if not self.in_window(c.local_time.time()):
             reasons.append("outside_window")
+        if num_examples is not None and num_examples < self.min_examples:
+            reasons.append("too_few_examples")
         return reasons
 
     def seconds_until_window(self, now: dt.datetime) -> float:

@@ -1,11 +1,17 @@
 """Keyboard suggestions from the latest published app model, swapped in atomically.
 
 The keyboard calls `Predictor.suggest(context)` on every key press. A newer
-published model is downloaded, verified and loaded completely in the
-background (`install`), and only then made current by a single reference
-assignment; a `suggest` call holds the model it started with, so it never sees
-a half-loaded one. Each call takes a lock of its own model because a LiteRT
-interpreter is not safe to invoke from two threads at once.
+published model is downloaded, verified and loaded completely first
+(`install`), and only then made current by a single reference assignment; a
+`suggest` call reads that reference once and uses the model it got to the
+end, so it never sees a half-loaded model or a mix of two. Each call takes a
+lock of its own model because a LiteRT interpreter is not safe to invoke from
+two threads at once (two models never share a lock, so a swap never waits for
+suggestions, nor they for it).
+
+Versions only move forward, so two installs racing cannot leave the older
+one current; the one exception is the server rolling its published model
+back, which `install(..., allow_older=True)` follows.
 """
 from __future__ import annotations
 
@@ -13,13 +19,20 @@ import threading
 from pathlib import Path
 
 from models.text import BOS_ID, split_sentences
+from tflite_export.errors import ArtifactError
 from tflite_export.reader import AppModel, load_app_model
+
+MANIFEST_NAME = "app.manifest.json"
 
 
 class _Loaded:
     def __init__(self, model: AppModel, version: int):
         self.model, self.version = model, version
         self.lock = threading.Lock()
+
+    def suggest(self, ids: list[int]) -> list[tuple[int, float]]:
+        with self.lock:
+            return self.model.suggest(ids)
 
 
 class Predictor:
@@ -34,20 +47,42 @@ class Predictor:
         current = self._current
         return current.version if current else None
 
-    def install(self, manifest_path: str | Path) -> int:
-        """Load and verify an app model (its manifest checks every hash), then swap it in."""
+    def install(self, manifest_path: str | Path, *, allow_older: bool = False) -> int | None:
+        """Load and verify an app model (its manifest checks every hash), then swap it in.
+
+        Returns the version current afterwards: the new one, or the newer one
+        already installed (an older model is loaded but not swapped in unless
+        `allow_older`).
+        """
         model = load_app_model(manifest_path)
         version = int(model.manifest.model_version)
         with self._install_lock:
-            if self._current is None or version >= self._current.version:
-                self._current = _Loaded(model, version)   # the atomic swap
-        return version
+            if self._current is None or allow_older or version >= self._current.version:
+                self._current = _Loaded(model, version)
+            return self._current.version
+
+    def install_latest(self, app_dir: str | Path) -> int | None:
+        """Install the newest model under `app_dir/<version>/` (what a restarted keyboard does).
+
+        A directory whose files fail verification is skipped for the next older one.
+        """
+        candidates = sorted((p for p in Path(app_dir).glob(f"*/{MANIFEST_NAME}")
+                             if p.parent.name.isdigit()),
+                            key=lambda p: int(p.parent.name), reverse=True)
+        for manifest in candidates:
+            try:
+                return self.install(manifest)
+            except (ArtifactError, OSError, ValueError):
+                continue
+        return self.version
 
     def suggest(self, context: str, k: int = 3) -> list[tuple[str, float]]:
-        """Up to k (word, probability) suggestions for the word after `context`.
+        """Up to k (word, probability) suggestions for the word after `context`, best first.
 
         The context is tokenized like training text; only its last sentence
-        matters, because the model starts every sentence from <bos>.
+        matters, because the model starts every sentence from <bos>. At most
+        the model's own k (fixed at export) are returned; none before a model
+        is installed.
         """
         loaded = self._current
         if loaded is None:
@@ -56,16 +91,11 @@ class Predictor:
         ends_sentence = context.rstrip()[-1:] in ".!?;:" if context.strip() else True
         last = [] if ends_sentence or not sentences else sentences[-1]
         vocab = loaded.model.vocab
-        ids = [BOS_ID] + vocab.encode(last)
-        with loaded.lock:
-            top = loaded.model.suggest(ids)
+        top = loaded.suggest([BOS_ID] + vocab.encode(last))
         return [(vocab.tokens[i], p) for i, p in top[:k]]
 
     def suggest_ids(self, ids: list[int]) -> list[tuple[int, float]]:
+        """`AppModel.suggest` on token ids (starting with <bos>) with the current model."""
         loaded = self._current
-        if loaded is None:
-            return []
-        with loaded.lock:
-            return loaded.model.suggest(ids)
-
+        return loaded.suggest(ids) if loaded is not None else []
 

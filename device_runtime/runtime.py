@@ -5,33 +5,55 @@ before the next; `Device.run()` loops until stopped. Everything the device
 knows about the world comes through its `ConditionSource` and its `Clock`, so
 the same code runs on a Linux host in real time and in the fleet emulator in
 simulated time.
+
+How long a step asks to sleep, and why:
+
+* a training condition fails: until the window opens if that is the only
+  reason, else `recheck_s` (conditions change on their own: a phone gets
+  plugged in);
+* the device's own minimum separation since its last completed task has not
+  passed (`min_separation_s`, from the participation log): until it has;
+* the server rejected the check-in: a uniform draw from the rejection's
+  retry window `[min, max]`, always;
+* the server could not be reached, or anything failed unexpectedly:
+  `unavailable_retry_s` (after the transport's own bounded retries) — a step
+  never raises, so the runtime outlives any one failure;
+* a task ran: `after_task_s`, short, so the next check-in lets the server say
+  when to come back (its rejection window carries its pace steering and its
+  own minimum separation).
+
+On unmetered networks the device also looks for a newer published app model,
+at most every `app_refresh_s`, whether or not it may train.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
+import logging
 import random
+import shutil
 import threading
 from pathlib import Path
-
-import numpy as np
 
 from device_runtime.client import (ArtifactCache, Assignment, CorruptDownload, ProtocolError,
                                    Rejection, ServerClient)
 from device_runtime.clock import Clock, RealClock, local_datetime
-from device_runtime.conditions import ConditionSource
+from device_runtime.conditions import ConditionSource, DeviceConditions
 from device_runtime.example_store import ExampleStore
 from device_runtime.opstats import OpStats
 from device_runtime.policy import TrainingPolicy
-from device_runtime.predictor import Predictor
-from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
+from device_runtime.predictor import MANIFEST_NAME, Predictor
+from device_runtime.task import Task
 from device_runtime.transport import ServerUnavailable, Transport
-from models.metrics import Hits, count_hits
 from models.text import split_sentences
-from models.weights import load_checkpoint
-from tflite_export.reader import load_plan
+from tflite_export.errors import ArtifactError
+from tflite_export.manifest import Manifest, read_manifest
+from tflite_export.reader import TrainingPlan, load_plan
 
 RUNTIME_VERSION = "1.0.0"
+PLAN_MANIFEST = "plan.manifest.json"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +64,12 @@ class DeviceSettings:
     unavailable_retry_s: tuple[float, float] = (600.0, 1200.0)  # server unreachable: back off
     speed_factor: float = 1.0          # emulation: >1 makes training take longer in simulated time
     num_threads: int | None = 1        # LiteRT threads
+    task_memory_budget_mb: float | None = None   # refuse tasks estimated to need more (None: free memory)
+    min_separation_s: float = 0.0      # at least this long between two completed tasks
+    after_task_s: tuple[float, float] = (1.0, 5.0)     # wait before the check-in after a task
+    recheck_s: tuple[float, float] = (600.0, 1200.0)   # blocked by conditions: look again
+    app_refresh_s: float = 6 * 3600.0  # look for a newer app model at most this often
+    cache_max_bytes: int = 64 << 20    # downloaded artifacts kept (least recently used go)
 
 
 class Device:
@@ -58,59 +86,88 @@ class Device:
         self.rng = random.Random(seed)
         self.transport = transport or Transport(server_url, sleep=self.clock.sleep, seed=seed)
         self.client = ServerClient(self.transport)
-        self.cache = ArtifactCache(self.dir / "artifacts", self.transport)
+        self.cache = ArtifactCache(self.dir / "artifacts", self.transport,
+                                   max_bytes=settings.cache_max_bytes)
         self.examples = ExampleStore(self.dir / "examples.db")
         self.opstats = OpStats(self.dir / "opstats.db")
         self.predictor = Predictor()
-        self._plans: dict[str, object] = {}
-        self._started_at = float("inf")   # start of the running task (simulated time)
+        self.predictor.install_latest(self.dir / "app")
+        self._loaded: tuple[str, TrainingPlan] | None = None   # (plan manifest sha256, plan)
+        self._started_at = float("inf")   # start of the running task (clock time)
+        self._next_app_check = float("-inf")
         self.stop = threading.Event()
 
     # -- identity -----------------------------------------------------------
 
+    @property
+    def _identity(self) -> Path:
+        return self.dir / "identity.json"
+
     def ensure_registered(self) -> str:
-        ident = self.dir / "identity.json"
-        if ident.is_file():
-            creds = json.loads(ident.read_text())
+        if self._identity.is_file():
+            creds = json.loads(self._identity.read_text())
         else:
             device_id, secret = self.client.register()
             creds = {"device_id": device_id, "secret": secret}
-            tmp = ident.with_suffix(".tmp")
+            tmp = self._identity.with_suffix(".tmp")
             tmp.write_text(json.dumps(creds))
             tmp.chmod(0o600)
-            tmp.replace(ident)
+            tmp.replace(self._identity)
         self.client.authenticate(creds["device_id"], creds["secret"])
         return creds["device_id"]
 
     # -- the loop -----------------------------------------------------------
 
-    def local_time(self):
+    def local_time(self) -> dt.datetime:
         return local_datetime(self.clock, self.settings.utc_offset_s)
 
     def step(self) -> float:
-        """One check-in (if conditions allow) and its task; returns seconds to sleep."""
-        c = self.conditions.read()
-        blockers = self.policy.blockers(c)
-        if blockers:
-            wait = self.policy.seconds_until_window(c.local_time) if blockers == ["outside_window"] else 0
-            return max(wait, self.rng.uniform(600, 1200))
+        """One check-in (if conditions allow) and its task; returns seconds to sleep. Never raises."""
         try:
-            self.ensure_registered()
-            texts = self.examples.texts(now=self.clock.now())
-            checkin = {**c.as_checkin(), "num_examples": self._num_examples(texts),
-                       "runtime_version": RUNTIME_VERSION}
-            t0 = self.clock.now()
-            result = self.client.checkin(self.settings.population, checkin)
-            if isinstance(result, Rejection):
-                self.opstats.log(t0, "checkin", "rejected", reason=result.reason)
-                return self.rng.uniform(result.retry_min_s, max(result.retry_min_s, result.retry_max_s))
-            self.opstats.log(t0, "checkin", "assigned", task=result.task, session=result.session_id)
-            self.run_task(result, texts)
-            self.refresh_app_model()
-            return self.rng.uniform(*self.settings.unavailable_retry_s)
+            return self._step()
         except (ServerUnavailable, ProtocolError, CorruptDownload) as e:
+            if isinstance(e, ProtocolError) and e.status == 401:
+                self._identity.unlink(missing_ok=True)   # the server forgot us: register again
             self.opstats.log(self.clock.now(), "checkin", "error", error=str(e)[:300])
-            return self.rng.uniform(*self.settings.unavailable_retry_s)
+        except Exception as e:   # a bug or a broken disk must not stop the device for good
+            log.exception("device step failed")
+            self.opstats.log(self.clock.now(), "checkin", "error",
+                             error=f"{type(e).__name__}: {e}"[:300])
+        return self._uniform(self.settings.unavailable_retry_s)
+
+    def _step(self) -> float:
+        c = self.conditions.read()
+        if c.unmetered and self.clock.now() >= self._next_app_check:
+            self.refresh_app_model()
+        texts = self.examples.texts(now=self.clock.now())
+        num_examples = self._num_examples(texts)
+        blockers = self.policy.blockers(c, num_examples)
+        if blockers:
+            return self._blocked_wait(blockers, c)
+        last = self.opstats.last_success()
+        if last is not None and self.clock.now() - last < self.settings.min_separation_s:
+            return last + self.settings.min_separation_s - self.clock.now()
+        self.ensure_registered()
+        checkin = {**c.as_checkin(), "num_examples": num_examples, "runtime_version": RUNTIME_VERSION}
+        t0 = self.clock.now()
+        result = self.client.checkin(self.settings.population, checkin)
+        if isinstance(result, Rejection):
+            self.opstats.log(t0, "checkin", "rejected", reason=result.reason,
+                             retry_min_s=result.retry_min_s, retry_max_s=result.retry_max_s)
+            return self.rng.uniform(result.retry_min_s, max(result.retry_min_s, result.retry_max_s))
+        self.opstats.log(t0, "checkin", "assigned", task=result.task, session=result.session_id)
+        self.run_task(result, texts)
+        self.refresh_app_model()
+        return self._uniform(self.settings.after_task_s)
+
+    def _blocked_wait(self, blockers: list[str], c: DeviceConditions) -> float:
+        opens_in = self.policy.seconds_until_window(c.local_time)
+        if blockers == ["outside_window"] and opens_in > 0:
+            return opens_in
+        return self._uniform(self.settings.recheck_s)
+
+    def _uniform(self, bounds: tuple[float, float]) -> float:
+        return self.rng.uniform(*bounds)
 
     def run(self, max_steps: int | None = None) -> None:
         steps = 0
@@ -125,64 +182,46 @@ class Device:
         """Sentences stored: a lower bound of the windows a plan will make of them."""
         return sum(len(split_sentences(t)) for t in texts)
 
-    def _plan(self, assignment: Assignment):
-        plan_ref = assignment.raw["plan"]
-        key = plan_ref["manifest"]["sha256"]
-        if key not in self._plans:
-            manifest_path = self.cache.get(plan_ref["manifest"])
-            manifest = json.loads(manifest_path.read_text())
-            files = {manifest["artifact"]: plan_ref,
-                     manifest["vocab_file"]: assignment.raw["vocab"],
-                     "plan.manifest.json": plan_ref["manifest"]}
-            directory = self.cache.materialize(files, self.dir / "plans" / key)
-            self._plans[key] = load_plan(directory / "plan.manifest.json",
-                                         num_threads=self.settings.num_threads)
-        return self._plans[key]
-
     def run_task(self, assignment: Assignment, texts: list[str]) -> str:
-        """Train (or evaluate) and report; returns the outcome code."""
-        self._started_at = self.clock.now()
-        bytes_before = (self.transport.bytes_sent, self.transport.bytes_received)
+        """Train (or evaluate) and report; returns the outcome logged (see device_runtime.task)."""
         try:
-            plan = self._plan(assignment)
-            _, initial, _ = load_checkpoint(self.cache.get(assignment.raw["checkpoint"]))
-            windows = local_windows(plan, texts)
-            t_fetched = self.clock.now()
-            if assignment.task == "eval":
-                outcome = self._evaluate(plan, initial, windows, assignment)
-            else:
-                hp = assignment.hyperparameters
-                update = train_locally(plan, initial, windows, Hyperparameters(
-                    float(hp["learning_rate"]), int(hp["epochs"]), int(hp["batch_size"]),
-                    int(hp["seed"]), hp.get("max_examples")), should_stop=self._should_stop)
-                self._spend_simulated_time(update.metrics["train_seconds"])
-                reason = self._should_stop()
-                if reason:
-                    raise Interrupted(reason, int(update.metrics["batches"]))
-                t_trained = self.clock.now()
-                answer = self.client.upload(assignment, update.delta, update.num_examples,
-                                            update.metrics)
-                outcome = answer.get("status", "unknown")
-                self.opstats.log(self._started_at, "task", "completed" if outcome == "accepted" else outcome,
-                                 session=assignment.session_id, examples=update.num_examples,
-                                 download_s=t_fetched - self._started_at,
-                                 train_s=t_trained - t_fetched, upload_s=self.clock.now() - t_trained,
-                                 **self._bytes_since(bytes_before))
-            return outcome
-        except Interrupted as e:
-            self._report_failure(assignment, e.reason, str(e), bytes_before)
-            return "interrupted"
-        except (CorruptDownload, ValueError) as e:
-            self._report_failure(assignment, "error", f"{type(e).__name__}: {e}", bytes_before)
-            return "error"
+            return Task(self, assignment, texts).run()
         finally:
             self._started_at = float("inf")
 
-    def _should_stop(self) -> str | None:
-        reasons = self.policy.blockers(self.conditions.read())
-        if self.clock.now() - self._started_at > self.settings.task_time_budget_s:
-            reasons.append("out_of_time")
-        return reasons[0] if reasons else None
+    def plan_manifest(self, assignment: Assignment) -> Manifest:
+        """The assignment's plan manifest (downloaded first if needed: a few kB)."""
+        return read_manifest(self.cache.get(assignment.raw["plan"]["manifest"]))
+
+    @staticmethod
+    def plan_files(assignment: Assignment, manifest: Manifest) -> dict[str, dict]:
+        """File name → artifact reference of everything `load_plan` reads."""
+        ref = assignment.raw["plan"]
+        return {manifest.artifact: {"url": ref["url"], "sha256": ref["sha256"]},
+                manifest.vocab_file: assignment.raw["vocab"], PLAN_MANIFEST: ref["manifest"]}
+
+    def plan_loaded(self, assignment: Assignment) -> bool:
+        return self._loaded is not None and self._loaded[0] == assignment.raw["plan"]["manifest"]["sha256"]
+
+    def _plan(self, assignment: Assignment) -> TrainingPlan:
+        """The assignment's plan, loaded in LiteRT; one stays loaded while rounds use it.
+
+        The fleet emulator overrides this to lend plans from a shared pool.
+        """
+        key = assignment.raw["plan"]["manifest"]["sha256"]
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None
+            directory = self.cache.materialize(self.plan_files(assignment, self.plan_manifest(assignment)),
+                                               self.dir / "plans" / key)
+            self._loaded = (key, load_plan(directory / PLAN_MANIFEST, num_threads=self.settings.num_threads))
+            for other in (self.dir / "plans").iterdir():
+                if other.name != key:
+                    shutil.rmtree(other, ignore_errors=True)
+        return self._loaded[1]
+
+    def forget_plan(self) -> None:
+        """Drop the loaded plan (after a failure that may have left LiteRT half-way)."""
+        self._loaded = None
 
     def _spend_simulated_time(self, real_seconds: float) -> None:
         """Emulation: a slower phone takes longer; sleep the extra in simulated time."""
@@ -190,56 +229,38 @@ class Device:
         if extra > 0:
             self.clock.sleep(extra)
 
-    def _evaluate(self, plan, initial: np.ndarray, windows: np.ndarray, assignment: Assignment) -> str:
-        plan.set_weights(initial)
-        hits, loss_sum = Hits(), 0.0
-        for start in range(0, len(windows), plan.batch_size):
-            w = windows[start:start + plan.batch_size]
-            logits = plan.infer(w[:, :-1])
-            hits = hits + count_hits(logits, w[:, 1:])
-            loss_sum += _loss_sum(logits, w[:, 1:])
-        answer = self.client.report_eval(assignment, hits.top1, hits.top3, hits.positions, loss_sum)
-        self.opstats.log(self._started_at, "eval", answer.get("status", "unknown"),
-                         session=assignment.session_id, positions=hits.positions)
-        return answer.get("status", "unknown")
-
-    def _report_failure(self, assignment: Assignment, reason: str, detail: str, before) -> None:
-        self.opstats.log(self._started_at, "task", "aborted", session=assignment.session_id,
-                         reason=reason, **self._bytes_since(before))
-        try:
-            self.client.report_failure(assignment, reason, detail)
-        except (ServerUnavailable, ProtocolError):
-            pass   # the round's deadline will count us as dropped anyway
-
-    def _bytes_since(self, before) -> dict:
-        return {"bytes_out": self.transport.bytes_sent - before[0],
-                "bytes_in": self.transport.bytes_received - before[1]}
-
     # -- suggestions --------------------------------------------------------
 
     def refresh_app_model(self) -> int | None:
-        """Install the latest published app model if it is newer than the current one."""
+        """Install the server's published app model if it is not the current one.
+
+        Follows the server also back to an older version (an operator's
+        rollback). Never raises: a failed refresh is logged and retried at
+        the next refresh.
+        """
+        self._next_app_check = self.clock.now() + self.settings.app_refresh_s
         try:
             published = self.client.app_model(self.settings.population)
-        except (ServerUnavailable, ProtocolError):
+            if not published or published.get("version") == self.predictor.version:
+                return self.predictor.version
+            version = int(published["version"])
+            files = {name: {"url": f["url"], "sha256": f["sha256"]}
+                     for name, f in published["files"].items()}
+            files[MANIFEST_NAME] = published["manifest"]
+            directory = self.cache.materialize(files, self.dir / "app" / str(version))
+            self.predictor.install(directory / MANIFEST_NAME, allow_older=True)
+        except (ServerUnavailable, ProtocolError, CorruptDownload, ArtifactError, OSError,
+                ValueError, KeyError) as e:
+            self.opstats.log(self.clock.now(), "app_model", "error", error=f"{type(e).__name__}: {e}"[:300])
             return self.predictor.version
-        if not published or published.get("version") == self.predictor.version:
-            return self.predictor.version
-        files = {name: {"url": f["url"], "sha256": f["sha256"]}
-                 for name, f in published["files"].items()}
-        files["app.manifest.json"] = published["manifest"]
-        directory = self.cache.materialize(files, self.dir / "app" / str(published["version"]))
-        return self.predictor.install(directory / "app.manifest.json")
+        self.opstats.log(self.clock.now(), "app_model", "installed", version=version)
+        for old in (self.dir / "app").iterdir():
+            if old.name != str(version):
+                shutil.rmtree(old, ignore_errors=True)
+        return self.predictor.version
 
     def close(self) -> None:
         self.stop.set()
         self.examples.close()
         self.opstats.close()
         self.transport.close()
-
-
-def _loss_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    return float((nll * (targets != 0)).sum())

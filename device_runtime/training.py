@@ -53,9 +53,13 @@ def local_windows(plan: TrainingPlan, texts: list[str]) -> np.ndarray:
 def train_locally(plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray,
                   hp: Hyperparameters,
                   should_stop: Callable[[], str | None] = lambda: None) -> LocalUpdate:
-    """FedAvg's client update with `plan`, interruptible between batches."""
-    if hp.batch_size != plan.batch_size:
-        raise ValueError(f"task batch size {hp.batch_size} != the plan's {plan.batch_size}")
+    """FedAvg's client update with `plan`, interruptible between batches.
+
+    A task batch smaller than the plan's fixed batch is fine: the plan pads
+    it with all-pad rows, which add nothing to the loss or its gradient.
+    """
+    if not 1 <= hp.batch_size <= plan.batch_size:
+        raise ValueError(f"task batch size {hp.batch_size} is not in [1, the plan's {plan.batch_size}]")
     plan.set_weights(initial)
     batches = client_batches(windows, hp.batch_size, hp.epochs, hp.seed, hp.max_examples)
     start = time.monotonic()

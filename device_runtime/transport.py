@@ -3,13 +3,16 @@
 Phones live on flaky networks and servers restart: a connection error, a
 timeout, a 429 or a 5xx is retried with exponential backoff and full jitter
 (so a fleet that lost the server does not come back in lockstep), a bounded
-number of times and within a bounded total delay. A 4xx other than 429 is the
-server's considered answer and is returned, not retried.
+number of times and within a bounded total delay. A `Retry-After` (seconds)
+on such an answer is honoured as the floor of the next backoff, still capped
+by `max_delay_s`. A 4xx other than 429 is the server's considered answer and
+is returned, not retried.
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +46,6 @@ class Transport:
 
     def __init__(self, base_url: str, retry: RetryPolicy = RetryPolicy(),
                  sleep: Callable[[float], None] | None = None, seed: int | None = None):
-        import time
-
         self.base_url = base_url.rstrip("/")
         self.retry = retry
         self.sleep = sleep or time.sleep
@@ -60,23 +61,32 @@ class Transport:
         headers = dict(kwargs.pop("headers", None) or {})
         if self.auth:
             headers.setdefault("Authorization", self.auth)
-        last_error = "no attempt made"
+        last_error, floor = "no attempt made", 0.0
         for attempt in range(self.retry.attempts):
             if attempt:
-                self.sleep(self.retry.delay(attempt - 1, self.rng))
+                self.sleep(min(self.retry.max_delay_s,
+                               max(floor, self.retry.delay(attempt - 1, self.rng))))
             try:
                 resp = self.session.request(method, url, headers=headers,
                                             timeout=self.retry.timeout_s, **kwargs)
             except requests.RequestException as e:
-                last_error = f"{type(e).__name__}: {e}"
+                last_error, floor = f"{type(e).__name__}: {e}", 0.0
                 continue
             self.bytes_sent += len(resp.request.body or b"")
             self.bytes_received += len(resp.content)
             if resp.status_code not in RETRYABLE_STATUS:
                 return resp
-            last_error = f"HTTP {resp.status_code}"
+            last_error, floor = f"HTTP {resp.status_code}", _retry_after(resp)
         raise ServerUnavailable(f"{method} {path} failed {self.retry.attempts} times "
                                 f"(last: {last_error})")
 
     def close(self) -> None:
         self.session.close()
+
+
+def _retry_after(resp: requests.Response) -> float:
+    """The answer's Retry-After in seconds (0 if absent or an HTTP date, which we do not parse)."""
+    try:
+        return max(0.0, float(resp.headers.get("Retry-After", 0)))
+    except ValueError:
+        return 0.0

@@ -1,6 +1,7 @@
-"""Shared fixtures, and the guard that no TFF worker outlives the test session."""
+"""Shared fixtures, and the guards that no process the tests started outlives the session."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -9,10 +10,12 @@ import pytest
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if a TFF `worker_binary` started by it is still running.
+    """Fail the run if a TFF `worker_binary` or any other process started by it is still running
+    (servers, fleets, exporters).
 
-    Code under test must stop its workers itself (models.tff_runtime); this
-    only detects a leak, reports it, and then cleans up so CI never hangs.
+    Code under test must stop its processes itself (models.tff_runtime, servers
+    in `finally`); this only detects a leak, reports it, and then cleans up so
+    CI never hangs.
     """
     from models.tff_runtime import is_alive, stop_workers, worker_processes
 
@@ -22,6 +25,33 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nERROR: {len(leaked)} TFF worker_binary process(es) left running by the "
               f"tests: {[p.pid for p in leaked]} (stopped now)")
+    left = _leftover_processes(session)
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nERROR: {len(left)} process(es) started by the tests still running: "
+              f"{[p.pid for p in left]} (killed now)")
+        for p in left:
+            with contextlib.suppress(Exception):
+                print(f"  {p.pid}: {' '.join(p.cmdline()[:6])}")
+                p.kill()
+
+
+def _leftover_processes(session) -> list:
+    """Children of this run, and anything running from its temporary directory (a server's
+    gunicorn workers outlive their master if it dies first: they are no longer our children)."""
+    import psutil
+
+    from models.tff_runtime import is_alive
+
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    base = str(factory.getbasetemp()) if factory is not None else None
+    if base:
+        for p in psutil.process_iter(["cmdline"]):
+            if p.pid != me.pid and any(base in arg for arg in p.info["cmdline"] or ()):
+                found[p.pid] = p
+    return [p for p in found.values() if is_alive(p)]
 
 
 # --- server (issue 4): an app on a temporary state directory, driven by a manual clock ---

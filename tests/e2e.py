@@ -1,4 +1,6 @@
-"""Building blocks of the end-to-end tests: a tiny model, its plan, a real server on loopback.
+"""Building blocks of the end-to-end tests: a tiny model, its plan, a real server on loopback,
+and a fleet of phones against it. `make demo` and the fleet benchmark use them too, so the demo
+runs what the tests check.
 
 Everything here is real: the plan is exported by tflite_export and run by
 LiteRT, the server is `python -m server run` (gunicorn) with SQLite and an
@@ -6,9 +8,11 @@ artifact folder, and devices talk to it over HTTP.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +55,19 @@ class Model:
 
 def tiny_model(root: Path, corpus: FederatedCorpus, batch_size: int = 16) -> Model:
     """The seeded initial TINY model (sized to the corpus' vocabulary) and its training plan."""
+    return initial_model(root, corpus, TINY, batch_size)
+
+
+def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
+                  batch_size: int = 16) -> Model:
+    """The seeded initial model of `config` (sized to the corpus' vocabulary), its checkpoint,
+    vocabulary and training plan: what `python -m server init` registers."""
     from models.model import weight_layout
     from models.simulate import initial_weights
     from tflite_export import export_plan
 
     root.mkdir(parents=True, exist_ok=True)
-    config = TINY.with_vocab(len(corpus.vocab))
+    config = config.with_vocab(len(corpus.vocab))
     flat = initial_weights(config)
     ckpt = save_checkpoint(root / "init.safetensors", weight_layout(config), flat,
                            {"round": 0, "model_config": dataclasses.asdict(config)})
@@ -97,12 +108,84 @@ def _toml(v) -> str:
     return repr(v)
 
 
-def start_server(root: Path, model: Model, population: str = "en", **settings) -> ServerProcess:
+def start_server(root: Path, model: Model, population: str = "en", workers: int = 2,
+                 threads: int = 4, **settings) -> ServerProcess:
     """Init the population from `model` and start the real server; the caller stops it."""
     config = write_server_config(root, population, **settings)
+    init_population(config, model, population)
+    return ServerProcess(config, free_port(), root / "server.log", workers, threads).start()
+
+
+def init_population(config: Path, model: Model, population: str = "en") -> None:
+    """`python -m server init`: the population's version 0 is `model`."""
     done = subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
                            "--population", population, "--checkpoint", str(model.checkpoint),
                            "--vocab", str(model.vocab), "--plan-dir", str(model.plan_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return ServerProcess(config, free_port(), root / "server.log").start()
+    if done.returncode != 0:
+        raise RuntimeError(f"server init failed: {done.stderr[-3000:]}")
+
+
+# --- fleets: the server on a simulated clock, and emulated phones against it ---
+
+NIGHT_UTC = 1_795_480_200.0   # 2026-11-24 00:30 UTC: most phones in UTC+0/+1 asleep on the charger
+
+
+def clock_settings(start: float, speed: float) -> dict:
+    """Server config keys for a simulated clock starting now at `start`, `speed` × real time."""
+    import time
+
+    return {"clock_start": start, "clock_speed": speed, "clock_epoch": time.time()}
+
+
+# A small population for fleets of ~20 phones: rounds of 5, a third over-selected.
+FLEET_POPULATION = dict(goal=5, over_selection=1.4, min_selected_fraction=0.6, min_report_fraction=0.6,
+                        selection_window_s=600.0, reporting_window_s=1200.0, client_lr=0.5,
+                        client_max_examples=32, eligibility={"min_separation_s": 1800.0})
+
+
+@dataclasses.dataclass
+class FleetRun:
+    fleet: object      # device_runtime.fleet.Fleet
+    status: object     # device_runtime.fleet.FleetStatus
+    summary: dict      # device_runtime.fleet_cli.summarize
+
+
+def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones: int = 20,
+              rounds: int = 3, max_wall_s: float = 120.0, url: str | None = None, **config) -> FleetRun:
+    """Run `phones` phones (users = training clients) until `rounds` training rounds completed.
+
+    The clock is the server's (read from its config); `url` lets the phones
+    reach the server through something else (the privacy test's proxy).
+    `config` overrides FleetConfig fields (faults, mix, keep_deltas, ...).
+    """
+    import time
+
+    from device_runtime.fleet import FleetConfig, build_fleet, shared_clock
+    from device_runtime.fleet_cli import clock_settings as read_clock, summarize
+    from device_runtime.fleet_world import FleetMix
+
+    start, speed, epoch = read_clock(server.config)
+    config.setdefault("mix", FleetMix(zones_h=(0.0, 1.0)))
+    fleet_config = FleetConfig(url or server.url, root, "en", shared_clock(start, speed, epoch),
+                               workers=16, **config)
+    fleet = build_fleet(fleet_config, phones, corpus.train_texts)
+    t0, sim0 = time.monotonic(), fleet_config.clock.now()
+    try:
+        status = fleet.run(lambda s: s.train_completed >= rounds, max_wall_s=max_wall_s,
+                           progress=False)
+    finally:
+        fleet.close()
+    return FleetRun(fleet, status, summarize(fleet, status, time.monotonic() - t0, sim0))
+
+
+@contextlib.contextmanager
+def tiny_world(root: Path, **settings) -> Iterator[tuple[FederatedCorpus, Model, ServerProcess]]:
+    """A tiny corpus, its model and plan, and a real server for them, stopped on exit."""
+    corpus = tiny_corpus()
+    model = tiny_model(root / "model", corpus)
+    server = start_server(root / "server", model, **settings)
+    try:
+        yield corpus, model, server
+    finally:
+        server.kill()

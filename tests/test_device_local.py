@@ -1,17 +1,23 @@
-"""Device-side pieces that need no server: conditions, policy, stores, transport."""
+"""Device-side pieces that need no Nightjar server: conditions, policy, stores, transport, artifact
+cache, and a device facing an unreachable or failing server."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import http.server
+import os
 import threading
 
 import pytest
 
+from device_runtime.client import ArtifactCache, CorruptDownload
 from device_runtime.conditions import DeviceConditions, EmulatedConditions, LinuxConditions
 from device_runtime.example_store import ExampleStore, Retention
 from device_runtime.opstats import OpStats
 from device_runtime.policy import TrainingPolicy
+from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.transport import RetryPolicy, ServerUnavailable, Transport
+from server.testing import free_port
 
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)
 
@@ -36,6 +42,13 @@ def test_policy_allows_a_charging_idle_phone_on_wifi_at_night():
 ])
 def test_policy_names_each_blocker(change, reason):
     assert TrainingPolicy().blockers(conditions(**change)) == [reason]
+
+
+def test_policy_wants_enough_examples_and_reads_equal_window_ends_as_all_day():
+    p = TrainingPolicy(min_examples=5, window_start=dt.time(0), window_end=dt.time(0))
+    assert p.blockers(conditions(local_time=dt.datetime(2026, 1, 1, 13, 0)), num_examples=5) == []
+    assert p.blockers(conditions(), num_examples=4) == ["too_few_examples"]
+    assert p.blockers(conditions()) == []          # mid-task: the examples are not re-counted
 
 
 def test_window_wraps_midnight_and_says_when_it_opens():
@@ -94,6 +107,16 @@ def test_linux_conditions_without_battery_or_route(tmp_path):
     assert (c.charging, c.battery, c.unmetered) == (True, 1.0, False)
 
 
+@pytest.mark.parametrize("iface, unmetered", [("wlan0", True), ("rmnet_data0", False), ("lo", False)])
+def test_linux_conditions_find_an_ipv6_only_default_route(tmp_path, iface, unmetered):
+    host = fake_host(tmp_path, {}, None, "0.0")
+    zeros, gateway = "0" * 32, "fe80" + "0" * 27 + "1"
+    (tmp_path / "proc/net/ipv6_route").write_text(
+        f"fe80{zeros[4:]} 40 {zeros} 00 {zeros} 00000100 00000001 00000000 00000001 eth9\n"
+        f"{zeros} 00 {zeros} 00 {gateway} 00000400 00000002 00000000 00000003 {iface}\n")
+    assert host.read().unmetered is unmetered
+
+
 def test_linux_conditions_on_this_host():
     c = LinuxConditions().read()
     assert 0.0 <= c.battery <= 1.0 and c.free_memory_mb > 0
@@ -147,7 +170,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def flaky_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
     server.shutdown()
@@ -175,3 +198,114 @@ def test_transport_gives_up_on_connection_errors_within_bounds():
     with pytest.raises(ServerUnavailable, match="failed 3 times"):
         t.request("GET", "/")
     assert len(slept) == 2
+
+
+def test_transport_honours_retry_after_within_its_cap(flaky_server):
+    class WithRetryAfter(_Flaky):
+        def end_headers(self):
+            self.send_header("Retry-After", "7")
+            super().end_headers()
+
+    flaky_server.RequestHandlerClass = WithRetryAfter
+    _Flaky.script = [503, 503, 200]
+    slept = []
+    t = Transport(f"http://127.0.0.1:{flaky_server.server_port}",
+                  RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=10.0), sleep=slept.append)
+    assert t.request("GET", "/x").status_code == 200
+    assert slept == [7.0, 7.0]
+    _Flaky.script = [503, 200]
+    t.retry = RetryPolicy(attempts=2, base_delay_s=0.1, max_delay_s=2.0)
+    t.request("GET", "/x")
+    assert slept[-1] == 2.0                              # never beyond the cap
+
+
+class _Artifacts(http.server.BaseHTTPRequestHandler):
+    """Serves one artifact: the bodies in `script` first, then `good`."""
+
+    good = b"the real plan bytes"
+    script: list[bytes] = []
+    gets = 0
+
+    def do_GET(self):
+        type(self).gets += 1
+        body = self.script.pop(0) if self.script else self.good
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_artifact_cache_refuses_a_corrupt_download_and_fetches_again(flaky_server, tmp_path):
+    flaky_server.RequestHandlerClass = _Artifacts
+    ref = {"url": "/v1/artifacts/x", "sha256": hashlib.sha256(_Artifacts.good).hexdigest()}
+    cache = ArtifactCache(tmp_path / "cache", Transport(f"http://127.0.0.1:{flaky_server.server_port}"))
+    _Artifacts.script, _Artifacts.gets = [b"the real plan bytez", b"truncated"], 0
+    path = cache.get(ref)
+    assert path.read_bytes() == _Artifacts.good and _Artifacts.gets == 3
+    assert cache.get(ref) == path and _Artifacts.gets == 3          # cached, verified, not fetched
+    path.write_bytes(b"bit rot")
+    assert cache.get(ref).read_bytes() == _Artifacts.good and _Artifacts.gets == 4
+    _Artifacts.script = [b"wrong"] * 3
+    with pytest.raises(CorruptDownload, match="3 downloads"):
+        cache.get({"url": "/v1/artifacts/y", "sha256": "0" * 64})
+    assert sorted(p.name for p in cache.root.iterdir()) == [ref["sha256"]]
+
+
+def test_artifact_cache_keeps_within_its_byte_budget_least_recently_used_first(flaky_server, tmp_path):
+    flaky_server.RequestHandlerClass = _Artifacts
+    cache = ArtifactCache(tmp_path / "cache", Transport(f"http://127.0.0.1:{flaky_server.server_port}"),
+                          max_bytes=250)
+    bodies = [bytes([i]) * 100 for i in range(4)]
+    refs = [{"url": f"/a/{i}", "sha256": hashlib.sha256(b).hexdigest()} for i, b in enumerate(bodies)]
+    _Artifacts.script = list(bodies[:2])
+    cache.get(refs[0]), cache.get(refs[1])
+    os.utime(cache.path(refs[1]["sha256"]), (1, 1))     # 1 is now older than 0
+    _Artifacts.script = [bodies[2]]
+    cache.get(refs[2])
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted(r["sha256"] for r in (refs[0], refs[2]))
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+        body = b"<html>503 Service Unavailable</html>"
+        self.send_response(503)
+        self.send_header("Retry-After", "3")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("server", ["nothing listening", "503"])
+def test_a_device_step_survives_an_unreachable_or_failing_server(flaky_server, tmp_path, server):
+    if server == "503":
+        flaky_server.RequestHandlerClass = _Unavailable
+        url = f"http://127.0.0.1:{flaky_server.server_port}"
+    else:
+        url = f"http://127.0.0.1:{free_port()}"
+    slept: list[float] = []
+    transport = Transport(url, RetryPolicy(attempts=3, base_delay_s=0.5, max_delay_s=4.0, timeout_s=5),
+                          sleep=slept.append)
+    device = Device(tmp_path / "d", url, EmulatedConditions(lambda: NIGHT), settings=DeviceSettings("en"),
+                    transport=transport, seed=1)
+    device.examples.add("the king doth speak to the hall.")
+    for _ in range(2):
+        wait = device.step()
+        assert 600 <= wait <= 1200                       # unavailable_retry_s
+    events = device.opstats.events()
+    errors = [e for e in events if e["kind"] == "checkin"]
+    assert [e["outcome"] for e in errors] == ["error", "error"], events
+    assert "failed 3 times" in errors[0]["error"]
+    assert ("HTTP 503" if server == "503" else "ConnectionError") in errors[0]["error"]
+    assert len(slept) <= 2 * 2 * 2 and all(0 <= s <= 4.0 for s in slept)   # (app model + register) x 2
+    if server == "503":
+        assert all(s == 3.0 for s in slept)               # its Retry-After
+    assert not (device.dir / "identity.json").exists()
+    device.close()

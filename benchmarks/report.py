@@ -1,0 +1,232 @@
+"""`make report` (and the end of `make bench`): benchmarks/results/*.json → benchmarks/REPORT.md.
+
+One Markdown report with the machine described (CPU, cores, memory, OS,
+Python and the versions of TensorFlow, TFF, LiteRT and the server stack) and
+a section per result file; a result not yet measured says which target
+makes it. The headline figures also go into README.md between the
+`<!-- bench:begin -->` / `<!-- bench:end -->` markers. Nothing is measured
+here and TensorFlow is not imported (versions come from package metadata).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PACKAGES = ("tensorflow", "tensorflow-federated", "ai-edge-litert", "numpy", "flask", "gunicorn")
+
+
+def machine() -> dict:
+    def first(path: str, key: str) -> str | None:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return None
+
+    mem_kb = first("/proc/meminfo", "MemTotal")
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {"cpu": first("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+            "cores": os.cpu_count(),
+            "memory_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
+            "os": platform.platform(), "python": platform.python_version(), "packages": versions}
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2%}"
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def quality(r: dict) -> str:
+    from benchmarks.quality import table
+
+    return table(r)
+
+
+def export(r: dict) -> str:
+    return _table([("plan size", f"{r['plan_bytes']:,} B ({r.get('plan_to_float_weights', 0):.2f}× the float weights)"),
+                   ("app model size (dynamic-range quantized)", f"{r['app_model_bytes']:,} B"),
+                   ("LiteRT train step, 16×20 batch (median)", f"{r['train_step_ms_median']:.1f} ms"),
+                   ("suggestion latency p50 / p99", f"{r['suggest_ms_p50']:.2f} / {r['suggest_ms_p99']:.2f} ms"),
+                   ("LiteRT threads", r["threads"])])
+
+
+def server(r: dict) -> str:
+    return _table([(f"check-ins/s, {n} concurrent devices (p99)",
+                    f"{r['checkin_per_s'][n]:,.0f} ({r['checkin_p99_ms'][n]:.0f} ms)") for n in r["checkin_per_s"]]
+                  + [("Gboard-size updates ingested over HTTP", f"{r['ingest_updates_per_s']:.1f} /s"),
+                     ("same, decoded and aggregated in-process (ceiling)", f"{r['inprocess_updates_per_s']:.0f} /s"),
+                     ("HTTP ingest / ceiling", f"{r['ingest_ratio']:.3f}"),
+                     ("server peak RSS during a 1000-report round", f"{r['peak_rss_mb_1000_reports']:.0f} MB"),
+                     ("gunicorn workers", r["workers"])])
+
+
+def device(r: dict) -> str:
+    rows = [("plan", f"{r.get('config')} ({r.get('parameters', 0):,} weights), {r.get('litert_threads')} LiteRT thread(s)")]
+    for name in ("cold_task", "warm_task"):
+        t = r.get(name)
+        if t:
+            rows.append((name.replace("_", " "), f"download {t['download_s']:.2f} s, prepare {t['prepare_s']:.2f} s, "
+                         f"train {t['train_s']:.2f} s ({t['batches']} batches, {t['train_ms_per_batch']:.0f} ms each), "
+                         f"upload {t['upload_s']:.2f} s"))
+    if "device_rss_growth_mib" in r:
+        rows.append(("memory growth of a task (runtime's estimate)",
+                     f"{r['device_rss_growth_mib']:.0f} MiB ({r.get('task_memory_estimate_mib', 0):.0f} MiB)"))
+    return _table(rows)
+
+
+def fleet(r: dict) -> str:
+    return _table([("largest fleet run", f"{r['max_phones']:,} phones" if r.get("max_phones") else "—"),
+                   ("reports per completed round (selected)", f"{r['phones_per_round']:,.0f} ({r.get('selected_per_round', 0):,.0f})"),
+                   ("wall time per round (opening → new version)", f"{r['wall_s_per_round']:.1f} s"),
+                   ("rounds per simulated night (8 h)", f"{r['rounds_per_simulated_night']:.1f}"),
+                   ("simulated / wall time", f"{r.get('simulated_hours', 0):.1f} h at ×{r.get('clock_speed', 0):.0f}"
+                                             f" in {r.get('fleet_wall_s', 0):.0f} s"),
+                   ("model", f"{r.get('model')} (coordination at scale; on-device compute: the device section)")]) + (
+        "\n\nThe emulation is bound by this machine's CPU, not by the protocol: at ×"
+        f"{r.get('clock_speed', 0):.0f} each round's {r['wall_s_per_round']:.0f} s of wall time is "
+        f"{r['wall_s_per_round'] * r.get('clock_speed', 0) / 60:.0f} simulated minutes, which is what "
+        "limits the rounds per night here; real phones train in parallel, so on a real clock a round "
+        "takes its selection window plus the slowest selected phone's task.")
+
+
+def _loss_change(r: dict) -> str | None:
+    if "loss" in r["initial"] and "loss" in r["final"]:
+        return f"{r['initial']['loss']:.2f} → {r['final']['loss']:.2f}"
+    return None
+
+
+def _loss(r: dict) -> str:
+    change = _loss_change(r)
+    return f", loss {change}" if change else ""
+
+
+def demo(r: dict) -> str:
+    rows = [("wall time", f"{r['wall_s'] / 60:.1f} min"), ("phones", r.get("phones")),
+            ("training rounds completed", r["rounds"]), ("app-model versions published", r["published_versions"]),
+            ("held-out top-1 / top-3, initial model", f"{_pct(r['initial']['top1'])} / {_pct(r['initial']['top3'])}"),
+            (f"held-out top-1 / top-3, final model (version {r.get('final_version', '?')})",
+             f"{_pct(r['final']['top1'])} / {_pct(r['final']['top3'])}")]
+    if _loss_change(r):
+        rows.append(("held-out loss, initial → final", _loss_change(r)))
+    if r.get("eval_windows"):
+        rows.append(("held-out windows evaluated", f"{r['eval_windows']:,} (fixed seeded sample of the held-out clients)"))
+    return _table(rows) + ("\n\nPlots (written by `make demo`, not kept in git): "
+                           "[quality per version](results/demo_quality.png), "
+                           "[participation per simulated hour](results/demo_participation.png).")
+
+
+SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
+    "quality": ("Model quality: n-gram vs central vs federated CIFG", "make bench-quality", quality),
+    "export": ("LiteRT plan and app model (Gboard config)", "make bench-export", export),
+    "server": ("Server under load (gunicorn, loopback)", "make bench-server", server),
+    "device": ("One phone's task, Gboard-size plan", "make bench-device", device),
+    "fleet": ("Emulated fleet at scale", "make bench-fleet", fleet),
+    "demo": ("The demo: the whole system end to end", "make demo", demo),
+}
+
+
+def headline(results: dict[str, dict]) -> str:
+    """The README's table: one line per benchmark."""
+    lines = ["| benchmark | headline | from |", "|---|---|---|"]
+    q, e, s, d, f, m = (results.get(k) for k in ("quality", "export", "server", "device", "fleet", "demo"))
+    if q:
+        fed = q["results"]["federated"]
+        lines.append(f"| quality (held-out) | federated CIFG top-1 {_pct(fed['top1'])}, top-3 {_pct(fed['top3'])} "
+                     f"(n-gram top-1 {_pct(q['results']['ngram']['top1'])}) | `make bench-quality` |")
+    if e:
+        lines.append(f"| export | app model {e['app_model_bytes'] / 1e6:.2f} MB, suggestion p50 "
+                     f"{e['suggest_ms_p50']:.2f} ms, train step {e['train_step_ms_median']:.0f} ms | `make bench-export` |")
+    if s:
+        lines.append(f"| server | {s['checkin_per_s']['1000']:,.0f} check-ins/s at 1000 devices, "
+                     f"{s['ingest_updates_per_s']:.0f} Gboard updates/s ingested | `make bench-server` |")
+    if d and d.get("warm_task"):
+        t = d["warm_task"]
+        lines.append(f"| device | Gboard task on {d.get('client_windows', '?')} windows: train {t['train_s']:.1f} s, "
+                     f"upload {t['upload_s']:.2f} s | `make bench-device` |")
+    if f:
+        lines.append(f"| fleet | {f['max_phones']:,} phones, {f['phones_per_round']:,.0f} per round, "
+                     f"{f['wall_s_per_round']:.0f} s per round, {f['rounds_per_simulated_night']:.1f} rounds per "
+                     f"simulated night | `make bench-fleet` |")
+    if m:
+        lines.append(f"| demo | {m.get('phones')} phones, {m['rounds']} rounds, {m['published_versions']} versions "
+                     f"published; held-out top-1 {_pct(m['initial']['top1'])} → {_pct(m['final']['top1'])}, top-3 "
+                     f"{_pct(m['initial']['top3'])} → {_pct(m['final']['top3'])}{_loss(m)} in "
+                     f"{m['wall_s'] / 60:.0f} min | `make demo` |")
+    lines.append("")
+    lines.append("Details and the machine: [benchmarks/REPORT.md](benchmarks/REPORT.md) (`make report`).")
+    return "\n".join(lines)
+
+
+def load_results(results_dir: Path = RESULTS) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+
+
+def render(results: dict[str, dict], results_dir: Path = RESULTS) -> str:
+    m = machine()
+    pk = m["packages"]
+    out = ["# Nightjar benchmarks", "",
+           f"Generated by `make report` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from "
+           "`benchmarks/results/*.json`; `make bench` reruns every benchmark first.", "",
+           "## Machine", "",
+           _table([("CPU", m["cpu"]), ("cores", m["cores"]), ("memory", f"{m['memory_gib']} GiB"),
+                   ("OS", m["os"]), ("Python", m["python"]),
+                   ("TensorFlow / TFF / LiteRT", f"{pk['tensorflow']} / {pk['tensorflow-federated']} / "
+                                                 f"{pk['ai-edge-litert']}"),
+                   ("NumPy / Flask / gunicorn", f"{pk['numpy']} / {pk['flask']} / {pk['gunicorn']}")]),
+           "",
+           "The cores are shared by everything a benchmark runs (server, phones, TFF): figures are "
+           "indicative, and a busy machine makes them worse. Each JSON file keeps its own details.", ""]
+    for key, (title, target, fmt) in SECTIONS.items():
+        out += [f"## {title}", ""]
+        r = results.get(key)
+        if r is None:
+            out += [f"Not yet measured: run `{target}`.", ""]
+            continue
+        stamp = dt.datetime.fromtimestamp((results_dir / f"{key}.json").stat().st_mtime, dt.timezone.utc)
+        try:
+            body = fmt(r)
+        except (KeyError, TypeError, ValueError) as e:   # an older or partial result file
+            body = f"(could not read `{key}.json`: {type(e).__name__}: {e})"
+        out += [body, "", f"_`{target}` → `benchmarks/results/{key}.json`, {stamp:%Y-%m-%d %H:%M} UTC._", ""]
+    for key in sorted(set(results) - set(SECTIONS)):
+        out += [f"## {key}", "", "```json", json.dumps(results[key], indent=2)[:4000], "```", ""]
+    return "\n".join(out)
+
+
+def update_readme(block: str, readme: Path = REPO / "README.md") -> bool:
+    text = readme.read_text()
+    new, n = re.subn(r"(<!-- bench:begin -->\n).*?(<!-- bench:end -->)",
+                     lambda m: m.group(1) + block + "\n" + m.group(2), text, flags=re.S)
+    if n:
+        readme.write_text(new)
+    return bool(n)
+
+
+def main() -> None:
+    results = load_results()
+    (REPO / "benchmarks" / "REPORT.md").write_text(render(results))
+    updated = update_readme(headline(results))
+    print(f"wrote benchmarks/REPORT.md ({len(results)} result file(s): {', '.join(results) or 'none'})"
+          + ("; README.md's benchmark table updated" if updated else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""The emulated phone fleet: N real device runtimes against a real server, in simulated time.
+
+Each phone is a `device_runtime.Device` (the same code a real phone runs) with
+its own data directory, example store (one training client's speeches from
+the corpus: what its user typed), identity and participation log, and
+`ScheduledConditions` that follow its owner's day (see fleet_world). Phones
+run concurrently on a pool of worker threads against the server over HTTP:
+a worker wakes the phone that is due next, lets it do one pass of its loop
+(`Device.step`: check the policy, check in, train, upload) and puts it back
+to sleep for as long as the runtime asked. What lets one host emulate
+10,000 phones:
+
+* while its owner's day rules training out, a phone is not woken at all
+  until the day changes something (as a phone's job scheduler holds a job
+  whose constraints are unmet) — most phones sleep most of the time;
+* for large fleets (`persistent=False`) a phone's runtime exists in memory
+  only while it is awake: its state is on disk, as on a phone whose keyboard
+  process was killed in between;
+* LiteRT interpreters are lent by a `PlanPool` to the few phones training at
+  any moment, and the phones share one HTTP connection pool and one
+  content-addressed artifact cache (fleet_device).
+
+Time is simulated: the server and the phones share a start and a speed (the
+server config's `clock_start`, `clock_speed`, `clock_epoch`), so deadlines,
+retry windows and time zones mean the same on both sides while a night
+passes in minutes.
+
+    python -m device_runtime fleet --server URL --server-config server.toml --data DIR \
+        --phones 200 --rounds 20 [--unplug-fraction 0.3 --upload-failure-fraction 0.1 ...]
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import heapq
+import logging
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import requests
+from tqdm import tqdm
+
+from device_runtime.client import Assignment
+from device_runtime.clock import ScaledClock, local_datetime
+from device_runtime.fleet_device import FleetDevice, FleetTransport, PlanPool, SharedSession
+from device_runtime.fleet_world import (FaultInjector, Faults, FleetMix, PhoneProfile, ScheduledConditions,
+                                        make_profiles)
+from device_runtime.policy import TrainingPolicy
+from device_runtime.runtime import DeviceSettings
+from device_runtime.transport import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+def _hours(t: dt.time) -> float:
+    return t.hour + t.minute / 60 + t.second / 3600
+
+
+def shared_clock(start: float, speed: float, epoch: float,
+                 stop: threading.Event | None = None) -> ScaledClock:
+    """The device-side twin of the server's clock: start + (time.time() − epoch) × speed."""
+    return ScaledClock(start + (time.time() - epoch) * speed, speed, stop)
+
+
+@dataclasses.dataclass
+class FleetConfig:
+    server_url: str
+    data_dir: Path
+    population: str
+    clock: ScaledClock
+    workers: int = 32                  # phones awake at once (threads)
+    trainers: int = 2                  # phones training at once (LiteRT interpreters)
+    trainer_threads: int | None = 1    # LiteRT threads per interpreter
+    mix: FleetMix = FleetMix()
+    faults: Faults = Faults()
+    policy: TrainingPolicy = TrainingPolicy()
+    task_time_budget_s: float = 3600.0   # a phone gives up a task after an hour (simulated)
+    persistent: bool = True            # keep each phone's runtime in memory (see Phone)
+    keep_deltas: bool = False          # record every uploaded delta (tests)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Upload:
+    phone: int
+    session_id: str
+    round: int
+    model_version: int
+    num_examples: int
+    status: str
+    delta: np.ndarray | None
+
+
+@dataclasses.dataclass
+class FleetStatus:
+    """What the operator endpoints say, polled while the fleet runs."""
+
+    sim_now: float
+    rounds: list[dict]
+    versions: list[dict]
+
+    @property
+    def train_completed(self) -> int:
+        return sum(r["task"] == "train" and r["state"] == "completed" for r in self.rounds)
+
+    @property
+    def published(self) -> list[int]:
+        return sorted(v["version"] for v in self.versions if v.get("published_at") is not None)
+
+
+class _Tee:
+    """Forwards to the phone's participation log and tells the fleet about each event."""
+
+    def __init__(self, opstats, record: Callable[[float, str, str, dict], None]):
+        self._opstats, self._record, self.checkins = opstats, record, 0
+
+    def log(self, ts: float, kind: str, outcome: str, **detail) -> None:
+        self._opstats.log(ts, kind, outcome, **detail)
+        self.checkins += kind == "checkin"
+        self._record(ts, kind, outcome, detail)
+
+    def __getattr__(self, name: str):
+        return getattr(self._opstats, name)
+
+
+class Phone:
+    """One emulated phone: a profile, a data directory, and its runtime.
+
+    With `persistent`, the runtime stays in memory between wake-ups, like a
+    phone's keyboard process (a few hundred phones); otherwise it is rebuilt
+    from its data directory at every wake-up and closed after, like a process
+    the OS killed in between — which is what lets 10,000 phones share one
+    host's memory and file descriptors.
+    """
+
+    def __init__(self, fleet: "Fleet", profile: PhoneProfile, texts: Sequence[str]):
+        self.fleet, self.profile, self.texts = fleet, profile, texts
+        self.dir = fleet.config.data_dir / "phones" / f"{profile.index:05d}"
+        self.wakes = 0
+        self.rng = random.Random(profile.seed)
+        self.app_version: int | None = None
+        self.device: FleetDevice | None = None
+        clock = fleet.config.clock
+        self.conditions = ScheduledConditions(
+            profile, lambda: local_datetime(clock, profile.utc_offset_s), clock.now)
+
+    def _build(self) -> FleetDevice:
+        cfg, fleet = self.fleet.config, self.fleet
+        fresh = not (self.dir / "examples.db").exists()
+        seed = self.profile.seed * 1_000_003 + self.wakes
+        device = FleetDevice(
+            self.dir, cfg.server_url, self.conditions, cfg.policy,
+            DeviceSettings(population=cfg.population, utc_offset_s=self.profile.utc_offset_s,
+                           task_time_budget_s=cfg.task_time_budget_s,
+                           speed_factor=self.profile.speed_factor, num_threads=cfg.trainer_threads),
+            clock=cfg.clock, seed=seed,
+            transport=FleetTransport(cfg.server_url, fleet.session, retry=RetryPolicy(),
+                                     sleep=cfg.clock.sleep, seed=seed),
+            pool=fleet.pool, shared_cache=cfg.data_dir / "artifacts", plans_dir=cfg.data_dir / "plans",
+            faults=fleet.faults, slow=self.profile.slow,
+            on_upload=lambda a, d, n, answer: fleet.on_upload(self, a, d, n, answer))
+        device.opstats = _Tee(device.opstats, lambda ts, k, o, d: fleet.record(ts, k, o, d))
+        if fresh:   # what its user typed over the last month
+            rng = np.random.default_rng(self.profile.seed)
+            now = cfg.clock.now()
+            device.examples.add_many((t, now - float(rng.uniform(0, 30 * 86400))) for t in self.texts)
+        return device
+
+    def wake(self) -> float:
+        """One pass of the runtime's loop; returns the simulated seconds it asked to sleep.
+
+        Like a phone's job scheduler, the emulator does not start the runtime while the
+        owner's day rules training out (not charging, not idle, not on Wi-Fi, outside the
+        window): it sleeps until the schedule next changes. Otherwise the runtime does one
+        pass of its loop (`Device.step`), which checks the policy again itself.
+        """
+        self.wakes += 1
+        cfg = self.fleet.config
+        if cfg.policy.blockers(self.conditions.read()):
+            self.fleet.record(cfg.clock.now(), "policy", "not_eligible", {})
+            window = (_hours(cfg.policy.window_start), _hours(cfg.policy.window_end))
+            return self.conditions.seconds_until_change(window) + self.rng.uniform(0, 120)
+        device = self.device or self._build()
+        try:
+            before = device.opstats.checkins
+            wait = device.step()
+            if device.opstats.checkins == before:
+                self.fleet.record(cfg.clock.now(), "policy", "not_eligible", {})
+            self.app_version = device.predictor.version
+            return wait
+        finally:
+            if self.fleet.config.persistent:
+                self.device = device
+            else:
+                device.close()
+
+    def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+
+class Fleet:
+    def __init__(self, config: FleetConfig, profiles: Sequence[PhoneProfile],
+                 texts: dict[str, Sequence[str]]):
+        self.config = config
+        self.faults = FaultInjector(config.faults)
+        self.session = SharedSession(self.faults, pool_size=config.workers + 8)
+        self.pool = PlanPool(config.trainers, config.trainer_threads)
+        self.phones = [Phone(self, p, texts[p.client_id]) for p in profiles]
+        self.stop = config.clock.stop
+        self._lock = threading.Lock()
+        self.hourly: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.uploads: list[Upload] = []
+        self.errors: list[str] = []
+        self.wakes = 0
+
+    # -- what the phones report ------------------------------------------------
+
+    def record(self, ts: float, kind: str, outcome: str, detail: dict) -> None:
+        """Count a phone's participation-log event in its simulated UTC hour."""
+        if kind == "task" and outcome in ("interrupted", "error"):
+            outcome = f"{outcome}:{detail.get('reason', 'unknown')}"
+        if kind == "task":
+            kind = detail.get("task", "train")
+        with self._lock:
+            self.hourly[int(ts // 3600)][f"{kind}/{outcome}"] += 1
+
+    def on_upload(self, phone: Phone, assignment: Assignment, delta: np.ndarray, num_examples: int,
+                  answer: dict) -> None:
+        up = Upload(phone.profile.index, assignment.session_id, int(assignment.raw["round"]),
+                    assignment.model_version, num_examples, str(answer.get("status")),
+                    np.array(delta) if self.config.keep_deltas else None)
+        with self._lock:
+            self.uploads.append(up)
+
+    def prepare(self, threads: int = 8, progress: bool = True) -> None:
+        """Create every phone's data directory and example store now, rather than at its first
+        wake-up (a large fleet would otherwise spend its first simulated minutes writing them)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fill(phone: Phone) -> None:
+            if not (phone.dir / "examples.db").exists():
+                phone._build().close()
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(tqdm(pool.map(fill, self.phones), total=len(self.phones), desc="phones",
+                      unit="phone", disable=not progress))
+
+    # -- running -----------------------------------------------------------------
+
+    def run(self, until: Callable[[FleetStatus], bool] = lambda s: False,
+            max_sim_s: float = float("inf"), max_wall_s: float = float("inf"),
+            progress_total: int | None = None, poll_s: float = 1.0, progress: bool = True,
+            on_status: Callable[[FleetStatus], None] | None = None) -> FleetStatus:
+        """Run the phones until `until(status)`, `max_sim_s` simulated or `max_wall_s` real seconds.
+
+        The server's operator endpoints are polled every `poll_s` (real) seconds
+        for the progress bar, `until` and `on_status`.
+        """
+        clock, speed = self.config.clock, self.config.clock.speed
+        start_sim, start_wall = clock.now(), time.monotonic()
+        rng = np.random.default_rng(self.config.seed)
+        heap = [(start_wall + rng.uniform(0, 600) / speed, i) for i in range(len(self.phones))]
+        heapq.heapify(heap)
+        cond = threading.Condition()
+
+        def worker() -> None:
+            while not self.stop.is_set():
+                with cond:
+                    while not self.stop.is_set():
+                        due, i = heap[0] if heap else (float("inf"), -1)
+                        if due <= time.monotonic():
+                            heapq.heappop(heap)
+                            break
+                        cond.wait(min(due - time.monotonic(), 0.25))
+                    else:
+                        return
+                wait = self._wake(self.phones[i])
+                with cond:
+                    heapq.heappush(heap, (time.monotonic() + wait / speed, i))
+                    cond.notify()
+
+        threads = [threading.Thread(target=worker, name=f"fleet-{k}", daemon=True)
+                   for k in range(min(self.config.workers, len(self.phones)))]
+        for t in threads:
+            t.start()
+        bar = tqdm(total=progress_total, desc="rounds", unit="round", disable=not progress,
+                   dynamic_ncols=True)
+        status = FleetStatus(start_sim, [], [])
+        try:
+            while True:
+                time.sleep(poll_s)
+                status = self.status() or status
+                bar.n = status.train_completed
+                bar.set_postfix_str(self._postfix(status), refresh=True)
+                if on_status is not None:
+                    on_status(status)
+                if (until(status) or status.sim_now - start_sim >= max_sim_s
+                        or time.monotonic() - start_wall >= max_wall_s):
+                    break
+        finally:
+            self.stop.set()
+            with cond:
+                cond.notify_all()
+            for t in threads:
+                t.join(timeout=120)
+            bar.close()
+        return self.status() or status
+
+    def _wake(self, phone: Phone) -> float:
+        try:
+            with self._lock:
+                self.wakes += 1
+            return phone.wake()
+        except Exception:   # a runtime bug must not stop the fleet; it is counted and reported
+            with self._lock:
+                self.errors.append(f"phone {phone.profile.index}: {traceback.format_exc()[-1500:]}")
+            log.exception("phone %d failed", phone.profile.index)
+            return 1800.0
+
+    def status(self) -> FleetStatus | None:
+        base = f"{self.config.server_url}/v1/populations/{self.config.population}"
+        try:
+            rounds = requests.get(f"{base}/rounds?limit=1000", timeout=30).json()["rounds"]
+            versions = requests.get(f"{base}/versions?limit=1000", timeout=30).json()["versions"]
+        except (requests.RequestException, ValueError, KeyError):
+            return None
+        return FleetStatus(self.config.clock.now(), rounds, versions)
+
+    def _postfix(self, s: FleetStatus) -> str:
+        now = time.strftime("%a %H:%M", time.gmtime(s.sim_now))
+        current = next((r for r in s.rounds if r["state"] in ("selecting", "reporting")), None)
+        cur = (f" | round {current['round']} {current['task']}: {current['selected']} sel "
+               f"{current['reported']} rep" if current else "")
+        return (f"sim {now} UTC | published {len(s.published)} | training {self.pool.busy}"
+                f"{cur}")
+
+    def close(self) -> None:
+        self.stop.set()
+        for phone in self.phones:
+            phone.close()
+        self.session.close()
+
+
+def build_fleet(config: FleetConfig, phones: int, client_texts: dict[str, Sequence[str]],
+                distinct_clients: bool = True) -> Fleet:
+    """A fleet of `phones` phones whose users are training clients of the corpus.
+
+    With `distinct_clients`, phones get different clients as long as there are
+    enough (a seeded sample); beyond that, clients are reused round-robin.
+    """
+    ids = sorted(client_texts)
+    rng = np.random.default_rng(config.seed)
+    ids = [ids[i] for i in rng.permutation(len(ids))] if distinct_clients else ids
+    profiles = make_profiles(phones, ids, config.mix, config.seed)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return Fleet(config, profiles, client_texts)

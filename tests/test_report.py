@@ -1,0 +1,34 @@
+"""benchmarks/report.py: REPORT.md and the README's table from whatever results exist."""
+from __future__ import annotations
+
+import json
+
+from benchmarks.report import headline, machine, render, update_readme
+
+FLEET = {"max_phones": 10000, "phones_per_round": 988.1, "wall_s_per_round": 22.3,
+         "rounds_per_simulated_night": 28.9, "clock_speed": 40.0}
+DEMO = {"wall_s": 300.0, "rounds": 30, "published_versions": 4, "phones": 240,
+        "initial": {"top1": 0.0001, "top3": 0.0001, "loss": 9.21},
+        "final": {"top1": 0.0964, "top3": 0.1521, "loss": 6.63}}
+
+
+def test_the_report_describes_the_machine_and_every_result(tmp_path):
+    (tmp_path / "fleet.json").write_text(json.dumps(FLEET))
+    (tmp_path / "demo.json").write_text(json.dumps(DEMO))
+    (tmp_path / "extra.json").write_text(json.dumps({"x": 1}))
+    results = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    text = render(results, tmp_path)
+    m = machine()
+    assert m["cores"] and m["packages"]["tensorflow-federated"] in text
+    assert "10,000 phones" in text and "28.9" in text and "9.64%" in text
+    assert "Not yet measured: run `make bench-quality`" in text   # missing results say how to get them
+    assert '"x": 1' in text                                        # unknown files are kept, raw
+
+
+def test_the_readme_block_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:begin -->\nold\n<!-- bench:end -->\nrest\n")
+    assert update_readme(headline({"fleet": FLEET, "demo": DEMO}), readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| fleet | 10,000 phones, 988 per round" in text and "loss 9.21 → 6.63" in text
