@@ -35,7 +35,8 @@ TARGETS = {"app_model_bytes_max": 1_600_000, "suggest_ms_p50_max": 2.0,
 
 
 def find_checkpoint(config) -> Path | None:
-    """The newest checkpoint under runs/ whose metadata says it is `config`."""
+    """The newest checkpoint under runs/ whose metadata says it is `config` and
+    that has its vocabulary beside it (or in its parent directory), as an export needs."""
     import dataclasses
 
     from models.weights import load_checkpoint
@@ -46,7 +47,8 @@ def find_checkpoint(config) -> Path | None:
             _, _, meta = load_checkpoint(path)
         except Exception:  # noqa: BLE001 - a foreign or half-written file is simply not a candidate
             continue
-        if meta.get("model_config") == dataclasses.asdict(config):
+        has_vocab = any((d / "vocab.json").is_file() for d in (path.parent, path.parent.parent))
+        if meta.get("model_config") == dataclasses.asdict(config) and has_vocab:
             found.append((path.stat().st_mtime, path))
     return max(found)[1] if found else None
 
