@@ -32,7 +32,7 @@ class QualityConfig:
     central_epochs: int = 3
     central_batch_size: int = 64
     central_lr: float = 2e-3
-    rounds: int = 230
+    rounds: int = 210
     clients_per_round: int = 20
     local_epochs: int = 1
     batch_size: int = 16
@@ -40,7 +40,7 @@ class QualityConfig:
     client_clip_norm: float = 1.0
     server_optimizer: str = "adam"
     server_lr: float = 0.01
-    eval_every: int = 46
+    eval_every: int = 42
     seed: int = 0
 
 
