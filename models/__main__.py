@@ -50,7 +50,10 @@ def cmd_simulate(args) -> None:
                            max_client_examples=args.max_client_examples,
                            client_lr=args.client_lr, client_clip_norm=args.client_clip_norm,
                            server_optimizer=args.server_optimizer,
-                           server_lr=args.server_lr, eval_every=args.eval_every,
+                           server_lr=args.server_lr,
+                           server_lr_warmup_rounds=args.server_lr_warmup_rounds,
+                           server_lr_decay_rounds=args.server_lr_decay_rounds,
+                           eval_every=args.eval_every,
                            max_eval_windows=args.max_eval_windows, seed=args.seed)
     initial = _read_checkpoint(args.init, config) if args.init else None
     corpus = _load_corpus(args, config)
@@ -158,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip each client step's gradient to this global L2 norm")
     s.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default=d.server_optimizer)
     s.add_argument("--server-lr", type=float, default=d.server_lr)
+    s.add_argument("--server-lr-warmup-rounds", type=int, default=d.server_lr_warmup_rounds,
+                   help="ramp the server learning rate linearly up over this many rounds")
+    s.add_argument("--server-lr-decay-rounds", type=int, default=d.server_lr_decay_rounds,
+                   help="ramp it linearly down to ~0 over this many final rounds")
     s.add_argument("--eval-every", type=int, default=d.eval_every)
     s.add_argument("--max-eval-windows", type=int, default=None)
     s.add_argument("--seed", type=int, default=d.seed)
@@ -192,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in positive:
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    for name in ("server_lr_warmup_rounds", "server_lr_decay_rounds"):
+        if getattr(args, name, 0) < 0:
+            print(f"error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
             return 2
     try:
         args.func(args)

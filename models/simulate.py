@@ -44,6 +44,8 @@ class SimulationConfig:
     client_clip_norm: float | None = None  # clip each client step's gradient to this global L2 norm
     server_optimizer: str = "adam"  # one of SERVER_OPTIMIZERS (TFF's own implementations)
     server_lr: float = 0.01       # server optimizer learning rate
+    server_lr_warmup_rounds: int = 0  # ramp the server lr linearly up over the first k rounds
+    server_lr_decay_rounds: int = 0   # ramp it linearly down to ~0 over the last k rounds
     eval_every: int = 5           # held-out evaluation (and checkpoint) every k rounds
     max_eval_windows: int | None = None  # cap on held-out windows evaluated (None: all)
     seed: int = 0                 # client sampling and shuffling
@@ -67,13 +69,18 @@ def server_optimizer(name: str, learning_rate: float):
 
 def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
                    max_examples: int | None = None) -> tf.data.Dataset:
-    """(x, y) batches of one client in `models.batching` order."""
-    parts = [tf.data.Dataset.from_tensor_slices(windows[order]).batch(batch_size)
-             for order in epoch_orders(len(windows), epochs, seed, max_examples)]
+    """(x, y) batches of one client in `models.batching` order.
+
+    Inputs and targets are sliced in NumPy: a `map` would add a traced
+    function to every client's serialized dataset.
+    """
+    parts = [tf.data.Dataset.from_tensor_slices((w[:, :-1], w[:, 1:])).batch(batch_size)
+             for w in (windows[order]
+                       for order in epoch_orders(len(windows), epochs, seed, max_examples))]
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.concatenate(p)
-    return ds.map(lambda w: (w[:, :-1], w[:, 1:]))
+    return ds
 
 
 def build_process(model_config: ModelConfig, sim: SimulationConfig):
@@ -83,9 +90,32 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig):
         client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=sim.client_lr)
     else:
         client_optimizer = build_clipped_sgd(sim.client_lr, sim.client_clip_norm)
+    server = server_optimizer(sim.server_optimizer, sim.server_lr)
+    if sim.server_lr_warmup_rounds > 0 or sim.server_lr_decay_rounds > 0:
+        server = tff.learning.optimizers.schedule_learning_rate(server, lr_schedule(
+            sim.server_lr, sim.rounds, sim.server_lr_warmup_rounds, sim.server_lr_decay_rounds))
     return tff.learning.algorithms.build_weighted_fed_avg(
         tff_model_fn(model_config), client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=server_optimizer(sim.server_optimizer, sim.server_lr))
+        server_optimizer_fn=server)
+
+
+def lr_schedule(learning_rate: float, rounds: int, warmup: int, decay: int):
+    """round index i (from 0) → lr · min(1, (i+1)/warmup) · min(1, (rounds-i)/decay).
+
+    A ramp up, then constant, then a linear ramp down to ~0 at the last round.
+    The decay is what `make bench-quality` uses: it averages out the noise of
+    client sampling that a high constant server rate leaves in the final
+    model. The warmup is for experiments; with FedAdam at 0.03 it moved the
+    early loss spike to where the rate peaked rather than removing it
+    (benchmarks/TUNING.md).
+    """
+    def schedule(round_index):
+        i = tf.cast(round_index, tf.float32)
+        up = (i + 1.0) / float(max(warmup, 1))
+        down = (float(rounds) - i) / float(max(decay, 1))
+        return learning_rate * tf.clip_by_value(tf.minimum(up, down), 0.0, 1.0)
+
+    return schedule
 
 
 def build_clipped_sgd(learning_rate: float, clip_norm: float):

@@ -9,6 +9,7 @@ inside `tff_session()`, and `stop_workers()` is also registered at exit.
 from __future__ import annotations
 
 import atexit
+import os
 import contextlib
 import signal
 import time
@@ -61,6 +62,10 @@ def tff_session() -> Iterator[object]:
     """Yields the `tensorflow_federated` module; stops its workers on the way out."""
     import tensorflow_federated as tff
 
+    # One computation call per core: TFF's default (unbounded) runs every
+    # client of a round at once, and on 2 cores that is ~10% slower.
+    tff.backends.native.set_sync_local_cpp_execution_context(
+        max_concurrent_computation_calls=os.cpu_count() or 1)
     try:
         yield tff
     finally:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from models.model import TINY
-from models.simulate import SimulationConfig, run_simulation
+from models.simulate import SimulationConfig, lr_schedule, run_simulation
 from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
 from models.weights import load_checkpoint
 from tests.e2e import tiny_corpus
@@ -45,6 +45,30 @@ def test_two_round_simulation_decreases_training_loss(small_corpus, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     # run_simulation stopped its worker on the way out
     assert not [p for p in worker_processes() if is_alive(p)]
+
+
+def test_server_lr_schedule_ramps_up_holds_and_ramps_down():
+    schedule = lr_schedule(0.03, rounds=100, warmup=10, decay=20)
+    lr = [float(schedule(i)) for i in range(100)]
+    assert lr[0] == pytest.approx(0.003) and lr[4] == pytest.approx(0.015)
+    assert lr[9] == pytest.approx(0.03) and lr[50] == pytest.approx(0.03)
+    assert lr[80] == pytest.approx(0.03) and lr[90] == pytest.approx(0.015)
+    assert lr[99] == pytest.approx(0.0015)
+    assert all(b <= a for a, b in zip(lr[80:], lr[81:]))
+    flat = lr_schedule(0.01, rounds=5, warmup=0, decay=0)
+    assert [float(flat(i)) for i in range(5)] == pytest.approx([0.01] * 5)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--server-lr-decay-rounds", "-1", "--server-lr-decay-rounds must be >= 0"),
+    ("--server-lr-warmup-rounds", "-5", "--server-lr-warmup-rounds must be >= 0"),
+    ("--rounds", "0", "--rounds must be >= 1"),
+])
+def test_simulate_refuses_bad_flags_by_name(flag, value, message, capsys):
+    from models.__main__ import main
+
+    assert main(["simulate", "--config", "tiny", flag, value]) == 2
+    assert message in capsys.readouterr().err
 
 
 def _workers_with_marker(marker: str) -> list[psutil.Process]:
