@@ -1,17 +1,31 @@
 """Benchmarks: `make bench` runs them all and writes benchmarks/results/*.json."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_result(path: str | Path, result: dict) -> Path:
-    """Write a benchmark's figures as JSON, print them, and say where they went."""
+def write_result(path: str | Path, result: dict, show: bool = True) -> Path:
+    """Write a benchmark's figures as JSON and say where they went (and print them if `show`).
+
+    Benchmarks that end with their own summary table pass show=False.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    if show:
+        print(json.dumps(result, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One `--field-name` flag per field of a benchmark's config dataclass, its default the field's."""
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        value = getattr(defaults, f.name)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)

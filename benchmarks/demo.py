@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -32,8 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import psutil
 from tqdm import tqdm
 
+from benchmarks import RESULTS, add_config_flags, write_result
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 POPULATION = "en-keyboard"
 DEMO_START_UTC = 1_795_464_000.0   # Mon 2026-11-23 20:00 UTC: night in Asia, evening in Europe
 # Where the phones are: twelve time zones two hours apart, so some are always at night and rounds
@@ -121,10 +121,7 @@ def main() -> int:
     from tests.e2e import init_population
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = DemoConfig()
-    for f in dataclasses.fields(DemoConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name))
+    add_config_flags(p, DemoConfig)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
     args = vars(p.parse_args())
     out = args.pop("out")
@@ -177,7 +174,7 @@ def main() -> int:
               "phones": cfg.phones, "eval_windows": quality["windows"], "timings_s": timings,
               "population": POPULATION_SETTINGS, "demo": dataclasses.asdict(cfg),
               "versions": quality["versions"], "fleet": {k: v for k, v in summary.items() if k != "rounds"}}
-    (RESULTS / "demo.json").write_text(json.dumps(result, indent=2))
+    write_result(RESULTS / "demo.json", result, show=False)
     print(summary_table(quality))
     print(f"\nwall time {wall / 60:.1f} min (prepare {timings['prepare_s']:.0f} s, fleet "
           f"{timings['fleet_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s); "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import shutil
@@ -35,8 +34,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks import RESULTS, add_config_flags, write_result
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 NIGHT_START_UTC = 1_795_474_800.0   # Mon 2026-11-23 23:00 UTC (midnight in UTC+1)
 
 
@@ -119,10 +119,7 @@ def run(cfg: FleetBench, work: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = FleetBench()
-    for f in dataclasses.fields(FleetBench):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name))
+    add_config_flags(p, FleetBench)
     p.add_argument("--work-dir", type=Path, help="default: a temporary directory (in /dev/shm if present)")
     p.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
     args = vars(p.parse_args())
@@ -135,9 +132,7 @@ def main() -> None:
     finally:
         if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(out, result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -22,8 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from benchmarks import RESULTS, add_config_flags, write_result
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 
 
 @dataclasses.dataclass
@@ -140,17 +140,14 @@ def main() -> None:
 
     install_exit_handlers()
     p = argparse.ArgumentParser(description=__doc__)
-    d = QualityConfig()
-    for f in dataclasses.fields(QualityConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)),
-                       default=getattr(d, f.name))
+    add_config_flags(p, QualityConfig)
     p.add_argument("--work-dir", default=str(REPO / "runs" / "bench-quality"))
     args = vars(p.parse_args())
     work_dir = Path(args.pop("work_dir"))
     cfg = QualityConfig(**args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = run(cfg, work_dir)
-    (RESULTS / "quality.json").write_text(json.dumps(report, indent=2))
+    write_result(RESULTS / "quality.json", report, show=False)
     update_readme(report)
     print(table(report))
 
