@@ -147,12 +147,22 @@ class MaskedCrossEntropy(tf.keras.losses.Loss):
 
 
 def suggestion_hits(targets: tf.Tensor, logits: tf.Tensor, k: int) -> tf.Tensor:
-    """1.0 where the target is among the top-k suggestions (see models.metrics)."""
-    banned = tf.reduce_sum(tf.one_hot(list(NEVER_SUGGEST), tf.shape(logits)[-1]), axis=0)
-    scores = tf.where(banned > 0, tf.constant(-float("inf"), logits.dtype), logits)
-    _, top = tf.math.top_k(scores, k=k)                         # [B, T, k]
-    hit = tf.reduce_any(tf.equal(top, tf.cast(targets, tf.int32)[..., None]), axis=-1)
-    return tf.cast(hit, tf.float32)
+    """1.0 where the target is among the top-k suggestions (see models.metrics).
+
+    Counts rather than sorts: the target is suggested iff it may be suggested
+    and fewer than k suggestible words outrank it (a higher score, or an equal
+    score and a lower id — `models.metrics.suggestions`' order). A `top_k`
+    over the masked vocabulary gives the same answer but cost a fifth of a
+    Gboard-size training step; this costs a few elementwise passes.
+    """
+    targets = tf.cast(targets, tf.int32)                                    # [..., T]
+    vocab = tf.shape(logits)[-1]
+    suggestible = 1.0 - tf.reduce_sum(tf.one_hot(list(NEVER_SUGGEST), vocab), axis=0)  # [V]
+    score = tf.gather(logits, targets[..., None], batch_dims=targets.shape.rank)  # [..., T, 1]
+    outranks = tf.logical_or(logits > score, tf.logical_and(
+        tf.equal(logits, score), tf.range(vocab) < targets[..., None]))      # [..., T, V]
+    rank = tf.reduce_sum(tf.cast(outranks, tf.float32) * suggestible, axis=-1)
+    return tf.cast(rank < k, tf.float32) * tf.gather(suggestible, targets)
 
 
 class SuggestionRecall(tf.keras.metrics.Mean):

@@ -94,9 +94,15 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig):
     if sim.server_lr_warmup_rounds > 0 or sim.server_lr_decay_rounds > 0:
         server = tff.learning.optimizers.schedule_learning_rate(server, lr_schedule(
             sim.server_lr, sim.rounds, sim.server_lr_warmup_rounds, sim.server_lr_decay_rounds))
+    # TFF's default loop (DATASET_REDUCE) runs each client's training as a
+    # tf.data reduce, which costs the C++ runtime ~0.1 s per client to set up
+    # and skips graph optimization of the step; iterating the dataset halves
+    # a Gboard-size round (4.9 s against 9.7 s for 10 clients × 6 batches,
+    # benchmarks/TUNING.md) and computes the same update up to float rounding.
     return tff.learning.algorithms.build_weighted_fed_avg(
         tff_model_fn(model_config), client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=server)
+        server_optimizer_fn=server,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
 
 
 def lr_schedule(learning_rate: float, rounds: int, warmup: int, decay: int):
