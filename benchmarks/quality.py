@@ -32,17 +32,17 @@ class QualityConfig:
     central_epochs: int = 3
     central_batch_size: int = 64
     central_lr: float = 2e-3
-    rounds: int = 360
+    rounds: int = 540
     clients_per_round: int = 10
     local_epochs: int = 1
     batch_size: int = 16
-    client_lr: float = 0.3
+    client_lr: float = 1.0
     client_clip_norm: float = 1.0
     server_optimizer: str = "adam"
     server_lr: float = 0.03
     server_lr_warmup_rounds: int = 0
-    server_lr_decay_rounds: int = 120
-    eval_every: int = 120
+    server_lr_decay_rounds: int = 180
+    eval_every: int = 180
     seed: int = 0
 
 
