@@ -194,15 +194,14 @@ def main(argv: list[str] | None = None) -> int:
 
     install_exit_handlers()
     args = build_parser().parse_args(argv)
-    positive = ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
-                "epochs", "max_client_examples", "max_eval_windows")
-    for name in positive:
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    for name in ("server_lr_warmup_rounds", "server_lr_decay_rounds"):
-        if getattr(args, name, 0) < 0:
-            print(f"error: --{name.replace('_', '-')} must be >= 0", file=sys.stderr)
+    minimum = {name: 1 for name in ("rounds", "clients_per_round", "local_epochs", "batch_size",
+                                     "eval_every", "epochs", "max_client_examples",
+                                     "max_eval_windows")}
+    minimum.update(server_lr_warmup_rounds=0, server_lr_decay_rounds=0)
+    for name, least in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            print(f"error: --{name.replace('_', '-')} must be >= {least}", file=sys.stderr)
             return 2
     try:
         args.func(args)

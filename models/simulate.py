@@ -74,9 +74,9 @@ def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
     Inputs and targets are sliced in NumPy: a `map` would add a traced
     function to every client's serialized dataset.
     """
-    parts = [tf.data.Dataset.from_tensor_slices((w[:, :-1], w[:, 1:])).batch(batch_size)
-             for w in (windows[order]
-                       for order in epoch_orders(len(windows), epochs, seed, max_examples))]
+    x, y = windows[:, :-1], windows[:, 1:]
+    parts = [tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size)
+             for order in epoch_orders(len(windows), epochs, seed, max_examples)]
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.concatenate(p)
@@ -95,7 +95,7 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig):
         server = tff.learning.optimizers.schedule_learning_rate(server, lr_schedule(
             sim.server_lr, sim.rounds, sim.server_lr_warmup_rounds, sim.server_lr_decay_rounds))
     # TFF's default loop (DATASET_REDUCE) runs each client's training as a
-    # tf.data reduce: the C++ runtime pays ~0.1 s per client to set it up, and
+    # tf.data reduce: the C++ runtime pays ~0.2 s per client to set it up, and
     # the step runs slower inside it. Iterating the dataset instead halves
     # a Gboard-size round (4.9 s against 9.7 s for 10 clients × 6 batches,
     # benchmarks/TUNING.md) and computes the same update up to float rounding.

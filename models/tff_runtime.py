@@ -9,8 +9,8 @@ inside `tff_session()`, and `stop_workers()` is also registered at exit.
 from __future__ import annotations
 
 import atexit
-import os
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
