@@ -32,3 +32,21 @@ def test_the_readme_block_is_replaced_between_its_markers(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
     assert "| fleet | 10,000 phones, 988 per round" in text and "loss 9.21 → 6.63" in text
+
+
+def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
+    import copy
+
+    from benchmarks.quality import QualityConfig, table
+
+    report = {"config": vars(QualityConfig()), "heldout_clients": 226, "heldout_positions": 200_000,
+              "wall_s": 2340.0,
+              "results": {"ngram": {"top1": 0.1557, "top3": 0.2647},
+                          "central": {"top1": 0.1583, "top3": 0.2676},
+                          "federated": {"top1": 0.1560, "top3": 0.2628}}}
+    text = table(report)
+    assert "| CIFG, federated (600 rounds × 10 clients, FedAdam) | 15.60% | 26.28% |" in text
+    assert "0.03 points above the n-gram's (60 held-out positions)" in text
+    behind = copy.deepcopy(report)
+    behind["results"]["federated"]["top1"] = 0.1545
+    assert "0.12 points below the n-gram's (240 held-out positions): it does not yet beat it" in table(behind)
