@@ -50,3 +50,6 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
     behind = copy.deepcopy(report)
     behind["results"]["federated"]["top1"] = 0.1545
     assert "0.12 points below the n-gram's (240 held-out positions): it does not yet beat it" in table(behind)
+    ahead = copy.deepcopy(report)
+    ahead["results"]["federated"]["top1"] = 0.1657
+    assert "1.00 points above the n-gram's (2,000 held-out positions).\n" in table(ahead)
