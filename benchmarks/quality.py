@@ -108,12 +108,15 @@ def table(report: dict) -> str:
     lines += [f"| {name} | {v['top1']:.2%} | {v['top3']:.2%} |" for name, v in rows]
     gap = r["federated"]["top1"] - r["ngram"]["top1"]
     lines.append("")
+    if gap <= 0:
+        verdict = ": it does not yet beat it (see benchmarks/TUNING.md)."
+    elif gap < THIN_MARGIN:
+        verdict = ". The margin is thin: see benchmarks/TUNING.md for the runs around it."
+    else:
+        verdict = "."
     lines.append(f"The federated CIFG's top-1 is {abs(gap) * 100:.2f} points "
                  f"{'above' if gap > 0 else 'below'} the n-gram's "
-                 f"({abs(gap) * report['heldout_positions']:,.0f} held-out positions)"
-                 + (": it does not yet beat it (see benchmarks/TUNING.md)." if gap <= 0 else
-                    ". The margin is thin: see benchmarks/TUNING.md for the runs around it."
-                    if gap < THIN_MARGIN else "."))
+                 f"({abs(gap) * report['heldout_positions']:,.0f} held-out positions){verdict}")
     lines.append("")
     lines.append(f"Held-out: {report['heldout_clients']} clients, {report['heldout_positions']:,} "
                  f"positions. Federated: client SGD lr {c['client_lr']} (gradient clip "
