@@ -6,16 +6,16 @@
 3. the real server — `python -m server init`, then `python -m server run`
    (gunicorn, SQLite, a local artifact folder) on a loopback port, on a
    simulated clock;
-4. a fleet of phones (`device_runtime.fleet`): each a real device runtime
+4. a fleet of phones (`emulation.fleet`): each a real device runtime
    whose user is one training client of the corpus, in one of six time
    zones, charging overnight (mostly), training when its policy allows;
 5. rounds until enough have completed and at least two app-model versions
    are published; then the held-out quality of every evaluated and
-   published version (`models.central.evaluate`, `models.metrics`), a
+   published version (`models.central.evaluate`, `contract.metrics`), a
    summary, two PNGs and `benchmarks/results/demo.json`;
 6. every process it started is stopped, and that is checked.
 
-It uses the same harness as the end-to-end tests (tests/e2e.py), so the demo
+It uses the same harness as the end-to-end tests (`emulation`), so the demo
 runs exactly what the tests check.
 """
 from __future__ import annotations
@@ -72,21 +72,20 @@ def prepare(cfg: DemoConfig, out: Path):
     """Corpus, initial Gboard model and its training plan, server config with the shared clock."""
     from models.corpus import load_corpus
     from models.model import GBOARD
-    from tests.e2e import clock_settings, initial_model, write_server_config
+    from emulation.deployment import initial_model, simulated_clock, write_server_config
 
     corpus = load_corpus(vocab_size=GBOARD.vocab_size - 4, seq_len=GBOARD.seq_len)
     model = initial_model(out / "model", corpus, GBOARD)
     config = write_server_config(out / "server", POPULATION, **POPULATION_SETTINGS,
-                                 server=clock_settings(DEMO_START_UTC, cfg.clock_speed))
+                                 server=simulated_clock(DEMO_START_UTC, cfg.clock_speed))
     return corpus, model, config
 
 
 def run_fleet(cfg: DemoConfig, out: Path, server, corpus):
-    from device_runtime.fleet import FleetConfig, FleetStatus, build_fleet, shared_clock
-    from device_runtime.fleet_cli import clock_settings
-    from device_runtime.fleet_world import FleetMix
+    from emulation.fleet import FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
+    from emulation.world import FleetMix
 
-    start, speed, epoch = clock_settings(server.config)
+    start, speed, epoch = read_server_clock(server.config)
     fleet = build_fleet(FleetConfig(server.url, out / "fleet", POPULATION, shared_clock(start, speed, epoch),
                                     workers=cfg.workers, trainers=cfg.trainers, mix=FleetMix(zones_h=ZONES),
                                     seed=cfg.seed),
@@ -116,9 +115,9 @@ def run_fleet(cfg: DemoConfig, out: Path, server, corpus):
 
 def main() -> int:
     from benchmarks.demo_report import evaluate_versions, plot_participation, plot_quality, summary_table
-    from device_runtime.fleet_cli import format_summary, summarize
-    from server.testing import ServerProcess, free_port
-    from tests.e2e import init_population
+    from emulation.deployment import init_population
+    from emulation.report import format_summary, summarize
+    from emulation.server_process import ServerProcess, free_port
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_flags(p, DemoConfig)

@@ -1,6 +1,6 @@
 """The demo's results: held-out quality of the server's model versions, a table, two PNGs.
 
-Quality is measured the one way every Nightjar number is (`models.metrics`
+Quality is measured the one way every Nightjar number is (`contract.metrics`
 through `models.central.evaluate`), on a fixed, seeded sample of the windows
 of the held-out clients — people whose text no phone in the fleet typed.
 """
@@ -27,7 +27,7 @@ def evaluate_versions(url: str, status, model, corpus, n_windows: int,
     """Held-out metrics of the initial version, every `every`-th version, every published one
     and the last one; checkpoints are fetched from the server by hash."""
     from models.central import evaluate
-    from models.weights import load_checkpoint
+    from contract.weights import load_checkpoint
 
     windows = heldout_sample(corpus, n_windows, seed)
     versions = sorted(status.versions, key=lambda v: v["version"])
@@ -55,7 +55,7 @@ def evaluate_versions(url: str, status, model, corpus, n_windows: int,
 
 def summary_table(quality: dict) -> str:
     lines = [f"held-out quality ({quality['windows']:,} windows sampled from the {quality['clients']} "
-             f"held-out clients; models.metrics):",
+             f"held-out clients; contract.metrics):",
              f"{'version':>8} {'top-1':>7} {'top-3':>7} {'loss':>6}  {'on-device eval top-3':>20}  published"]
     for q in quality["versions"]:
         name = "initial" if q["version"] == 0 else str(q["version"])

@@ -2,7 +2,7 @@
 
 `make bench-device` exports the Gboard plan from the seeded initial weights
 (`models.simulate.initial_weights(GBOARD)`), starts the real server (gunicorn,
-SQLite, loopback; tests/e2e.py's helpers) with one population whose rounds
+SQLite, loopback; emulation.deployment's helpers) with one population whose rounds
 need one report, and runs one device holding the largest training client of
 the Shakespeare corpus (by windows) through two check-ins:
 
@@ -68,7 +68,7 @@ def phone(server_url: str, data: Path, texts_file: Path) -> dict:
 def gboard_model(root: Path, corpus):
     """The seeded initial Gboard model, its checkpoint, vocabulary and training plan (timed)."""
     from models.model import GBOARD
-    from tests.e2e import initial_model
+    from emulation.deployment import initial_model
 
     t0 = time.monotonic()
     model = initial_model(root, corpus, GBOARD)
@@ -88,7 +88,7 @@ def summarize(task: dict) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from benchmarks.export import _cpu_name
     from models.corpus import load_corpus
-    from tests.e2e import start_server
+    from emulation.deployment import start_server
 
     load_start = os.getloadavg()
     corpus = load_corpus()
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def estimate_mib(plan_dir: Path, texts: int) -> float:
     from device_runtime.task import estimated_task_memory_mb
-    from tflite_export.manifest import read_manifest
+    from contract.manifest import read_manifest
 
     return estimated_task_memory_mb(read_manifest(plan_dir / "plan.manifest.json"), texts, 1)
 

@@ -39,7 +39,7 @@ def find_checkpoint(config) -> Path | None:
     that has its vocabulary beside it (or in its parent directory), as an export needs."""
     import dataclasses
 
-    from models.weights import load_checkpoint
+    from contract.weights import load_checkpoint
 
     found = []
     for path in (REPO / "runs").glob("**/*.safetensors"):
@@ -82,7 +82,7 @@ def warm_up(config, train: np.ndarray, steps: int, seed: int = 0) -> np.ndarray:
 def float_top1(config, flat: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """The float Keras model's top-1 suggestion at every position of `windows` [n, T]."""
     from models.central import set_flat_weights
-    from models.metrics import suggestions
+    from contract.metrics import suggestions
     from models.model import build_keras_model
 
     model = build_keras_model(config)

@@ -53,13 +53,13 @@ class FleetBench:
 
 
 def run(cfg: FleetBench, work: Path) -> dict:
-    from device_runtime.fleet import FleetConfig, build_fleet, shared_clock
-    from device_runtime.fleet_cli import clock_settings as read_clock, format_summary, summarize
-    from device_runtime.fleet_world import FleetMix
+    from emulation.deployment import init_population, simulated_clock, tiny_model, write_server_config
+    from emulation.fleet import FleetConfig, build_fleet, read_server_clock, shared_clock
+    from emulation.report import format_summary, summarize
+    from emulation.server_process import ServerProcess, free_port
+    from emulation.world import FleetMix
     from models.corpus import load_corpus
     from models.model import TINY
-    from server.testing import ServerProcess, free_port
-    from tests.e2e import clock_settings, init_population, tiny_model, write_server_config
 
     corpus = load_corpus(vocab_size=TINY.vocab_size - 4)
     model = tiny_model(work / "model", corpus)
@@ -79,12 +79,12 @@ def run(cfg: FleetBench, work: Path) -> dict:
                       client_lr=0.5, client_max_examples=32, eval_every=0, publish_every=0,
                       eligibility={"min_separation_s": 3600.0})
     config = write_server_config(work / "server", "en", **population,
-                                 server=clock_settings(NIGHT_START_UTC, cfg.clock_speed))
+                                 server=simulated_clock(NIGHT_START_UTC, cfg.clock_speed))
     init_population(config, model, "en")
     server = ServerProcess(config, free_port(), work / "server" / "server.log", workers=2, threads=16)
     try:
         server.start()
-        fc = fleet_config(shared_clock(*read_clock(config)), server.url)
+        fc = fleet_config(shared_clock(*read_server_clock(config)), server.url)
         fleet = build_fleet(fc, cfg.phones, corpus.train_texts)
         t1, sim0 = time.monotonic(), fc.clock.now()
         try:

@@ -4,7 +4,7 @@
 rounds than production) sized to finish in well under 45 minutes on 2 cores,
 writes `benchmarks/results/quality.json`, `benchmarks/results/quality.png`
 (the federated run's curves) and the table between the `quality` markers of
-README.md. All three models are scored by `models.metrics` on the same
+README.md. All three models are scored by `contract.metrics` on the same
 held-out clients.
 """
 from __future__ import annotations

@@ -218,7 +218,7 @@ class PeakRSS(threading.Thread):
 
 def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
     from models.model import GBOARD, weight_layout
-    from models.weights import save_checkpoint
+    from contract.weights import save_checkpoint
 
     layout = weight_layout(GBOARD)
     flat = np.random.default_rng(0).normal(0, 0.05, layout.size).astype(np.float32)
@@ -246,7 +246,7 @@ def check_aggregate(port: int, work: Path, bodies: list[bytes], size: int, repor
     """The round's new version must be exactly init + the weighted mean of all 1000 uploads."""
     import requests
 
-    from models.weights import load_checkpoint
+    from contract.weights import load_checkpoint
     from server.aggregation import decode_update
 
     versions = requests.get(f"http://127.0.0.1:{port}/v1/populations/ingest/versions", timeout=30).json()

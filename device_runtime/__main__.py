@@ -5,7 +5,6 @@
     status  --data DIR [--last N]
     add     --data DIR TEXT...          (what a keyboard app does as the user types)
     suggest --data DIR CONTEXT          (the latest installed app model's suggestions)
-    fleet   ...                         (the emulated fleet, see device_runtime.fleet)
 
 Errors name the flag or file at fault and exit with status 2.
 """
@@ -213,17 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, type=lambda v: _data_dir(v, must_exist=True))
     g.add_argument("context")
     g.set_defaults(func=cmd_suggest)
-    f = sub.add_parser("fleet", help="an emulated fleet of phones against a server (simulated time)",
-                       description=_fleet_cli().__doc__)
-    _fleet_cli().add_arguments(f)
-    f.set_defaults(func=lambda args: _fleet_cli().main(args))
     return p
-
-
-def _fleet_cli():
-    from device_runtime import fleet_cli
-
-    return fleet_cli
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from models.text import BOS_ID, split_sentences
-from tflite_export.errors import ArtifactError
+from contract.text import BOS_ID, split_sentences
+from contract.artifacts import ArtifactError
 from tflite_export.reader import AppModel, load_app_model
 
 MANIFEST_NAME = "app.manifest.json"

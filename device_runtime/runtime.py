@@ -46,10 +46,10 @@ from device_runtime.policy import TrainingPolicy
 from device_runtime.predictor import MANIFEST_NAME, Predictor
 from device_runtime.task import Task
 from device_runtime.transport import ServerUnavailable, Transport
-from models.text import split_sentences
-from tflite_export.errors import ArtifactError
-from tflite_export.manifest import Manifest, read_manifest
-from tflite_export.reader import TrainingPlan, load_plan
+from contract.text import split_sentences
+from contract.artifacts import ArtifactError
+from contract.manifest import Manifest, read_manifest
+from device_runtime.plans import PlanHost, ResidentPlan, plan_key
 
 RUNTIME_VERSION = "1.0.0"
 PLAN_MANIFEST = "plan.manifest.json"
@@ -62,7 +62,6 @@ class DeviceSettings:
     utc_offset_s: float = 0.0          # the device's time zone
     task_time_budget_s: float = 1800.0  # give up a task that would run longer than this
     unavailable_retry_s: tuple[float, float] = (600.0, 1200.0)  # server unreachable: back off
-    speed_factor: float = 1.0          # emulation: >1 makes training take longer in simulated time
     num_threads: int | None = 1        # LiteRT threads
     task_memory_budget_mb: float | None = None   # refuse tasks estimated to need more (None: free memory)
     min_separation_s: float = 0.0      # at least this long between two completed tasks
@@ -73,12 +72,19 @@ class DeviceSettings:
 
 
 class Device:
-    """A phone's runtime, with its own data directory (stores, cache, identity)."""
+    """A phone's runtime, with its own data directory (stores, cache, identity).
+
+    Its collaborators can be passed in (the fleet emulator shares an HTTP
+    connection pool, an artifact cache and a pool of LiteRT interpreters among
+    thousands of phones, and listens to their participation logs); by default
+    a device makes its own, as a phone does.
+    """
 
     def __init__(self, data_dir: str | Path, server_url: str, conditions: ConditionSource,
                  policy: TrainingPolicy = TrainingPolicy(), settings: DeviceSettings = DeviceSettings(),
                  clock: Clock | None = None, seed: int | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, cache: ArtifactCache | None = None,
+                 plans: PlanHost | None = None, opstats: OpStats | None = None):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock or RealClock()
@@ -86,14 +92,13 @@ class Device:
         self.rng = random.Random(seed)
         self.transport = transport or Transport(server_url, sleep=self.clock.sleep, seed=seed)
         self.client = ServerClient(self.transport)
-        self.cache = ArtifactCache(self.dir / "artifacts", self.transport,
-                                   max_bytes=settings.cache_max_bytes)
+        self.cache = cache or ArtifactCache(self.dir / "artifacts", self.transport,
+                                            max_bytes=settings.cache_max_bytes)
+        self.plans: PlanHost = plans or ResidentPlan(settings.num_threads)
         self.examples = ExampleStore(self.dir / "examples.db")
-        self.opstats = OpStats(self.dir / "opstats.db")
+        self.opstats = opstats or OpStats(self.dir / "opstats.db")
         self.predictor = Predictor()
         self.predictor.install_latest(self.dir / "app")
-        self._loaded: tuple[str, TrainingPlan] | None = None   # (plan manifest sha256, plan)
-        self._started_at = float("inf")   # start of the running task (clock time)
         self._next_app_check = float("-inf")
         self.stop = threading.Event()
 
@@ -184,10 +189,7 @@ class Device:
 
     def run_task(self, assignment: Assignment, texts: list[str]) -> str:
         """Train (or evaluate) and report; returns the outcome logged (see device_runtime.task)."""
-        try:
-            return Task(self, assignment, texts).run()
-        finally:
-            self._started_at = float("inf")
+        return Task(self, assignment, texts).run()
 
     def plan_manifest(self, assignment: Assignment) -> Manifest:
         """The assignment's plan manifest (downloaded first if needed: a few kB)."""
@@ -200,34 +202,18 @@ class Device:
         return {manifest.artifact: {"url": ref["url"], "sha256": ref["sha256"]},
                 manifest.vocab_file: assignment.raw["vocab"], PLAN_MANIFEST: ref["manifest"]}
 
-    def plan_loaded(self, assignment: Assignment) -> bool:
-        return self._loaded is not None and self._loaded[0] == assignment.raw["plan"]["manifest"]["sha256"]
+    def lay_out_plan(self, assignment: Assignment) -> Path:
+        """The assignment's plan files, verified, in a directory of their own; the manifest's path.
 
-    def _plan(self, assignment: Assignment) -> TrainingPlan:
-        """The assignment's plan, loaded in LiteRT; one stays loaded while rounds use it.
-
-        The fleet emulator overrides this to lend plans from a shared pool.
+        Only the current plan's directory is kept.
         """
-        key = assignment.raw["plan"]["manifest"]["sha256"]
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None
-            directory = self.cache.materialize(self.plan_files(assignment, self.plan_manifest(assignment)),
-                                               self.dir / "plans" / key)
-            self._loaded = (key, load_plan(directory / PLAN_MANIFEST, num_threads=self.settings.num_threads))
-            for other in (self.dir / "plans").iterdir():
-                if other.name != key:
-                    shutil.rmtree(other, ignore_errors=True)
-        return self._loaded[1]
-
-    def forget_plan(self) -> None:
-        """Drop the loaded plan (after a failure that may have left LiteRT half-way)."""
-        self._loaded = None
-
-    def _spend_simulated_time(self, real_seconds: float) -> None:
-        """Emulation: a slower phone takes longer; sleep the extra in simulated time."""
-        extra = real_seconds * (self.settings.speed_factor - 1.0)
-        if extra > 0:
-            self.clock.sleep(extra)
+        key = plan_key(assignment)
+        directory = self.cache.materialize(self.plan_files(assignment, self.plan_manifest(assignment)),
+                                           self.dir / "plans" / key)
+        for other in (self.dir / "plans").iterdir():
+            if other.name != key:
+                shutil.rmtree(other, ignore_errors=True)
+        return directory / PLAN_MANIFEST
 
     # -- suggestions --------------------------------------------------------
 

@@ -10,7 +10,7 @@ show where a task's time goes:
   the checkpoint is read and the stored text tokenized with the plan's
   vocabulary;
 * train (FedAvg's client step, `training.train_locally`) or eval (top-1/top-3
-  hits as `models.metrics` defines them, and the summed loss);
+  hits as `contract.metrics` defines them, and the summed loss);
 * upload: the delta or the counts.
 
 Every way a task can end is reported to the server and logged, and none
@@ -41,11 +41,11 @@ import numpy as np
 from device_runtime.client import Assignment, CorruptDownload, ProtocolError
 from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
 from device_runtime.transport import ServerUnavailable
-from models.metrics import Hits, count_hits
-from models.text import PAD_ID, split_sentences
-from models.weights import load_checkpoint
-from tflite_export.errors import ArtifactError
-from tflite_export.manifest import Manifest
+from contract.metrics import Hits, count_hits
+from contract.text import PAD_ID, split_sentences
+from contract.weights import load_checkpoint
+from contract.artifacts import ArtifactError
+from contract.manifest import Manifest
 from tflite_export.reader import TrainingPlan
 
 if TYPE_CHECKING:
@@ -96,8 +96,8 @@ class Task:
         self.batches = 0
         self.examples = 0
         self._running, self._mark = "download", self.started
-        device._started_at = self.started
         self._bytes = (device.transport.bytes_sent, device.transport.bytes_received)
+        self._plan: TrainingPlan | None = None   # held from prepare until the compute is done
 
     def run(self) -> str:
         """Run the task and report it; returns the outcome logged (see the module docstring)."""
@@ -113,12 +113,14 @@ class Task:
         except TaskFailed as e:
             return self._fail("interrupted" if e.reason != "error" else "error", e.reason, e.detail)
         except MemoryError:
-            self.d.forget_plan()
+            self._release_plan(healthy=False)
             return self._fail("interrupted", "out_of_memory", "MemoryError")
         except (CorruptDownload, ArtifactError, ProtocolError, ServerUnavailable, OSError,
                 ValueError, RuntimeError) as e:
-            self.d.forget_plan()   # LiteRT may have failed half-way: reload it next time
+            self._release_plan(healthy=False)   # LiteRT may have failed half-way: reload it next time
             return self._fail("error", "error", f"{type(e).__name__}: {e}")
+        finally:
+            self._release_plan(healthy=True)
         outcome = "completed" if status == "accepted" else "discarded"
         self._log(outcome, **({"reason": answer["reason"]} if answer.get("reason") else {}))
         return outcome
@@ -137,12 +139,12 @@ class Task:
             raise TaskFailed("error", "the assignment has no training plan")
         manifest = self.d.plan_manifest(self.a)
         self._check_memory(manifest)
-        if not self.d.plan_loaded(self.a):
+        if not self.d.plans.loaded(self.a):
             for file_ref in self.d.plan_files(self.a, manifest).values():
                 self.d.cache.get(file_ref)
         checkpoint = self.d.cache.get(self.a.raw["checkpoint"])
         self._next_phase("prepare")
-        plan = self.d._plan(self.a)
+        plan = self._plan = self.d.plans.acquire(self.a, lambda: self.d.lay_out_plan(self.a))
         layout, initial, _ = load_checkpoint(checkpoint)
         if layout != plan.layout:
             raise TaskFailed("error", "the checkpoint's weight layout is not the plan's")
@@ -203,15 +205,21 @@ class Task:
         return reasons[0] if reasons else None
 
     def _finish_compute(self, real_seconds: float) -> None:
-        """Emulation's extra time for a slower phone, then the conditions at the end.
+        """The plan's work is done: give it back, then check the conditions once more.
 
-        The plan is not touched after this (the fleet emulator takes its
-        interpreter back here); a later task starts by setting its weights.
+        The plan is not touched after this; a later task starts by setting its
+        weights.
         """
-        self.d._spend_simulated_time(real_seconds)
+        self._release_plan(healthy=True, compute_s=real_seconds)
         reason = self.should_stop()
         if reason:
             raise Interrupted(reason, self.batches)
+
+    def _release_plan(self, healthy: bool, compute_s: float = 0.0) -> None:
+        """Give the plan back to the device's `PlanHost` (once; later calls do nothing)."""
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            self.d.plans.release(self.a, plan, healthy=healthy, compute_s=compute_s)
 
     # -- outcomes -----------------------------------------------------------
 

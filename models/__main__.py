@@ -66,7 +66,7 @@ def cmd_simulate(args) -> None:
 def cmd_central(args) -> None:
     from models.central import train_central
     from models.model import weight_layout
-    from models.weights import save_checkpoint
+    from contract.weights import save_checkpoint
 
     config = _model_config(args.config)
     corpus = _load_corpus(args, config)
@@ -113,7 +113,7 @@ def cmd_evaluate(args) -> None:
 
 def _read_checkpoint(path: str, config):
     from models.model import weight_layout
-    from models.weights import load_checkpoint
+    from contract.weights import load_checkpoint
 
     if not Path(path).is_file():
         raise _UsageError(f"--checkpoint/--init: no file at {path}")

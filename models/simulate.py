@@ -2,12 +2,12 @@
 
 `run_simulation` drives TFF's `build_weighted_fed_avg` over the federated
 Shakespeare corpus: each round samples training clients, each client runs SGD
-over its own windows (in the order `models.batching` defines, the same order a
+over its own windows (in the order `contract.batching` defines, the same order a
 phone uses), and the server applies one of TFF's optimizers to the weighted
 average of the client deltas. It writes, under `out_dir`:
 
 * `metrics.jsonl` — one JSON object per round (and held-out evaluations);
-* `checkpoints/round_NNNN.safetensors` — global weights (see models.weights);
+* `checkpoints/round_NNNN.safetensors` — global weights (see contract.weights);
 * `vocab.json` — the vocabulary the weights belong to;
 * `curves.png` — training loss and held-out top-1/top-3 per round;
 * `summary.json` — configuration, final metrics, wall time.
@@ -23,12 +23,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from models.batching import epoch_orders, round_seed
+from contract.batching import epoch_orders, round_seed
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
 from models.model import ModelConfig, build_keras_model, tff_model_fn, weight_layout
 from models.tff_runtime import tff_session
-from models.weights import save_checkpoint
+from contract.weights import save_checkpoint
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 
@@ -69,7 +69,7 @@ def server_optimizer(name: str, learning_rate: float):
 
 def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
                    max_examples: int | None = None) -> tf.data.Dataset:
-    """(x, y) batches of one client in `models.batching` order.
+    """(x, y) batches of one client in `contract.batching` order.
 
     Inputs and targets are sliced in NumPy: a `map` would add a traced
     function to every client's serialized dataset.

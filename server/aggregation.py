@@ -4,7 +4,7 @@ Wire format of an update (the body of `POST /v1/sessions/<id>/update`): a
 safetensors file with exactly one tensor, `"delta"`, float32, shape `[N]`,
 where N is the population's `WeightLayout.size` and the vector is
 `trained weights - downloaded weights`, flattened in layout order (see
-`models.weights`). Safetensors is a header plus raw little-endian data: no
+`contract.weights`). Safetensors is a header plus raw little-endian data: no
 code runs on load, unlike pickle.
 
 Aggregation follows Flower's strategy split: `validate_update` decides whether

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 
-from models.batching import round_seed
+from contract.batching import round_seed
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.config import PopulationConfig

@@ -63,7 +63,7 @@ class PopulationConfig:
     client_lr: float = 0.5
     client_epochs: int = 1
     client_batch_size: int = 16         # must be the training plan's fixed batch size
-    client_max_examples: int | None = None   # windows per epoch per device (models.batching cap)
+    client_max_examples: int | None = None   # windows per epoch per device (contract.batching cap)
     server_optimizer: str = "sgdm"
     server_lr: float = 1.0
     server_momentum: float = 0.9        # sgdm only

@@ -166,7 +166,7 @@ def openapi_document() -> dict:
                          "type": "object", "additionalProperties": {"type": "number"}}}}}],
             errors=(400, 401, 403, 404, 409, 413, 422))},
         "/v1/sessions/{session_id}/eval": {"post": _op(
-            "Report an evaluation task's summed counts (models.metrics: hits and positions).", outcome,
+            "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
             body={"application/json": {"schema": _ref("EvalRequest")}}, params=[SESSION],
             errors=(400, 401, 403, 404, 409, 413))},
         "/v1/sessions/{session_id}/failure": {"post": _op(

@@ -14,7 +14,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from models.weights import WeightLayout, load_checkpoint
+from contract.weights import WeightLayout, load_checkpoint
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.errors import NotFound

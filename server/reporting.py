@@ -55,7 +55,7 @@ class Outcome:
 
 @dataclasses.dataclass(frozen=True)
 class EvalReport:
-    """Summable counts of an evaluation task (see models.metrics.Hits)."""
+    """Summable counts of an evaluation task (see contract.metrics.Hits)."""
 
     top1_hits: int
     top3_hits: int

@@ -2,7 +2,7 @@
 
 Version 0 is the checkpoint a population was registered with; version n+1 is
 version n after one round's server step, with `parent = n` and the round that
-produced it. A checkpoint is a `models.weights` safetensors file (metadata:
+produced it. A checkpoint is a `contract.weights` safetensors file (metadata:
 model_config, population, version, parent; "round" = the version, as in
 simulation checkpoints), stored by content hash; the server optimizer's state
 after that step is stored beside it in the private store, so training resumes
@@ -11,7 +11,7 @@ exactly after a restart.
 Publishing: when an evaluation round of version v completes, v becomes a
 publish candidate if at least `publish_every` versions separate it from the
 published one and its federated top-3 recall (the keyboard's metric, see
-models.metrics) is not worse. The export itself runs later, out of the
+contract.metrics) is not worse. The export itself runs later, out of the
 request path (server.publisher). `rollback` points apps back at an earlier
 exported version.
 """
@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from models.weights import WeightLayout, load_checkpoint, save_checkpoint
+from contract.weights import WeightLayout, load_checkpoint, save_checkpoint
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.errors import Conflict, NotFound
@@ -67,7 +67,7 @@ class Version:
 def save_version_checkpoint(artifacts: ArtifactStore, layout: WeightLayout, flat: np.ndarray,
                             population: str, version: int, parent: int | None,
                             model_config: dict | None) -> str:
-    """Write a version's checkpoint with `models.weights.save_checkpoint`; returns its sha256."""
+    """Write a version's checkpoint with `contract.weights.save_checkpoint`; returns its sha256."""
     scratch = artifacts.scratch_dir()
     try:
         meta = {"round": version, "population": population, "version": version, "parent": parent}

@@ -60,7 +60,7 @@ def _leftover_processes(session) -> list:
 def make_server(tmp_path):
     """Factory: `make_server(**population_overrides)` → env with app, services, clock, exporter.
 
-    The population "en" has the small test layout (server.testing.SMALL_LAYOUT),
+    The population "en" has the small test layout (tests.server_fixtures.SMALL_LAYOUT),
     permissive eligibility, goal 4 (max 6 selected, >= 2 to start and to complete),
     plain SGD with lr 1 on the server, and no background ticker.
     """
@@ -69,7 +69,7 @@ def make_server(tmp_path):
     from server import create_app
     from server.clock import ManualClock
     from server.populations import register_population
-    from server.testing import FakeExporter, SMALL_LAYOUT, write_checkpoint, write_plan_dir
+    from tests.server_fixtures import FakeExporter, SMALL_LAYOUT, write_checkpoint, write_plan_dir
 
     made = []
 

@@ -1,6 +1,6 @@
 """Helpers of the device runtime's end-to-end tests: a device at night, its check-ins, the server's view.
 
-Everything is real (tests/e2e.py): the TINY plan exported by tflite_export,
+Everything is real (emulation.deployment): the TINY plan exported by tflite_export,
 the server under gunicorn on loopback; a test only chooses the device's
 conditions, clock and texts, and reads the round analytics.
 """
@@ -18,7 +18,7 @@ from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.training import Hyperparameters, local_windows, train_locally
 from models.corpus import FederatedCorpus
-from models.weights import load_checkpoint
+from contract.weights import load_checkpoint
 from tflite_export.reader import load_plan
 
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)

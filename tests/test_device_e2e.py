@@ -13,10 +13,11 @@ import requests
 from device_runtime.client import Assignment, Rejection, ServerClient
 from device_runtime.runtime import DeviceSettings
 from device_runtime.transport import Transport
-from server.testing import ELIGIBLE
+from tests.server_fixtures import ELIGIBLE
 from tests.device_world import (direct_delta, night_device, record_checkins, record_uploads,
                                 round_detail, server_weights, task_events, texts_of)
-from tests.e2e import REPO, tiny_world
+from emulation.deployment import REPO
+from tests.e2e import tiny_world
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +192,7 @@ def test_the_memory_estimate_covers_what_training_the_plan_really_takes(world):
     script = textwrap.dedent(f"""
         import numpy as np
         from device_runtime.task import estimated_task_memory_mb
-        from tflite_export.manifest import read_manifest
+        from contract.manifest import read_manifest
         from tflite_export.reader import load_plan
 
         def mib(field):

@@ -9,7 +9,7 @@ import requests
 
 from device_runtime.runtime import Device
 from device_runtime.training import local_windows
-from models.metrics import count_hits
+from contract.metrics import count_hits
 from tests.device_world import (night_device, record_checkins, round_detail, server_weights,
                                 task_events, texts_of)
 from tests.e2e import tiny_world
@@ -46,7 +46,7 @@ def test_evaluation_task_then_the_published_app_model(world, tmp_path):
     assert (event["outcome"], event["task"]) == ("completed", "eval"), event
     assert event["eval_s"] >= 0 and "train_s" not in event
 
-    # The counts are models.metrics' own, for the plan with version 1's weights on the device's text.
+    # The counts are contract.metrics' own, for the plan with version 1's weights on the device's text.
     plan = load_plan(model.plan_dir / "plan.manifest.json")
     plan.set_weights(server_weights(server.url, seen[1].raw["checkpoint"]["sha256"], tmp_path))
     windows = local_windows(plan, texts)

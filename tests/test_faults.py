@@ -12,16 +12,17 @@ phones that uploaded them.
 from __future__ import annotations
 
 import numpy as np
+from safetensors.numpy import load as load_tensors
 import pytest
 import requests
 
-from device_runtime.fleet_cli import format_summary
-from device_runtime.fleet_world import Faults
+from emulation.report import format_summary
+from emulation.world import Faults
 from models.corpus import load_corpus
 from models.model import TINY
-from models.weights import load_checkpoint
-from tests.e2e import (FLEET_POPULATION, NIGHT_UTC, clock_settings, run_fleet, start_server,
-                       tiny_model)
+from contract.weights import load_checkpoint
+from emulation.deployment import simulated_clock, start_server, tiny_model
+from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 
@@ -32,9 +33,9 @@ def faulty_run(tmp_path_factory):
     corpus = load_corpus(vocab_size=TINY.vocab_size - 4)
     model = tiny_model(root / "model", corpus)
     server = start_server(root / "server", model, **FLEET_POPULATION,
-                          server=clock_settings(NIGHT_UTC, 240.0))
+                          server=simulated_clock(NIGHT_UTC, 240.0))
     try:
-        run = run_fleet(root / "fleet", server, corpus, phones=20, rounds=4, keep_deltas=True,
+        run = run_fleet(root / "fleet", server, corpus, phones=20, rounds=4, keep_uploads=True,
                         faults=Faults(unplug_fraction=0.3, upload_failure_fraction=0.1, seed=1))
         print(format_summary(run.summary))
         base = f"{server.url}/v1/populations/en"
@@ -95,7 +96,7 @@ def test_each_new_model_is_the_average_of_exactly_the_accepted_updates(faulty_ru
         mine = [uploads[s] for s in accepted]
         assert all(u.num_examples == accepted[u.session_id] for u in mine)
         n = np.array([u.num_examples for u in mine], np.float64)
-        mean = (n[:, None] * np.stack([u.delta for u in mine])).sum(0) / n.sum()
+        mean = (n[:, None] * np.stack([load_tensors(u.body)['delta'] for u in mine])).sum(0) / n.sum()
         expected = weights[d["model_version"]] + mean
         np.testing.assert_allclose(weights[d["result_version"]], expected, atol=1e-6)
         checked += 1

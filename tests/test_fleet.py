@@ -11,11 +11,10 @@ import time
 import psutil
 import pytest
 
-from device_runtime.fleet_device import PlanPool
-from device_runtime.fleet_world import (FaultInjector, Faults, FleetMix, PhoneProfile,
-                                        ScheduledConditions, make_profiles)
-from tests.e2e import (FLEET_POPULATION, NIGHT_UTC, REPO, clock_settings, start_server, tiny_corpus,
-                       tiny_model)
+from emulation.deployment import REPO, simulated_clock, start_server, tiny_corpus, tiny_model
+from emulation.phones import PlanPool
+from emulation.world import FaultInjector, Faults, FleetMix, PhoneProfile, ScheduledConditions, make_profiles
+from tests.e2e import FLEET_POPULATION, NIGHT_UTC
 
 
 def profile(**overrides) -> PhoneProfile:
@@ -110,10 +109,10 @@ def test_the_plan_pool_bounds_training_and_interpreters(tiny):
 def test_the_fleet_command_runs_rounds_against_a_server_and_leaves_nothing_running(tiny):
     root, model = tiny
     server = start_server(root / "server", model, **FLEET_POPULATION,
-                          server=clock_settings(NIGHT_UTC, 240.0))
+                          server=simulated_clock(NIGHT_UTC, 240.0))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "device_runtime", "fleet", "--server", server.url,
+            [sys.executable, "-m", "emulation", "fleet", "--server", server.url,
              "--server-config", str(server.config), "--population", "en", "--data", str(root / "phones"),
              "--phones", "16", "--rounds", "2", "--max-wall-s", "90", "--zones", "0,1",
              "--unplug-fraction", "0.3", "--summary-json", str(root / "summary.json")],

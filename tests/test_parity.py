@@ -3,7 +3,7 @@
 One round through the real system — `python -m server run` (gunicorn,
 SQLite), phones running the LiteRT plan over HTTP — and the same round with
 TFF's `build_weighted_fed_avg` on the same clients' data, visited in the
-order each phone used (the seed the server gave it, `models.batching`), with
+order each phone used (the seed the server gave it, `contract.batching`), with
 the same learning rate, epochs, batch size and per-epoch example cap. TFF
 weights each client by the examples it processed (all epochs), which is what
 a phone reports as `num_examples`; the server's sgd at lr 1 is plain FedAvg.
@@ -21,9 +21,9 @@ from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import Device, DeviceSettings
 from models.corpus import load_corpus
 from models.model import TINY
-from models.text import to_sequences
-from models.weights import load_checkpoint
-from tests.e2e import initial_model, start_server
+from contract.text import to_sequences
+from contract.weights import load_checkpoint
+from emulation.deployment import initial_model, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)

@@ -24,11 +24,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_tensors
 
-from device_runtime.fleet_world import Faults
+from emulation.world import Faults
 from models.corpus import load_corpus
 from models.model import TINY
-from models.text import words
-from tests.e2e import FLEET_POPULATION, NIGHT_UTC, clock_settings, run_fleet, start_server, tiny_model
+from contract.text import words
+from emulation.deployment import simulated_clock, start_server, tiny_model
+from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 from tests.recording_proxy import Recorded, RecordingProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
@@ -68,7 +69,7 @@ def recorded(tmp_path_factory):
     corpus = load_corpus(vocab_size=TINY.vocab_size - 4)
     model = tiny_model(root / "model", corpus)
     server = start_server(root / "server", model, **{**FLEET_POPULATION, "eval_every": 2},
-                          server=clock_settings(NIGHT_UTC, 240.0))
+                          server=simulated_clock(NIGHT_UTC, 240.0))
     try:
         with RecordingProxy(server.url) as proxy:
             run = run_fleet(root / "fleet", server, corpus, phones=20, rounds=3, url=proxy.url,

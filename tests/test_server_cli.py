@@ -9,7 +9,7 @@ import pytest
 
 from server.__main__ import main
 from server.config import ConfigError, load_config
-from server.testing import write_checkpoint, write_plan_dir
+from tests.server_fixtures import write_checkpoint, write_plan_dir
 
 CONFIG = """
 database = "state/db.sqlite"

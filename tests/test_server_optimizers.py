@@ -13,7 +13,7 @@ import pytest
 
 from server.optimizers import (apply_mean_delta, build_server_optimizer, state_from_bytes,
                                state_to_bytes)
-from server.testing import SMALL_LAYOUT
+from tests.server_fixtures import SMALL_LAYOUT
 
 STEPS = 6
 

@@ -6,7 +6,7 @@ import pytest
 from server.config import EligibilityConfig
 from server.errors import BadRequest
 from server.policy import Context, DeviceConditions, build_policy, parse_version
-from server.testing import ELIGIBLE
+from tests.server_fixtures import ELIGIBLE
 
 
 def conditions(**changes):

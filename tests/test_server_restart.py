@@ -27,9 +27,10 @@ import numpy as np
 import pytest
 import requests
 
-from models.weights import load_checkpoint
+from contract.weights import load_checkpoint
 from server.aggregation import encode_update
-from server.testing import (DeviceClient, HttpTransport, ServerProcess, free_port,
+from emulation.server_process import ServerProcess, free_port
+from tests.server_fixtures import (DeviceClient, HttpTransport,
                             write_checkpoint, write_plan_dir)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from server.policy import DeviceConditions
-from server.testing import ELIGIBLE
+from tests.server_fixtures import ELIGIBLE
 
 
 class Dev:

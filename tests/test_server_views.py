@@ -14,7 +14,7 @@ from referencing.jsonschema import DRAFT202012
 from safetensors.numpy import save
 
 from server.openapi import openapi_document
-from server.testing import ELIGIBLE, DeviceClient, FlaskTransport
+from tests.server_fixtures import ELIGIBLE, DeviceClient, FlaskTransport
 
 DOC_URI = "urn:nightjar:openapi"
 

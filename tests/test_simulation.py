@@ -16,8 +16,8 @@ import pytest
 from models.model import TINY
 from models.simulate import SimulationConfig, lr_schedule, run_simulation
 from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
-from models.weights import load_checkpoint
-from tests.e2e import tiny_corpus
+from contract.weights import load_checkpoint
+from emulation.deployment import tiny_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Nightjar's models for phones: an on-device training plan and a quantized suggestion model.
 
 A phone runs LiteRT and nothing else. This package turns a checkpoint
-(`models.weights`) into
+(`contract.weights`) into
 
 * a **training plan** (`plan.tflite`): signatures `train(x, y, lr) -> loss,
   tokens` (one plain SGD step on a fixed-size, pad-masked batch),
@@ -15,15 +15,17 @@ vocabulary hash, flat weight layout, signatures, sha256 of every file) and the
 `vocab.json` it belongs to.
 
 Public surface (attributes load lazily, so importing the package, its
-`reader`, `manifest`, `modelinfo` or `errors` never imports TensorFlow):
+`reader`, `modelinfo` or `errors` never imports TensorFlow):
 
 * export side (TensorFlow): `export_plan`, `export_app_model`,
   `read_checkpoint`; CLI `python -m tflite_export plan|app|inspect|verify`;
 * device side (LiteRT only): `load_plan` → `TrainingPlan`, `load_app_model` →
-  `AppModel`, `Manifest`, `load_verified`;
-* errors: `ArtifactError` (`MissingArtifact`, `HashMismatch`,
-  `SchemaMismatch`, `VocabularyMismatch`) and `ExportError`
-  (`UnsupportedOpError`).
+  `AppModel`;
+* export errors: `ExportError` (`UnsupportedOpError`).
+
+The manifest format and the errors of an artifact that cannot be trusted
+(`ArtifactError` and its kinds) are part of the contract the phone and the
+server share: `contract.manifest`, `contract.artifacts`.
 """
 from __future__ import annotations
 
@@ -33,11 +35,7 @@ _EXPORTS = {
     "export_plan": "export", "export_app_model": "export", "read_checkpoint": "export",
     "load_plan": "reader", "load_app_model": "reader", "TrainingPlan": "reader",
     "AppModel": "reader", "TrainStep": "reader",
-    "Manifest": "manifest", "load_verified": "manifest", "read_manifest": "manifest",
-    "SCHEMA_VERSION": "manifest",
-    "ArtifactError": "errors", "MissingArtifact": "errors", "HashMismatch": "errors",
-    "SchemaMismatch": "errors", "VocabularyMismatch": "errors", "ExportError": "errors",
-    "UnsupportedOpError": "errors",
+    "ExportError": "errors", "UnsupportedOpError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

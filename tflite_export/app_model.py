@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.model import ModelConfig, hidden_states, weight_layout
-from models.text import NEVER_SUGGEST
+from contract.text import NEVER_SUGGEST
 from tflite_export.convert import convert
 
 SIGNATURE = "suggest"

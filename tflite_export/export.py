@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.text import Vocabulary
-from models.weights import load_checkpoint
-from tflite_export.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, file_record,
+from contract.text import Vocabulary
+from contract.weights import load_checkpoint
+from contract.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, file_record,
                                     utc_now)
 from tflite_export.modelinfo import operator_names, signatures
 

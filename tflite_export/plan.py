@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.model import ModelConfig, forward, masked_cross_entropy, weight_layout
-from models.text import PAD_ID
+from contract.text import PAD_ID
 from tflite_export.convert import convert
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from models.batching import pad_batch
-from models.text import Vocabulary
-from models.weights import WeightLayout
-from tflite_export.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, check_signatures,
+from contract.batching import pad_batch
+from contract.text import Vocabulary
+from contract.weights import WeightLayout
+from contract.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, check_signatures,
                                     load_verified)
 from tflite_export.modelinfo import interpreter_signatures
 

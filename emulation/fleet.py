@@ -1,9 +1,9 @@
 """The emulated phone fleet: N real device runtimes against a real server, in simulated time.
 
-Each phone is a `device_runtime.Device` (the same code a real phone runs) with
+Each phone is a `device_runtime.runtime.Device` (the same code a real phone runs) with
 its own data directory, example store (one training client's speeches from
 the corpus: what its user typed), identity and participation log, and
-`ScheduledConditions` that follow its owner's day (see fleet_world). Phones
+`ScheduledConditions` that follow its owner's day (see emulation.world). Phones
 run concurrently on a pool of worker threads against the server over HTTP:
 a worker wakes the phone that is due next, lets it do one pass of its loop
 (`Device.step`: check the policy, check in, train, upload) and puts it back
@@ -18,14 +18,14 @@ to sleep for as long as the runtime asked. What lets one host emulate
   process was killed in between;
 * LiteRT interpreters are lent by a `PlanPool` to the few phones training at
   any moment, and the phones share one HTTP connection pool and one
-  content-addressed artifact cache (fleet_device).
+  content-addressed artifact cache (emulation.phones).
 
 Time is simulated: the server and the phones share a start and a speed (the
 server config's `clock_start`, `clock_speed`, `clock_epoch`), so deadlines,
 retry windows and time zones mean the same on both sides while a night
 passes in minutes.
 
-    python -m device_runtime fleet --server URL --server-config server.toml --data DIR \
+    python -m emulation fleet --server URL --server-config server.toml --data DIR \
         --phones 200 --rounds 20 [--unplug-fraction 0.3 --upload-failure-fraction 0.1 ...]
 """
 from __future__ import annotations
@@ -46,20 +46,36 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from device_runtime.client import Assignment
+from device_runtime.client import ArtifactCache
 from device_runtime.clock import ScaledClock, local_datetime
-from device_runtime.fleet_device import FleetDevice, FleetTransport, PlanPool, SharedSession
-from device_runtime.fleet_world import (FaultInjector, Faults, FleetMix, PhoneProfile, ScheduledConditions,
-                                        make_profiles)
 from device_runtime.policy import TrainingPolicy
-from device_runtime.runtime import DeviceSettings
+from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.transport import RetryPolicy
+from emulation.phones import FleetTransport, PlanPool, PooledPlans, RecordingOpStats, SharedSession
+from emulation.world import FaultInjector, Faults, FleetMix, PhoneProfile, ScheduledConditions, make_profiles
 
 log = logging.getLogger(__name__)
 
 
 def _hours(t: dt.time) -> float:
     return t.hour + t.minute / 60 + t.second / 3600
+
+
+def read_server_clock(path: Path) -> tuple[float, float, float]:
+    """(clock_start, clock_speed, clock_epoch) from a server config file (TOML or JSON).
+
+    Raises ValueError naming the missing key: a fleet needs the server on a simulated clock.
+    """
+    import json
+    import tomllib
+
+    text = Path(path).read_text()
+    data = json.loads(text) if Path(path).suffix == ".json" else tomllib.loads(text)
+    try:
+        return float(data["clock_start"]), float(data.get("clock_speed", 1.0)), float(data["clock_epoch"])
+    except KeyError as e:
+        raise ValueError(f"{path} has no {e.args[0]} (a fleet needs the server on a simulated "
+                         "clock)") from None
 
 
 def shared_clock(start: float, speed: float, epoch: float,
@@ -82,19 +98,21 @@ class FleetConfig:
     policy: TrainingPolicy = TrainingPolicy()
     task_time_budget_s: float = 3600.0   # a phone gives up a task after an hour (simulated)
     persistent: bool = True            # keep each phone's runtime in memory (see Phone)
-    keep_deltas: bool = False          # record every uploaded delta (tests)
+    keep_uploads: bool = False         # keep every upload's body (tests decode them)
     seed: int = 0
 
 
 @dataclasses.dataclass
 class Upload:
+    """One upload the server answered, as the phone sent it."""
+
     phone: int
     session_id: str
     round: int
     model_version: int
     num_examples: int
     status: str
-    delta: np.ndarray | None
+    body: bytes | None               # the encoded update (kept only with `keep_uploads`)
 
 
 @dataclasses.dataclass
@@ -114,21 +132,6 @@ class FleetStatus:
         return sorted(v["version"] for v in self.versions if v.get("published_at") is not None)
 
 
-class _Tee:
-    """Forwards to the phone's participation log and tells the fleet about each event."""
-
-    def __init__(self, opstats, record: Callable[[float, str, str, dict], None]):
-        self._opstats, self._record, self.checkins = opstats, record, 0
-
-    def log(self, ts: float, kind: str, outcome: str, **detail) -> None:
-        self._opstats.log(ts, kind, outcome, **detail)
-        self.checkins += kind == "checkin"
-        self._record(ts, kind, outcome, detail)
-
-    def __getattr__(self, name: str):
-        return getattr(self._opstats, name)
-
-
 class Phone:
     """One emulated phone: a profile, a data directory, and its runtime.
 
@@ -145,27 +148,27 @@ class Phone:
         self.wakes = 0
         self.rng = random.Random(profile.seed)
         self.app_version: int | None = None
-        self.device: FleetDevice | None = None
+        self.device: Device | None = None
         clock = fleet.config.clock
         self.conditions = ScheduledConditions(
             profile, lambda: local_datetime(clock, profile.utc_offset_s), clock.now)
 
-    def _build(self) -> FleetDevice:
-        cfg, fleet = self.fleet.config, self.fleet
+    def _build(self) -> Device:
+        cfg, fleet, p = self.fleet.config, self.fleet, self.profile
         fresh = not (self.dir / "examples.db").exists()
-        seed = self.profile.seed * 1_000_003 + self.wakes
-        device = FleetDevice(
+        seed = p.seed * 1_000_003 + self.wakes
+        transport = FleetTransport(cfg.server_url, fleet.session, retry=RetryPolicy(),
+                                   sleep=cfg.clock.sleep, seed=seed,
+                                   on_upload=lambda *upload: fleet.on_upload(self, *upload))
+        device = Device(
             self.dir, cfg.server_url, self.conditions, cfg.policy,
-            DeviceSettings(population=cfg.population, utc_offset_s=self.profile.utc_offset_s,
-                           task_time_budget_s=cfg.task_time_budget_s,
-                           speed_factor=self.profile.speed_factor, num_threads=cfg.trainer_threads),
-            clock=cfg.clock, seed=seed,
-            transport=FleetTransport(cfg.server_url, fleet.session, retry=RetryPolicy(),
-                                     sleep=cfg.clock.sleep, seed=seed),
-            pool=fleet.pool, shared_cache=cfg.data_dir / "artifacts", plans_dir=cfg.data_dir / "plans",
-            faults=fleet.faults, slow=self.profile.slow,
-            on_upload=lambda a, d, n, answer: fleet.on_upload(self, a, d, n, answer))
-        device.opstats = _Tee(device.opstats, lambda ts, k, o, d: fleet.record(ts, k, o, d))
+            DeviceSettings(population=cfg.population, utc_offset_s=p.utc_offset_s,
+                           task_time_budget_s=cfg.task_time_budget_s, num_threads=cfg.trainer_threads),
+            clock=cfg.clock, seed=seed, transport=transport,
+            cache=ArtifactCache(cfg.data_dir / "artifacts", transport, max_bytes=512 << 20),
+            plans=PooledPlans(fleet.pool, cfg.clock, self.conditions, list(self.texts), fleet.faults,
+                              p.speed_factor, p.slow),
+            opstats=RecordingOpStats(self.dir / "opstats.db", fleet.record))
         if fresh:   # what its user typed over the last month
             rng = np.random.default_rng(self.profile.seed)
             now = cfg.clock.now()
@@ -190,6 +193,7 @@ class Phone:
         try:
             before = device.opstats.checkins
             wait = device.step()
+            self.conditions.unplug_after_reads(None)   # a task that ended early disarms the fault
             if device.opstats.checkins == before:
                 self.fleet.record(cfg.clock.now(), "policy", "not_eligible", {})
             self.app_version = device.predictor.version
@@ -232,11 +236,10 @@ class Fleet:
         with self._lock:
             self.hourly[int(ts // 3600)][f"{kind}/{outcome}"] += 1
 
-    def on_upload(self, phone: Phone, assignment: Assignment, delta: np.ndarray, num_examples: int,
-                  answer: dict) -> None:
-        up = Upload(phone.profile.index, assignment.session_id, int(assignment.raw["round"]),
-                    assignment.model_version, num_examples, str(answer.get("status")),
-                    np.array(delta) if self.config.keep_deltas else None)
+    def on_upload(self, phone: Phone, session_id: str, query: dict, body: bytes, answer: dict) -> None:
+        up = Upload(phone.profile.index, session_id, int(answer.get("round", -1)),
+                    int(query.get("model_version", -1)), int(query.get("num_examples", 0)),
+                    str(answer.get("status")), bytes(body) if self.config.keep_uploads else None)
         with self._lock:
             self.uploads.append(up)
 

@@ -3,7 +3,7 @@
 A manifest (`plan.manifest.json`, `app.manifest.json`) is the contract between
 the server that exports a model and the phone that runs it: what the file is,
 which weights and vocabulary it belongs to, the flat weight layout
-(`models.weights.WeightLayout`, the one mapping of weights to a flat vector),
+(`contract.weights.WeightLayout`, the one mapping of weights to a flat vector),
 the signatures it exposes and the sha256 of every file. `load_verified` is the
 only way the device side opens an artifact, so a truncated download, a
 manifest from a newer server or a vocabulary from another model version is
@@ -18,9 +18,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from models.text import Vocabulary
-from models.weights import LayoutError, WeightLayout
-from tflite_export.errors import (HashMismatch, MissingArtifact, SchemaMismatch,
+from contract.text import Vocabulary
+from contract.weights import LayoutError, WeightLayout
+from contract.artifacts import (HashMismatch, MissingArtifact, SchemaMismatch,
                                   VocabularyMismatch)
 
 SCHEMA_VERSION = 1
@@ -38,7 +38,7 @@ class Manifest:
     model_config: dict              # models.model.ModelConfig fields
     artifact: str                   # the .tflite file name (same directory)
     vocab_file: str                 # the vocabulary file name (same directory)
-    vocab_sha256: str               # models.text.Vocabulary.sha256 of it
+    vocab_sha256: str               # contract.text.Vocabulary.sha256 of it
     seq_len: int
     weight_layout: list[dict]       # WeightLayout.to_json(): name, shape, offset
     signatures: dict                # models.modelinfo.signatures() of the artifact

@@ -1,24 +1,19 @@
-"""Helpers for driving the server in tests, benchmarks and emulated fleets. TensorFlow-free.
+"""Helpers of the server's tests. TensorFlow-free.
 
 * `write_checkpoint` / `write_plan_dir`: a small initial model and a stand-in
   training plan (`python -m tflite_export plan` writes the real one);
 * `FakeExporter`: publishes an app model without TensorFlow;
-* `DeviceClient`: one emulated device speaking the protocol, over Flask's test
-  client (`FlaskTransport`) or real HTTP (`HttpTransport`);
-* `ServerProcess`: the real server (`python -m server run`, gunicorn) in its
-  own process group on a loopback port, always stopped on exit.
+* `DeviceClient`: one device speaking the protocol at the lowest level, so a
+  test can also send what a well-behaved phone never would, over Flask's test
+  client (`FlaskTransport`) or real HTTP (`HttpTransport`).
+
+The real server as a child process is `emulation.server_process.ServerProcess`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -26,10 +21,8 @@ from urllib.parse import urlencode
 import numpy as np
 import requests
 
-from models.weights import WeightLayout, save_checkpoint
+from contract.weights import WeightLayout, save_checkpoint
 from server.aggregation import encode_update
-
-_REPO = Path(__file__).resolve().parents[1]
 
 # A few hundred floats: fast, but with several tensors like the real layout.
 SMALL_LAYOUT = WeightLayout([("embedding", (16, 8)), ("dense/kernel", (8, 16)), ("dense/bias", (16,))])
@@ -82,7 +75,7 @@ class FakeExporter:
 
     def export_app_model(self, checkpoint: Path, vocab: Path | None, model_version: int,
                          out_dir: Path) -> Path:
-        from models.weights import load_checkpoint
+        from contract.weights import load_checkpoint
 
         self.calls.append((checkpoint, vocab, model_version))
         if self.fail:
@@ -173,71 +166,3 @@ class DeviceClient:
         body = {"reason": reason, **({"detail": detail} if detail else {})}
         return self.transport.request("POST", f"/v1/sessions/{self.assignment['session_id']}/failure",
                                       headers=self.headers, json=body)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m server run` in its own process group, so one signal reaches master and workers."""
-
-    def __init__(self, config: Path, port: int, log: Path, workers: int = 2, threads: int = 4):
-        self.config, self.port, self.log = config, port, log
-        self.workers, self.threads = workers, threads
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "ServerProcess":
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server", "run", "--config", str(self.config),
-                 "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
-                 "--threads", str(self.threads)],
-                cwd=_REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except requests.RequestException:   # not listening yet, or the workers still booting
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"server did not start: {self.log.read_text()[-3000:]}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        for _ in range(100):   # workers are reparented and reaped by init: wait for the group to vanish
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc = None
-
-
-    def __enter__(self) -> "ServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.kill()

@@ -1,0 +1,132 @@
+"""A deployment on this machine: a model and its plan, a server config, the server running.
+
+The end-to-end tests, the benchmarks and `make demo` all build their world
+from these, so the demo runs what the tests check. Everything is real: the
+plan is exported by tflite_export and run by LiteRT, the server is
+`python -m server run` (gunicorn) with SQLite and an artifact folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from models.corpus import FederatedCorpus, load_corpus_from_texts
+from models.model import TINY, ModelConfig
+from contract.weights import save_checkpoint
+from emulation.server_process import ServerProcess, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_play(n_roles: int = 8, speeches: int = 12, seed: int = 0) -> str:
+    """A play in the ALL-CAPS format whose roles speak in learnable patterns."""
+    rng = np.random.default_rng(seed)
+    subjects = ["the king", "my lord", "the queen", "good friend", "the fool"]
+    verbs = ["doth speak", "shall come", "is gone", "will stay", "hath said"]
+    lines = ["THE SYNTHETIC PLAY", "", "ACT I.", "", "SCENE I. Nowhere.", ""]
+    for i in range(speeches * n_roles):
+        role = f"ROLE{chr(65 + i % n_roles)}"
+        sentence = " ".join(f"{subjects[rng.integers(5)]} {verbs[rng.integers(5)]} to the hall."
+                            for _ in range(3))
+        lines += [f"{role}.", sentence.capitalize(), ""]
+    return "\n".join(lines)
+
+
+def tiny_corpus(plays: int = 3) -> FederatedCorpus:
+    texts = {f"play{i}": synthetic_play(seed=i) for i in range(plays)}
+    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25)
+
+
+@dataclasses.dataclass
+class Model:
+    config: ModelConfig
+    checkpoint: Path
+    vocab: Path
+    plan_dir: Path
+    flat: np.ndarray
+
+
+def tiny_model(root: Path, corpus: FederatedCorpus, batch_size: int = 16) -> Model:
+    """The seeded initial TINY model (sized to the corpus' vocabulary) and its training plan."""
+    return initial_model(root, corpus, TINY, batch_size)
+
+
+def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
+                  batch_size: int = 16) -> Model:
+    """The seeded initial model of `config` (sized to the corpus' vocabulary), its checkpoint,
+    vocabulary and training plan: what `python -m server init` registers."""
+    from models.model import weight_layout
+    from models.simulate import initial_weights
+    from tflite_export import export_plan
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = config.with_vocab(len(corpus.vocab))
+    flat = initial_weights(config)
+    ckpt = save_checkpoint(root / "init.safetensors", weight_layout(config), flat,
+                           {"round": 0, "model_config": dataclasses.asdict(config)})
+    corpus.vocab.save(root / "vocab.json")
+    export_plan(config, flat, corpus.vocab, root / "plan", batch_size=batch_size)
+    return Model(config, ckpt, root / "vocab.json", root / "plan", flat)
+
+
+def write_server_config(root: Path, population: str = "en", **settings) -> Path:
+    """A server.toml with one population; `settings` override the population keys."""
+    pop = {"goal": 1, "over_selection": 1.0, "min_selected_fraction": 1.0, "min_report_fraction": 1.0,
+           "selection_window_s": 30.0, "reporting_window_s": 300.0, "eval_every": 0,
+           "publish_every": 0, "server_optimizer": "sgd", "server_lr": 1.0, "client_lr": 0.5,
+           "client_epochs": 1, "client_batch_size": 16}
+    eligibility = {"min_separation_s": 0.0, "min_free_memory_mb": 0}
+    eligibility.update(settings.pop("eligibility", {}))
+    server = settings.pop("server", {})
+    pop.update(settings)
+    lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',
+             'state_dir = "state/private"', "tick_interval_s = 0.2"]
+    lines += [f"{k} = {_toml(v)}" for k, v in server.items()]
+    lines += ["", f"[populations.{population}]"] + [f"{k} = {_toml(v)}" for k, v in pop.items()]
+    lines += ["", f"[populations.{population}.eligibility]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in eligibility.items()]
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "server.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def start_server(root: Path, model: Model, population: str = "en", workers: int = 2,
+                 threads: int = 4, **settings) -> ServerProcess:
+    """Init the population from `model` and start the real server; the caller stops it."""
+    config = write_server_config(root, population, **settings)
+    init_population(config, model, population)
+    return ServerProcess(config, free_port(), root / "server.log", workers, threads).start()
+
+
+def init_population(config: Path, model: Model, population: str = "en") -> None:
+    """`python -m server init`: the population's version 0 is `model`."""
+    done = subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
+                           "--population", population, "--checkpoint", str(model.checkpoint),
+                           "--vocab", str(model.vocab), "--plan-dir", str(model.plan_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"server init failed: {done.stderr[-3000:]}")
+
+
+def simulated_clock(start: float, speed: float) -> dict:
+    """Server config keys for a simulated clock starting now at `start`, `speed` × real time."""
+    import time
+
+    return {"clock_start": start, "clock_speed": speed, "clock_epoch": time.time()}
