@@ -93,6 +93,36 @@ class Manifest:
         return manifest
 
 
+FIELD_DOCS = {
+    "schema_version": f"manifest format version ({SCHEMA_VERSION})",
+    "kind": f"{TRAINING_PLAN} or {APP_MODEL}",
+    "model_version": "the server's version of the weights inside",
+    "model_config": "the model's sizes (vocab_size, embedding_dim, units, seq_len, ...)",
+    "artifact": "the .tflite file's name (beside the manifest)",
+    "vocab_file": "the vocabulary's file name: a JSON list of tokens, the four special ones first",
+    "vocab_sha256": "contract.text.Vocabulary.sha256 of the vocabulary",
+    "seq_len": "tokens per window the model reads",
+    "weight_layout": "the flat weight vector's order: [{name, shape, offset}], tensors in this order",
+    "signatures": "the .tflite's signatures: {name: {inputs, outputs}} with shapes and dtypes",
+    "files": "every file of the export: {name: {sha256, bytes}}",
+    "created_at": "UTC, ISO 8601",
+    "batch_size": "training plan: the fixed batch of train/infer",
+    "k": "app model: suggestions per call",
+    "clip_norm": "training plan: each SGD step's gradient clip (global L2), if any",
+    "ops": "the TFLite built-in operators the model uses",
+}
+
+
+def manifest_schema() -> dict:
+    """The manifest's JSON Schema (documentation: `Manifest.from_json` is what checks one)."""
+    fields = dataclasses.fields(Manifest)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    return {"type": "object", "required": required, "additionalProperties": False,
+            "properties": {f.name: {"description": FIELD_DOCS[f.name]} for f in fields},
+            "description": "plan.manifest.json / app.manifest.json, beside every exported model"}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -56,6 +56,14 @@ class WeightLayout:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
+    @property
+    def sha256(self) -> str:
+        """Hash of the layout's canonical JSON: names an order of the flat vector unambiguously."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True,
+                                         separators=(",", ":")).encode()).hexdigest()
+
     def flatten(self, tensors: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
         """Named (or ordered) tensors → float32 [size]."""
         if isinstance(tensors, Mapping):

@@ -7,11 +7,10 @@ download whose sha256 is not the one the server named is thrown away and
 fetched again (a bounded number of times). The cache is bounded in bytes,
 least recently used first out, because every round brings a new checkpoint
 and a phone's storage is not the server's. Only what the protocol names goes
-up: conditions (no text), a weight delta, counts and metrics.
+up: conditions (no text), the encoded weight delta, counts and metrics.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -20,111 +19,85 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save as save_tensors
 
+from contract.errors import ProtocolError
+from contract.pipeline import UpdatePipeline
+from contract.wire import Assignment, Conditions, EvalReport, FailureReport, Outcome, Registration, Rejection
 from device_runtime.transport import Transport
 
-
-class ProtocolError(Exception):
-    """The server refused a request (4xx) or answered something unexpected."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"HTTP {status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+__all__ = ["ArtifactCache", "Assignment", "CorruptDownload", "ProtocolError", "Rejection", "ServerClient"]
 
 
 class CorruptDownload(Exception):
     """An artifact kept arriving with a different sha256 than the server named."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Rejection:
-    reason: str
-    retry_min_s: float
-    retry_max_s: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Assignment:
-    raw: dict   # the server's assignment JSON (session, task, artifacts, hyperparameters, ...)
-
-    @property
-    def session_id(self) -> str:
-        return self.raw["session_id"]
-
-    @property
-    def task(self) -> str:
-        return self.raw["task"]
-
-    @property
-    def model_version(self) -> int:
-        return int(self.raw["model_version"])
-
-    @property
-    def hyperparameters(self) -> dict:
-        return self.raw["hyperparameters"]
-
-    @property
-    def report_deadline_in_s(self) -> float:
-        return float(self.raw.get("report_deadline_in_s", 0.0))
-
-
-def _json(resp) -> dict:
+def _json(resp) -> Any:
+    """The answer's JSON, or the server's error as a `ProtocolError` (its code, message, status)."""
     try:
         body = resp.json()
     except ValueError:
-        body = {}
+        body = None
     if resp.status_code >= 400:
-        raise ProtocolError(resp.status_code, str(body.get("error", "http_error")),
-                            str(body.get("message", resp.text[:200])))
+        body = body if isinstance(body, dict) else {}
+        raise ProtocolError(str(body.get("error", "http_error")), str(body.get("message", resp.text[:200])),
+                            status=resp.status_code)
+    if body is None:
+        raise ProtocolError("malformed_json", f"the server's answer is not JSON ({resp.text[:80]!r})",
+                            status=resp.status_code)
     return body
 
 
 class ServerClient:
+    """The protocol (see the server's /openapi.json), with every answer checked against its schema."""
+
     def __init__(self, transport: Transport):
         self.t = transport
 
     def register(self) -> tuple[str, str]:
-        body = _json(self.t.request("POST", "/v1/devices", json={}))
-        return body["device_id"], body["secret"]
+        registration = Registration.from_json(_json(self.t.request("POST", "/v1/devices", json={})))
+        return registration.device_id, registration.secret
 
     def authenticate(self, device_id: str, secret: str) -> None:
         self.t.auth = f"Bearer {device_id}:{secret}"
 
-    def checkin(self, population: str, conditions: dict[str, Any]) -> Assignment | Rejection:
+    def checkin(self, population: str, conditions: Conditions) -> Assignment | Rejection:
         body = _json(self.t.request("POST", "/v1/checkin",
-                                    json={"population": population, "conditions": conditions}))
-        if "assignment" in body:
-            return Assignment(body["assignment"])
-        r = body["rejection"]
-        return Rejection(r["reason"], float(r["retry_after_s"]["min"]), float(r["retry_after_s"]["max"]))
+                                    json={"population": population, "conditions": conditions.to_json()}))
+        if isinstance(body, dict) and "assignment" in body:
+            return Assignment.from_json(body["assignment"])
+        return Rejection.from_json(body.get("rejection") if isinstance(body, dict) else None)
 
     def upload(self, assignment: Assignment, delta: np.ndarray, num_examples: int,
-               metrics: dict[str, float]) -> dict:
-        """POST the update: safetensors bytes holding exactly the tensor the assignment names."""
-        report = assignment.raw["report"]
-        payload = save_tensors({report.get("tensor", "delta"): np.ascontiguousarray(delta, np.float32)})
-        params = {"model_version": assignment.model_version, "num_examples": num_examples,
+               metrics: dict[str, float]) -> Outcome:
+        """Encode the update as the round's spec says (contract.pipeline) and POST it."""
+        if assignment.update is None:
+            raise ProtocolError("invalid_field", "the training assignment has no update spec")
+        encoded = UpdatePipeline(assignment.update).encode(delta, num_examples,
+                                                           int(assignment.hyperparameters["seed"]))
+        params = {"model_version": assignment.model_version, "num_examples": encoded.weight,
                   "metrics": json.dumps({k: float(v) for k, v in metrics.items()})}
-        return _json(self.t.request("POST", report["url"], params=params, data=payload,
-                                    headers={"Content-Type": "application/octet-stream"}))
+        return Outcome.from_json(_json(self.t.request(
+            "POST", assignment.report_url, params=params, data=encoded.body,
+            headers={"Content-Type": "application/octet-stream"})))
 
-    def report_failure(self, assignment: Assignment, reason: str, detail: str | None = None) -> dict:
-        body = {"reason": reason, **({"detail": detail[:500]} if detail else {})}
-        return _json(self.t.request("POST", assignment.raw["report"]["failure_url"], json=body))
+    def report_failure(self, assignment: Assignment, reason: str, detail: str | None = None) -> Outcome:
+        return Outcome.from_json(_json(self.t.request("POST", assignment.failure_url,
+                                                      json=FailureReport(reason, detail).to_json())))
 
     def report_eval(self, assignment: Assignment, top1_hits: int, top3_hits: int,
-                    positions: int, loss_sum: float) -> dict:
-        body = {"model_version": assignment.model_version, "top1_hits": top1_hits,
-                "top3_hits": top3_hits, "positions": positions, "loss_sum": loss_sum}
-        return _json(self.t.request("POST", assignment.raw["report"]["url"], json=body))
+                    positions: int, loss_sum: float) -> Outcome:
+        report = EvalReport(assignment.model_version, top1_hits, top3_hits, positions, loss_sum)
+        return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=report.to_json())))
 
     def app_model(self, population: str) -> dict | None:
         """The latest published app model's description, or None if none is published."""
+        from contract.wire import APP_MODEL
+
         resp = self.t.request("GET", f"/v1/populations/{population}/app-model")
         if resp.status_code == 404:
             return None
-        return _json(resp)
+        return APP_MODEL.parse(_json(resp), "app_model")
 
 
 class ArtifactCache:
@@ -153,7 +126,7 @@ class ArtifactCache:
             resp = self.t.request("GET", ref["url"])
             if resp.status_code != 200:
                 _json(resp)
-                raise ProtocolError(resp.status_code, "unexpected_status", ref["url"])
+                raise ProtocolError("unexpected_status", ref["url"], status=resp.status_code)
             self.downloaded_bytes += len(resp.content)
             if _sha256(resp.content) == sha:
                 _atomic_write(target, resp.content)

@@ -24,7 +24,7 @@ from tflite_export.reader import TrainingPlan, load_plan
 
 def plan_key(assignment: Assignment) -> str:
     """A plan is known by its manifest's sha256."""
-    return assignment.raw["plan"]["manifest"]["sha256"]
+    return assignment.plan["manifest"]["sha256"]
 
 
 class PlanHost(Protocol):

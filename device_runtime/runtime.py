@@ -36,6 +36,7 @@ import shutil
 import threading
 from pathlib import Path
 
+from contract.wire import Conditions
 from device_runtime.client import (ArtifactCache, Assignment, CorruptDownload, ProtocolError,
                                    Rejection, ServerClient)
 from device_runtime.clock import Clock, RealClock, local_datetime
@@ -153,7 +154,7 @@ class Device:
         if last is not None and self.clock.now() - last < self.settings.min_separation_s:
             return last + self.settings.min_separation_s - self.clock.now()
         self.ensure_registered()
-        checkin = {**c.as_checkin(), "num_examples": num_examples, "runtime_version": RUNTIME_VERSION}
+        checkin = Conditions(**c.as_checkin(), num_examples=num_examples, runtime_version=RUNTIME_VERSION)
         t0 = self.clock.now()
         result = self.client.checkin(self.settings.population, checkin)
         if isinstance(result, Rejection):
@@ -193,14 +194,14 @@ class Device:
 
     def plan_manifest(self, assignment: Assignment) -> Manifest:
         """The assignment's plan manifest (downloaded first if needed: a few kB)."""
-        return read_manifest(self.cache.get(assignment.raw["plan"]["manifest"]))
+        return read_manifest(self.cache.get(assignment.plan["manifest"]))
 
     @staticmethod
     def plan_files(assignment: Assignment, manifest: Manifest) -> dict[str, dict]:
         """File name → artifact reference of everything `load_plan` reads."""
-        ref = assignment.raw["plan"]
+        ref = assignment.plan
         return {manifest.artifact: {"url": ref["url"], "sha256": ref["sha256"]},
-                manifest.vocab_file: assignment.raw["vocab"], PLAN_MANIFEST: ref["manifest"]}
+                manifest.vocab_file: assignment.vocab, PLAN_MANIFEST: ref["manifest"]}
 
     def lay_out_plan(self, assignment: Assignment) -> Path:
         """The assignment's plan files, verified, in a directory of their own; the manifest's path.

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from contract.wire import Outcome
 from device_runtime.client import Assignment, CorruptDownload, ProtocolError
 from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
 from device_runtime.transport import ServerUnavailable
@@ -104,9 +105,9 @@ class Task:
         try:
             plan, initial, windows = self._prepare()
             if self.a.task == "eval":
-                status, answer = self._evaluate(plan, initial, windows)
+                answer = self._evaluate(plan, initial, windows)
             else:
-                status, answer = self._train(plan, initial, windows)
+                answer = self._train(plan, initial, windows)
         except Interrupted as e:
             self.batches = e.batches_done
             return self._fail("interrupted", e.reason, str(e))
@@ -121,8 +122,8 @@ class Task:
             return self._fail("error", "error", f"{type(e).__name__}: {e}")
         finally:
             self._release_plan(healthy=True)
-        outcome = "completed" if status == "accepted" else "discarded"
-        self._log(outcome, **({"reason": answer["reason"]} if answer.get("reason") else {}))
+        outcome = "completed" if answer.status == "accepted" else "discarded"
+        self._log(outcome, **({"reason": answer.reason} if answer.reason else {}))
         return outcome
 
     # -- phases -------------------------------------------------------------
@@ -134,15 +135,14 @@ class Task:
         self._running, self._mark = name, now
 
     def _prepare(self) -> tuple[TrainingPlan, np.ndarray, np.ndarray]:
-        ref = self.a.raw.get("plan")
-        if not ref:
+        if not self.a.plan or not self.a.vocab:
             raise TaskFailed("error", "the assignment has no training plan")
         manifest = self.d.plan_manifest(self.a)
         self._check_memory(manifest)
         if not self.d.plans.loaded(self.a):
             for file_ref in self.d.plan_files(self.a, manifest).values():
                 self.d.cache.get(file_ref)
-        checkpoint = self.d.cache.get(self.a.raw["checkpoint"])
+        checkpoint = self.d.cache.get(self.a.checkpoint)
         self._next_phase("prepare")
         plan = self._plan = self.d.plans.acquire(self.a, lambda: self.d.lay_out_plan(self.a))
         layout, initial, _ = load_checkpoint(checkpoint)
@@ -162,7 +162,7 @@ class Task:
             raise TaskFailed("out_of_memory", f"needs ~{need:.0f} MiB; {free} MiB free, "
                                               f"budget {budget if budget is not None else '-'} MiB")
 
-    def _train(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> tuple[str, dict]:
+    def _train(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
         hp = self.a.hyperparameters
         update = train_locally(plan, initial, windows, Hyperparameters(
             float(hp["learning_rate"]), int(hp["epochs"]), int(hp["batch_size"]), int(hp["seed"]),
@@ -175,9 +175,9 @@ class Task:
         self._next_phase("upload")
         answer = self.d.client.upload(self.a, update.delta, update.num_examples, update.metrics)
         self._next_phase("done")
-        return answer.get("status", "unknown"), answer
+        return answer
 
-    def _evaluate(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> tuple[str, dict]:
+    def _evaluate(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
         plan.set_weights(initial)
         hits, loss_sum = Hits(), 0.0
         started = time.monotonic()
@@ -195,7 +195,7 @@ class Task:
         self._next_phase("upload")
         answer = self.d.client.report_eval(self.a, hits.top1, hits.top3, hits.positions, loss_sum)
         self._next_phase("done")
-        return answer.get("status", "unknown"), answer
+        return answer
 
     def should_stop(self) -> str | None:
         """Checked before every batch and once after the last: the first reason to stop, or None."""
@@ -236,7 +236,7 @@ class Task:
     def _log(self, outcome: str, **detail: object) -> None:
         d = self.d
         d.opstats.log(self.started, "task", outcome, task=self.a.task, session=self.a.session_id,
-                      round=self.a.raw.get("round"), batches=self.batches,
+                      round=self.a.round, batches=self.batches,
                       examples=getattr(self, "examples", 0),
                       bytes_out=d.transport.bytes_sent - self._bytes[0],
                       bytes_in=d.transport.bytes_received - self._bytes[1],

@@ -76,13 +76,15 @@ def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
 
 
 def write_server_config(root: Path, population: str = "en", **settings) -> Path:
-    """A server.toml with one population; `settings` override the population keys."""
+    """A server.toml with one population; `settings` override the population keys
+    (`eligibility` and `update` are tables of their own, `server` holds top-level keys)."""
     pop = {"goal": 1, "over_selection": 1.0, "min_selected_fraction": 1.0, "min_report_fraction": 1.0,
            "selection_window_s": 30.0, "reporting_window_s": 300.0, "eval_every": 0,
            "publish_every": 0, "server_optimizer": "sgd", "server_lr": 1.0, "client_lr": 0.5,
            "client_epochs": 1, "client_batch_size": 16}
     eligibility = {"min_separation_s": 0.0, "min_free_memory_mb": 0}
     eligibility.update(settings.pop("eligibility", {}))
+    update = settings.pop("update", None)
     server = settings.pop("server", {})
     pop.update(settings)
     lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',
@@ -91,6 +93,9 @@ def write_server_config(root: Path, population: str = "en", **settings) -> Path:
     lines += ["", f"[populations.{population}]"] + [f"{k} = {_toml(v)}" for k, v in pop.items()]
     lines += ["", f"[populations.{population}.eligibility]"]
     lines += [f"{k} = {_toml(v)}" for k, v in eligibility.items()]
+    if update is not None:   # contract.update_spec.UpdateSpec fields; default: the server's
+        lines += ["", f"[populations.{population}.update]"]
+        lines += [f"{k} = {_toml(v)}" for k, v in dict(update).items()]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "server.toml"
     path.write_text("\n".join(lines) + "\n")

@@ -20,15 +20,21 @@ wrapped, and handed to `Device(...)` as its collaborators:
 """
 from __future__ import annotations
 
+import json
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 from contract.batching import epoch_orders
+from contract.packing import pack
 from device_runtime.client import Assignment
 from device_runtime.opstats import OpStats
 from device_runtime.plans import plan_key
@@ -69,6 +75,38 @@ class SharedSession:
         self._session.close()
 
 
+def tamper(kind: str, params: dict, body: bytes) -> tuple[dict, bytes]:
+    """An upload altered as an attacker on the phone would (emulation.world.TAMPERING).
+
+    Works on the encoded update itself (contract.pipeline's wire format), so
+    it needs no model: the weight claimed, or the codes, scales or values are
+    rewritten in place.
+    """
+    if kind == "claims_huge_weight":
+        return {**params, "num_examples": 10**6}, body
+    tensors = {k: v.copy() for k, v in st_load(body).items()}
+    (header_len,) = struct.unpack("<Q", body[:8])
+    meta = json.loads(body[8:8 + header_len]).get("__metadata__") or {}
+    if "values" in tensors:                     # float32 updates
+        values = tensors["values"]
+        peak = float(np.abs(values).max(initial=0.0))
+        if kind == "out_of_range":
+            values[0] = 1e30
+        elif kind == "scaled_up":
+            values *= np.float32(1e6)
+        else:
+            values[:] = np.where(values < 0, -peak, peak)
+    elif kind == "scaled_up":
+        tensors["scales"] *= np.float32(2**20)
+    elif kind == "out_of_range":                # the unused top code, 2^bits - 1
+        tensors["codes"][: 2 if meta.get("bits") == "16" else 1] = 0xFF
+    else:                                       # every value +L, every scale the largest
+        bits = int(meta["bits"])
+        tensors["codes"][:] = pack(np.full(len(tensors["codes"]) * 8 // bits, 2 ** (bits - 1) - 1), bits)
+        tensors["scales"][:] = tensors["scales"].max()
+    return params, st_save(tensors, metadata=meta)
+
+
 UploadListener = Callable[[str, dict, bytes, dict], None]   # session id, query, body, answer
 
 
@@ -76,7 +114,9 @@ class FleetTransport(Transport):
     """The runtime's retrying transport over the fleet's shared session.
 
     Every upload the server answered (200) is reported to `on_upload` with
-    its session id, query parameters, body and the server's answer.
+    its session id, query parameters, body and the server's answer, as sent:
+    a phone chosen to tamper (emulation.world.Faults) alters its upload here,
+    below the runtime, as an attacker who rewrote the app would.
     """
 
     def __init__(self, base_url: str, session: SharedSession, on_upload: UploadListener | None = None,
@@ -87,6 +127,11 @@ class FleetTransport(Transport):
         self._on_upload = on_upload
 
     def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        if method == "POST" and urlsplit(path).path.endswith("/update"):
+            kind = self.session.faults.tampering(path)
+            if kind is not None:
+                kwargs["params"], kwargs["data"] = tamper(kind, dict(kwargs.get("params") or {}),
+                                                          kwargs.get("data") or b"")
         resp = super().request(method, path, **kwargs)
         if (self._on_upload is not None and method == "POST" and resp.status_code == 200
                 and urlsplit(path).path.endswith("/update")):
@@ -178,7 +223,7 @@ class PooledPlans:
                 compute_s: float) -> None:
         self.pool.release(plan_key(assignment), plan if healthy else None)
         if self.slow:
-            self.clock.sleep(max(0.0, assignment.raw["report_deadline"] - self.clock.now()) + 60.0)
+            self.clock.sleep(max(0.0, assignment.report_deadline - self.clock.now()) + 60.0)
         extra = compute_s * (self.speed_factor - 1.0)
         if extra > 0:
             self.clock.sleep(extra)

@@ -17,7 +17,9 @@ so eligibility emerges from people's days rather than being switched on:
 from a seed and the session or request they hit: a fraction of the phones
 given a training task is unplugged in the middle of it, a fraction of uploads
 is lost once (the transport retries), any request may hit a network error,
-and a fraction of phones is far too slow for the round's deadline.
+a fraction of uploads is tampered with (an attacker claiming a huge weight,
+sending a huge update or values off the grid), and a fraction of phones is
+far too slow for the round's deadline.
 """
 from __future__ import annotations
 
@@ -174,7 +176,16 @@ class Faults:
     unplug_fraction: float = 0.0          # of training tasks: the phone is unplugged mid-training
     upload_failure_fraction: float = 0.0  # of uploads: the first attempt is lost (then retried)
     network_error_rate: float = 0.0       # of all requests: a connection error before sending
+    tamper_fraction: float = 0.0          # of uploads: altered by an attacker on the phone (TAMPERING)
     seed: int = 0
+
+
+# What a tampering phone does to its upload (emulation.phones.tamper), in turn:
+TAMPERING = ("claims_huge_weight",     # num_examples = 10^6: refused (weight above max_weight)
+             "scaled_up",              # the update scaled by 10^6: refused (a scale off the grid)
+             "out_of_range",           # a code beyond the quantized range: refused
+             "max_values")             # every value at the top of its block's grid: accepted if its
+                                       # norm stays within the clip, which bounds what it can do
 
 
 class _Every:
@@ -203,9 +214,12 @@ class FaultInjector:
         self._lock = threading.Lock()
         self._unplug = _Every(faults.unplug_fraction, _uniform(faults.seed, "unplug"))
         self._upload = _Every(faults.upload_failure_fraction, _uniform(faults.seed, "upload"))
+        self._tamper = _Every(faults.tamper_fraction, _uniform(faults.seed, "tamper"))
+        self._tampered: dict[str, str | None] = {}
         self._decided: dict[str, str | None] = {}
         self._calls = 0
-        self.injected = {"unplugged": 0, "request_lost": 0, "response_lost": 0, "network_error": 0}
+        self.injected = {"unplugged": 0, "request_lost": 0, "response_lost": 0, "network_error": 0,
+                         **{kind: 0 for kind in TAMPERING}}
 
     def unplug(self) -> bool:
         """Whether the training task starting now is to be unplugged mid-way."""
@@ -230,6 +244,18 @@ class FaultInjector:
                 self.injected[lost] += 1
             self._decided[url] = lost
             return lost
+
+    def tampering(self, url: str) -> str | None:
+        """None, or how this upload (every attempt of it) is altered: one of TAMPERING, in turn."""
+        with self._lock:
+            if url not in self._tampered:
+                kind = None
+                if self._tamper.next():
+                    done = sum(self.injected[k] for k in TAMPERING)
+                    kind = TAMPERING[done % len(TAMPERING)]
+                    self.injected[kind] += 1
+                self._tampered[url] = kind
+            return self._tampered[url]
 
     def network_error(self) -> bool:
         with self._lock:

@@ -1,10 +1,12 @@
 """Federated training in simulation with TensorFlow Federated.
 
-`run_simulation` drives TFF's `build_weighted_fed_avg` over the federated
+`run_simulation` runs federated averaging (models.fedavg) over the federated
 Shakespeare corpus: each round samples training clients, each client runs SGD
 over its own windows (in the order `contract.batching` defines, the same order a
-phone uses), and the server applies one of TFF's optimizers to the weighted
-average of the client deltas. It writes, under `out_dir`:
+phone uses), its update goes through the deployment's update pipeline
+(`SimulationConfig.update`: weight cap, clip, quantization, exact integer sum),
+and the server applies one of TFF's optimizers to the mean. It writes, under
+`out_dir`:
 
 * `metrics.jsonl` — one JSON object per round (and held-out evaluations);
 * `checkpoints/round_NNNN.safetensors` — global weights (see contract.weights);
@@ -24,11 +26,13 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from contract.batching import epoch_orders, round_seed
+from contract.update_spec import UpdateSpec
+from contract.weights import save_checkpoint
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
-from models.model import ModelConfig, build_keras_model, tff_model_fn, weight_layout
+from models.fedavg import FederatedAveraging, RoundResult, client_optimizer
+from models.model import ModelConfig, build_keras_model, weight_layout
 from models.tff_runtime import tff_session
-from contract.weights import save_checkpoint
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 
@@ -48,7 +52,8 @@ class SimulationConfig:
     server_lr_decay_rounds: int = 0   # ramp it linearly down to ~0 over the last k rounds
     eval_every: int = 5           # held-out evaluation (and checkpoint) every k rounds
     max_eval_windows: int | None = None  # cap on held-out windows evaluated (None: all)
-    seed: int = 0                 # client sampling and shuffling
+    seed: int = 0                 # client sampling, shuffling, rounding and rotation
+    update: UpdateSpec = UpdateSpec()  # how updates are encoded and added up (as deployed)
 
 
 def server_optimizer(name: str, learning_rate: float):
@@ -83,26 +88,16 @@ def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
     return ds
 
 
-def build_process(model_config: ModelConfig, sim: SimulationConfig):
+def build_process(model_config: ModelConfig, sim: SimulationConfig) -> FederatedAveraging:
+    """The simulated population: TFF client work, the update pipeline, TFF's server optimizer."""
     import tensorflow_federated as tff
 
-    if sim.client_clip_norm is None:
-        client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=sim.client_lr)
-    else:
-        client_optimizer = build_clipped_sgd(sim.client_lr, sim.client_clip_norm)
     server = server_optimizer(sim.server_optimizer, sim.server_lr)
     if sim.server_lr_warmup_rounds > 0 or sim.server_lr_decay_rounds > 0:
         server = tff.learning.optimizers.schedule_learning_rate(server, lr_schedule(
             sim.server_lr, sim.rounds, sim.server_lr_warmup_rounds, sim.server_lr_decay_rounds))
-    # TFF's default loop (DATASET_REDUCE) runs each client's training as a
-    # tf.data reduce: the C++ runtime pays ~0.2 s per client to set it up, and
-    # the step runs slower inside it. Iterating the dataset instead halves
-    # a Gboard-size round (4.9 s against 9.7 s for 10 clients × 6 batches,
-    # benchmarks/TUNING.md) and computes the same update up to float rounding.
-    return tff.learning.algorithms.build_weighted_fed_avg(
-        tff_model_fn(model_config), client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=server,
-        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+    return FederatedAveraging(model_config, client_optimizer(sim.client_lr, sim.client_clip_norm),
+                              server, sim.update, sim.seed)
 
 
 def lr_schedule(learning_rate: float, rounds: int, warmup: int, decay: int):
@@ -124,61 +119,18 @@ def lr_schedule(learning_rate: float, rounds: int, warmup: int, decay: int):
     return schedule
 
 
-def build_clipped_sgd(learning_rate: float, clip_norm: float):
-    """A `tff.learning` optimizer: w -= lr * clip_by_global_norm(g, clip_norm).
-
-    Plain SGD on a client that trains dozens of local steps on one speaker's
-    text can blow up; bounding each step's norm keeps a high learning rate
-    usable. The training plan applies the same `tf.clip_by_global_norm`.
-    """
-    import collections
-
-    import tensorflow_federated as tff
-
-    class ClippedSGD(tff.learning.optimizers.Optimizer):
-        def initialize(self, specs):
-            return collections.OrderedDict(learning_rate=learning_rate)
-
-        def next(self, state, weights, gradients):
-            clipped, _ = tf.clip_by_global_norm(tf.nest.flatten(gradients), clip_norm)
-            updated = [w - tf.cast(state["learning_rate"], w.dtype) * g
-                       for w, g in zip(tf.nest.flatten(weights), clipped)]
-            return state, tf.nest.pack_sequence_as(weights, updated)
-
-        def get_hparams(self, state):
-            return collections.OrderedDict(learning_rate=state["learning_rate"])
-
-        def set_hparams(self, state, hparams):
-            return collections.OrderedDict(learning_rate=hparams["learning_rate"])
-
-    return ClippedSGD()
-
-
 def initial_weights(model_config: ModelConfig) -> np.ndarray:
     """The seeded initial model as a flat vector (round 0 of every run)."""
     return get_flat_weights(build_keras_model(model_config), model_config)
 
 
-def fedavg_round(process, state, corpus: FederatedCorpus, client_ids: list[str],
-                 sim: SimulationConfig, round_num: int):
-    """One `process.next` over `client_ids`; returns (state, train metrics)."""
-    datasets = [client_dataset(corpus.train[cid], sim.batch_size, sim.local_epochs,
-                               round_seed(sim.seed, round_num, i), sim.max_client_examples)
-                for i, cid in enumerate(client_ids)]
-    result = process.next(state, datasets)
-    train = result.metrics["client_work"]["train"]
-    return result.state, {k: float(v) for k, v in train.items()}
-
-
-def set_global_weights(process, state, model_config: ModelConfig, flat: np.ndarray):
-    import tensorflow_federated as tff
-
-    tensors = list(weight_layout(model_config).unflatten(np.asarray(flat, np.float32)).values())
-    return process.set_model_weights(state, tff.learning.models.ModelWeights(tensors, []))
-
-
-def global_weights(process, state, model_config: ModelConfig) -> np.ndarray:
-    return weight_layout(model_config).flatten(list(process.get_model_weights(state).trainable))
+def fedavg_round(process: FederatedAveraging, flat: np.ndarray, corpus: FederatedCorpus,
+                 client_ids: list[str], sim: SimulationConfig, round_num: int) -> RoundResult:
+    """One round over `client_ids`; client i's seed is `round_seed(seed, round, i)` (a server's)."""
+    seeds = [round_seed(sim.seed, round_num, i) for i in range(len(client_ids))]
+    datasets = [client_dataset(corpus.train[cid], sim.batch_size, sim.local_epochs, seed,
+                               sim.max_client_examples) for cid, seed in zip(client_ids, seeds)]
+    return process.next(flat, datasets, seeds, round_num)
 
 
 def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: SimulationConfig,
@@ -209,31 +161,36 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
         history.append(row)
         return row["heldout"]
 
+    upload_bytes = 0
     with tff_session(), log:
         process = build_process(model_config, sim)
-        state = set_global_weights(process, process.initialize(), model_config, flat)
         ev = checkpoint_and_eval(0, flat)
         bar = tqdm(range(1, sim.rounds + 1), desc="federated rounds", unit="round")
         for r in bar:
             t0 = time.monotonic()
             sampled = list(np.random.default_rng([sim.seed, r]).choice(
                 train_ids, sim.clients_per_round, replace=False))
-            state, train = fedavg_round(process, state, corpus, sampled, sim, r)
-            row = {"round": r, "clients": len(sampled), "train": train,
+            result = fedavg_round(process, flat, corpus, sampled, sim, r)
+            flat = result.weights
+            upload_bytes += result.upload_bytes
+            row = {"round": r, "clients": result.clients, "train": result.train,
+                   "upload_bytes": result.upload_bytes,
+                   "update_norms": [round(n, 5) for n in result.update_norms],
+                   "clipped": sum(n > sim.update.clip_norm for n in result.update_norms),
                    "seconds": time.monotonic() - t0}
             log.write(json.dumps(row) + "\n")
             log.flush()
             history.append(row)
             if r % sim.eval_every == 0 or r == sim.rounds:
-                flat = global_weights(process, state, model_config)
                 ev = checkpoint_and_eval(r, flat)
-            bar.set_postfix(loss=f"{train['loss']:.3f}", heldout_top1=f"{ev['top1']:.4f}")
-        flat = global_weights(process, state, model_config)
+            bar.set_postfix(loss=f"{result.train.get('loss', float('nan')):.3f}",
+                            heldout_top1=f"{ev['top1']:.4f}")
     save_checkpoint(out / "final.safetensors", layout, flat,
                     {"round": sim.rounds, "model_config": dataclasses.asdict(model_config)})
     summary = {"model_config": dataclasses.asdict(model_config),
                "simulation": dataclasses.asdict(sim),
                "initial": history[0]["heldout"], "final": ev,
+               "upload_bytes_per_client": upload_bytes / max(1, sum(h.get("clients", 0) for h in history)),
                "wall_s": time.monotonic() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, out / "curves.png")
@@ -245,7 +202,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["round"], h["train"]["loss"]) for h in history if "train" in h]
+    train = [(h["round"], h["train"]["loss"]) for h in history if h.get("train")]
     ev = [(h["round"], h["heldout"]) for h in history if "heldout" in h]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if train:

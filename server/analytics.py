@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from server.errors import NotFound
+from server.errors import ErrorCode, ProtocolError
 from server.store import Store
 
 
@@ -41,7 +41,7 @@ class RoundAnalytics:
 
     def _population_exists(self, conn: sqlite3.Connection, population: str) -> None:
         if conn.execute("SELECT 1 FROM populations WHERE name = ?", (population,)).fetchone() is None:
-            raise NotFound(f"no population named {population!r}", code="unknown_population")
+            raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {population!r}")
 
     def list(self, population: str, now: float, limit: int = 50, before: int | None = None) -> list[dict]:
         with self._store.read() as conn:
@@ -57,13 +57,14 @@ class RoundAnalytics:
             row = conn.execute("SELECT * FROM rounds WHERE population = ? AND number = ?",
                                (population, number)).fetchone()
             if row is None:
-                raise NotFound(f"population {population!r} has no round {number}", code="unknown_round")
+                raise ProtocolError(ErrorCode.UNKNOWN_ROUND, f"population {population!r} has no round {number}")
             sessions = conn.execute("SELECT * FROM sessions WHERE round_id = ? ORDER BY assigned_at, id",
                                     (row["id"],)).fetchall()
             reasons = conn.execute("SELECT reason, COUNT(*) AS n FROM sessions WHERE round_id = ? AND"
                                    " state = 'failed' GROUP BY reason", (row["id"],)).fetchall()
         out = round_summary(row, now)
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])
+        out["update"] = json.loads(row["update_spec_json"]) if row["update_spec_json"] else None
         out["failure_reasons"] = {}
         for r in reasons:
             key = (r["reason"] or "unknown").split(":")[0]

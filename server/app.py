@@ -3,31 +3,57 @@
 Services are built once per process here and kept in `app.extensions`; the
 views in server/views only translate HTTP to service calls and back. Every
 error a client can cause becomes `{"error": code, "message": ...}` with a 4xx:
-the domain's ProtocolError, werkzeug's HTTP errors (404, 405, 413, ...) and,
-as a last resort, anything unexpected (500, logged) — the tests throw random
-input at every endpoint to keep that last handler unused.
+the protocol's `ProtocolError`, werkzeug's HTTP errors (404, 405, 413, ...)
+and, as a last resort, anything unexpected (500, logged) — the tests throw
+random input at every endpoint to keep that last handler unused. Errors that
+gunicorn answers itself, before Flask sees the request (a request line or
+headers over its limits), are JSON too: server.worker.
+
+JSON responses never hold NaN or Infinity (they are not JSON): a non-finite
+number becomes null.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from server.clock import Clock
 from server.config import ServerConfig, load_config
-from server.errors import ProtocolError
+from server.errors import ErrorCode, ProtocolError
 from server.publisher import Exporter
 from server.services import Ticker, build_services
 
 log = logging.getLogger(__name__)
 UPLOAD_ENDPOINTS = {"sessions.upload"}
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
-               413: "payload_too_large", 415: "unsupported_media_type", 431: "headers_too_large"}
+HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
+              404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 408: ErrorCode.REQUEST_TIMEOUT,
+              411: ErrorCode.LENGTH_REQUIRED, 413: ErrorCode.PAYLOAD_TOO_LARGE, 414: ErrorCode.URI_TOO_LONG,
+              415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 431: ErrorCode.HEADERS_TOO_LARGE}
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("default", self.default)
+        return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = None, *,
@@ -37,6 +63,7 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
 
     cfg = load_config(config)
     app = Flask("server")
+    app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_upload_bytes
     services = build_services(cfg, clock=clock, exporter=exporter)
     app.extensions["nightjar"] = services
@@ -50,12 +77,13 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
 
     @app.errorhandler(ProtocolError)
     def _protocol_error(e: ProtocolError):
-        return jsonify(e.to_json()), e.http_status
+        return jsonify(e.to_json()), e.status
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         code = e.code or 500
-        response = jsonify({"error": _HTTP_CODES.get(code, "http_error"),
+        error = HTTP_CODES.get(code)
+        response = jsonify({"error": error.value if error else "http_error",
                             "message": e.description or e.name})
         response.status_code = code
         for name, value in e.get_headers():
@@ -66,7 +94,7 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify({"error": "internal_error", "message": "internal server error"}), 500
+        return jsonify({"error": ErrorCode.INTERNAL_ERROR.value, "message": "internal server error"}), 500
 
     if cfg.tick_interval_s > 0:
         app.extensions["nightjar_ticker"] = Ticker(services, cfg.tick_interval_s).start()

@@ -18,17 +18,17 @@ separation between participations has passed.
 """
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import sqlite3
 import threading
 import time
 
 from contract.batching import round_seed
+from contract.wire import Assignment, Conditions, Rejection
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.config import PopulationConfig
-from server.policy import Context, DeviceConditions, EligibilityPolicy
+from server.policy import Context, EligibilityPolicy
 from server.populations import Population, load_population
 from server.registry import Device, DeviceRegistry
 from server.rounds import Round, RoundService
@@ -36,21 +36,6 @@ from server.store import Store
 from server.versions import VersionRegistry
 
 DEVICE_COUNT_TTL_S = 10.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Rejection:
-    reason: str                 # ineligible | round_full | already_participated
-    retry_min_s: float
-    retry_max_s: float
-    criteria: tuple[str, ...] = ()
-
-    def to_json(self) -> dict:
-        out = {"reason": self.reason,
-               "retry_after_s": {"min": round(self.retry_min_s, 3), "max": round(self.retry_max_s, 3)}}
-        if self.criteria:
-            out["criteria"] = list(self.criteria)
-        return out
 
 
 def artifact_url(sha256: str) -> str:
@@ -61,34 +46,21 @@ def _ref(sha256: str) -> dict:
     return {"url": artifact_url(sha256), "sha256": sha256}
 
 
-@dataclasses.dataclass(frozen=True)
-class Assignment:
-    session_id: str
-    seed: int
-    round: Round
-    population: Population
-    checkpoint_sha256: str
-
-    def to_json(self, now: float) -> dict:
-        rnd, pop = self.round, self.population
-        plan = None
-        if pop.plan is not None:
-            plan = {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)}
-        out = {
-            "session_id": self.session_id, "task": rnd.task, "population": pop.name,
-            "round": rnd.number, "model_version": rnd.model_version,
-            "plan": plan, "checkpoint": _ref(self.checkpoint_sha256),
-            "vocab": _ref(pop.vocab_sha256) if pop.vocab_sha256 else None,
-            "hyperparameters": {**rnd.hyperparameters, "seed": self.seed},
-            "report_deadline": rnd.deadline,
-            "report_deadline_in_s": max(0.0, rnd.deadline - now),
-        }
-        action = "update" if rnd.task == "train" else "eval"
-        out["report"] = {"url": f"/v1/sessions/{self.session_id}/{action}",
-                         "failure_url": f"/v1/sessions/{self.session_id}/failure"}
-        if rnd.task == "train":
-            out["report"].update(tensor="delta", dtype="float32", size=pop.layout.size)
-        return out
+def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, checkpoint_sha256: str,
+                    now: float) -> Assignment:
+    """The wire assignment of a session (contract.wire.Assignment)."""
+    plan = None
+    if pop.plan is not None:
+        plan = {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)}
+    action = "update" if rnd.task == "train" else "eval"
+    return Assignment(
+        session_id=session_id, task=rnd.task, population=pop.name, round=rnd.number,
+        model_version=rnd.model_version, plan=plan, checkpoint=_ref(checkpoint_sha256),
+        vocab=_ref(pop.vocab_sha256) if pop.vocab_sha256 else None,
+        hyperparameters={**rnd.hyperparameters, "seed": seed},
+        report_deadline=rnd.deadline, report_deadline_in_s=max(0.0, rnd.deadline - now),
+        report_url=f"/v1/sessions/{session_id}/{action}", failure_url=f"/v1/sessions/{session_id}/failure",
+        update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None)
 
 
 class CheckinService:
@@ -107,7 +79,7 @@ class CheckinService:
         self._lock = threading.Lock()
 
     def checkin(self, device: Device, population: str,
-                conditions: DeviceConditions) -> Assignment | Rejection:
+                conditions: Conditions) -> Assignment | Rejection:
         cfg = self._rounds.settings(population)                      # NotFound if not configured
         load_population(self._store.connection(), population)        # ... or not registered
         policy = self._policies[population]
@@ -137,7 +109,9 @@ class CheckinService:
                           (rnd.id, device.id)).fetchone()
         if mine is not None:
             if mine["state"] == "assigned" and rnd.accepts_reports(self._clock.now()):
-                return self._assignment(tx, mine["id"], mine["seed"], rnd, pop)
+                version = self._versions.get(pop.name, rnd.model_version, tx)
+                return make_assignment(mine["id"], mine["seed"], rnd, pop, version.checkpoint_sha256,
+                                       self._clock.now())
             return self._busy(tx, rnd, cfg, "already_participated")
         if rnd.state != "selecting" or rnd.selected >= rnd.max_selected:
             return self._busy(tx, rnd, cfg, "round_full")
@@ -154,11 +128,7 @@ class CheckinService:
         rnd = self._rounds.by_id(tx, rnd.id)
         if rnd.selected >= rnd.max_selected:
             rnd = self._rounds.close_selection(tx, rnd, now)
-        return Assignment(session_id, seed, rnd, pop, version.checkpoint_sha256)
-
-    def _assignment(self, tx, session_id: str, seed: int, rnd: Round, pop: Population) -> Assignment:
-        version = self._versions.get(pop.name, rnd.model_version, tx)
-        return Assignment(session_id, seed, rnd, pop, version.checkpoint_sha256)
+        return make_assignment(session_id, seed, rnd, pop, version.checkpoint_sha256, now)
 
     def _busy(self, tx: sqlite3.Connection, rnd: Round, cfg: PopulationConfig, reason: str) -> Rejection:
         """A retry window that spreads the population over the next selection window(s)."""

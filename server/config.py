@@ -16,6 +16,10 @@ Hard et al. 2018), an ineligible device retrying after 15 min +- 20%
 
     [populations.en-keyboard.eligibility]
     min_battery = 0.3
+
+    [populations.en-keyboard.update]      # contract.update_spec: 8-bit, clipped, capped by default
+    bits = 8
+    clip_norm = 5.0
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from contract.update_spec import UpdateSpec
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 TASKS = ("train", "eval")
@@ -69,11 +75,13 @@ class PopulationConfig:
     server_momentum: float = 0.9        # sgdm only
     eval_every: int = 10                # an evaluation round after every N training rounds (0: never)
     publish_every: int = 10             # publish at most every K versions (0: never)
-    max_num_examples: int = 1_000_000   # an update's weight above this is refused
     ineligible_retry_s: tuple[float, float] = (720.0, 1080.0)   # 15 min +- 20%
     max_retry_s: float = 6 * 3600.0     # pace steering never spreads further than this
     seed: int = 0
     eligibility: EligibilityConfig = EligibilityConfig()
+    # How devices encode updates ([populations.<name>.update]; contract.update_spec). When
+    # max_weight is not set, it is the default per epoch x client_epochs.
+    update: UpdateSpec = UpdateSpec()
 
     @property
     def max_selected(self) -> int:
@@ -159,11 +167,20 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
     def convert(key, value):
         if key == "eligibility":
             return _build(EligibilityConfig, value, f"populations.{name}.eligibility")
+        if key == "update":
+            return value if isinstance(value, UpdateSpec) else _build(UpdateSpec, value,
+                                                                      f"populations.{name}.update")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
         return value
 
-    return _build(PopulationConfig, data, f"populations.{name}", convert)
+    population = _build(PopulationConfig, data, f"populations.{name}", convert)
+    update = data.get("update")
+    if not isinstance(update, UpdateSpec) and "max_weight" not in (update or {}):
+        epochs = population.client_epochs if isinstance(population.client_epochs, int) else 1
+        population = dataclasses.replace(population, update=dataclasses.replace(
+            population.update, max_weight=population.update.max_weight * max(1, epochs)))
+    return population
 
 
 PATH_KEYS = ("database", "artifact_dir", "state_dir")
@@ -210,6 +227,10 @@ def _validated(config: ServerConfig) -> ServerConfig:
         check(p.eval_every >= 0 and p.publish_every >= 0, f"{where}: eval_every/publish_every >= 0")
         check(len(p.ineligible_retry_s) == 2 and 0 <= p.ineligible_retry_s[0] <= p.ineligible_retry_s[1],
               f"{where}.ineligible_retry_s must be [min, max] with 0 <= min <= max")
+        try:
+            p.update.validate(f"{where}.update")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         e = p.eligibility
         check(0.0 <= e.min_battery <= 1.0, f"{where}.eligibility.min_battery must be in [0, 1]")
         check(e.min_separation_s >= 0, f"{where}.eligibility.min_separation_s must be >= 0")

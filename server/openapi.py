@@ -1,22 +1,31 @@
 """The OpenAPI 3.1 description of every endpoint, served at /openapi.json.
 
-OpenAPI 3.1 schemas are JSON Schema 2020-12, so the tests validate real
-responses against them with `jsonschema` (tests/test_server_views.py), and a
-test checks that every Flask route is documented here and vice versa.
+Request and response bodies of the device protocol are the contract's own
+schemas (contract.wire, contract.update_spec), the very objects the server
+checks requests with, so the document cannot drift from what the server
+enforces; the error codes come from contract.errors and the limits from the
+config defaults. A test validates real responses against it (OpenAPI 3.1
+schemas are JSON Schema 2020-12) and checks every Flask route is in it.
 """
 from __future__ import annotations
 
 import functools
 
-from server.aggregation import UPDATE_TENSOR
-from server.reporting import FAILURE_REASONS
+from contract import wire
+from contract.errors import STATUS_MEANING, ErrorCode
+from contract.manifest import manifest_schema
+from contract.pipeline import FORMAT
+from contract.schema import MAX_INT
+from contract.update_spec import ROUND_SPEC
+from server.config import ServerConfig
 
-SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-INT = {"type": "integer", "minimum": 0}
+INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 NUM = {"type": "number"}
 NULLABLE_NUM = {"type": ["number", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
 STR = {"type": "string"}
 BINARY = {"type": "string", "format": "binary"}
+SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 
 
 def _obj(required: dict, optional: dict | None = None, extra: bool = False) -> dict:
@@ -33,17 +42,18 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*statuses: int) -> dict:
-    text = {400: "malformed JSON, a missing field or a value of the wrong type/range",
-            401: "missing or wrong credentials", 403: "the session belongs to another device",
-            404: "unknown session, population, version, round or artifact",
-            405: "method not allowed", 409: "wrong model version or task, or the session already ended",
-            413: "body larger than the limit", 422: "an update that cannot be aggregated"}
-    return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
+    out = {}
+    for status in statuses:
+        codes = [c.value for c in ErrorCode if c.status == status]
+        out[str(status)] = _json(_ref("Error"), f"{STATUS_MEANING[status]} (error: {', '.join(codes)})")
+    return out
 
 
 def _op(summary: str, responses: dict, *, body: dict | None = None, params: list | None = None,
-        auth: str | None = "device", errors: tuple[int, ...] = ()) -> dict:
+        auth: str | None = "device", errors: tuple[int, ...] = (), description: str | None = None) -> dict:
     op = {"summary": summary, "responses": {**responses, **_errors(*errors, 405)}}
+    if description:
+        op["description"] = description
     if body is not None:
         op["requestBody"] = {"required": True, "content": body}
     if params:
@@ -61,31 +71,12 @@ def _query(name: str, schema: dict, required: bool = False, description: str = "
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
-ARTIFACT_REF = _obj({"url": STR, "sha256": SHA256})
-BOOL = {"type": "boolean"}
-CONDITIONS = _obj({"charging": BOOL, "idle": BOOL, "unmetered": BOOL,
-                   "battery": {"type": "number", "minimum": 0, "maximum": 1},
-                   "free_memory_mb": INT, "num_examples": INT,
-                   "runtime_version": {"type": "string", "pattern": r"^\d+(\.\d+){0,3}$"}}, extra=True)
-ASSIGNMENT = _obj({
-    "session_id": STR, "task": {"enum": ["train", "eval"]}, "population": STR, "round": INT,
-    "model_version": INT,
-    "plan": {"oneOf": [{"type": "null"}, _obj({"url": STR, "sha256": SHA256, "manifest": ARTIFACT_REF})]},
-    "checkpoint": ARTIFACT_REF, "vocab": {"oneOf": [{"type": "null"}, ARTIFACT_REF]},
-    "hyperparameters": _obj({"learning_rate": NUM, "epochs": INT, "batch_size": INT, "seed": INT,
-                             "max_examples": {"type": ["integer", "null"], "minimum": 1}}),
-    "report_deadline": NUM, "report_deadline_in_s": NUM,
-    "report": _obj({"url": STR, "failure_url": STR},
-                   {"tensor": {"const": UPDATE_TENSOR}, "dtype": {"const": "float32"}, "size": INT}),
-})
-REJECTION = _obj({"reason": {"enum": ["ineligible", "round_full", "already_participated"]},
-                  "retry_after_s": _obj({"min": NUM, "max": NUM})},
-                 {"criteria": {"type": "array", "items": STR}})
+# Operator views (server-side only: no device parses them).
 ROUND = _obj({
-    "round": INT, "task": {"enum": ["train", "eval"]},
+    "round": INT, "task": {"enum": list(wire.TASKS)},
     "state": {"enum": ["selecting", "reporting", "completed", "failed"]},
     "reason": {"type": ["string", "null"]}, "model_version": INT, "attempt": INT,
-    "result_version": {"type": ["integer", "null"]}, "goal": INT, "max_selected": INT, "min_reports": INT,
+    "result_version": NULLABLE_INT, "goal": INT, "max_selected": INT, "min_reports": INT,
     "selected": INT, "reported": INT, "aborted": INT, "failed": INT, "dropped": INT,
     "bytes_in": INT, "bytes_out": INT, "opened_at": NUM, "deadline": NUM, "closed_at": NULLABLE_NUM,
     "phases": _obj({"selection_s": NUM, "reporting_s": NUM, "finalize_s": NULLABLE_NUM}),
@@ -94,91 +85,105 @@ DEVICE_OUTCOME = _obj({
     "device_id": STR, "session_id": STR,
     "outcome": {"enum": ["assigned", "accepted", "aborted", "failed", "dropped"]},
     "reason": {"type": ["string", "null"]}, "assigned_at": NUM, "finished_at": NULLABLE_NUM,
-    "num_examples": {"type": ["integer", "null"]}, "bytes_in": INT, "bytes_out": INT,
+    "num_examples": NULLABLE_INT, "bytes_in": INT, "bytes_out": INT,
     "metrics": {"type": ["object", "null"]}})
-NULLABLE_INT = {"type": ["integer", "null"]}
 VERSION = _obj({"version": INT, "parent": NULLABLE_INT, "round": NULLABLE_INT,
                 "checkpoint_sha256": SHA256, "created_at": NUM, "train": {"type": "object"},
                 "eval": {"type": ["object", "null"]}, "published_at": NULLABLE_NUM,
                 "app_manifest_sha256": {"oneOf": [{"type": "null"}, SHA256]}})
-APP_MODEL = _obj({
-    "population": STR, "version": INT, "published_at": NUM, "eval": {"type": ["object", "null"]},
-    "manifest": ARTIFACT_REF, "model": {"oneOf": [{"type": "null"}, ARTIFACT_REF]},
-    "vocab": {"oneOf": [{"type": "null"}, ARTIFACT_REF]},
-    "files": {"type": "object", "additionalProperties": _obj(
-        {"url": STR, "sha256": SHA256}, {"bytes": {"type": ["integer", "null"]}})}})
-OUTCOME = _obj({"status": {"enum": ["accepted", "aborted", "recorded"]}, "round": INT}, {"reason": STR})
 
 SCHEMAS = {
-    "Error": _obj({"error": STR, "message": STR}),
-    "Registration": _obj({"device_id": STR, "secret": STR}),
-    "CheckinRequest": _obj({"population": STR, "conditions": _ref("Conditions")}, extra=True),
-    "Conditions": CONDITIONS,
-    "CheckinResponse": {"oneOf": [_obj({"assignment": _ref("Assignment")}),
-                                  _obj({"rejection": _ref("Rejection")})]},
-    "Assignment": ASSIGNMENT, "Rejection": REJECTION, "Outcome": OUTCOME,
-    "EvalRequest": _obj({"model_version": INT, "top1_hits": INT, "top3_hits": INT, "positions": INT},
-                        {"loss_sum": {"type": "number", "minimum": 0}}, extra=True),
-    "FailureRequest": _obj({"reason": {"enum": list(FAILURE_REASONS)}},
-                           {"detail": {"type": "string", "maxLength": 500}}, extra=True),
-    "AppModel": APP_MODEL,
+    "Error": wire.ERROR.schema(),
+    "Registration": wire.Registration.SCHEMA.schema(),
+    "CheckinRequest": wire.CHECKIN_REQUEST.schema(),
+    "CheckinResponse": wire.CHECKIN_RESPONSE,
+    "Assignment": wire.ASSIGNMENT.schema(), "Rejection": wire.Rejection.SCHEMA.schema(),
+    "UpdateSpec": ROUND_SPEC.schema(),
+    "Outcome": wire.Outcome.SCHEMA.schema(),
+    "EvalReport": wire.EvalReport.SCHEMA.schema(),
+    "FailureReport": wire.FailureReport.SCHEMA.schema(),
+    "Metrics": wire.METRICS.schema(),
+    "AppModel": wire.APP_MODEL.schema(),
+    "Manifest": manifest_schema(),
     "Round": ROUND,
     "RoundDetail": {"allOf": [ROUND, _obj({
         "hyperparameters": {"type": "object"},
+        "update": {"oneOf": [{"type": "null"}, _ref("UpdateSpec")]},
         "failure_reasons": {"type": "object", "additionalProperties": INT},
         "devices": {"type": "array", "items": DEVICE_OUTCOME}}, extra=True)]},
     "RoundList": _obj({"rounds": {"type": "array", "items": _ref("Round")}}),
     "VersionList": _obj({"versions": {"type": "array", "items": VERSION}}),
 }
 
-UPLOAD_DOC = f"""The session's model update. Body: a safetensors file holding exactly one tensor,
-"{UPDATE_TENSOR}", float32, shape [N] (N = the assignment's report.size): the trained weights minus
-the downloaded checkpoint's, flattened in the checkpoint's weight layout order. Metadata goes in the
-query string. Idempotent per session: a repeated upload gets the first answer and is counted once.
-"accepted": the update is part of the round. "aborted": the round closed or has its reports; the
-device drops the work. A 4xx error changes nothing; the device may upload a corrected update."""
-POPULATION = _path_param("population", STR)
-SESSION = _path_param("session_id", STR)
+UPLOAD_DOC = f"""The session's model update, encoded as the assignment's `update` spec says
+(contract.pipeline). The update is the trained weights minus the downloaded checkpoint's, as one
+flat vector in the order of the assignment's `layout` (the checkpoint's tensors in layout order,
+each flattened row-major; not the alphabetical order safetensors stores them in). The device then:
+caps its weight at `max_weight` (or uses 1 for uniform weighting) and scales the update by
+weight / max_weight; scales it to L2 norm <= `clip_norm`; with `rotation`, pads it to whole blocks
+of `block_size`, permutes it, flips signs and applies the orthonormal Hadamard transform per block
+(permutation and signs from `numpy.random.default_rng([rotation_seed, 0x48414441])`); for
+`bits` < 32, pads to whole blocks and, per block, picks the smallest power-of-two scale 2^e with
+max|value| <= L·2^e (L = 2^(bits-1) - 1) and rounds value/2^e stochastically to an integer in
+-L..L (uniforms from `numpy.random.default_rng([hyperparameters.seed, 0x53524E44])`).
+
+Body: a safetensors file with metadata {{"format": "{FORMAT}", "bits": "<bits>", "spec":
+"<update.fingerprint>"}} and, for bits = 32, one tensor "values" float32 [size]; otherwise "codes"
+uint8 (the integers + L, packed low bits first: 2 bits = 4 per byte, 4 bits = 2 per byte, 16 bits
+= 2 bytes little-endian each) and "scales" float32 [padded size / block_size] (each a power of
+two). `num_examples` in the query is the weight. The server refuses with a 422 naming the limit:
+a weight outside [1, max_weight], a decoded L2 norm above clip_norm, a code above 2L, a scale that
+is not a power of two in range, a wrong length or width, another round's spec. Idempotent per
+session: a repeated upload gets the first answer and is counted once. "accepted": the update is
+part of the round. "aborted": the round closed or has its reports; the device drops the work. A
+4xx error changes nothing; the device may upload a corrected update."""
+CHECKPOINT_DOC = """A checkpoint (GET /v1/artifacts/<assignment.checkpoint.sha256>) is a safetensors file of named
+float32 tensors whose metadata "layout" is the JSON of the flat layout ([{name, shape, offset}]);
+"model_config", "round", "version" and "parent" are JSON strings too. A plan and an app model are
+.tflite files described by a Manifest."""
+POPULATION = _path_param("population", {"type": "string", "maxLength": 64})
+SESSION = _path_param("session_id", {"type": "string", "maxLength": 64})
 LIST_PARAMS = [POPULATION, _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                _query("before", INT)]
 
 
 @functools.cache
 def openapi_document() -> dict:
+    limits = ServerConfig()
     outcome = {"200": _json(_ref("Outcome"), "accepted, aborted or recorded")}
+    json_body = lambda name: {"application/json": {"schema": _ref(name)}}   # noqa: E731
     paths = {
         "/v1/devices": {"post": _op("Register a device: returns its id and secret.",
                                     {"201": _json(_ref("Registration"), "the new device's credentials")},
-                                    auth=None, errors=(413,))},
+                                    auth=None, errors=(413, 415))},
         "/v1/checkin": {"post": _op(
             "Check in with the device's conditions: an assignment, or a rejection with a retry window.",
             {"200": _json(_ref("CheckinResponse"), "assignment or rejection")},
-            body={"application/json": {"schema": _ref("CheckinRequest")}}, errors=(400, 401, 404, 413))},
+            body=json_body("CheckinRequest"), errors=(400, 401, 404, 413, 415))},
         "/v1/sessions/{session_id}/update": {"post": _op(
-            UPLOAD_DOC, outcome, body={"application/octet-stream": {"schema": BINARY}},
+            "Upload the session's encoded model update.", outcome, description=UPLOAD_DOC,
+            body={"application/octet-stream": {"schema": {**BINARY, "maxLength": limits.max_upload_bytes}}},
             params=[SESSION,
                     _query("model_version", INT, True, "the model version the session trained"),
-                    _query("num_examples", {"type": "integer", "minimum": 1}, True,
-                           "local examples trained on: the update's weight"),
+                    _query("num_examples", {"type": "integer", "minimum": 1, "maximum": 2**31}, True,
+                           "the update's weight: local examples trained on, at most the spec's max_weight"),
                     {"name": "metrics", "in": "query", "required": False,
-                     "description": "training metrics, a JSON object of numbers (e.g. loss)",
-                     "content": {"application/json": {"schema": {
-                         "type": "object", "additionalProperties": {"type": "number"}}}}}],
-            errors=(400, 401, 403, 404, 409, 413, 422))},
+                     "description": "training metrics, a JSON object of finite numbers (e.g. loss)",
+                     "content": {"application/json": {"schema": _ref("Metrics")}}}],
+            errors=(400, 401, 403, 404, 409, 413, 415, 422))},
         "/v1/sessions/{session_id}/eval": {"post": _op(
             "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
-            body={"application/json": {"schema": _ref("EvalRequest")}}, params=[SESSION],
-            errors=(400, 401, 403, 404, 409, 413))},
+            body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))},
         "/v1/sessions/{session_id}/failure": {"post": _op(
             "Report why the device stopped the task (counted in round analytics).", outcome,
-            body={"application/json": {"schema": _ref("FailureRequest")}}, params=[SESSION],
-            errors=(400, 401, 403, 404, 409, 413))},
+            body=json_body("FailureReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))},
         "/v1/artifacts/{sha256}": {"get": _op(
             "A plan, checkpoint, app model, vocabulary or manifest by sha256 (immutable; ETag = hash).",
             {"200": {"description": "the bytes", "headers": {"ETag": {"schema": STR}},
                      "content": {"application/octet-stream": {"schema": BINARY}}},
              "304": {"description": "not modified (If-None-Match matched)"}},
-            params=[_path_param("sha256", STR)], auth=None, errors=(404,))},
+            params=[_path_param("sha256", {"type": "string", "maxLength": 200})], auth=None, errors=(404,),
+            description=CHECKPOINT_DOC)},
         "/v1/populations/{population}/app-model": {"get": _op(
             "The latest published app model: manifest and file URLs.",
             {"200": _json(_ref("AppModel"), "published app model")}, params=[POPULATION], auth=None,
@@ -203,10 +208,14 @@ def openapi_document() -> dict:
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Nightjar federated learning server", "version": "1",
+        "info": {"title": "Nightjar federated learning server", "version": "2",
                  "description": "Device protocol (register, check-in, artifacts, reports), app models "
-                                "and round analytics. Every error is JSON {error, message}. URLs in "
-                                "responses are relative to the server."},
+                                "and round analytics. Every error is JSON {error, message}; the error "
+                                "codes and their statuses are listed per operation. URLs in responses "
+                                "are relative to the server. JSON bodies need Content-Type "
+                                f"application/json and at most {limits.max_json_bytes} bytes; an update "
+                                f"at most {limits.max_upload_bytes} bytes. Integers accept whole-number "
+                                "floats (13468.0). No response holds NaN or Infinity."},
         "paths": paths,
         "components": {
             "schemas": SCHEMAS,

@@ -1,8 +1,9 @@
 """The files behind a round's running sum: sharded, copy-on-write, durable.
 
-A round's `sum(w_i * delta_i)` is split over S shards so that S uploads can be
+A round's sum of accepted contributions (contract.pipeline: exact int64
+integers in the round's units) is split over S shards so that S uploads can be
 folded at once (by threads or by gunicorn worker processes). Shard k of round
-r at generation g is the raw float32 file `<root>/<r>/<k>.<g>.f32`; the
+r at generation g is the raw int64 file `<root>/<r>/<k>.<g>.i64`; the
 `partials` table says which generation of each shard is committed. Accepting
 an update (server.reporting) is:
 
@@ -10,8 +11,8 @@ an update (server.reporting) is:
    across threads and processes and is released by the kernel if the process
    dies;
 2. read the committed generation g (cached in memory when this process wrote
-   and committed it), add `w * delta`, write generation g+1 to a temporary file
-   and rename it into place;
+   and committed it), add the update's integers, write generation g+1 to a
+   temporary file and rename it into place;
 3. in one SQLite transaction: check the session and round are still open, move
    the shard's pointer to g+1, mark the session accepted, count it. COMMIT is
    the single point at which the update becomes part of the round.
@@ -21,6 +22,8 @@ next writer of that shard overwrites (names are deterministic) or `collect`
 removes; a crash after 3 only leaves g behind as garbage. So an update is
 counted exactly once or not at all, and the device's retry (uploads are
 idempotent per session) brings it in. Memory: one vector per cached shard.
+Integer addition is exact and associative, so the shards merge to the same
+sum whatever the order the updates arrived in.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+SUFFIX = ".i64"
+
 
 class PartialSums:
     def __init__(self, root: str | Path, shards: int, fsync: bool = False):
@@ -46,7 +51,7 @@ class PartialSums:
         self._cache_lock = threading.Lock()
 
     def path(self, round_id: int, shard: int, generation: int) -> Path:
-        return self.root / str(round_id) / f"{shard}.{generation}.f32"
+        return self.root / str(round_id) / f"{shard}.{generation}{SUFFIX}"
 
     @contextlib.contextmanager
     def lease(self, round_id: int) -> Iterator[int]:
@@ -73,12 +78,12 @@ class PartialSums:
     def read(self, round_id: int, shard: int, generation: int, size: int) -> np.ndarray:
         """Generation `generation` of a shard (zeros for generation 0, which has no file)."""
         if generation == 0:
-            return np.zeros(size, np.float32)
+            return np.zeros(size, np.int64)
         with self._cache_lock:
             cached = self._cache.get((round_id, shard))
         if cached is not None and cached[0] == generation:
             return cached[1]
-        data = np.fromfile(self.path(round_id, shard, generation), dtype=np.float32)
+        data = np.fromfile(self.path(round_id, shard, generation), dtype=np.int64)
         if data.shape != (size,):
             raise OSError(f"partial sum {self.path(round_id, shard, generation)} is truncated")
         return data
@@ -144,9 +149,9 @@ class PartialSums:
                     os.close(fd)
                     continue
                 try:
-                    keep = f"{shard}.{generations.get(shard, 0)}.f32"
+                    keep = f"{shard}.{generations.get(shard, 0)}{SUFFIX}"
                     for f in directory.glob(f"{shard}.*"):
-                        if f.suffix in (".f32", ".tmp") and f.name != keep:
+                        if f.suffix in (SUFFIX, ".tmp") and f.name != keep:
                             f.unlink(missing_ok=True)
                             removed += 1
                 finally:

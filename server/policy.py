@@ -1,7 +1,7 @@
 """Eligibility: which device check-ins may take part in a population's rounds.
 
 A policy is a list of small named criteria, each a predicate over what the
-device says about itself (`DeviceConditions`) and what the server knows
+device says about itself (`contract.wire.Conditions`) and what the server knows
 (`Context`: the time and the device's last accepted report). `failures()`
 names every criterion that failed, so a rejection can say why, and a
 deployment composes its own list instead of editing one big `if`.
@@ -10,46 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from server import validation as v
+from contract.wire import Conditions
 from server.config import EligibilityConfig
-from server.errors import BadRequest
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """'1.2.10' → (1, 2, 10, 0) (padded, so '1.2' == '1.2.0'); anything else is a BadRequest."""
+    """A configured runtime version '1.2.10' → (1, 2, 10, 0); ValueError for anything else."""
     parts = text.split(".")
     if not 1 <= len(parts) <= 4 or not all(p.isdigit() and len(p) <= 9 for p in parts):
-        raise BadRequest(f"runtime_version {text!r} is not dotted integers like '1.2.0'",
-                         code="invalid_field")
+        raise ValueError(f"runtime version {text!r} is not dotted integers like '1.2.0'")
     return tuple(int(p) for p in parts) + (0,) * (4 - len(parts))
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceConditions:
-    """What a device reports at check-in."""
-
-    charging: bool
-    idle: bool
-    unmetered: bool
-    battery: float          # 0..1
-    free_memory_mb: int
-    num_examples: int       # local training examples
-    runtime_version: tuple[int, ...]
-
-    @classmethod
-    def from_json(cls, obj: Any) -> "DeviceConditions":
-        obj = v.as_object(obj, "conditions")
-        w = "conditions."
-        return cls(
-            charging=v.boolean(obj, "charging", where=w),
-            idle=v.boolean(obj, "idle", where=w),
-            unmetered=v.boolean(obj, "unmetered", where=w),
-            battery=v.number(obj, "battery", lo=0.0, hi=1.0, where=w),
-            free_memory_mb=v.integer(obj, "free_memory_mb", lo=0, where=w),
-            num_examples=v.integer(obj, "num_examples", lo=0, where=w),
-            runtime_version=parse_version(v.string(obj, "runtime_version", max_len=40, where=w)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +33,7 @@ class Context:
 class Criterion(Protocol):
     name: str
 
-    def __call__(self, c: DeviceConditions, ctx: Context) -> bool: ...
+    def __call__(self, c: Conditions, ctx: Context) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +42,7 @@ class Flag:
 
     name: str
 
-    def __call__(self, c: DeviceConditions, ctx: Context) -> bool:
+    def __call__(self, c: Conditions, ctx: Context) -> bool:
         return bool(getattr(c, self.name))
 
 
@@ -85,7 +57,7 @@ class AtLeast:
     def name(self) -> str:
         return f"min_{self.field}"
 
-    def __call__(self, c: DeviceConditions, ctx: Context) -> bool:
+    def __call__(self, c: Conditions, ctx: Context) -> bool:
         return getattr(c, self.field) >= self.minimum
 
 
@@ -101,7 +73,7 @@ class MinSeparation:
             return 0.0
         return max(0.0, ctx.last_participation_at + self.seconds - ctx.now)
 
-    def __call__(self, c: DeviceConditions, ctx: Context) -> bool:
+    def __call__(self, c: Conditions, ctx: Context) -> bool:
         return self.remaining(ctx) == 0.0
 
 
@@ -111,19 +83,19 @@ class RuntimeVersionRange:
     maximum: tuple[int, ...] | None = None
     name: str = "runtime_version"
 
-    def __call__(self, c: DeviceConditions, ctx: Context) -> bool:
-        return ((self.minimum is None or c.runtime_version >= self.minimum)
-                and (self.maximum is None or c.runtime_version <= self.maximum))
+    def __call__(self, c: Conditions, ctx: Context) -> bool:
+        return ((self.minimum is None or c.version_tuple >= self.minimum)
+                and (self.maximum is None or c.version_tuple <= self.maximum))
 
 
 class EligibilityPolicy:
     def __init__(self, criteria: Sequence[Criterion]):
         self.criteria = tuple(criteria)
 
-    def failures(self, conditions: DeviceConditions, ctx: Context) -> list[str]:
+    def failures(self, conditions: Conditions, ctx: Context) -> list[str]:
         return [c.name for c in self.criteria if not c(conditions, ctx)]
 
-    def select(self, conditions: DeviceConditions, ctx: Context) -> bool:
+    def select(self, conditions: Conditions, ctx: Context) -> bool:
         return not self.failures(conditions, ctx)
 
     def wait_s(self, ctx: Context) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 from contract.weights import WeightLayout, load_checkpoint
 from server.artifacts import ArtifactStore
 from server.clock import Clock
-from server.errors import NotFound
+from server.errors import ErrorCode, ProtocolError
 from server.store import Store
 
 
@@ -48,7 +48,7 @@ class Population:
 def load_population(conn: sqlite3.Connection, name: str) -> Population:
     row = conn.execute("SELECT * FROM populations WHERE name = ?", (name,)).fetchone()
     if row is None:
-        raise NotFound(f"no population named {name!r}", code="unknown_population")
+        raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {name!r}")
     plan = json.loads(row["plan_json"]) if row["plan_json"] else None
     return Population(
         name=row["name"], layout=WeightLayout.from_json(json.loads(row["layout_json"])),

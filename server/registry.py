@@ -14,7 +14,7 @@ import hmac
 import secrets
 
 from server.clock import Clock
-from server.errors import Unauthorized
+from server.errors import ErrorCode, ProtocolError
 from server.store import Store
 
 
@@ -51,16 +51,16 @@ class DeviceRegistry:
     def authenticate(self, authorization: str | None) -> Device:
         """The device named by an `Authorization` header, or Unauthorized."""
         if not authorization:
-            raise Unauthorized("missing Authorization header (Bearer <device_id>:<secret>)")
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing Authorization header (Bearer <device_id>:<secret>)")
         scheme, _, credentials = authorization.partition(" ")
         device_id, sep, secret = credentials.strip().partition(":")
         if scheme.lower() != "bearer" or not sep or not device_id or not secret:
-            raise Unauthorized("Authorization must be 'Bearer <device_id>:<secret>'")
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "Authorization must be 'Bearer <device_id>:<secret>'")
         row = self._store.connection().execute(
             "SELECT id, secret_sha256, registered_at, last_participation_at FROM devices WHERE id = ?",
             (device_id,)).fetchone()
         if row is None or not hmac.compare_digest(row["secret_sha256"], _digest(secret)):
-            raise Unauthorized("unknown device or wrong secret", code="unknown_device")
+            raise ProtocolError(ErrorCode.UNKNOWN_DEVICE, "unknown device or wrong secret")
         return Device(row["id"], row["registered_at"], row["last_participation_at"])
 
     def count(self) -> int:

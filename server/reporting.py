@@ -6,9 +6,11 @@ repeated upload gets the first answer again and is never counted twice.
 
 The answer is `accepted` (counted in the round), or `aborted` (the round has
 closed, passed its deadline or already has its goal of reports: the work is
-not needed). An update that cannot be used at all (not safetensors, wrong
-dtype/shape/model version, NaN/Inf, weight out of range) raises a 4xx
-ProtocolError and changes nothing, so the device may retry with a good one.
+not needed). An update that cannot be used at all — wrong model version, or
+anything the round's update pipeline refuses (contract.pipeline: not its
+format, another round's spec, a wrong width or length, a bad scale, a value
+outside the grid, a norm above the clip, a weight above the cap) — raises a
+4xx ProtocolError and changes nothing, so the device may retry with a good one.
 
 How an upload is accepted atomically with its contribution to the running
 sum: see server.partials (shard lease → new generation file → one
@@ -17,7 +19,6 @@ marks the session accepted).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sqlite3
@@ -25,47 +26,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from server.aggregation import decode_update
+from contract.wire import EvalReport, Outcome
 from server.clock import Clock
-from server.errors import BadRequest, Conflict, Forbidden, InvalidUpdate, NotFound
+from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
-from server.populations import load_population
 from server.rounds import Round, RoundService
 from server.store import Store
 
 log = logging.getLogger(__name__)
-# What device_runtime's training policy reports when a condition fails mid-task, and crashes.
-FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
-                   "outside_window", "out_of_time", "out_of_memory", "cancelled", "error")
-
-
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    status: str                 # accepted | aborted | recorded
-    round: int
-    reason: str | None = None
-    counted: bool = dataclasses.field(default=False, compare=False)   # counted by this very call
-
-    def to_json(self) -> dict:
-        out = {"status": self.status, "round": self.round}
-        if self.reason:
-            out["reason"] = self.reason
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalReport:
-    """Summable counts of an evaluation task (see contract.metrics.Hits)."""
-
-    top1_hits: int
-    top3_hits: int
-    positions: int
-    loss_sum: float | None = None
-
-    def __post_init__(self):
-        if not 0 <= self.top1_hits <= self.top3_hits <= self.positions:
-            raise BadRequest("evaluation counts need 0 <= top1_hits <= top3_hits <= positions",
-                             code="invalid_field")
 
 
 class ReportingService:
@@ -79,24 +47,24 @@ class ReportingService:
                  session_id: str) -> tuple[sqlite3.Row, Round]:
         row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no session {session_id!r}", code="unknown_session")
+            raise ProtocolError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id[:80]!r}")
         if row["device_id"] != device_id:
-            raise Forbidden("this session was assigned to another device", code="not_your_session")
+            raise ProtocolError(ErrorCode.NOT_YOUR_SESSION, "this session was assigned to another device")
         return row, self._rounds.by_id(conn, row["round_id"])
 
     def _check(self, session: sqlite3.Row, rnd: Round, task: str, model_version: int) -> Outcome | None:
         """The stored answer of a session that already ended, or None if it may report now."""
         if rnd.task != task:
-            raise Conflict(f"session {session['id']} is a {rnd.task} task", code="wrong_task")
+            raise ProtocolError(ErrorCode.WRONG_TASK, f"session {session['id']} is a {rnd.task} task")
         if session["state"] == "accepted":
             return Outcome("accepted", rnd.number, "duplicate")
         if session["state"] == "aborted":
             return Outcome("aborted", rnd.number, session["reason"])
         if session["state"] == "failed":
-            raise Conflict("this session already reported a failure", code="session_closed")
+            raise ProtocolError(ErrorCode.SESSION_CLOSED, "this session already reported a failure")
         if model_version != rnd.model_version:
-            raise Conflict(f"the session trains version {rnd.model_version}, not {model_version}",
-                           code="wrong_model_version")
+            raise ProtocolError(ErrorCode.WRONG_MODEL_VERSION,
+                                f"the session trains version {rnd.model_version}, not {model_version}")
         return None
 
     def upload(self, device_id: str, session_id: str, body: bytes, model_version: int,
@@ -106,27 +74,21 @@ class ReportingService:
         stored = self._check(session, rnd, "train", model_version)
         if stored is not None:
             return stored
-        settings = self._rounds.settings(rnd.population)
-        if not 1 <= num_examples <= settings.max_num_examples:
-            raise InvalidUpdate(f"num_examples must be in [1, {settings.max_num_examples}]",
-                                code="weight_out_of_range")
-        size = load_population(conn, rnd.population).layout.size
-        update = decode_update(body, size)
-        np.multiply(update, np.float32(num_examples), out=update)   # weighted, in place: no copy
-        if not (np.isfinite(update.min()) and np.isfinite(update.max())):
-            raise InvalidUpdate("num_examples x delta overflows float32", code="non_finite")
+        pipeline = self._rounds.pipeline(rnd)
+        update = pipeline.accept(body, num_examples)      # 422 for anything the round cannot use
         if not rnd.accepts_reports(self._clock.now()):
             return self._commit(session_id, rnd.id, None)
         with self._partials.lease(rnd.id) as shard:
             part = conn.execute("SELECT generation FROM partials WHERE round_id = ? AND shard = ?",
                                 (rnd.id, shard)).fetchone()
             generation = part["generation"] if part else 0
-            total = np.add(update, self._partials.read(rnd.id, shard, generation, size), out=update)
+            total = np.add(update.units, self._partials.read(rnd.id, shard, generation, pipeline.count),
+                           out=update.units)
             try:
                 self._partials.write(rnd.id, shard, generation + 1, total)
             except OSError:   # the round was closed and its directory removed meanwhile
                 return self._commit(session_id, rnd.id, None)
-            contribution = (shard, generation, float(num_examples), dict(metrics), len(body))
+            contribution = (shard, generation, update.weight, dict(metrics), len(body))
             outcome = Outcome("aborted", rnd.number, "error")
             try:
                 outcome = self._commit(session_id, rnd.id, contribution)
@@ -150,7 +112,7 @@ class ReportingService:
             if session["state"] == "failed":
                 return Outcome("recorded", rnd.number, session["reason"])
             if session["state"] not in ("assigned", "dropped"):
-                raise Conflict(f"the session is already {session['state']}", code="session_closed")
+                raise ProtocolError(ErrorCode.SESSION_CLOSED, f"the session is already {session['state']}")
             stored_reason = reason if not detail else f"{reason}: {detail}"
             tx.execute("UPDATE sessions SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
                        (stored_reason, self._clock.now(), session_id))
@@ -204,7 +166,7 @@ class ReportingService:
         return Outcome("aborted", rnd.number, reason)
 
     def _count_update(self, tx: sqlite3.Connection, round_id: int, session_id: str, shard: int,
-                      generation: int, weight: float, metrics: dict, nbytes: int) -> None:
+                      generation: int, weight: int, metrics: dict, nbytes: int) -> None:
         moved = tx.execute("UPDATE partials SET generation = generation + 1, weight = weight + ?,"
                            " count = count + 1 WHERE round_id = ? AND shard = ? AND generation = ?",
                            (weight, round_id, shard, generation)).rowcount
@@ -227,7 +189,7 @@ class ReportingService:
                     report: EvalReport) -> None:
         sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?",
                                      (round_id,)).fetchone()[0])
-        counts = {k: v for k, v in dataclasses.asdict(report).items() if v is not None}
+        counts = {k: v for k, v in report.to_json().items() if k != "model_version"}
         for name, value in counts.items():
             sums[name] = sums.get(name, 0) + value
         tx.execute("UPDATE rounds SET metric_sums_json = ? WHERE id = ?", (json.dumps(sums), round_id))

@@ -29,10 +29,11 @@ import time
 
 import numpy as np
 
-from server.aggregation import WeightedSum
+from contract.pipeline import IntegerSum, UpdatePipeline
+from contract.update_spec import RoundSpec, rotation_seed
 from server.clock import Clock
 from server.config import PopulationConfig, ServerConfig
-from server.errors import NotFound
+from server.errors import ErrorCode, ProtocolError
 from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
 from server.partials import PartialSums
 from server.populations import Population, load_population
@@ -65,11 +66,14 @@ class Round:
     reported: int
     aborted: int
     failed: int
+    update: RoundSpec | None    # training rounds: how their updates are encoded
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Round":
-        names = {f.name for f in dataclasses.fields(cls)} - {"hyperparameters"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"hyperparameters", "update"}
+        spec = row["update_spec_json"]
         return cls(hyperparameters=json.loads(row["hyperparameters_json"]),
+                   update=RoundSpec.from_json(json.loads(spec)) if spec else None,
                    **{n: row[n] for n in names})
 
     @property
@@ -95,11 +99,12 @@ class RoundService:
         self._partials = partials
         self._on_publish = on_publish or (lambda tx, population, version: None)
         self._closed = threading.local()   # ids of rounds closed by this thread, for cleanup()
+        self._pipelines: dict[int, UpdatePipeline] = {}
+        self._pipelines_lock = threading.Lock()
 
     def settings(self, population: str) -> PopulationConfig:
         if population not in self._config.populations:
-            raise NotFound(f"population {population!r} is not served by this configuration",
-                           code="unknown_population")
+            raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"population {population!r} is not served by this configuration")
         return self._config.population(population)
 
     def latest(self, conn: sqlite3.Connection, population: str) -> Round | None:
@@ -157,14 +162,29 @@ class RoundService:
         hyper = {"learning_rate": cfg.client_lr, "epochs": cfg.client_epochs, "batch_size": batch_size,
                  "max_examples": cfg.client_max_examples}
         number = (last.number if last else 0) + 1
+        spec = None
+        if task == "train":
+            spec = json.dumps(cfg.update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
+                                              rotation_seed(cfg.seed, number)).to_json())
         tx.execute(
             "INSERT INTO rounds (population, number, task, model_version, attempt, state, goal,"
             " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"
-            " selection_ends_at, deadline) VALUES (?, ?, ?, ?, ?, 'selecting', ?, ?, ?, ?, ?, ?, ?, ?)",
+            " selection_ends_at, deadline, update_spec_json)"
+            " VALUES (?, ?, ?, ?, ?, 'selecting', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (population, number, task, pop.current_version, attempt, cfg.goal, cfg.max_selected,
              min(cfg.min_selected, cfg.max_selected), cfg.min_reports, json.dumps(hyper), now,
-             now + cfg.selection_window_s, now + cfg.selection_window_s + cfg.reporting_window_s))
+             now + cfg.selection_window_s, now + cfg.selection_window_s + cfg.reporting_window_s, spec))
         return self.latest(tx, population)
+
+    def pipeline(self, rnd: Round) -> UpdatePipeline:
+        """The update pipeline of a training round (built once per round and process)."""
+        with self._pipelines_lock:
+            found = self._pipelines.get(rnd.id)
+            if found is None:
+                found = UpdatePipeline(rnd.update)
+                self._pipelines = {k: v for k, v in self._pipelines.items() if k > rnd.id - 4}
+                self._pipelines[rnd.id] = found
+            return found
 
     def close_selection(self, tx: sqlite3.Connection, rnd: Round, now: float) -> Round:
         tx.execute("UPDATE rounds SET state = 'reporting', selection_closed_at = ? WHERE id = ?",
@@ -197,6 +217,7 @@ class RoundService:
         dropped = tx.execute("UPDATE sessions SET state = 'dropped', reason = 'no_report_before_close',"
                              " finished_at = ? WHERE round_id = ? AND state = 'assigned'",
                              (now, rnd.id)).rowcount
+        tx.execute("DELETE FROM partials WHERE round_id = ?", (rnd.id,))   # its files go after COMMIT
         tx.execute("UPDATE rounds SET state = ?, reason = ?, closed_at = ?, dropped = ?,"
                    " result_version = ?, finalize_s = ?,"
                    " selection_closed_at = COALESCE(selection_closed_at, ?) WHERE id = ?",
@@ -223,22 +244,24 @@ class RoundService:
                  version, rnd.reported)
         return None
 
-    def running_sum(self, tx: sqlite3.Connection, rnd: Round, size: int) -> WeightedSum:
-        total = WeightedSum(size)
+    def running_sum(self, tx: sqlite3.Connection, rnd: Round) -> IntegerSum:
+        """The round's committed shards, merged (exact integers: any order gives the same sum)."""
+        count = self.pipeline(rnd).count
+        total = IntegerSum(count)
         for row in tx.execute("SELECT shard, generation, weight, count FROM partials WHERE round_id = ?",
                               (rnd.id,)).fetchall():
-            shard = self._partials.read(rnd.id, row["shard"], row["generation"], size)
-            total.merge(WeightedSum(size, shard, row["weight"], row["count"]))
+            shard = self._partials.read(rnd.id, row["shard"], row["generation"], count)
+            total.merge(IntegerSum(count, shard.copy(), int(row["weight"]), row["count"]))
         return total
 
     def _finish_train(self, tx: sqlite3.Connection, rnd: Round, pop: Population,
                       cfg: PopulationConfig) -> int | None:
         size = pop.layout.size
-        total = self.running_sum(tx, rnd, size)
-        if total.count != rnd.reported:
-            raise RuntimeError(f"round {rnd.id}: {total.count} updates in the running sum, "
+        total = self.running_sum(tx, rnd)
+        if total.updates != rnd.reported:
+            raise RuntimeError(f"round {rnd.id}: {total.updates} updates in the running sum, "
                                f"{rnd.reported} accepted")
-        mean_delta = total.mean()
+        mean_delta = self.pipeline(rnd).finalize(total.total, total.weight)
         parent = self._versions.get(rnd.population, rnd.model_version, tx)
         optimizer = build_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
         fresh = optimizer.initialize(size)
@@ -252,8 +275,9 @@ class RoundService:
         row = tx.execute("SELECT weight_sum, metric_sums_json FROM rounds WHERE id = ?",
                          (rnd.id,)).fetchone()
         train = {name: s / w for name, (s, w) in json.loads(row["metric_sums_json"]).items() if w > 0}
-        train.update(reports=rnd.reported, examples=row["weight_sum"],
-                     mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name)
+        train.update(reports=rnd.reported, examples=int(row["weight_sum"]),
+                     mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name,
+                     update_bits=rnd.update.spec.bits)
         version = self._versions.add(tx, rnd.population, pop.layout, pop.model_config, rnd.model_version,
                                      rnd.number, weights, state_to_bytes(optimizer, state), train)
         return version.version

@@ -28,7 +28,7 @@ import numpy as np
 from contract.weights import WeightLayout, load_checkpoint, save_checkpoint
 from server.artifacts import ArtifactStore
 from server.clock import Clock
-from server.errors import Conflict, NotFound
+from server.errors import ErrorCode, ProtocolError
 from server.optimizers import State, state_from_bytes
 from server.store import Store
 
@@ -93,7 +93,7 @@ class VersionRegistry:
         row = conn.execute("SELECT * FROM versions WHERE population = ? AND version = ?",
                            (population, version)).fetchone()
         if row is None:
-            raise NotFound(f"population {population!r} has no version {version}", code="unknown_version")
+            raise ProtocolError(ErrorCode.UNKNOWN_VERSION, f"population {population!r} has no version {version}")
         return Version.from_row(row)
 
     def list(self, population: str, limit: int = 100, before: int | None = None) -> list[Version]:
@@ -165,14 +165,13 @@ class VersionRegistry:
             row = conn.execute("SELECT published_version FROM populations WHERE name = ?",
                                (population,)).fetchone()
             if row is None:
-                raise NotFound(f"no population named {population!r}", code="unknown_population")
+                raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {population!r}")
             version = row[0]
             if version is None:
-                raise NotFound(f"population {population!r} has not published a model yet",
-                               code="not_published")
+                raise ProtocolError(ErrorCode.NOT_PUBLISHED, f"population {population!r} has not published a model yet")
         found = self.get(population, version)
         if found.app_manifest_sha256 is None:
-            raise NotFound(f"version {version} of {population!r} was never published", code="not_published")
+            raise ProtocolError(ErrorCode.NOT_PUBLISHED, f"version {version} of {population!r} was never published")
         return found
 
     def rollback(self, population: str, to_version: int | None = None) -> Version:
@@ -181,20 +180,20 @@ class VersionRegistry:
             row = tx.execute("SELECT published_version FROM populations WHERE name = ?",
                              (population,)).fetchone()
             if row is None:
-                raise NotFound(f"no population named {population!r}", code="unknown_population")
+                raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {population!r}")
             current = row[0]
             if to_version is None:
                 if current is None:
-                    raise Conflict(f"{population!r} has nothing published to roll back")
+                    raise ProtocolError(ErrorCode.CONFLICT, f"{population!r} has nothing published to roll back")
                 prev = tx.execute("SELECT MAX(version) FROM versions WHERE population = ? AND version < ?"
                                   " AND app_manifest_sha256 IS NOT NULL",
                                   (population, current)).fetchone()[0]
                 if prev is None:
-                    raise Conflict(f"no version of {population!r} was published before {current}")
+                    raise ProtocolError(ErrorCode.CONFLICT, f"no version of {population!r} was published before {current}")
                 to_version = prev
             target = self.get(population, to_version, tx)
             if target.app_manifest_sha256 is None:
-                raise Conflict(f"version {to_version} of {population!r} was never exported for apps")
+                raise ProtocolError(ErrorCode.CONFLICT, f"version {to_version} of {population!r} was never exported for apps")
             tx.execute("UPDATE populations SET published_version = ? WHERE name = ?",
                        (to_version, population))
             return target

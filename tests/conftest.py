@@ -56,13 +56,17 @@ def _leftover_processes(session) -> list:
 
 # --- server (issue 4): an app on a temporary state directory, driven by a manual clock ---
 
+# Float32 updates, a clip and a cap far above what the tests send: the averages they check are
+# exact. Tests of the quantized pipeline pass their own `update`.
+TEST_UPDATE = {"bits": 32, "clip_norm": 100.0, "max_weight": 1000}
+
 @pytest.fixture
 def make_server(tmp_path):
     """Factory: `make_server(**population_overrides)` → env with app, services, clock, exporter.
 
     The population "en" has the small test layout (tests.server_fixtures.SMALL_LAYOUT),
     permissive eligibility, goal 4 (max 6 selected, >= 2 to start and to complete),
-    plain SGD with lr 1 on the server, and no background ticker.
+    plain SGD with lr 1 on the server, float32 updates (TEST_UPDATE) and no background ticker.
     """
     from types import SimpleNamespace
 
@@ -80,7 +84,8 @@ def make_server(tmp_path):
                     "min_report_fraction": 0.5, "selection_window_s": 60.0,
                     "reporting_window_s": 300.0, "eval_every": 0, "publish_every": 0,
                     "server_optimizer": "sgd", "server_lr": 1.0,
-                    "eligibility": {"min_separation_s": 0.0, "min_free_memory_mb": 0}}
+                    "eligibility": {"min_separation_s": 0.0, "min_free_memory_mb": 0},
+                    "update": dict(TEST_UPDATE)}
         settings.update(population)
         config = {"database": str(root / "nightjar.db"), "artifact_dir": str(root / "artifacts"),
                   "state_dir": str(root / "private"), "tick_interval_s": 0,

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import requests
+
 from emulation.deployment import Model, start_server, tiny_corpus, tiny_model
 from emulation.fleet import Fleet, FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
 from emulation.report import summarize
@@ -31,6 +33,7 @@ class FleetRun:
     fleet: Fleet
     status: FleetStatus
     summary: dict      # emulation.report.summarize
+    details: list[dict]   # every round's operator view (GET .../rounds/<n>), oldest first
 
 
 def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones: int = 20,
@@ -52,7 +55,9 @@ def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones
                            progress=False)
     finally:
         fleet.close()
-    return FleetRun(fleet, status, summarize(fleet, status, time.monotonic() - t0, sim0))
+    details = [requests.get(f"{server.url}/v1/populations/en/rounds/{r['round']}", timeout=30).json()
+               for r in sorted(status.rounds, key=lambda r: r["round"])]
+    return FleetRun(fleet, status, summarize(fleet, status, time.monotonic() - t0, sim0), details)
 
 
 @contextlib.contextmanager

@@ -21,8 +21,9 @@ from urllib.parse import urlencode
 import numpy as np
 import requests
 
+from contract.pipeline import UpdatePipeline
+from contract.update_spec import RoundSpec
 from contract.weights import WeightLayout, save_checkpoint
-from server.aggregation import encode_update
 
 # A few hundred floats: fast, but with several tensors like the real layout.
 SMALL_LAYOUT = WeightLayout([("embedding", (16, 8)), ("dense/kernel", (8, 16)), ("dense/bias", (16,))])
@@ -143,17 +144,29 @@ class DeviceClient:
             self.assignment = reply.body["assignment"]
         return reply
 
-    def upload(self, delta: np.ndarray, num_examples: int = 10, model_version: int | None = None,
-               metrics: dict | None = None, body: bytes | None = None,
-               session_id: str | None = None) -> Reply:
+    def pipeline(self) -> UpdatePipeline:
+        """The update pipeline of the current assignment's round."""
+        return UpdatePipeline(RoundSpec.from_json(self.assignment["update"]))
+
+    def encode(self, delta: np.ndarray, num_examples: int = 10) -> tuple[bytes, int]:
+        """(body, weight) as an honest phone would upload `delta` in this round."""
+        encoded = self.pipeline().encode(delta, num_examples, int(self.assignment["hyperparameters"]["seed"]))
+        return encoded.body, encoded.weight
+
+    def upload(self, delta: np.ndarray | None = None, num_examples: int = 10,
+               model_version: int | None = None, metrics: dict | None = None, body: bytes | None = None,
+               session_id: str | None = None, content_type: str = "application/octet-stream") -> Reply:
+        """Upload `delta` encoded as the round's spec says (or a raw `body`, claiming `num_examples`)."""
         a = self.assignment or {}
+        if body is None:
+            body, num_examples = self.encode(delta, num_examples)
         query = {"model_version": a.get("model_version", 0) if model_version is None else model_version,
                  "num_examples": num_examples}
         if metrics is not None:
             query["metrics"] = json.dumps(metrics)
         path = f"/v1/sessions/{session_id or a['session_id']}/update?{urlencode(query)}"
-        return self.transport.request("POST", path, headers=self.headers,
-                                      data=encode_update(delta) if body is None else body)
+        return self.transport.request("POST", path, headers={**self.headers, "Content-Type": content_type},
+                                      data=body)
 
     def evaluate(self, top1: int, top3: int, positions: int, model_version: int | None = None) -> Reply:
         a = self.assignment

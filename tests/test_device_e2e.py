@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import requests
 
+from contract.pipeline import UpdatePipeline, aggregate
+from contract.update_spec import UpdateSpec
+from contract.wire import Conditions
 from device_runtime.client import Assignment, Rejection, ServerClient
 from device_runtime.runtime import DeviceSettings
 from device_runtime.transport import Transport
-from tests.server_fixtures import ELIGIBLE
+from emulation.deployment import REPO
 from tests.device_world import (direct_delta, night_device, record_checkins, record_uploads,
                                 round_detail, server_weights, task_events, texts_of)
-from emulation.deployment import REPO
 from tests.e2e import tiny_world
+from tests.server_fixtures import ELIGIBLE
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +42,25 @@ def test_device_completes_a_task_and_uploads_exactly_the_plans_delta(world, tmp_
     events = task_events(device)
     assert events[0]["outcome"] == "completed", events
 
-    # The server's new version (one report, plain SGD with lr 1) is initial + the device's delta.
+    # The server's new version (one report, plain SGD with lr 1) is initial + the device's delta,
+    # as the round's update pipeline (the default: 8 bits, clipped, capped) encodes and decodes it.
     versions = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10).json()["versions"]
     v1 = next(v for v in versions if v["version"] == 1)
     v1_flat = server_weights(server.url, v1["checkpoint_sha256"], tmp_path)
     direct = direct_delta(model.plan_dir, model.flat, device.examples.texts(), assignment)
-    np.testing.assert_allclose(v1_flat - model.flat, direct.delta, atol=1e-6)
+    pipeline = UpdatePipeline(assignment.update)
+    assert assignment.update.spec == UpdateSpec()                      # a new population's default
+    encoded = pipeline.encode(direct.delta, direct.num_examples, assignment.hyperparameters["seed"])
+    np.testing.assert_allclose(v1_flat - model.flat, aggregate(pipeline, [(encoded.body, encoded.weight)]),
+                               atol=1e-7)
+    step = np.abs(direct.delta).max() / 127
+    np.testing.assert_allclose(v1_flat - model.flat, direct.delta, atol=4 * step)   # 8 bits of it
     assert np.abs(direct.delta).max() > 1e-3
     assert events[0]["examples"] == direct.num_examples
     for key in ("download_s", "prepare_s", "train_s", "upload_s", "bytes_in", "bytes_out"):
         assert events[0][key] >= 0
-    assert events[0]["bytes_out"] >= direct.delta.nbytes and events[0]["bytes_in"] > 0
+    assert len(encoded.body) < direct.delta.nbytes / 3.5      # about a quarter of float32 (+ header)
+    assert events[0]["bytes_out"] >= len(encoded.body) and events[0]["bytes_in"] > 0
     device.close()
 
 
@@ -80,7 +91,7 @@ def hold_the_round(server_url: str) -> tuple[ServerClient, Assignment]:
     """Another device takes the round's only seat (goal 1), so check-ins meet round_full."""
     holder = ServerClient(Transport(server_url))
     holder.authenticate(*holder.register())
-    assignment = holder.checkin("en", ELIGIBLE)
+    assignment = holder.checkin("en", Conditions(**ELIGIBLE))
     assert isinstance(assignment, Assignment), assignment
     return holder, assignment
 
@@ -133,7 +144,7 @@ def test_a_persistently_corrupt_download_is_reported_as_an_error_and_nothing_cra
     assert (event["outcome"], event["reason"], event["reported"]) == ("error", "error", True)
     assert "CorruptDownload" in event["detail"]
     assert not any(device.cache.root.iterdir())           # nothing unverified was kept
-    detail = round_detail(server.url, seen[0].raw["round"])
+    detail = round_detail(server.url, seen[0].round)
     mine = next(d for d in detail["devices"] if d["session_id"] == seen[0].session_id)
     assert mine["outcome"] == "failed" and mine["reason"].startswith("error")
     device.close()
@@ -148,10 +159,10 @@ def test_a_task_too_big_for_the_memory_budget_is_refused_before_the_plan_is_down
     event = task_events(device)[0]
     assert (event["outcome"], event["reason"]) == ("interrupted", "out_of_memory")
     assert "needs ~" in event["detail"] and not sent
-    plan_sha = seen[0].raw["plan"]["sha256"]
+    plan_sha = seen[0].plan["sha256"]
     assert not device.cache.path(plan_sha).exists() and not (device.dir / "plans").exists()
     assert event["bytes_in"] < 10_000                      # the manifest only
-    detail = round_detail(server.url, seen[0].raw["round"])
+    detail = round_detail(server.url, seen[0].round)
     assert detail["failure_reasons"] == {"out_of_memory": 1}
     device.close()
 

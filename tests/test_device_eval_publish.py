@@ -48,11 +48,11 @@ def test_evaluation_task_then_the_published_app_model(world, tmp_path):
 
     # The counts are contract.metrics' own, for the plan with version 1's weights on the device's text.
     plan = load_plan(model.plan_dir / "plan.manifest.json")
-    plan.set_weights(server_weights(server.url, seen[1].raw["checkpoint"]["sha256"], tmp_path))
+    plan.set_weights(server_weights(server.url, seen[1].checkpoint["sha256"], tmp_path))
     windows = local_windows(plan, texts)
     hits = count_hits(plan.infer(windows[:, :-1]), windows[:, 1:])
     assert hits.positions > 100 and hits.top3 > 0
-    mine = round_detail(server.url, seen[1].raw["round"])["devices"][0]
+    mine = round_detail(server.url, seen[1].round)["devices"][0]
     assert mine["outcome"] == "accepted"
     assert {k: mine["metrics"][k] for k in ("top1_hits", "top3_hits", "positions")} == \
         {"top1_hits": hits.top1, "top3_hits": hits.top3, "positions": hits.positions}

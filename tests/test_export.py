@@ -130,7 +130,7 @@ def test_train_step_matches_tensorflow_sgd(export_dir, trained_flat, heldout, ro
 
 def test_clipped_train_step_matches_the_simulations_client_optimizer(tmp_path, trained_flat,
                                                                      corpus, heldout):
-    from models.simulate import build_clipped_sgd
+    from models.fedavg import build_clipped_sgd
 
     clip = 0.05
     export_plan(TINY, trained_flat, full_vocab(corpus.vocab), tmp_path, clip_norm=clip)

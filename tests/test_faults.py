@@ -1,27 +1,33 @@
-"""A fleet with faults: phones unplugged mid-training, uploads lost once.
+"""A fleet with faults: phones unplugged mid-training, uploads lost once, uploads tampered with.
 
 30% of the training tasks lose their charger part-way (the runtime stops
-within a batch and reports `unplugged`), and 10% of uploads fail once at the
+within a batch and reports `unplugged`), 10% of uploads fail once at the
 transport level — half before the server saw them, half after it accepted
-them (the answer is lost, the retry must not be counted twice). Rounds must
-still complete, the aborts must show in the round analytics, and each new
-model must be exactly the server's FedAvg step over the updates it accepted:
-parent + Σ nᵢ·Δᵢ / Σ nᵢ (server sgd, lr 1), with Δᵢ and nᵢ recorded on the
-phones that uploaded them.
+them (the answer is lost, the retry must not be counted twice) — and 20% of
+uploads are altered by an attacker on the phone: a claimed weight of 10^6, the
+update scaled by 10^6, a code off the grid, or every value at the top of its
+block's grid.
+Rounds must still complete, the aborts must show in the round analytics, the
+tampered uploads must be refused, and each new model must be exactly the
+server's FedAvg step over the updates it accepted: parent + the round's
+update pipeline's mean of the bodies the phones sent (server sgd, lr 1) —
+so an attacker moved it by nothing at all, and no accepted update moved it
+by more than an honest device with max_weight examples can (W·C / Σw).
 """
 from __future__ import annotations
 
 import numpy as np
-from safetensors.numpy import load as load_tensors
 import pytest
 import requests
 
-from emulation.report import format_summary
-from emulation.world import Faults
-from models.corpus import load_corpus
-from models.model import TINY
+from contract.pipeline import UpdatePipeline, aggregate
+from contract.update_spec import RoundSpec
 from contract.weights import load_checkpoint
 from emulation.deployment import simulated_clock, start_server, tiny_model
+from emulation.report import format_summary
+from emulation.world import TAMPERING, Faults
+from models.corpus import load_corpus
+from models.model import TINY
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
@@ -35,8 +41,9 @@ def faulty_run(tmp_path_factory):
     server = start_server(root / "server", model, **FLEET_POPULATION,
                           server=simulated_clock(NIGHT_UTC, 240.0))
     try:
-        run = run_fleet(root / "fleet", server, corpus, phones=20, rounds=4, keep_uploads=True,
-                        faults=Faults(unplug_fraction=0.3, upload_failure_fraction=0.1, seed=1))
+        run = run_fleet(root / "fleet", server, corpus, phones=20, rounds=5, keep_uploads=True,
+                        faults=Faults(unplug_fraction=0.3, upload_failure_fraction=0.1,
+                                      tamper_fraction=0.2, seed=1))
         print(format_summary(run.summary))
         base = f"{server.url}/v1/populations/en"
         details = [requests.get(f"{base}/rounds/{r['round']}", timeout=10).json()
@@ -95,9 +102,22 @@ def test_each_new_model_is_the_average_of_exactly_the_accepted_updates(faulty_ru
         assert set(accepted) == told, "accepted on one side only"
         mine = [uploads[s] for s in accepted]
         assert all(u.num_examples == accepted[u.session_id] for u in mine)
-        n = np.array([u.num_examples for u in mine], np.float64)
-        mean = (n[:, None] * np.stack([load_tensors(u.body)['delta'] for u in mine])).sum(0) / n.sum()
-        expected = weights[d["model_version"]] + mean
-        np.testing.assert_allclose(weights[d["result_version"]], expected, atol=1e-6)
+        spec = RoundSpec.from_json(d["update"])
+        mean = aggregate(UpdatePipeline(spec), [(u.body, u.num_examples) for u in mine])
+        moved = weights[d["result_version"]] - weights[d["model_version"]]
+        np.testing.assert_allclose(moved, mean, atol=1e-7)
+        bound = spec.spec.weight_cap * spec.spec.clip_norm / sum(u.num_examples for u in mine)
+        assert np.linalg.norm(moved) <= len(mine) * bound       # each update moved it <= W·C/Σw
         checked += 1
     assert checked >= 4
+
+
+def test_tampered_uploads_are_refused_or_bounded(faulty_run):
+    run, details, _ = faulty_run
+    injected = run.summary["faults_injected"]
+    assert all(injected[k] >= 1 for k in TAMPERING), injected
+    refused = sum(injected[k] for k in ("claims_huge_weight", "scaled_up", "out_of_range"))
+    assert run.summary["task_errors"].get("error", 0) >= refused      # each one a 422, then reported
+    assert sum(d["failure_reasons"].get("error", 0) for d in details) >= refused
+    # "max_values" uploads that stay within the clip are accepted: the test above checks that
+    # every accepted update moved its round by at most W·C / Σw.

@@ -9,8 +9,9 @@ received:
   store appears in it — path, query string, headers and body, read as text
   (JSON punctuation does not separate words here, so a phrase split across
   fields would be caught too);
-* an upload body is a safetensors file holding exactly the one tensor the
-  protocol names (`delta`, float32, [model size]), no metadata, nothing else;
+* an upload body is a safetensors file holding exactly what the round's
+  update spec names (8-bit codes and their scales, and the format's three
+  metadata strings), nothing else;
 * every other body is JSON (or empty).
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ import pytest
 from safetensors.numpy import load as load_tensors
 
 from emulation.world import Faults
+from contract.hadamard import padded_size
+from contract.packing import packed_bytes
+from contract.pipeline import FORMAT
+from contract.update_spec import RoundSpec
 from models.corpus import load_corpus
 from models.model import TINY
 from contract.text import words
@@ -51,16 +56,19 @@ def leaks(requests: list[Recorded], private: set) -> list[tuple[str, tuple]]:
     return [(r.target, g) for r in requests for g in trigrams(as_text(r)) & private]
 
 
-def check_upload(body: bytes, size: int) -> None:
-    """Exactly one tensor `delta` float32 [size]: header, then its bytes, nothing more."""
+def check_upload(body: bytes, spec: RoundSpec) -> None:
+    """Exactly what the round's 8-bit spec names: the packed codes and the scales, the format's
+    three metadata strings, nothing more (contract.pipeline)."""
     (header_len,) = struct.unpack("<Q", body[:8])
     header = json.loads(body[8:8 + header_len])
-    assert set(header) == {"delta"}, header.keys()          # no __metadata__, no other tensor
-    assert header["delta"]["dtype"] == "F32" and header["delta"]["shape"] == [size]
-    assert len(body) == 8 + header_len + 4 * size
+    assert set(header) == {"__metadata__", "codes", "scales"}, header.keys()
+    assert header["__metadata__"] == {"format": FORMAT, "bits": "8", "spec": spec.fingerprint}
+    padded = padded_size(spec.size, spec.spec.block_size)
+    assert header["codes"]["dtype"] == "U8" and header["codes"]["shape"] == [packed_bytes(padded, 8)]
+    assert header["scales"]["dtype"] == "F32" and header["scales"]["shape"] == [padded // spec.spec.block_size]
+    assert len(body) == 8 + header_len + packed_bytes(padded, 8) + 4 * (padded // spec.spec.block_size)
     tensors = load_tensors(body)
-    assert list(tensors) == ["delta"] and tensors["delta"].dtype == np.float32
-    assert np.isfinite(tensors["delta"]).all()
+    assert np.isfinite(tensors["scales"]).all() and (tensors["codes"] <= 254).all()
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +113,14 @@ def test_the_check_would_catch_a_leak(recorded):
     assert leaks([in_query], private)
 
 
-def test_uploads_hold_only_the_named_tensor_and_other_bodies_are_json(recorded):
-    requests, _, model, _ = recorded
+def test_uploads_hold_only_the_encoded_update_and_other_bodies_are_json(recorded):
+    requests, _, model, run = recorded
+    specs = {s.fingerprint: s for s in (RoundSpec.from_json(d["update"]) for d in run.details if d["update"])}
     uploads = [r for r in requests if UPLOAD.match(r.target)]
     assert uploads
     for r in uploads:
-        check_upload(r.body, model.flat.size)
+        meta = json.loads(r.body[8:8 + struct.unpack("<Q", r.body[:8])[0]])["__metadata__"]
+        check_upload(r.body, specs[meta["spec"]])
     for r in requests:
         if not UPLOAD.match(r.target) and r.body:
             json.loads(r.body.decode("utf-8"))

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+from contract.errors import ErrorCode, ProtocolError
+from contract.wire import Conditions
 from server.config import EligibilityConfig
-from server.errors import BadRequest
-from server.policy import Context, DeviceConditions, build_policy, parse_version
+from server.policy import Context, build_policy, parse_version
 from tests.server_fixtures import ELIGIBLE
 
 
 def conditions(**changes):
-    return DeviceConditions.from_json({**ELIGIBLE, **changes})
+    return Conditions.from_json({**ELIGIBLE, **changes})
 
 
 def test_default_policy_is_gboards_idle_charging_unmetered_2gb():
@@ -51,16 +52,17 @@ def test_a_permissive_policy_has_no_criteria():
     {"charging": None},
 ])
 def test_bad_conditions_are_bad_requests(change):
-    with pytest.raises(BadRequest):
+    with pytest.raises(ProtocolError) as e:
         conditions(**change)
+    assert e.value.status == 400 and e.value.code in (ErrorCode.INVALID_FIELD, ErrorCode.MISSING_FIELD)
 
 
 def test_missing_condition_is_named():
     data = dict(ELIGIBLE)
     del data["unmetered"]
-    with pytest.raises(BadRequest, match="conditions.unmetered") as e:
-        DeviceConditions.from_json(data)
-    assert e.value.code == "missing_field"
-    with pytest.raises(BadRequest):
-        DeviceConditions.from_json([1, 2])
+    with pytest.raises(ProtocolError, match="conditions.unmetered") as e:
+        Conditions.from_json(data)
+    assert e.value.code == ErrorCode.MISSING_FIELD
+    with pytest.raises(ProtocolError):
+        Conditions.from_json([1, 2])
     assert parse_version("3.0.1") == parse_version("3.0.1.0") == (3, 0, 1, 0)

@@ -28,7 +28,7 @@ import pytest
 import requests
 
 from contract.weights import load_checkpoint
-from server.aggregation import encode_update
+from contract.pipeline import aggregate
 from emulation.server_process import ServerProcess, free_port
 from tests.server_fixtures import (DeviceClient, HttpTransport,
                             write_checkpoint, write_plan_dir)
@@ -87,8 +87,14 @@ def verify_state(root: Path) -> None:
             "SELECT id FROM rounds WHERE state IN ('selecting', 'reporting')")}
     finally:
         conn.close()
-    leftovers = {int(p.parent.name) for p in (root / "state" / "private" / "partials").glob("*/*.f32")}
+    leftovers = {int(p.parent.name) for p in (root / "state" / "private" / "partials").glob("*/*.i64")}
     assert leftovers <= open_rounds
+    conn = sqlite3.connect(root / "state" / "nightjar.db")
+    try:    # a closed round leaves nothing behind: no partial-sum rows either
+        stale = {r[0] for r in conn.execute("SELECT DISTINCT round_id FROM partials")} - open_rounds
+    finally:
+        conn.close()
+    assert not stale
 
 
 def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once(tmp_path):
@@ -101,12 +107,13 @@ def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once
         devices = [DeviceClient(HttpTransport(server.url), "en") for _ in range(9)]
         for d in devices:
             assert "assignment" in d.checkin().body
-        size = devices[0].assignment["report"]["size"]
+        size = devices[0].assignment["update"]["size"]
         deltas = np.random.default_rng(3).normal(0, 0.01, (9, size)).astype(np.float32)
         counts = [4, 9, 1, 4, 6, 2]
+        bodies = [devices[i].encode(deltas[i], counts[i])[0] for i in range(6)]   # 8-bit, the default
         for i in range(3):
             assert devices[i].upload(deltas[i], counts[i]).body["status"] == "accepted"
-        stalled = half_sent_upload(server, devices[3], encode_update(deltas[3]))
+        stalled = half_sent_upload(server, devices[3], bodies[3])
         time.sleep(0.5)
         server.kill()                                            # SIGKILL master and both workers
         stalled.close()
@@ -133,8 +140,10 @@ def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once
         (tmp_path / "v1.safetensors").write_bytes(ckpt.content)
         _, flat, meta = load_checkpoint(tmp_path / "v1.safetensors")
         assert meta["version"] == 1 and meta["parent"] == 0
-        expected = initial + np.average(deltas[:6], axis=0, weights=counts)
-        np.testing.assert_allclose(flat, expected, rtol=1e-5, atol=1e-6)
+        expected = initial + aggregate(devices[0].pipeline(), zip(bodies, counts))
+        np.testing.assert_allclose(flat, expected, rtol=0, atol=1e-7)   # exact up to float32 rounding
+        np.testing.assert_allclose(flat, initial + np.average(deltas[:6], axis=0, weights=counts),
+                                   atol=2e-3)                            # and 8-bit close to float
         nxt = devices[7].checkin().body["assignment"]
         assert (nxt["round"], nxt["model_version"]) == (2, 1)
         assert round_info(server, 1)["reported"] == 6
@@ -155,7 +164,7 @@ def test_round_whose_deadline_passed_while_down_is_abandoned_and_retried(tmp_pat
         devices = [DeviceClient(HttpTransport(server.url), "en") for _ in range(3)]
         for d in devices:
             d.checkin()
-        size = devices[0].assignment["report"]["size"]
+        size = devices[0].assignment["update"]["size"]
         assert devices[0].upload(np.zeros(size, np.float32), 1).body["status"] == "accepted"
         deadline = round_info(server, 1)["deadline"]
         server.kill()

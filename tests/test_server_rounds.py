@@ -6,7 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from server.policy import DeviceConditions
+from contract.pipeline import UpdatePipeline
+from contract.wire import Conditions, EvalReport
 from tests.server_fixtures import ELIGIBLE
 
 
@@ -27,25 +28,22 @@ class Dev:
         svc = self.env.services
         device = svc.registry.authenticate(self.auth)
         result = svc.checkin.checkin(device, self.env.population,
-                                     DeviceConditions.from_json({**ELIGIBLE, **conditions}))
+                                     Conditions.from_json({**ELIGIBLE, **conditions}))
         if hasattr(result, "session_id"):
             self.assignment = result
         return result
 
     def upload(self, delta, num_examples=10, metrics=None, model_version=None):
-        from server.aggregation import encode_update
-
-        rnd = self.assignment.round
+        a = self.assignment
+        encoded = UpdatePipeline(a.update).encode(delta, num_examples, a.hyperparameters["seed"])
         return self.env.services.reporting.upload(
-            self.id, self.assignment.session_id, encode_update(delta),
-            rnd.model_version if model_version is None else model_version, num_examples, metrics or {})
+            self.id, a.session_id, encoded.body, a.model_version if model_version is None else model_version,
+            encoded.weight, metrics or {})
 
     def evaluate(self, top1, top3, positions):
-        from server.reporting import EvalReport
-
-        return self.env.services.reporting.evaluation(
-            self.id, self.assignment.session_id, self.assignment.round.model_version,
-            EvalReport(top1, top3, positions))
+        a = self.assignment
+        return self.env.services.reporting.evaluation(self.id, a.session_id, a.model_version,
+                                                      EvalReport(a.model_version, top1, top3, positions))
 
     def fail(self, reason="unplugged"):
         return self.env.services.reporting.failure(self.id, self.assignment.session_id, reason, None)
@@ -126,9 +124,11 @@ def test_deadline_with_too_few_reports_fails_and_is_retried(server_env):
     first = rounds(env)[0]
     assert (first["state"], first["reason"]) == ("failed", "too_few_reports")
     assert env.services.versions.list(env.population)[0].version == 0          # no new version
-    assert not list((env.root / "private" / "partials").glob("*/*.f32"))       # sum files removed
+    assert not list((env.root / "private" / "partials").glob("*/*.i64"))       # sum files removed
+    assert not env.services.store.connection().execute("SELECT * FROM partials").fetchall()  # and rows
     result = devs[1].checkin()
-    assert result.round.number == 2 and result.round.attempt == 2 and result.round.model_version == 0
+    assert result.round == 2 and result.model_version == 0
+    assert rounds(env)[-1]["attempt"] == 2
 
 
 def test_too_few_selected_fails_the_round(server_env):
@@ -204,7 +204,7 @@ def test_server_momentum_state_carries_over_rounds(make_server):
     for r in range(3):
         devs = devices(env, 2)
         for dev in devs:
-            assert dev.checkin().round.model_version == r
+            assert dev.checkin().model_version == r
         d = deltas(env, 2, seed=r)
         devs[0].upload(d[0], 1)
         devs[1].upload(d[1], 3)
@@ -220,14 +220,14 @@ def test_evaluation_rounds_publish_when_not_worse_and_rollback(make_server):
     def train_round(seed):
         devs = devices(env, 2)
         for dev in devs:
-            assert dev.checkin().round.task == "train"
+            assert dev.checkin().task == "train"
         for i, dev in enumerate(devs):
             dev.upload(deltas(env, 2, seed)[i])
 
     def eval_round(top3):
         devs = devices(env, 2)
         for dev in devs:
-            assert dev.checkin().round.task == "eval"
+            assert dev.checkin().task == "eval"
         for dev in devs:
             assert dev.evaluate(top3 // 2, top3, 100).status == "accepted"
 
@@ -293,4 +293,4 @@ def test_min_separation_uses_the_servers_participation_record(make_server):
     assert again.reason == "ineligible" and again.criteria == ("min_separation",)
     assert again.retry_min_s == pytest.approx(3000.0)
     env.clock.advance(3000)
-    assert dev.checkin().round.number == 2
+    assert dev.checkin().round == 2

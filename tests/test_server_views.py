@@ -3,6 +3,7 @@ against /openapi.json, with stored state unchanged by every refused request, and
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from urllib.parse import quote
 
@@ -13,10 +14,17 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from safetensors.numpy import save
 
+from contract.pipeline import FORMAT
+
 from server.openapi import openapi_document
 from tests.server_fixtures import ELIGIBLE, DeviceClient, FlaskTransport
 
 DOC_URI = "urn:nightjar:openapi"
+
+
+def openapi_path(rule: str) -> str:
+    """A Flask rule's path as OpenAPI writes it: /rounds/<int(max=..):number> → /rounds/{number}."""
+    return re.sub(r"<(?:\w+(?:\([^)]*\))?:)?(\w+)>", r"{\1}", rule)
 
 
 class OpenAPIChecker:
@@ -35,7 +43,7 @@ class OpenAPIChecker:
             rule, _ = adapter.match(path.split("?")[0], method=method, return_rule=True)
         except Exception:   # 404/405: no route, checked by the caller
             return None
-        return rule.rule.replace("<int:", "<").replace("<", "{").replace(">", "}")
+        return openapi_path(rule.rule)
 
     def check(self, method: str, path: str, status: int, body, content_type: str) -> None:
         template = self.template(method, path)
@@ -82,7 +90,7 @@ def state_of(env) -> str:
         dump = "\n".join(conn.iterdump())
     finally:
         conn.close()
-    files = sorted(str(p.relative_to(env.root)) for p in (env.root / "private").rglob("*.f32"))
+    files = sorted(str(p.relative_to(env.root)) for p in (env.root / "private").rglob("*.i64"))
     return dump + "\n" + "\n".join(files) + "\n" + "\n".join(sorted(env.services.artifacts))
 
 
@@ -92,7 +100,7 @@ def fleet(env, api, n):
 
 def test_openapi_documents_exactly_the_routes(server_env):
     checker = OpenAPIChecker(server_env.app)
-    routes = {(r.rule.replace("<int:", "<").replace("<", "{").replace(">", "}"), m)
+    routes = {(openapi_path(r.rule), m)
               for r in server_env.app.url_map.iter_rules() if r.endpoint != "static"
               for m in r.methods - {"HEAD", "OPTIONS"}}
     documented = {(path, m.upper()) for path, ops in checker.doc["paths"].items() for m in ops}
@@ -108,7 +116,7 @@ def test_full_protocol_over_http_matches_the_openapi_document(make_server):
     answers = [d.checkin().body for d in devs]
     assert ["assignment" in a for a in answers] == [True, True, True, False]
     assignment = answers[0]["assignment"]
-    assert assignment["report"]["size"] == env.layout.size and assignment["plan"]["manifest"]["url"]
+    assert assignment["update"]["size"] == env.layout.size and assignment["plan"]["manifest"]["url"]
     ckpt = api.request("GET", assignment["checkpoint"]["url"])
     assert ckpt.status == 200 and ckpt.headers["ETag"] == f'"{assignment["checkpoint"]["sha256"]}"'
     assert "immutable" in ckpt.headers["Cache-Control"]
@@ -152,17 +160,29 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
     upload = f"/v1/sessions/{sid}/update?model_version=0&num_examples=5"
     auth = mine.headers
 
-    def raw(data: bytes, headers: dict | None = auth) -> dict:
-        return {"data": data, "headers": headers or {}}
+    def raw(data: bytes, headers: dict | None = auth, ctype: str = "application/octet-stream") -> dict:
+        return {"data": data, "headers": {**(headers or {}), "Content-Type": ctype}}
+
+    def jraw(data: bytes) -> dict:
+        return raw(data, ctype="application/json")
 
     def js(body, headers: dict | None = auth) -> dict:
         return {"json": body, "headers": headers or {}}
 
-    good = save({"delta": np.zeros(n, np.float32)})
+    def values(v: np.ndarray, spec: str | None = None, bits: str = "32") -> bytes:
+        meta = {"format": FORMAT, "bits": bits, "spec": spec or mine.assignment["update"]["fingerprint"]}
+        return save({"values": v}, metadata=meta)
+
+    good, _ = mine.encode(np.zeros(n, np.float32), 5)
+    big = np.zeros(n, np.float32)
+    big[:3] = 70.0                                     # each value below the clip (100), the norm above
     checkin = {"population": "en", "conditions": ELIGIBLE}
     eval_body = {"model_version": 0, "top1_hits": 1, "top3_hits": 2, "positions": 3}
     cases = [
-        ("POST", "/v1/checkin", raw(b"{not json"), 400, "malformed_json"),
+        ("POST", "/v1/checkin", jraw(b"{not json"), 400, "malformed_json"),
+        ("POST", "/v1/checkin", jraw(b'{"population": NaN}'), 400, "malformed_json"),
+        ("POST", "/v1/checkin", raw(b'{"population": "en"}', ctype="text/plain"), 415,
+         "unsupported_media_type"),
         ("POST", "/v1/checkin", js([1, 2]), 400, "invalid_body"),
         ("POST", "/v1/checkin", js({"population": "en"}), 400, "missing_field"),
         ("POST", "/v1/checkin", js({**checkin, "population": 7}), 400, "invalid_field"),
@@ -174,21 +194,36 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
          "unknown_device"),
         ("POST", "/v1/checkin", js(checkin, {"Authorization": f"Bearer {mine.device_id}:wrong"}), 401,
          "unknown_device"),
-        ("POST", "/v1/checkin", raw(b'{"population": "' + b"x" * 3000 + b'"}'), 413, "payload_too_large"),
+        ("POST", "/v1/checkin", jraw(b'{"population": "' + b"x" * 3000 + b'"}'), 413, "payload_too_large"),
         ("POST", upload, raw(good, other.headers), 403, "not_your_session"),
         ("POST", "/v1/sessions/s-nope/update?model_version=0&num_examples=5", raw(good), 404,
          "unknown_session"),
-        ("POST", upload, raw(save({"delta": np.zeros(n - 1, np.float32)})), 422, "wrong_shape"),
-        ("POST", upload, raw(save({"delta": np.zeros(n, np.float16)})), 422, "wrong_dtype"),
-        ("POST", upload, raw(save({"delta": np.full(n, np.nan, np.float32)})), 422, "non_finite"),
+        ("POST", upload, raw(good, ctype="application/json"), 415, "unsupported_media_type"),
+        ("POST", upload, raw(values(np.zeros(n - 1, np.float32))), 422, "wrong_length"),
+        ("POST", upload, raw(values(np.zeros(n, np.float16))), 422, "wrong_width"),
+        ("POST", upload, raw(values(np.zeros(n, np.float32), bits="8")), 422, "wrong_width"),
+        ("POST", upload, raw(values(np.full(n, np.nan, np.float32))), 422, "non_finite"),
+        ("POST", upload, raw(values(np.full(n, np.inf, np.float32))), 422, "non_finite"),
+        ("POST", upload, raw(values(big)), 422, "norm_exceeds_clip"),
+        ("POST", upload, raw(values(np.full(n, 1e30, np.float32))), 422, "value_out_of_range"),
+        ("POST", upload, raw(values(np.zeros(n, np.float32), spec="0" * 64)), 422, "wrong_spec"),
+        ("POST", upload, raw(save({"delta": np.zeros(n, np.float32)})), 422, "malformed_update"),
+        ("POST", upload, raw(good[:len(good) // 2]), 422, "malformed_update"),
         ("POST", upload, raw(b"\x00" * 100), 422, "malformed_update"),
         ("POST", upload, raw(b"\x00" * 5000), 413, "payload_too_large"),
         ("POST", upload.replace("model_version=0", "model_version=3"), raw(good), 409,
          "wrong_model_version"),
-        ("POST", upload.replace("num_examples=5", "num_examples=0"), raw(good), 422, "weight_out_of_range"),
+        ("POST", upload.replace("num_examples=5", "num_examples=0"), raw(good), 400, "invalid_field"),
+        ("POST", upload.replace("num_examples=5", "num_examples=1001"), raw(good), 422,
+         "weight_out_of_range"),
+        ("POST", upload.replace("num_examples=5", "num_examples=1000000"), raw(good), 422,
+         "weight_out_of_range"),
         ("POST", upload.replace("num_examples=5", "num_examples=five"), raw(good), 400, "invalid_field"),
+        ("POST", upload.replace("num_examples=5", "num_examples=" + "9" * 80), raw(good), 400,
+         "invalid_field"),
         ("POST", upload + "&metrics=%7Bbad", raw(good), 400, "malformed_json"),
         ("POST", upload + "&metrics=" + quote('{"loss": "high"}'), raw(good), 400, "invalid_field"),
+        ("POST", upload + "&metrics=" + quote('{"loss": Infinity}'), raw(good), 400, "malformed_json"),
         ("POST", f"/v1/sessions/{sid}/update", raw(good), 400, "missing_field"),
         ("POST", f"/v1/sessions/{sid}/eval", js(eval_body), 409, "wrong_task"),
         ("POST", f"/v1/sessions/{sid}/failure", js({"reason": "bored"}), 400, "invalid_field"),
@@ -200,6 +235,10 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
         ("GET", "/v1/populations/en/app-model/99", {}, 404, "unknown_version"),
         ("GET", "/v1/populations/fr/rounds", {}, 404, "unknown_population"),
         ("GET", "/v1/populations/en/rounds/99", {}, 404, "unknown_round"),
+        ("GET", f"/v1/populations/en/rounds/{2**63}", {}, 404, "not_found"),
+        ("GET", f"/v1/populations/en/rounds/{10**40}", {}, 404, "not_found"),
+        ("GET", f"/v1/populations/en/app-model/{2**64}", {}, 404, "not_found"),
+        ("GET", f"/v1/populations/en/rounds?before={2**63}", {}, 400, "invalid_field"),
         ("GET", "/v1/populations/en/rounds?limit=0", {}, 400, "invalid_field"),
         ("GET", "/v1/populations/fr/versions", {}, 404, "unknown_population"),
         ("GET", "/v1/checkin", {}, 405, "method_not_allowed"),

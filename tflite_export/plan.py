@@ -8,7 +8,7 @@ size is fixed (a short last batch is padded with all-pad rows, which the
 masked loss ignores), and the step is plain SGD, w -= lr * grad, exactly the
 client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)` — or, when
 the plan is exported with a clip norm, w -= lr * clip_by_global_norm(grad),
-the update of `models.simulate.build_clipped_sgd`.
+the update of `models.fedavg.build_clipped_sgd`.
 """
 from __future__ import annotations
 

@@ -7,18 +7,28 @@ from typing import Any
 from flask import current_app, request
 
 from server import validation as v
-from server.errors import Unauthorized
+from server.errors import ErrorCode, ProtocolError
 from server.registry import Device
 from server.services import Services
+
+JSON_TYPE = "application/json"
 
 
 def services() -> Services:
     return current_app.extensions["nightjar"]
 
 
-def json_body() -> dict[str, Any]:
-    """The request body as a JSON object (any Content-Type), or BadRequest."""
-    return dict(v.as_object(v.parse_json(request.get_data(cache=False))))
+def json_body() -> Any:
+    """The request body as JSON (Content-Type application/json); check it with a wire schema."""
+    require_content_type(JSON_TYPE)
+    return v.parse_json(request.get_data(cache=False))
+
+
+def require_content_type(expected: str) -> None:
+    given = (request.mimetype or "").lower()
+    if given != expected:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                            f"this endpoint takes Content-Type {expected}, not {given or 'none'}")
 
 
 def device() -> Device:
@@ -32,4 +42,5 @@ def require_operator() -> None:
         return
     scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise Unauthorized("operator endpoints need 'Authorization: Bearer <operator_token>'")
+        raise ProtocolError(ErrorCode.UNAUTHORIZED,
+                            "operator endpoints need 'Authorization: Bearer <operator_token>'")

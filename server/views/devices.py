@@ -1,18 +1,18 @@
 """Device registration and check-in."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
-from server import validation as v
-from server.checkin import Assignment
-from server.policy import DeviceConditions
-from server.views._common import device, json_body, services
+from contract.wire import CHECKIN_REQUEST, Assignment, Conditions
+from server.views._common import JSON_TYPE, device, json_body, require_content_type, services
 
 bp = Blueprint("devices", __name__, url_prefix="/v1")
 
 
 @bp.post("/devices")
 def register():
+    if request.content_length:
+        require_content_type(JSON_TYPE)
     registration = services().registry.register()
     return jsonify({"device_id": registration.device_id, "secret": registration.secret}), 201
 
@@ -20,11 +20,9 @@ def register():
 @bp.post("/checkin")
 def checkin():
     caller = device()
-    body = json_body()
-    population = v.string(body, "population", max_len=64)
-    conditions = DeviceConditions.from_json(v.required(body, "conditions"))
+    body = CHECKIN_REQUEST.parse(json_body())
     svc = services()
-    result = svc.checkin.checkin(caller, population, conditions)
+    result = svc.checkin.checkin(caller, body["population"], Conditions(**body["conditions"]))
     if isinstance(result, Assignment):
-        return jsonify({"assignment": result.to_json(svc.clock.now())})
+        return jsonify({"assignment": result.to_json()})
     return jsonify({"rejection": result.to_json()})

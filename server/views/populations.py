@@ -6,6 +6,7 @@ import json
 from flask import Blueprint, jsonify, request
 
 from server import validation as v
+from server.validation import MAX_INT
 from server.checkin import artifact_url
 from server.populations import load_population
 from server.versions import Version
@@ -36,7 +37,7 @@ def latest_app_model(population: str):
     return jsonify(_app_model(services().versions.published(population)))
 
 
-@bp.get("/app-model/<int:version>")
+@bp.get(f"/app-model/<int(max={MAX_INT}):version>")
 def app_model(population: str, version: int):
     return jsonify(_app_model(services().versions.published(population, version)))
 
@@ -50,7 +51,7 @@ def rounds(population: str):
     return jsonify({"rounds": svc.analytics.list(population, svc.clock.now(), limit, before)})
 
 
-@bp.get("/rounds/<int:number>")
+@bp.get(f"/rounds/<int(max={MAX_INT}):number>")
 def round_detail(population: str, number: int):
     require_operator()
     svc = services()

@@ -1,0 +1,259 @@
+"""Typed JSON values that are both checked and documented from one definition.
+
+A wire type is described once, as a tree of `Bool`, `Int`, `Num`, `Str`,
+`Enum`, `Obj`, `Arr` and `Nullable`; `parse(value)` checks a decoded JSON
+value against it (raising `ProtocolError` with `missing_field` or
+`invalid_field`, and the field's path) and `schema()` writes the JSON Schema
+(OpenAPI 3.1) that says the same, limits included. So the server's checks
+and its OpenAPI document cannot drift apart, and the phone checks what a
+server sends with the same code.
+
+JSON is loose: true is not 1, 1.5 is not an integer, NaN parses in Python.
+An integer field accepts a whole-number float (13468.0), as JSON Schema's
+"integer" does; a number must be finite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from contract.errors import ErrorCode, ProtocolError
+
+MAX_INT = 2**53   # JSON numbers are exact up to here
+
+
+def _bad(where: str, what: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_FIELD, f"'{where}' must be {what}")
+
+
+class Type:
+    """A JSON value's type; subclasses implement `parse` and `_schema`."""
+
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> Any:
+        raise NotImplementedError
+
+    def _schema(self) -> dict:
+        raise NotImplementedError
+
+    def schema(self) -> dict:
+        out = self._schema()
+        if self.description:
+            out["description"] = self.description
+        return out
+
+
+@dataclasses.dataclass
+class Bool(Type):
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> bool:
+        if not isinstance(value, bool):
+            raise _bad(where, "true or false")
+        return value
+
+    def _schema(self) -> dict:
+        return {"type": "boolean"}
+
+
+@dataclasses.dataclass
+class Int(Type):
+    lo: int | None = 0
+    hi: int | None = MAX_INT
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(where, "an integer")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise _bad(where, f"an integer in [{self.lo}, {self.hi}]")
+        return value
+
+    def _schema(self) -> dict:
+        out: dict = {"type": "integer"}
+        if self.lo is not None:
+            out["minimum"] = self.lo
+        if self.hi is not None:
+            out["maximum"] = self.hi
+        return out
+
+
+@dataclasses.dataclass
+class Num(Type):
+    lo: float | None = None
+    hi: float | None = None
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _bad(where, "a finite number")
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            raise _bad(where, f"a number in [{self.lo}, {self.hi}]")
+        return float(value)
+
+    def _schema(self) -> dict:
+        out: dict = {"type": "number"}
+        if self.lo is not None:
+            out["minimum"] = self.lo
+        if self.hi is not None:
+            out["maximum"] = self.hi
+        return out
+
+
+@dataclasses.dataclass
+class Str(Type):
+    max_len: int = 200
+    pattern: str | None = None
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> str:
+        if not isinstance(value, str) or len(value) > self.max_len:
+            raise _bad(where, f"a string of at most {self.max_len} characters")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise _bad(where, f"a string matching {self.pattern}")
+        return value
+
+    def _schema(self) -> dict:
+        out: dict = {"type": "string", "maxLength": self.max_len}
+        if self.pattern is not None:
+            out["pattern"] = f"^(?:{self.pattern})$"
+        return out
+
+
+@dataclasses.dataclass
+class Enum(Type):
+    """One of a few strings (or integers): exactly, so true is not 1 and 8.0 is 8."""
+
+    values: Sequence[str | int]
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> str | int:
+        if isinstance(value, float) and value.is_integer() and int(value) in self.values:
+            value = int(value)
+        if isinstance(value, bool) or value not in self.values or not isinstance(value, (str, int)):
+            raise _bad(where, f"one of {', '.join(map(str, self.values))}")
+        return value
+
+    def _schema(self) -> dict:
+        kind = "string" if all(isinstance(v, str) for v in self.values) else "integer"
+        return {"type": kind, "enum": list(self.values)}
+
+
+@dataclasses.dataclass
+class Const(Type):
+    value: Any
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> Any:
+        if value != self.value or type(value) is not type(self.value):
+            raise _bad(where, f"{self.value!r}")
+        return value
+
+    def _schema(self) -> dict:
+        return {"const": self.value}
+
+
+@dataclasses.dataclass
+class Nullable(Type):
+    inner: Type
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> Any:
+        return None if value is None else self.inner.parse(value, where)
+
+    def _schema(self) -> dict:
+        return {"oneOf": [{"type": "null"}, self.inner.schema()]}
+
+
+@dataclasses.dataclass
+class Arr(Type):
+    item: Type
+    max_items: int = 1000
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> list:
+        if not isinstance(value, list) or len(value) > self.max_items:
+            raise _bad(where, f"an array of at most {self.max_items} items")
+        return [self.item.parse(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+    def _schema(self) -> dict:
+        return {"type": "array", "items": self.item.schema(), "maxItems": self.max_items}
+
+
+@dataclasses.dataclass
+class Map(Type):
+    """An object with free keys (e.g. metrics): keys of 1..`max_key_len` characters."""
+
+    value: Type
+    max_keys: int = 32
+    max_key_len: int = 64
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "value") -> dict:
+        if not isinstance(value, Mapping) or len(value) > self.max_keys:
+            raise _bad(where, f"an object of at most {self.max_keys} entries")
+        out = {}
+        for key, v in value.items():
+            if not isinstance(key, str) or not 0 < len(key) <= self.max_key_len:
+                raise _bad(where, f"an object whose keys are 1-{self.max_key_len} characters")
+            out[key] = self.value.parse(v, f"{where}.{key}")
+        return out
+
+    def _schema(self) -> dict:
+        return {"type": "object", "additionalProperties": self.value.schema(),
+                "maxProperties": self.max_keys,
+                "propertyNames": {"minLength": 1, "maxLength": self.max_key_len}}
+
+
+@dataclasses.dataclass
+class Field:
+    name: str
+    type: Type
+    required: bool = True
+    default: Any = None
+
+
+@dataclasses.dataclass
+class Obj(Type):
+    """A JSON object with named fields. `extra`: unknown keys are allowed (and dropped)."""
+
+    name: str
+    fields: Sequence[Field]
+    extra: bool = False
+    description: str | None = None
+
+    def parse(self, value: Any, where: str = "") -> dict:
+        """The checked fields as a dict (absent optional fields: their default). `where` is the
+        path of this object in the request ("" for the body itself)."""
+        if not isinstance(value, Mapping):
+            if not where:
+                raise ProtocolError(ErrorCode.INVALID_BODY, "the body must be a JSON object")
+            raise _bad(where, "a JSON object")
+        known = {f.name for f in self.fields}
+        if not self.extra:
+            unknown = sorted(str(k) for k in value if k not in known)
+            if unknown:
+                raise ProtocolError(ErrorCode.INVALID_FIELD, f"unknown field(s) in "
+                                    f"{where or 'the body'}: {', '.join(unknown[:5])}")
+        out = {}
+        for f in self.fields:
+            path = f"{where}.{f.name}" if where else f.name
+            v = value.get(f.name)
+            if v is None:
+                if f.required:
+                    raise ProtocolError(ErrorCode.MISSING_FIELD, f"missing field '{path}'")
+                out[f.name] = f.default
+            else:
+                out[f.name] = f.type.parse(v, path)
+        return out
+
+    def _schema(self) -> dict:
+        return {"type": "object", "required": [f.name for f in self.fields if f.required],
+                "properties": {f.name: f.type.schema() for f in self.fields},
+                "additionalProperties": self.extra}

@@ -1,0 +1,144 @@
+"""Federated averaging in simulation: TFF's client work and server optimizer, the contract's pipeline between.
+
+A round here is the round a deployment runs, stage for stage:
+
+1. TFF's `build_model_delta_client_work` trains every sampled client on its
+   windows (client SGD, optionally with each step's gradient clipped, in the
+   order `contract.batching` defines for the client's seed — the order a
+   phone uses) and returns each client's update and example count;
+2. each client's update goes through `contract.pipeline.UpdatePipeline` —
+   the very code a phone encodes with and the server decodes with: weight
+   cap, clip, optional rotation, quantization to the spec's bits with the
+   client's seed, and the server's exact integer sum and decoding;
+3. TFF's `build_apply_optimizer_finalizer` applies the server optimizer
+   (`tff.learning.optimizers`, with its learning-rate schedule) to the mean.
+
+Why not a `tff.aggregators` factory around the contract's NumPy code: TFF
+0.87 runs computations in its C++ `worker_binary`, which has no PyFunc
+kernel, so a `tf.numpy_function` inside an aggregator fails there
+("No registered PyFunc"). Returning the clients' results to Python and
+aggregating them with the deployment's own code is the closest real thing,
+and it makes the simulation and the deployment compute the same thing
+from the same updates, bit for bit.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from contract.pipeline import IntegerSum, UpdatePipeline
+from contract.update_spec import UpdateSpec, rotation_seed
+from models.model import ModelConfig, tff_model_fn, weight_layout
+
+
+@dataclasses.dataclass
+class RoundResult:
+    weights: np.ndarray         # the new global weights, flat float32
+    train: dict                 # TFF's training metrics, summed over the clients
+    clients: int                # updates that went into the mean
+    upload_bytes: int           # what the clients' encoded updates weigh in total
+    update_norms: list[float]   # each client's update before clipping (L2)
+
+
+class FederatedAveraging:
+    """One simulated population: `next(weights, datasets, seeds, round_num)` runs one round."""
+
+    def __init__(self, model_config: ModelConfig, client_optimizer, server_optimizer,
+                 spec: UpdateSpec, seed: int = 0):
+        import tensorflow_federated as tff
+
+        self.config, self.spec, self.seed = model_config, spec.validate(), seed
+        self.layout = weight_layout(model_config)
+        model_fn = tff_model_fn(model_config)
+        self.client_work = tff.learning.templates.build_model_delta_client_work(
+            model_fn, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES,
+            loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+        weights_type = self.client_work.next.type_signature.parameter[1].member
+        self.finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+            server_optimizer, weights_type)
+        client_work = self.client_work
+
+        @tff.federated_computation(client_work.initialize.type_signature.result,
+                                   tff.FederatedType(weights_type, tff.SERVER),
+                                   client_work.next.type_signature.parameter[2])
+        def train_clients(state, weights, data):
+            out = client_work.next(state, tff.federated_broadcast(weights), data)
+            return out.result, out.measurements
+
+        self._train_clients = train_clients
+        self._weights_type = weights_type
+        self.client_state = client_work.initialize()
+        self.server_state = self.finalizer.initialize()
+
+    def _model_weights(self, flat: np.ndarray):
+        import tensorflow_federated as tff
+
+        return tff.learning.models.ModelWeights(
+            list(self.layout.unflatten(np.asarray(flat, np.float32)).values()), [])
+
+    def next(self, flat: np.ndarray, datasets: list, seeds: list[int], round_num: int) -> RoundResult:
+        """One round from global weights `flat` over the clients' datasets (one seed each)."""
+        results, measurements = self._train_clients(self.client_state, self._model_weights(flat), datasets)
+        pipeline = UpdatePipeline(self.spec.bind(self.layout.size, self.layout.sha256,
+                                                 f"simulation/{round_num}",
+                                                 rotation_seed(self.seed, round_num)))
+        total, uploaded, norms = IntegerSum(pipeline.count), 0, []
+        for result, seed in zip(results, seeds):
+            # TFF's update is initial − trained (a pseudo-gradient); a phone uploads trained − initial.
+            delta = -self.layout.flatten(list(result.update))
+            weight = int(round(float(result.update_weight)))
+            if weight < 1 or not np.isfinite(delta).all():
+                continue    # TFF gives a non-finite update weight 0; a phone would not upload it
+            norms.append(float(np.linalg.norm(delta)))
+            encoded = pipeline.encode(delta, weight, seed)
+            uploaded += len(encoded.body)
+            total.add(pipeline.accept(encoded.body, encoded.weight))
+        if total.updates == 0:
+            return RoundResult(np.asarray(flat, np.float32), {}, 0, 0, norms)
+        mean_delta = pipeline.finalize(total.total, total.weight)
+        gradient = self._model_weights(-mean_delta).trainable
+        out = self.finalizer.next(self.server_state, self._model_weights(flat), gradient)
+        self.server_state = out.state
+        weights = self.layout.flatten(list(out.result.trainable))
+        train = {k: float(v) for k, v in measurements["train"].items()}
+        return RoundResult(weights, train, total.updates, uploaded, norms)
+
+
+def client_optimizer(learning_rate: float, clip_norm: float | None):
+    """Client SGD, with each step's gradient clipped to `clip_norm` (global L2) when given."""
+    import tensorflow_federated as tff
+
+    if clip_norm is None:
+        return tff.learning.optimizers.build_sgdm(learning_rate=learning_rate)
+    return build_clipped_sgd(learning_rate, clip_norm)
+
+
+def build_clipped_sgd(learning_rate: float, clip_norm: float):
+    """A `tff.learning` optimizer: w -= lr * clip_by_global_norm(g, clip_norm).
+
+    Plain SGD on a client that trains dozens of local steps on one speaker's
+    text can blow up; bounding each step's norm keeps a high learning rate
+    usable. The training plan applies the same `tf.clip_by_global_norm`.
+    """
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    class ClippedSGD(tff.learning.optimizers.Optimizer):
+        def initialize(self, specs):
+            return collections.OrderedDict(learning_rate=learning_rate)
+
+        def next(self, state, weights, gradients):
+            clipped, _ = tf.clip_by_global_norm(tf.nest.flatten(gradients), clip_norm)
+            updated = [w - tf.cast(state["learning_rate"], w.dtype) * g
+                       for w, g in zip(tf.nest.flatten(weights), clipped)]
+            return state, tf.nest.pack_sequence_as(weights, updated)
+
+        def get_hparams(self, state):
+            return collections.OrderedDict(learning_rate=state["learning_rate"])
+
+        def set_hparams(self, state, hparams):
+            return collections.OrderedDict(learning_rate=hparams["learning_rate"])
+
+    return ClippedSGD()
