@@ -38,6 +38,11 @@ bench-quality: setup corpus
 bench-export: setup corpus
 	$(PY) -m benchmarks.export
 
+# 32, 8 and 4 bits per value: held-out quality, upload bytes, encode time, HTTP ingest (~35 min).
+.PHONY: bench-compression
+bench-compression: setup corpus
+	$(PY) -m benchmarks.compression
+
 # The Flask server under gunicorn on loopback against emulated devices (about a minute).
 bench-server: setup
 	$(PY) -m benchmarks.server
@@ -53,7 +58,7 @@ bench-fleet: setup corpus
 	$(PY) -m benchmarks.fleet
 
 # Every benchmark, then benchmarks/REPORT.md (and the README's table) from benchmarks/results/*.json.
-bench: bench-quality bench-export bench-server bench-device bench-fleet
+bench: bench-quality bench-compression bench-export bench-server bench-device bench-fleet
 	$(PY) -m benchmarks.report
 
 # Only regenerate benchmarks/REPORT.md and the README's table from the existing results.

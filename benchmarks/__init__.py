@@ -29,3 +29,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for f in dataclasses.fields(config_cls):
         value = getattr(defaults, f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=value)
+
+
+def parse_config(config_cls: type, description: str, **paths: Path | None) -> tuple[object, dict]:
+    """A benchmark's command line: one flag per config field, and the path flags named in `paths`
+    (name → default). Returns the config and {name: Path or None}."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    add_config_flags(parser, config_cls)
+    for name, default in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, default=default)
+    args = vars(parser.parse_args())
+    chosen = {name: args.pop(name) for name in paths}
+    return config_cls(**args), chosen

@@ -20,7 +20,6 @@ runs exactly what the tests check.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -31,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import psutil
 from tqdm import tqdm
 
-from benchmarks import RESULTS, add_config_flags, write_result
+from benchmarks import RESULTS, parse_config, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 POPULATION = "en-keyboard"
@@ -97,9 +96,11 @@ def run_fleet(cfg: DemoConfig, out: Path, server, corpus):
             if r["state"] in ("completed", "failed") and r["round"] not in told:
                 told.add(r["round"])
                 result = f"→ version {r['result_version']}" if r.get("result_version") else r["reason"] or ""
+                upload = (f"  up {r['bytes_in'] / 1e6:5.1f} MB ({r['bytes_in'] / r['reported'] / 1e6:.2f}"
+                          f" MB/device)" if r["task"] == "train" and r["reported"] else "")
                 tqdm.write(f"  round {r['round']:>3} {r['task']:<5} {r['state']:<9} selected {r['selected']:>2}"
                            f"  reported {r['reported']:>2}  failed {r['failed']:>2}  dropped {r['dropped']:>2}"
-                           f"  aborted {r['aborted']:>2}  {result}")
+                           f"  aborted {r['aborted']:>2}{upload}  {result}")
 
     def done(s: FleetStatus) -> bool:
         return s.train_completed >= cfg.rounds and len(s.published) >= cfg.published
@@ -119,12 +120,8 @@ def main() -> int:
     from emulation.report import format_summary, summarize
     from emulation.server_process import ServerProcess, free_port
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_flags(p, DemoConfig)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
-    args = vars(p.parse_args())
-    out = args.pop("out")
-    cfg = DemoConfig(**args)
+    cfg, paths = parse_config(DemoConfig, __doc__, out=REPO / "runs" / "demo")
+    out = paths["out"]
     if out.exists():
         import shutil
         shutil.rmtree(out)
@@ -165,21 +162,39 @@ def main() -> int:
     plot_participation(rounds, fleet.hourly, RESULTS / "demo_participation.png", len(ZONES))
     wall = time.monotonic() - t_start
     published = [q for q in quality["versions"] if q["published"]]
+    uploads = upload_summary(rounds)
     result = {"wall_s": round(wall, 1), "rounds": summary["train_rounds_completed"],
               "published_versions": len(summary["published_versions"]),
               "initial": quality["versions"][0]["heldout"], "final": quality["versions"][-1]["heldout"],
               "final_version": quality["versions"][-1]["version"],
               "final_published": published[-1]["heldout"] if published else None,
               "phones": cfg.phones, "eval_windows": quality["windows"], "timings_s": timings,
-              "population": POPULATION_SETTINGS, "demo": dataclasses.asdict(cfg),
+              "population": POPULATION_SETTINGS, "demo": dataclasses.asdict(cfg), "uploads": uploads,
               "versions": quality["versions"], "fleet": {k: v for k, v in summary.items() if k != "rounds"}}
     write_result(RESULTS / "demo.json", result, show=False)
     print(summary_table(quality))
+    spec = uploads["spec"]
+    print(f"\nupdates: {spec['bits']}-bit{' rotated' if spec['rotation'] else ''}, clipped at L2 "
+          f"{spec['clip_norm']:g}, weight capped at {spec['max_weight']} (a new population's default); "
+          f"{uploads['mb_per_round']:.1f} MB uploaded per training round, {uploads['mb_per_device']:.2f} MB "
+          f"per device ({uploads['float32_mb_per_device']:.2f} MB as float32)")
     print(f"\nwall time {wall / 60:.1f} min (prepare {timings['prepare_s']:.0f} s, fleet "
           f"{timings['fleet_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s); "
           f"wrote benchmarks/results/demo.json, demo_quality.png, demo_participation.png")
     print(f"processes left running: {len(leftover)}" + (" (killed now)" if leftover else ""))
     return 1 if leftover or fleet.errors else 0
+
+
+def upload_summary(rounds: list[dict]) -> dict:
+    """Bytes uploaded per completed training round and per report, and the spec they were sent with."""
+    train = [r for r in rounds if r["task"] == "train" and r["state"] == "completed" and r["reported"]]
+    spec = train[-1]["update"] if train else {}
+    return {"spec": {k: spec.get(k) for k in ("bits", "rotation", "clip_norm", "weighting", "max_weight")},
+            "mb_per_round": sum(r["bytes_in"] for r in train) / max(len(train), 1) / 1e6,
+            "mb_per_device": sum(r["bytes_in"] for r in train) / max(sum(r["reported"] for r in train), 1) / 1e6,
+            "float32_mb_per_device": 4 * spec.get("size", 0) / 1e6,
+            "per_round": [{"round": r["round"], "bytes_in": r["bytes_in"], "reported": r["reported"]}
+                          for r in train]}
 
 
 def _round_detail(url: str, number: int) -> dict:

@@ -9,7 +9,6 @@ held-out clients.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -21,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from benchmarks import RESULTS, add_config_flags, write_result
+from benchmarks import RESULTS, parse_config, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 # Below 0.2 top-1 points, configurations that should tie have differed by as much (TUNING.md).
@@ -29,11 +28,9 @@ THIN_MARGIN = 0.002
 
 
 @dataclasses.dataclass
-class QualityConfig:
-    model: str = "gboard"
-    central_epochs: int = 3
-    central_batch_size: int = 64
-    central_lr: float = 2e-3
+class FederatedConfig:
+    """The federated setting the benchmarks share (benchmarks/TUNING.md says how it was chosen)."""
+
     rounds: int = 600
     clients_per_round: int = 10
     local_epochs: int = 1
@@ -47,13 +44,29 @@ class QualityConfig:
     eval_every: int = 300
     seed: int = 0
 
+    def simulation(self, **overrides):
+        """The `models.simulate.SimulationConfig` of this setting."""
+        from models.simulate import SimulationConfig
+
+        fields = {f.name for f in dataclasses.fields(SimulationConfig)}
+        mine = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        return SimulationConfig(**{**mine, **overrides})
+
+
+@dataclasses.dataclass
+class QualityConfig(FederatedConfig):
+    model: str = "gboard"
+    central_epochs: int = 3
+    central_batch_size: int = 64
+    central_lr: float = 2e-3
+
 
 def run(cfg: QualityConfig, work_dir: Path) -> dict:
     from models.central import train_central
     from models.corpus import load_corpus
     from models.model import CONFIGS
     from models.ngram import KneserNeyTrigram
-    from models.simulate import SimulationConfig, run_simulation
+    from models.simulate import run_simulation
 
     model_config = CONFIGS[cfg.model]
     start = time.monotonic()
@@ -76,15 +89,7 @@ def run(cfg: QualityConfig, work_dir: Path) -> dict:
     print(f"central: {results['central']}")
 
     t0 = time.monotonic()
-    sim = SimulationConfig(rounds=cfg.rounds, clients_per_round=cfg.clients_per_round,
-                           local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                           client_lr=cfg.client_lr, client_clip_norm=cfg.client_clip_norm,
-                           server_optimizer=cfg.server_optimizer,
-                           server_lr=cfg.server_lr,
-                           server_lr_warmup_rounds=cfg.server_lr_warmup_rounds,
-                           server_lr_decay_rounds=cfg.server_lr_decay_rounds,
-                           eval_every=cfg.eval_every, seed=cfg.seed)
-    summary = run_simulation(corpus, model_config, sim, work_dir / "federated")
+    summary = run_simulation(corpus, model_config, cfg.simulation(), work_dir / "federated")
     results["federated"] = summary["final"]
     timings["federated_s"] = time.monotonic() - t0
     shutil.copy(work_dir / "federated" / "curves.png", RESULTS / "quality.png")
@@ -147,12 +152,8 @@ def main() -> None:
     from models.tff_runtime import install_exit_handlers
 
     install_exit_handlers()
-    p = argparse.ArgumentParser(description=__doc__)
-    add_config_flags(p, QualityConfig)
-    p.add_argument("--work-dir", default=str(REPO / "runs" / "bench-quality"))
-    args = vars(p.parse_args())
-    work_dir = Path(args.pop("work_dir"))
-    cfg = QualityConfig(**args)
+    cfg, paths = parse_config(QualityConfig, __doc__, work_dir=REPO / "runs" / "bench-quality")
+    work_dir = paths["work_dir"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = run(cfg, work_dir)
     write_result(RESULTS / "quality.json", report, show=False)

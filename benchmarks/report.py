@@ -18,8 +18,9 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks import RESULTS
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 PACKAGES = ("tensorflow", "tensorflow-federated", "ai-edge-litert", "numpy", "flask", "gunicorn")
 
 
@@ -69,13 +70,32 @@ def export(r: dict) -> str:
 
 
 def server(r: dict) -> str:
+    q8 = [("8-bit updates ingested over HTTP (ceiling)",
+           f"{r['ingest_updates_per_s_q8']:.1f} /s ({r['inprocess_updates_per_s_q8']:.0f} /s)")] \
+        if "ingest_updates_per_s_q8" in r else []
     return _table([(f"check-ins/s, {n} concurrent devices (p99)",
                     f"{r['checkin_per_s'][n]:,.0f} ({r['checkin_p99_ms'][n]:.0f} ms)") for n in r["checkin_per_s"]]
-                  + [("Gboard-size updates ingested over HTTP", f"{r['ingest_updates_per_s']:.1f} /s"),
+                  + [("Gboard-size float32 updates ingested over HTTP", f"{r['ingest_updates_per_s']:.1f} /s"),
                      ("same, decoded and aggregated in-process (ceiling)", f"{r['inprocess_updates_per_s']:.0f} /s"),
+                     *q8,
                      ("HTTP ingest / ceiling", f"{r['ingest_ratio']:.3f}"),
                      ("server peak RSS during a 1000-report round", f"{r['peak_rss_mb_1000_reports']:.0f} MB"),
                      ("gunicorn workers", r["workers"])])
+
+
+def compression(r: dict) -> str:
+    from benchmarks.compression import table
+
+    v, verdict, c = r["variants"], r["verdicts"], r["config"]
+    missed = [k for k, ok in verdict["met"].items() if not ok]
+    return (table(r) + "\n\n" + f"Same seed, {r['rounds']} rounds × {c['clients_per_round']} clients, client "
+            f"SGD lr {c['client_lr']} (step clip {c['client_clip_norm']}), server {c['server_optimizer']} "
+            f"{c['server_lr']} decayed over the last {c['server_lr_decay_rounds']} rounds; update clip "
+            f"{v['f32']['clip_norm']} (clipped: {v['f32']['clipped_fraction']:.1%} of updates), weight cap "
+            f"{v['f32']['max_weight']}. 8 bits are {verdict['q8_top1_points_below_f32']:+.2f} and 4 bits "
+            f"{verdict['q4_top1_points_below_f32']:+.2f} top-1 points from float32 (positive: below). "
+            + (f"Targets missed: {', '.join(missed)}." if missed else "Every target is met.")
+            + " Plot: [compression.png](results/compression.png).")
 
 
 def device(r: dict) -> str:
@@ -135,6 +155,7 @@ def demo(r: dict) -> str:
 
 SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "quality": ("Model quality: n-gram vs central vs federated CIFG", "make bench-quality", quality),
+    "compression": ("Update compression: 32, 8 and 4 bits", "make bench-compression", compression),
     "export": ("LiteRT plan and app model (Gboard config)", "make bench-export", export),
     "server": ("Server under load (gunicorn, loopback)", "make bench-server", server),
     "device": ("One phone's task, Gboard-size plan", "make bench-device", device),
@@ -147,16 +168,24 @@ def headline(results: dict[str, dict]) -> str:
     """The README's table: one line per benchmark."""
     lines = ["| benchmark | headline | from |", "|---|---|---|"]
     q, e, s, d, f, m = (results.get(k) for k in ("quality", "export", "server", "device", "fleet", "demo"))
+    c = results.get("compression")
     if q:
         fed = q["results"]["federated"]
         lines.append(f"| quality (held-out) | federated CIFG top-1 {_pct(fed['top1'])}, top-3 {_pct(fed['top3'])} "
                      f"(n-gram top-1 {_pct(q['results']['ngram']['top1'])}) | `make bench-quality` |")
+    if c:
+        v = c["variants"]
+        lines.append(f"| compression | upload {v['f32']['upload_bytes'] / 1e6:.2f} → {v['q8']['upload_bytes'] / 1e6:.2f}"
+                     f" MB (8 bits) / {v['q4']['upload_bytes'] / 1e6:.2f} MB (4 bits); top-1 "
+                     f"{_pct(v['f32']['top1'])} / {_pct(v['q8']['top1'])} / {_pct(v['q4']['top1'])}; HTTP ingest "
+                     f"{c['verdicts']['ingest_ratio_q8_over_f32']:.1f}x at 8 bits | `make bench-compression` |")
     if e:
         lines.append(f"| export | app model {e['app_model_bytes'] / 1e6:.2f} MB, suggestion p50 "
                      f"{e['suggest_ms_p50']:.2f} ms, train step {e['train_step_ms_median']:.0f} ms | `make bench-export` |")
     if s:
+        q8 = f", {s['ingest_updates_per_s_q8']:.0f}/s at 8 bits" if "ingest_updates_per_s_q8" in s else ""
         lines.append(f"| server | {s['checkin_per_s']['1000']:,.0f} check-ins/s at 1000 devices, "
-                     f"{s['ingest_updates_per_s']:.0f} Gboard updates/s ingested | `make bench-server` |")
+                     f"{s['ingest_updates_per_s']:.0f} float32 Gboard updates/s ingested{q8} | `make bench-server` |")
     if d and d.get("warm_task"):
         t = d["warm_task"]
         lines.append(f"| device | Gboard task on {d.get('client_windows', '?')} windows: train {t['train_s']:.1f} s, "

@@ -6,12 +6,15 @@
   concurrently (each device its own keep-alive connection, every device
   eligible: the first goal x 1.3 get assignments, the rest round_full
   rejections with a retry window — the normal mix of a large population);
-* updates ingested per second for the Gboard-size model (1,422,638 float32,
-  5.7 MB per upload) over one 1000-report round, the last report completing
-  the round (aggregation, server optimizer, new version);
+* updates ingested per second for the Gboard-size model (1,422,638 weights)
+  over one 1000-report round per update spec — float32 (5.7 MB per upload)
+  and 8 bits (1.43 MB), encoded by contract.pipeline as a phone encodes them —
+  the last report completing the round (the exact integer sum, the server
+  optimizer, a new version), which is then checked against the pipeline's
+  own mean of the same bodies;
 * the server's peak memory (RSS of the gunicorn master and workers) during it;
-* the ceiling: the same upload bodies decoded, validated and folded into the
-  weighted sum in this process, without HTTP, persistence or SQLite, and the
+* the ceiling: the same upload bodies decoded, checked and folded into the
+  running sum in this process, without HTTP, persistence or SQLite, and the
   ratio HTTP ingest / ceiling.
 
 The load generator is asyncio with raw HTTP/1.1 (one coroutine per device), so
@@ -27,8 +30,6 @@ import dataclasses
 import json
 import os
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from benchmarks import RESULTS, write_result
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 
 
 @dataclasses.dataclass
@@ -138,7 +140,8 @@ async def checkin_load(port: int, auths: list[str], population: str, per_device:
             "p99_ms": float(np.percentile(lat, 99)), "requests": len(latencies), **kinds}
 
 
-async def assign_all(port: int, auths: list[str], population: str) -> list[tuple[str, str]]:
+async def assign_all(port: int, auths: list[str], population: str) -> list[tuple[str, str, dict]]:
+    """Check every device in to the population's open round: (auth, session id, assignment)."""
     body = json.dumps({"population": population, "conditions": CONDITIONS}).encode()
     sessions = []
 
@@ -149,14 +152,14 @@ async def assign_all(port: int, auths: list[str], population: str) -> list[tuple
                                                 f"Authorization: {auth}\r\n{JSON_HEADERS}")
             reply = json.loads(answer)
             assert status == 200 and "assignment" in reply, answer
-            sessions.append((auth, reply["assignment"]["session_id"]))
+            sessions.append((auth, reply["assignment"]["session_id"], reply["assignment"]))
         conn.close()
 
     await asyncio.gather(*[worker(auths[i::20]) for i in range(20)])
     return sessions
 
 
-async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[bytes],
+async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[tuple[bytes, int]],
                       parallel: int) -> dict:
     queue = list(enumerate(sessions))
     statuses: dict[str, int] = {}
@@ -165,9 +168,9 @@ async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[b
         conn = await Conn(port).open()
         while queue:
             i, (auth, sid) = queue.pop()
+            body, weight = bodies[i % len(bodies)]
             status, answer = await conn.request(
-                "POST", f"/v1/sessions/{sid}/update?model_version=0&num_examples={1 + i % 50}",
-                bodies[i % len(bodies)],
+                "POST", f"/v1/sessions/{sid}/update?model_version=0&num_examples={weight}", body,
                 f"Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n")
             key = json.loads(answer).get("status", f"http {status}")
             statuses[key] = statuses.get(key, 0) + 1
@@ -179,13 +182,14 @@ async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[b
     return {"per_s": statuses.get("accepted", 0) / elapsed, "elapsed_s": elapsed, "statuses": statuses}
 
 
-def inprocess_ceiling(bodies: list[bytes], size: int, n: int) -> float:
-    from server.aggregation import WeightedSum, decode_update
+def inprocess_ceiling(pipeline, bodies: list[tuple[bytes, int]], n: int) -> float:
+    from contract.pipeline import IntegerSum
 
-    total = WeightedSum(size)
+    total = IntegerSum(pipeline.count)
     t0 = time.perf_counter()
     for i in range(n):
-        total.add(decode_update(bodies[i % len(bodies)], size), 1 + i % 50)
+        body, weight = bodies[i % len(bodies)]
+        total.add(pipeline.accept(body, weight))
     return n / (time.perf_counter() - t0)
 
 
@@ -216,6 +220,9 @@ class PeakRSS(threading.Thread):
         return self.peak / 2**20
 
 
+SPECS = {"f32": {"bits": 32}, "q8": {"bits": 8}}   # the ingest populations' update specs
+
+
 def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
     from models.model import GBOARD, weight_layout
     from contract.weights import save_checkpoint
@@ -226,144 +233,134 @@ def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
                                                              "model_config": dataclasses.asdict(GBOARD)})
     common = {"selection_window_s": 3600.0, "reporting_window_s": 3600.0, "eval_every": 0,
               "server_optimizer": "sgdm", "server_lr": 1.0}
+    populations = {"checkin": {"goal": 100, **common, "eligibility": {"min_separation_s": 0.0}}}
+    for name, spec in SPECS.items():
+        populations[f"ingest-{name}"] = {"goal": cfg.reports, "over_selection": 1.0, **common,
+                                         "eligibility": {"min_separation_s": 0.0}, "update": spec}
     config = {"database": str(work / "state/nightjar.db"), "artifact_dir": str(work / "state/artifacts"),
               "state_dir": str(work / "state/private"), "tick_interval_s": 1.0,
-              "aggregation_shards": cfg.threads,
-              "populations": {
-                  "checkin": {"goal": 100, **common, "eligibility": {"min_separation_s": 0.0}},
-                  "ingest": {"goal": cfg.reports, "over_selection": 1.0, **common,
-                             "eligibility": {"min_separation_s": 0.0}}}}
+              "aggregation_shards": cfg.threads, "populations": populations}
     path = work / "server.json"
     path.write_text(json.dumps(config))
-    for population in ("checkin", "ingest"):
+    for population in populations:
         subprocess.run([sys.executable, "-m", "server", "init", "--config", str(path),
                         "--population", population, "--checkpoint", str(work / "init.safetensors")],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return path, layout.size
 
 
-def check_aggregate(port: int, work: Path, bodies: list[bytes], size: int, reports: int) -> None:
-    """The round's new version must be exactly init + the weighted mean of all 1000 uploads."""
+def encoded_bodies(assignment: dict, size: int, count: int) -> tuple[object, list[tuple[bytes, int]]]:
+    """`count` phone-like updates encoded with the round's spec: (pipeline, [(body, weight)])."""
+    from contract.pipeline import UpdatePipeline
+    from contract.update_spec import RoundSpec
+
+    pipeline = UpdatePipeline(RoundSpec.from_json(assignment["update"]))
+    rng = np.random.default_rng(1)
+    bodies = []
+    for i in range(count):
+        encoded = pipeline.encode(rng.normal(0, 1e-3, size).astype(np.float32), 1 + 13 * i, seed=i)
+        bodies.append((encoded.body, encoded.weight))
+    return pipeline, bodies
+
+
+def check_aggregate(port: int, work: Path, population: str, pipeline, bodies: list[tuple[bytes, int]],
+                    reports: int) -> float:
+    """The round's new version must be init + the pipeline's mean of exactly the bodies sent."""
     import requests
 
+    from contract.pipeline import aggregate
     from contract.weights import load_checkpoint
-    from server.aggregation import decode_update
 
-    versions = requests.get(f"http://127.0.0.1:{port}/v1/populations/ingest/versions", timeout=30).json()
-    newest = versions["versions"][0]
+    base = f"http://127.0.0.1:{port}/v1/populations/{population}"
+    newest = requests.get(f"{base}/versions", timeout=30).json()["versions"][0]
     assert newest["version"] == 1, newest
     ckpt = requests.get(f"http://127.0.0.1:{port}/v1/artifacts/{newest['checkpoint_sha256']}", timeout=60)
     (work / "v1.safetensors").write_bytes(ckpt.content)
     _, got, _ = load_checkpoint(work / "v1.safetensors")
     _, initial, _ = load_checkpoint(work / "init.safetensors")
-    weights = np.array([1 + i % 50 for i in range(reports)], np.float64)
-    per_body = [weights[i::len(bodies)].sum() for i in range(len(bodies))]
-    mean = sum(w * decode_update(b, size).astype(np.float64)
-               for w, b in zip(per_body, bodies)) / weights.sum()
+    mean = aggregate(pipeline, [bodies[i % len(bodies)] for i in range(reports)])
+    # sgdm's first step at lr 1 from a zero accumulator is weights + mean
     error = float(np.max(np.abs(got - (initial + mean))))
-    print(f"aggregate check: max |error| {error:.2e} over {size:,} weights", flush=True)
-    assert error < 1e-5, error
+    print(f"aggregate check ({population}): max |error| {error:.2e} over {len(got):,} weights", flush=True)
+    assert error < 1e-6, error
+    return error
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ingest(port: int, work: Path, auths: list[str], size: int, cfg: BenchConfig, name: str,
+           server_pid: int) -> dict:
+    """One 1000-report round of the `ingest-<name>` population over HTTP, checked; its figures."""
+    population = f"ingest-{name}"
+    sessions = asyncio.run(assign_all(port, auths[:cfg.reports], population))
+    pipeline, bodies = encoded_bodies(sessions[0][2], size, cfg.distinct_bodies)
+    sampler = PeakRSS(server_pid)
+    sampler.start()
+    result = asyncio.run(ingest_load(port, [(a, s) for a, s, _ in sessions], bodies, cfg.upload_concurrency))
+    peak_mb = sampler.stop()
+    print(f"ingest {name}: {result['per_s']:.1f} updates/s ({result['statuses']}), "
+          f"{len(bodies[0][0]) / 1e6:.2f} MB each, peak RSS {peak_mb:.0f} MB", flush=True)
+    assert result["statuses"].get("accepted") == cfg.reports, result
+    check_aggregate(port, work, population, pipeline, bodies, cfg.reports)
+    ceiling = inprocess_ceiling(pipeline, bodies, min(cfg.reports, 200))
+    return {"per_s": result["per_s"], "ceiling_per_s": ceiling, "peak_rss_mb": peak_mb,
+            "upload_bytes": len(bodies[0][0])}
 
 
-def start_server(config: Path, port: int, cfg: BenchConfig, log: Path) -> subprocess.Popen:
-    import requests
+def serve_and_measure(cfg: BenchConfig, specs: tuple[str, ...] = tuple(SPECS),
+                      checkins: bool = True) -> dict:
+    """Start the server on a fresh state, run the check-in loads (optional) and an ingest round per spec."""
+    from emulation.server_process import ServerProcess, free_port
 
-    with open(log, "wb") as out:   # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "server", "run", "--config", str(config),
-                                 "--bind", f"127.0.0.1:{port}", "--workers", str(cfg.workers),
-                                 "--threads", str(cfg.threads)],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError("server did not start within 60 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def run(cfg: BenchConfig) -> dict:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    out: dict = {"checkin": {}, "ingest": {}}
     with tempfile.TemporaryDirectory(prefix="nightjar-bench-") as tmp:
         work = Path(tmp)
         config, size = write_setup(work, cfg)
-        port = free_port()
-        server = start_server(config, port, cfg, work / "server.log")
-        try:
+        server = ServerProcess(config, free_port(), work / "server.log", cfg.workers, cfg.threads)
+        with server:
+            port = server.port
             auths = asyncio.run(register(port, max(max(cfg.concurrency), cfg.reports)))
-            checkins = {}
-            for n in cfg.concurrency:
-                checkins[n] = asyncio.run(checkin_load(port, auths[:n], "checkin", cfg.checkins_per_device))
-                r = checkins[n]
+            for n in cfg.concurrency if checkins else ():
+                r = out["checkin"][n] = asyncio.run(checkin_load(port, auths[:n], "checkin",
+                                                                 cfg.checkins_per_device))
                 print(f"check-in x{n}: {r['per_s']:.0f}/s, p50 {r['p50_ms']:.1f} ms, "
                       f"p99 {r['p99_ms']:.1f} ms ({r['assignment']} assignments)", flush=True)
-            sessions = asyncio.run(assign_all(port, auths[:cfg.reports], "ingest"))
-            rng = np.random.default_rng(1)
-            from server.aggregation import encode_update
+            for name in specs:
+                out["ingest"][name] = ingest(port, work, auths, size, cfg, name, server.proc.pid)
+    return out
 
-            bodies = [encode_update(rng.normal(0, 1e-3, size).astype(np.float32))
-                      for _ in range(cfg.distinct_bodies)]
-            sampler = PeakRSS(server.pid)
-            sampler.start()
-            ingest = asyncio.run(ingest_load(port, sessions, bodies, cfg.upload_concurrency))
-            peak_mb = sampler.stop()
-            print(f"ingest: {ingest['per_s']:.1f} updates/s ({ingest['statuses']}), "
-                  f"peak RSS {peak_mb:.0f} MB", flush=True)
-            assert ingest["statuses"].get("accepted") == cfg.reports, ingest
-            check_aggregate(port, work, bodies, size, cfg.reports)
-        finally:
-            stop_server(server)
-        ceiling = inprocess_ceiling(bodies, size, cfg.reports)
-        print(f"in-process ceiling: {ceiling:.1f} updates/s", flush=True)
+
+def run(cfg: BenchConfig) -> dict:
+    measured = serve_and_measure(cfg)
+    checkins, ingested = measured["checkin"], measured["ingest"]
     return {
         "checkin_per_s": {str(n): round(r["per_s"], 1) for n, r in checkins.items()},
         "checkin_p99_ms": {str(n): round(r["p99_ms"], 2) for n, r in checkins.items()},
-        "ingest_updates_per_s": round(ingest["per_s"], 2),
-        "inprocess_updates_per_s": round(ceiling, 2),
-        "ingest_ratio": round(ingest["per_s"] / ceiling, 4),
-        "peak_rss_mb_1000_reports": round(peak_mb, 1),
+        "ingest_updates_per_s": round(ingested["f32"]["per_s"], 2),
+        "ingest_updates_per_s_q8": round(ingested["q8"]["per_s"], 2),
+        "inprocess_updates_per_s": round(ingested["f32"]["ceiling_per_s"], 2),
+        "inprocess_updates_per_s_q8": round(ingested["q8"]["ceiling_per_s"], 2),
+        "ingest_ratio": round(ingested["f32"]["per_s"] / ingested["f32"]["ceiling_per_s"], 4),
+        "upload_bytes": {k: v["upload_bytes"] for k, v in ingested.items()},
+        "peak_rss_mb_1000_reports": round(max(v["peak_rss_mb"] for v in ingested.values()), 1),
         "workers": cfg.workers,
-    }, {"checkin": checkins, "ingest": ingest}
+    }, measured
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=BenchConfig.workers)
     parser.add_argument("--threads", type=int, default=BenchConfig.threads)
+    parser.add_argument("--reports", type=int, default=BenchConfig.reports,
+                        help="updates in each ingest round")
     parser.add_argument("--out", default=str(RESULTS / "server.json"))
     args = parser.parse_args()
-    cfg = BenchConfig(workers=args.workers, threads=args.threads)
+    cfg = BenchConfig(workers=args.workers, threads=args.threads, reports=args.reports)
     start = time.monotonic()
     result, details = run(cfg)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"p50 ms: {({n: round(r['p50_ms'], 2) for n, r in details['checkin'].items()})}; "
-          f"wall {time.monotonic() - start:.0f} s; written to {args.out}")
+          f"wall {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ _GROUPS = {
           "value_out_of_range", "non_finite", "norm_exceeds_clip", "weight_out_of_range"),
     500: ("internal_error",),
 }
-_STATUS: dict[ErrorCode, int] = {ErrorCode(code): status for status, codes in _GROUPS.items() for code in codes}
+_STATUS: dict[ErrorCode, int] = {ErrorCode(code): status for status, codes in _GROUPS.items()
+                                 for code in codes}
 assert set(_STATUS) == set(ErrorCode), "every error code has an HTTP status"
 
 # What the codes of each status mean, for the OpenAPI document.

@@ -10,13 +10,13 @@ at each one — the property secure aggregation needs.
 
 Device, in order (server: `accept` in reverse order, then `decode` the sum):
 
-1. `Weighting`: weight w = min(local examples, W) (or 1 for uniform), and the
-   update is scaled by w/W, so a weighted update is never larger than the clip.
-   Server: refuses a weight outside [1, W]; the sum is scaled by W / Σw.
-2. `Clipping`: the update is scaled to L2 norm <= C. Server: refuses a decoded
+1. `Clipping`: the update is scaled to L2 norm <= C. Server: refuses a decoded
    update whose norm exceeds C (422 norm_exceeds_clip). The device checks its
    encoded update as the server will and shrinks it in the rare case that
    rounding pushed it over.
+2. `Weighting`: weight w = min(local examples, W) (or 1 for uniform), and the
+   update is scaled by w/W, so a weighted update is never larger than the clip.
+   Server: refuses a weight outside [1, W]; the sum is scaled by W / Σw.
 3. `Rotation` (optional): pad to blocks, randomized Hadamard rotation with the
    round's seed (contract.hadamard); the server rotates the sum back once.
 4. `Quantization`: per block of B values, the smallest power-of-two scale 2^e
@@ -116,7 +116,7 @@ class Clipping(Stage):
         return x * (self.clip_norm / norm) if norm > self.clip_norm else x
 
     def accept(self, units: np.ndarray, ctx: Context) -> np.ndarray:
-        ctx.norm = math.ldexp(math.sqrt(float(np.dot(units.astype(np.float64), units))), self.unit_exponent)
+        """Refuse an update whose decoded norm (measured by the stage that decoded it) exceeds C."""
         if not ctx.norm <= self.clip_norm:
             raise ProtocolError(ErrorCode.NORM_EXCEEDS_CLIP, f"the update's L2 norm {ctx.norm:.6g} "
                                 f"exceeds clip_norm = {self.clip_norm:g}")
@@ -173,9 +173,14 @@ class Quantization(Stage):
         return np.clip(q, -L, L).astype(np.int32), e
 
     def accept(self, value: tuple[np.ndarray, np.ndarray], ctx: Context) -> np.ndarray:
+        """The integers in the sum's units (q·2^(e − e_unit)), and the decoded norm into `ctx`."""
         q, e = value
-        shifts = (e - self.unit_exponent).astype(np.int64)
-        return (q.reshape(-1, self.block).astype(np.int64) << shifts[:, None]).reshape(-1)
+        blocks = q.reshape(-1, self.block)
+        squares = np.einsum("ij,ij->i", blocks, blocks) if self.bits <= 8 else \
+            np.einsum("ij,ij->i", blocks.astype(np.int64), blocks.astype(np.int64))   # exact integers
+        ctx.norm = math.sqrt(float(np.dot(squares.astype(np.float64), np.ldexp(1.0, 2 * e))))
+        shifts = (e - self.unit_exponent)[:, None]
+        return np.left_shift(blocks, shifts, dtype=np.int64).reshape(-1)
 
     def decode(self, units: np.ndarray, ctx: Context) -> np.ndarray:
         return np.ldexp(units.astype(np.float64), self.unit_exponent)
@@ -194,11 +199,13 @@ class Float32Values(Stage):
     def accept(self, values: np.ndarray, ctx: Context) -> np.ndarray:
         if not np.isfinite(values).all():
             raise ProtocolError(ErrorCode.NON_FINITE, "the update contains NaN or Inf")
-        peak = float(np.abs(values).max(initial=0.0))
+        peak = float(max(values.max(initial=0.0), -values.min(initial=0.0)))
         if peak > self.clip_norm:
             raise ProtocolError(ErrorCode.VALUE_OUT_OF_RANGE, f"a value of magnitude {peak:.6g} exceeds "
                                 f"clip_norm = {self.clip_norm:g}")
-        return np.rint(np.ldexp(values.astype(np.float64), -self.unit_exponent)).astype(np.int64)
+        wide = values.astype(np.float64)
+        ctx.norm = math.sqrt(float(np.dot(wide, wide)))
+        return np.rint(np.ldexp(wide, -self.unit_exponent, out=wide), out=wide).astype(np.int64)
 
     def decode(self, units: np.ndarray, ctx: Context) -> np.ndarray:
         return np.ldexp(units.astype(np.float64), self.unit_exponent)
@@ -319,7 +326,7 @@ class UpdatePipeline:
             self.count = rotation.padded
             values = [rotation, Quantization(s.bits, s.block_size, unit, top)]
             block = s.block_size
-        self.stages: list[Stage] = [Weighting(s.weighting, s.weight_cap), Clipping(s.clip_norm, unit),
+        self.stages: list[Stage] = [Clipping(s.clip_norm, unit), Weighting(s.weighting, s.weight_cap),
                                     *values, WireFormat(s.bits, self.count, block, spec.fingerprint,
                                                         unit, top)]
 

@@ -60,23 +60,21 @@ class Bool(Type):
         return {"type": "boolean"}
 
 
-@dataclasses.dataclass
-class Int(Type):
-    lo: int | None = 0
-    hi: int | None = MAX_INT
-    description: str | None = None
+class _Ranged(Type):
+    """A number with optional bounds: the check and the schema of `lo`/`hi`, once."""
 
-    def parse(self, value: Any, where: str = "value") -> int:
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(where, "an integer")
+    lo: float | None
+    hi: float | None
+    kind: str = "number"
+
+    def _in_range(self, value, where: str):
         if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            raise _bad(where, f"an integer in [{self.lo}, {self.hi}]")
+            raise _bad(where, f"{'an integer' if self.kind == 'integer' else 'a number'} in "
+                              f"[{self.lo}, {self.hi}]")
         return value
 
     def _schema(self) -> dict:
-        out: dict = {"type": "integer"}
+        out: dict = {"type": self.kind}
         if self.lo is not None:
             out["minimum"] = self.lo
         if self.hi is not None:
@@ -85,7 +83,22 @@ class Int(Type):
 
 
 @dataclasses.dataclass
-class Num(Type):
+class Int(_Ranged):
+    lo: int | None = 0
+    hi: int | None = MAX_INT
+    description: str | None = None
+    kind = "integer"
+
+    def parse(self, value: Any, where: str = "value") -> int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(where, "an integer")
+        return self._in_range(value, where)
+
+
+@dataclasses.dataclass
+class Num(_Ranged):
     lo: float | None = None
     hi: float | None = None
     description: str | None = None
@@ -93,17 +106,7 @@ class Num(Type):
     def parse(self, value: Any, where: str = "value") -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _bad(where, "a finite number")
-        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            raise _bad(where, f"a number in [{self.lo}, {self.hi}]")
-        return float(value)
-
-    def _schema(self) -> dict:
-        out: dict = {"type": "number"}
-        if self.lo is not None:
-            out["minimum"] = self.lo
-        if self.hi is not None:
-            out["maximum"] = self.hi
-        return out
+        return float(self._in_range(value, where))
 
 
 @dataclasses.dataclass

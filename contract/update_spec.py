@@ -63,6 +63,10 @@ class UpdateSpec:
             raise ValueError(f"{where}.block_size must be one of {', '.join(map(str, BLOCK_SIZES))}")
         return self
 
+    def scaled_to_epochs(self, epochs: int) -> "UpdateSpec":
+        """The default cap counts one epoch's examples; a task of several epochs reports more."""
+        return dataclasses.replace(self, max_weight=self.max_weight * max(1, int(epochs)))
+
     @property
     def weight_cap(self) -> int:
         """W: the largest weight an update may carry (1 when every device weighs the same)."""

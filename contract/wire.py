@@ -171,7 +171,8 @@ ASSIGNMENT = s.Obj("Assignment", [
     s.Field("hyperparameters", HYPERPARAMETERS),
     s.Field("report_deadline", s.Num(0, None, "Unix time on the server's clock")),
     s.Field("report_deadline_in_s", s.Num(0, None, "seconds left when the assignment was made")),
-    s.Field("report", s.Obj("ReportTarget", [s.Field("url", s.Str(300)), s.Field("failure_url", s.Str(300))])),
+    s.Field("report", s.Obj("ReportTarget", [s.Field("url", s.Str(300)),
+                                             s.Field("failure_url", s.Str(300))])),
     s.Field("update", s.Nullable(ROUND_SPEC), required=False),
     s.Field("layout", s.Nullable(s.Arr(LAYOUT_ENTRY, 1000)), required=False),
 ])

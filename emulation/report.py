@@ -43,7 +43,7 @@ def summarize(fleet: Fleet, status: FleetStatus, wall_s: float, sim_start: float
         "runtime_errors": len(fleet.errors),
         "rounds": [{k: r[k] for k in ("round", "task", "state", "reason", "model_version",
                                       "result_version", "selected", "reported", "aborted", "failed",
-                                      "dropped", "opened_at", "closed_at")} for r in rounds],
+                                      "dropped", "bytes_in", "opened_at", "closed_at")} for r in rounds],
         "train_rounds_completed": status.train_completed,
         "published_versions": status.published,
         "phones_with_app_model": sum(p.app_version is not None for p in fleet.phones),
@@ -52,13 +52,14 @@ def summarize(fleet: Fleet, status: FleetStatus, wall_s: float, sim_start: float
 
 def format_rounds(rounds: list[dict]) -> str:
     lines = [f"{'round':>5} {'task':>5} {'state':>9} {'version':>9} {'selected':>8} {'reported':>8} "
-             f"{'aborted':>7} {'failed':>6} {'dropped':>7}  sim time (UTC)"]
+             f"{'aborted':>7} {'failed':>6} {'dropped':>7} {'MB up':>7}  sim time (UTC)"]
     for r in rounds:
         ver = (f"{r['model_version']}→{r['result_version']}" if r.get("result_version") is not None
                else f"{r['model_version']}")
         when = time.strftime("%a %H:%M", time.gmtime(r["opened_at"]))
         lines.append(f"{r['round']:>5} {r['task']:>5} {r['state']:>9} {ver:>9} {r['selected']:>8} "
-                     f"{r['reported']:>8} {r['aborted']:>7} {r['failed']:>6} {r['dropped']:>7}  {when}"
+                     f"{r['reported']:>8} {r['aborted']:>7} {r['failed']:>6} {r['dropped']:>7} "
+                     f"{r.get('bytes_in', 0) / 1e6:>7.2f}  {when}"
                      + (f"  ({r['reason']})" if r.get("reason") else ""))
     return "\n".join(lines)
 

@@ -42,9 +42,21 @@ def cmd_corpus(args) -> None:
 
 
 def cmd_simulate(args) -> None:
+    from contract.update_spec import UpdateSpec
     from models.simulate import SimulationConfig, run_simulation
 
     config = _model_config(args.config)
+    update = UpdateSpec(bits=args.update_bits, rotation=args.update_rotation,
+                        clip_norm=args.update_clip_norm, weighting=args.update_weighting,
+                        block_size=args.update_block_size)
+    if args.update_max_weight is not None:
+        update = dataclasses.replace(update, max_weight=args.update_max_weight)
+    else:
+        update = update.scaled_to_epochs(args.local_epochs)
+    try:
+        update.validate("--update")
+    except ValueError as e:
+        raise _UsageError(str(e).replace("--update.", "--update-").replace("_", "-")) from None
     sim = SimulationConfig(rounds=args.rounds, clients_per_round=args.clients_per_round,
                            local_epochs=args.local_epochs, batch_size=args.batch_size,
                            max_client_examples=args.max_client_examples,
@@ -54,13 +66,15 @@ def cmd_simulate(args) -> None:
                            server_lr_warmup_rounds=args.server_lr_warmup_rounds,
                            server_lr_decay_rounds=args.server_lr_decay_rounds,
                            eval_every=args.eval_every,
-                           max_eval_windows=args.max_eval_windows, seed=args.seed)
+                           max_eval_windows=args.max_eval_windows, seed=args.seed, update=update)
     initial = _read_checkpoint(args.init, config) if args.init else None
     corpus = _load_corpus(args, config)
     summary = run_simulation(corpus, config, sim, args.out, initial=initial)
     print(_summary_table("federated (TFF simulation)", summary["initial"], summary["final"]))
-    print(f"rounds: {sim.rounds}, wall time {summary['wall_s']:.0f} s; "
-          f"metrics, checkpoints and curves.png in {args.out}")
+    print(f"rounds: {sim.rounds}, wall time {summary['wall_s']:.0f} s; upload "
+          f"{summary['upload_bytes_per_client'] / 1e6:.3f} MB per client and round ({update.bits}-bit"
+          f"{', rotated' if update.rotation else ''}, clip {update.clip_norm:g}, max weight "
+          f"{update.max_weight}); metrics, checkpoints and curves.png in {args.out}")
 
 
 def cmd_central(args) -> None:
@@ -134,6 +148,8 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from contract.hadamard import BLOCK_SIZES
+    from contract.update_spec import BITS, WEIGHTINGS, UpdateSpec
     from models.simulate import SERVER_OPTIMIZERS, SimulationConfig
 
     p = argparse.ArgumentParser(prog="python -m models", description=__doc__)
@@ -168,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, default=d.eval_every)
     s.add_argument("--max-eval-windows", type=int, default=None)
     s.add_argument("--seed", type=int, default=d.seed)
+    u = UpdateSpec()
+    s.add_argument("--update-bits", type=int, default=u.bits, choices=BITS,
+                   help="bits per value of each client's update (32: float32)")
+    s.add_argument("--update-rotation", action=argparse.BooleanOptionalAction, default=u.rotation,
+                   help="randomized Hadamard rotation before quantizing")
+    s.add_argument("--update-clip-norm", type=float, default=u.clip_norm,
+                   help="clip each client's update to this L2 norm")
+    s.add_argument("--update-weighting", choices=WEIGHTINGS, default=u.weighting)
+    s.add_argument("--update-max-weight", type=int, default=None,
+                   help=f"cap on a client's weight (default: {u.max_weight} x --local-epochs)")
+    s.add_argument("--update-block-size", type=int, default=u.block_size, choices=BLOCK_SIZES)
     s.add_argument("--init", help="start from this checkpoint instead of the seeded initial model")
     s.add_argument("--out", default="runs/simulate", help="output directory")
     s.set_defaults(func=cmd_simulate)

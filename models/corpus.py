@@ -389,6 +389,7 @@ def corpus_stats(c: FederatedCorpus) -> dict:
             "oov_rate": ids.count(OOV_ID) / len(ids) if ids else 0.0,
             "examples_min": min(counts),
             "examples_median": float(statistics.median(counts)),
+            "examples_p95": float(np.percentile(counts, 95)),   # the update pipeline's default weight cap
             "examples_max": max(counts),
         }
     return out
@@ -398,7 +399,7 @@ def format_stats(d: dict) -> str:
     """`corpus_stats` as a small aligned table, one column per split."""
     rows = [("clients", "{:,}"), ("speeches", "{:,}"), ("tokens", "{:,}"),
             ("sequences", "{:,}"), ("oov_rate", "{:.2%}"), ("examples_min", "{:,}"),
-            ("examples_median", "{:,.1f}"), ("examples_max", "{:,}")]
+            ("examples_median", "{:,.1f}"), ("examples_p95", "{:,.1f}"), ("examples_max", "{:,}")]
     lines = [f"{'':<18}{'train':>12}{'heldout':>12}"]
     for name, fmt in rows:
         lines.append(f"{name.replace('_', ' '):<18}"

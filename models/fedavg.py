@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 
 import numpy as np
 
@@ -40,6 +41,7 @@ class RoundResult:
     clients: int                # updates that went into the mean
     upload_bytes: int           # what the clients' encoded updates weigh in total
     update_norms: list[float]   # each client's update before clipping (L2)
+    encode_s: float = 0.0       # time the clients' encoding took in total (what a phone spends)
 
 
 class FederatedAveraging:
@@ -84,7 +86,7 @@ class FederatedAveraging:
         pipeline = UpdatePipeline(self.spec.bind(self.layout.size, self.layout.sha256,
                                                  f"simulation/{round_num}",
                                                  rotation_seed(self.seed, round_num)))
-        total, uploaded, norms = IntegerSum(pipeline.count), 0, []
+        total, uploaded, norms, encode_s = IntegerSum(pipeline.count), 0, [], 0.0
         for result, seed in zip(results, seeds):
             # TFF's update is initial − trained (a pseudo-gradient); a phone uploads trained − initial.
             delta = -self.layout.flatten(list(result.update))
@@ -92,7 +94,9 @@ class FederatedAveraging:
             if weight < 1 or not np.isfinite(delta).all():
                 continue    # TFF gives a non-finite update weight 0; a phone would not upload it
             norms.append(float(np.linalg.norm(delta)))
+            t0 = time.perf_counter()
             encoded = pipeline.encode(delta, weight, seed)
+            encode_s += time.perf_counter() - t0
             uploaded += len(encoded.body)
             total.add(pipeline.accept(encoded.body, encoded.weight))
         if total.updates == 0:
@@ -103,7 +107,7 @@ class FederatedAveraging:
         self.server_state = out.state
         weights = self.layout.flatten(list(out.result.trainable))
         train = {k: float(v) for k, v in measurements["train"].items()}
-        return RoundResult(weights, train, total.updates, uploaded, norms)
+        return RoundResult(weights, train, total.updates, uploaded, norms, encode_s)
 
 
 def client_optimizer(learning_rate: float, clip_norm: float | None):

@@ -174,7 +174,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
             flat = result.weights
             upload_bytes += result.upload_bytes
             row = {"round": r, "clients": result.clients, "train": result.train,
-                   "upload_bytes": result.upload_bytes,
+                   "upload_bytes": result.upload_bytes, "encode_s": round(result.encode_s, 4),
                    "update_norms": [round(n, 5) for n in result.update_norms],
                    "clipped": sum(n > sim.update.clip_norm for n in result.update_norms),
                    "seconds": time.monotonic() - t0}

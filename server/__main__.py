@@ -6,7 +6,8 @@
     rollback --config C [--population P] [--to VERSION]
     publish  --config C          (run pending publish jobs now, in this process)
 
-`run` serves `server.app:create_app` with gunicorn (gthread workers: each
+`run` serves `server.app:create_app` with gunicorn (gthread workers, whose
+own error answers are JSON too: server.worker; each
 worker process builds its own services after the fork; all round state is in
 SQLite and files, so any number of workers may serve one database). Bad
 input ends with a one-line message naming it and exit status 2.
@@ -60,7 +61,8 @@ def cmd_run(args, config: ServerConfig) -> None:
     class NightjarServer(BaseApplication):
         def load_config(self):
             for key, value in {"bind": bind, "workers": workers, "threads": threads,
-                               "worker_class": "gthread", "worker_connections": 2000,
+                               "worker_class": "server.worker.JsonErrorThreadWorker",
+                               "worker_connections": 2000,
                                "timeout": 120, "graceful_timeout": 10, "keepalive": 30,
                                "loglevel": args.log_level, "errorlog": "-", "accesslog": None,
                                "proc_name": "nightjar-server"}.items():

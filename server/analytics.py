@@ -57,7 +57,8 @@ class RoundAnalytics:
             row = conn.execute("SELECT * FROM rounds WHERE population = ? AND number = ?",
                                (population, number)).fetchone()
             if row is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_ROUND, f"population {population!r} has no round {number}")
+                raise ProtocolError(ErrorCode.UNKNOWN_ROUND,
+                                    f"population {population!r} has no round {number}")
             sessions = conn.execute("SELECT * FROM sessions WHERE round_id = ? ORDER BY assigned_at, id",
                                     (row["id"],)).fetchall()
             reasons = conn.execute("SELECT reason, COUNT(*) AS n FROM sessions WHERE round_id = ? AND"

@@ -178,8 +178,7 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
     update = data.get("update")
     if not isinstance(update, UpdateSpec) and "max_weight" not in (update or {}):
         epochs = population.client_epochs if isinstance(population.client_epochs, int) else 1
-        population = dataclasses.replace(population, update=dataclasses.replace(
-            population.update, max_weight=population.update.max_weight * max(1, epochs)))
+        population = dataclasses.replace(population, update=population.update.scaled_to_epochs(epochs))
     return population
 
 

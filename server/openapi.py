@@ -137,8 +137,8 @@ is not a power of two in range, a wrong length or width, another round's spec. I
 session: a repeated upload gets the first answer and is counted once. "accepted": the update is
 part of the round. "aborted": the round closed or has its reports; the device drops the work. A
 4xx error changes nothing; the device may upload a corrected update."""
-CHECKPOINT_DOC = """A checkpoint (GET /v1/artifacts/<assignment.checkpoint.sha256>) is a safetensors file of named
-float32 tensors whose metadata "layout" is the JSON of the flat layout ([{name, shape, offset}]);
+CHECKPOINT_DOC = """A checkpoint (GET /v1/artifacts/<assignment.checkpoint.sha256>) is a safetensors file
+of named float32 tensors whose metadata "layout" is the JSON of the flat layout ([{name, shape, offset}]);
 "model_config", "round", "version" and "parent" are JSON strings too. A plan and an app model are
 .tflite files described by a Manifest."""
 POPULATION = _path_param("population", {"type": "string", "maxLength": 64})

@@ -33,7 +33,7 @@ import os
 import random
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,25 +122,28 @@ class PartialSums:
                 del self._cache[key]
         shutil.rmtree(self.root / str(round_id), ignore_errors=True)
 
-    def collect(self, committed: dict[int, dict[int, int]], newest_round: int) -> int:
+    def collect(self, open_rounds: set[int], newest_round: int,
+                committed: Callable[[int, int], int]) -> int:
         """Delete files no open round refers to.
 
-        `committed`: open round id → {shard: committed generation}, read in one
-        snapshot in which `newest_round` was the highest round id. Directories
-        of rounds newer than the snapshot are left alone (they may have opened
-        since), and a shard of an open round is only cleaned while holding its
-        lease, so a writer between steps 2 and 3 above never loses its file.
+        `open_rounds` were open in a snapshot in which `newest_round` was the
+        highest round id. Directories of rounds newer than the snapshot are
+        left alone (they may have opened since). A shard of an open round is
+        cleaned only while holding its lease, and its committed generation is
+        read then (`committed(round_id, shard)`), not from the snapshot: an
+        upload commits while it holds the lease, so a generation committed by
+        another process after the snapshot is never taken for garbage, and a
+        writer between steps 2 and 3 above never loses its file.
         """
         removed = 0
         for directory in [d for d in self.root.iterdir() if d.is_dir()]:
             round_id = int(directory.name) if directory.name.isdigit() else -1
             if round_id > newest_round:
                 continue
-            if round_id not in committed:
+            if round_id not in open_rounds:
                 shutil.rmtree(directory, ignore_errors=True)
                 removed += 1
                 continue
-            generations = committed[round_id]
             for shard in range(self.shards):
                 fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -149,7 +152,7 @@ class PartialSums:
                     os.close(fd)
                     continue
                 try:
-                    keep = f"{shard}.{generations.get(shard, 0)}{SUFFIX}"
+                    keep = f"{shard}.{committed(round_id, shard)}{SUFFIX}"
                     for f in directory.glob(f"{shard}.*"):
                         if f.suffix in (SUFFIX, ".tmp") and f.name != keep:
                             f.unlink(missing_ok=True)

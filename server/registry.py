@@ -51,7 +51,8 @@ class DeviceRegistry:
     def authenticate(self, authorization: str | None) -> Device:
         """The device named by an `Authorization` header, or Unauthorized."""
         if not authorization:
-            raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing Authorization header (Bearer <device_id>:<secret>)")
+            raise ProtocolError(ErrorCode.UNAUTHORIZED,
+                                "missing Authorization header (Bearer <device_id>:<secret>)")
         scheme, _, credentials = authorization.partition(" ")
         device_id, sep, secret = credentials.strip().partition(":")
         if scheme.lower() != "bearer" or not sep or not device_id or not secret:

@@ -104,7 +104,8 @@ class RoundService:
 
     def settings(self, population: str) -> PopulationConfig:
         if population not in self._config.populations:
-            raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"population {population!r} is not served by this configuration")
+            raise ProtocolError(ErrorCode.UNKNOWN_POPULATION,
+                                f"population {population!r} is not served by this configuration")
         return self._config.population(population)
 
     def latest(self, conn: sqlite3.Connection, population: str) -> Round | None:
@@ -203,13 +204,17 @@ class RoundService:
     def collect_garbage(self) -> int:
         """Remove every partial-sum file no open round refers to (startup after a crash)."""
         with self._store.read() as conn:
-            open_ids = conn.execute("SELECT id FROM rounds WHERE state IN ('selecting', 'reporting')")
-            committed: dict[int, dict[int, int]] = {r["id"]: {} for r in open_ids}
-            for r in conn.execute("SELECT round_id, shard, generation FROM partials"):
-                if r["round_id"] in committed:
-                    committed[r["round_id"]][r["shard"]] = r["generation"]
+            open_ids = {r["id"] for r in conn.execute(
+                "SELECT id FROM rounds WHERE state IN ('selecting', 'reporting')")}
             newest = conn.execute("SELECT COALESCE(MAX(id), 0) FROM rounds").fetchone()[0]
-        return self._partials.collect(committed, newest)
+
+        def committed(round_id: int, shard: int) -> int:
+            row = self._store.connection().execute(
+                "SELECT generation FROM partials WHERE round_id = ? AND shard = ?",
+                (round_id, shard)).fetchone()
+            return row["generation"] if row else 0
+
+        return self._partials.collect(open_ids, newest, committed)
 
     def _close(self, tx: sqlite3.Connection, rnd: Round, now: float, state: str, reason: str | None,
                result_version: int | None = None, finalize_s: float | None = None) -> None:

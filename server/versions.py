@@ -93,7 +93,8 @@ class VersionRegistry:
         row = conn.execute("SELECT * FROM versions WHERE population = ? AND version = ?",
                            (population, version)).fetchone()
         if row is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_VERSION, f"population {population!r} has no version {version}")
+            raise ProtocolError(ErrorCode.UNKNOWN_VERSION,
+                                f"population {population!r} has no version {version}")
         return Version.from_row(row)
 
     def list(self, population: str, limit: int = 100, before: int | None = None) -> list[Version]:
@@ -168,10 +169,12 @@ class VersionRegistry:
                 raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {population!r}")
             version = row[0]
             if version is None:
-                raise ProtocolError(ErrorCode.NOT_PUBLISHED, f"population {population!r} has not published a model yet")
+                raise ProtocolError(ErrorCode.NOT_PUBLISHED,
+                                    f"population {population!r} has not published a model yet")
         found = self.get(population, version)
         if found.app_manifest_sha256 is None:
-            raise ProtocolError(ErrorCode.NOT_PUBLISHED, f"version {version} of {population!r} was never published")
+            raise ProtocolError(ErrorCode.NOT_PUBLISHED,
+                                f"version {version} of {population!r} was never published")
         return found
 
     def rollback(self, population: str, to_version: int | None = None) -> Version:
@@ -184,16 +187,19 @@ class VersionRegistry:
             current = row[0]
             if to_version is None:
                 if current is None:
-                    raise ProtocolError(ErrorCode.CONFLICT, f"{population!r} has nothing published to roll back")
+                    raise ProtocolError(ErrorCode.CONFLICT,
+                                        f"{population!r} has nothing published to roll back")
                 prev = tx.execute("SELECT MAX(version) FROM versions WHERE population = ? AND version < ?"
                                   " AND app_manifest_sha256 IS NOT NULL",
                                   (population, current)).fetchone()[0]
                 if prev is None:
-                    raise ProtocolError(ErrorCode.CONFLICT, f"no version of {population!r} was published before {current}")
+                    raise ProtocolError(ErrorCode.CONFLICT,
+                                        f"no version of {population!r} was published before {current}")
                 to_version = prev
             target = self.get(population, to_version, tx)
             if target.app_manifest_sha256 is None:
-                raise ProtocolError(ErrorCode.CONFLICT, f"version {to_version} of {population!r} was never exported for apps")
+                raise ProtocolError(ErrorCode.CONFLICT,
+                                    f"version {to_version} of {population!r} was never exported for apps")
             tx.execute("UPDATE populations SET published_version = ? WHERE name = ?",
                        (to_version, population))
             return target

@@ -179,3 +179,33 @@ class DeviceClient:
         body = {"reason": reason, **({"detail": detail} if detail else {})}
         return self.transport.request("POST", f"/v1/sessions/{self.assignment['session_id']}/failure",
                                       headers=self.headers, json=body)
+
+
+def write_small_config(root: Path, **population) -> Path:
+    """A server.toml for the small test layout, one population "en" (goal 6, sgd at lr 1)."""
+    settings = {"goal": 6, "over_selection": 1.5, "min_selected_fraction": 0.5, "min_report_fraction": 0.5,
+                "selection_window_s": 300.0, "reporting_window_s": 600.0, "eval_every": 0,
+                "server_optimizer": "sgd", "server_lr": 1.0, **population}
+    lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',
+             'state_dir = "state/private"', "tick_interval_s = 0.2", "aggregation_shards = 3",
+             "", "[populations.en]"]
+    lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()]
+    lines += ["", "[populations.en.eligibility]", "min_separation_s = 0.0", "min_free_memory_mb = 0"]
+    path = root / "server.toml"
+    path.write_text("\n".join(lines).replace("'", '"') + "\n")
+    return path
+
+
+def init_small_population(root: Path, config: Path) -> np.ndarray:
+    """`python -m server init` with a small random checkpoint and a stand-in plan; its weights."""
+    import subprocess
+    import sys
+
+    flat = write_checkpoint(root / "init.safetensors")
+    done = subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
+                           "--checkpoint", str(root / "init.safetensors"),
+                           "--plan-dir", str(write_plan_dir(root / "plan"))],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return flat

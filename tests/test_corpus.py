@@ -148,10 +148,10 @@ def test_corpus_stats_by_hand():
         "vocab_size": 8,
         "train": {"clients": 2, "speeches": 3, "tokens": 14, "sequences": 7,
                   "oov_rate": 3 / 14, "examples_min": 3, "examples_median": 3.5,
-                  "examples_max": 4},
+                  "examples_p95": 3.95, "examples_max": 4},
         "heldout": {"clients": 1, "speeches": 1, "tokens": 2, "sequences": 1,
                     "oov_rate": 1.0, "examples_min": 1, "examples_median": 1.0,
-                    "examples_max": 1},
+                    "examples_p95": 1.0, "examples_max": 1},
     }
     table = format_stats(stats)
     assert "21.43%" in table and "100.00%" in table and "vocab size" in table

@@ -24,7 +24,7 @@ def test_partial_sums_copy_on_write_generations_and_garbage_collection(tmp_path)
     (tmp_path / "7" / f"{shard}.3.tmp").write_bytes(b"half")
     (tmp_path / "6").mkdir()
     (tmp_path / "12").mkdir()
-    removed = fresh.collect({7: {shard: 2}}, newest_round=10)   # 6 closed; 12 opened after the snapshot
+    removed = fresh.collect({7}, newest_round=10, committed=lambda r, k: 2)   # 6 closed; 12 opened later
     assert removed == 3                                          # round 6, generation 1 and the tmp
     assert sorted(p.name for p in (tmp_path / "7").glob(f"*{SUFFIX}")) == [f"{shard}.2{SUFFIX}"]
     assert not (tmp_path / "6").exists() and (tmp_path / "12").exists()
@@ -52,3 +52,15 @@ def test_leases_are_exclusive_across_threads(tmp_path):
     for t in threads:
         t.join()
     assert not overlap
+
+
+def test_collection_reads_the_committed_generation_under_the_lease_not_from_a_snapshot(tmp_path):
+    """Another process committed generation 1 after the collector's snapshot (which said 0):
+    the file must survive, because the collector asks for the pointer while holding the shard."""
+    sums = PartialSums(tmp_path, shards=1)
+    sums.write(3, 0, 1, np.full(4, 5, np.int64))
+    pointers = {0: 1}            # what SQLite says now
+    removed = PartialSums(tmp_path, shards=1).collect({3}, newest_round=3,
+                                                      committed=lambda r, k: pointers[k])
+    assert removed == 0
+    np.testing.assert_array_equal(PartialSums(tmp_path, shards=1).read(3, 0, 1, 4), np.full(4, 5))

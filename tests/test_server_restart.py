@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,38 +25,13 @@ import numpy as np
 import pytest
 import requests
 
-from contract.weights import load_checkpoint
 from contract.pipeline import aggregate
+from contract.weights import load_checkpoint
 from emulation.server_process import ServerProcess, free_port
-from tests.server_fixtures import (DeviceClient, HttpTransport,
-                            write_checkpoint, write_plan_dir)
+from tests.server_fixtures import (DeviceClient, HttpTransport, init_small_population,
+                                   write_small_config)
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def write_config(root: Path, **population) -> Path:
-    settings = {"goal": 6, "over_selection": 1.5, "min_selected_fraction": 0.5, "min_report_fraction": 0.5,
-                "selection_window_s": 300.0, "reporting_window_s": 600.0, "eval_every": 0,
-                "server_optimizer": "sgd", "server_lr": 1.0, **population}
-    lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',
-             'state_dir = "state/private"', "tick_interval_s = 0.2", "aggregation_shards = 3",
-             "", "[populations.en]"]
-    lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()]
-    lines += ["", "[populations.en.eligibility]", "min_separation_s = 0.0", "min_free_memory_mb = 0"]
-    path = root / "server.toml"
-    path.write_text("\n".join(lines).replace("'", '"') + "\n")
-    return path
-
-
-def init_population(root: Path, config: Path) -> np.ndarray:
-    flat = write_checkpoint(root / "init.safetensors")
-    done = subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
-                           "--checkpoint", str(root / "init.safetensors"),
-                           "--plan-dir", str(write_plan_dir(root / "plan"))],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return flat
 
 
 def round_info(server: ServerProcess, number: int) -> dict:
@@ -98,8 +71,8 @@ def verify_state(root: Path) -> None:
 
 
 def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once(tmp_path):
-    config = write_config(tmp_path)
-    initial = init_population(tmp_path, config)
+    config = write_small_config(tmp_path)
+    initial = init_small_population(tmp_path, config)
     server = ServerProcess(config, free_port(), tmp_path / "server.log")
     stalled = None
     try:
@@ -155,9 +128,9 @@ def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once
 
 
 def test_round_whose_deadline_passed_while_down_is_abandoned_and_retried(tmp_path):
-    config = write_config(tmp_path, goal=4, over_selection=1.0, selection_window_s=1.0,
+    config = write_small_config(tmp_path, goal=4, over_selection=1.0, selection_window_s=1.0,
                           reporting_window_s=2.0)
-    init_population(tmp_path, config)
+    init_small_population(tmp_path, config)
     server = ServerProcess(config, free_port(), tmp_path / "server.log")
     try:
         server.start()

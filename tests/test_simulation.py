@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from models.model import TINY
+from models.model import TINY, weight_layout
 from models.simulate import SimulationConfig, lr_schedule, run_simulation
 from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
 from contract.weights import load_checkpoint
@@ -39,6 +39,12 @@ def test_two_round_simulation_decreases_training_loss(small_corpus, tmp_path):
     assert train[1]["loss"] < train[0]["loss"] - 0.05
     assert summary["final"]["loss"] < summary["initial"]["loss"]
     assert train[0]["num_examples"] == sum(len(w) for w in small_corpus.train.values()) * 2
+    # every update went through the deployment's default pipeline: 8 bits, clipped, capped
+    rounds = [r for r in rows if "train" in r]
+    assert all(len(r["update_norms"]) == r["clients"] == train_clients for r in rounds)
+    size = weight_layout(TINY).size
+    assert 0.2 * 4 * size < summary["upload_bytes_per_client"] < 0.3 * 4 * size
+    assert summary["simulation"]["update"]["bits"] == 8
     # checkpoints are plain tensors readable without TF, and the PNG exists
     layout, flat, meta = load_checkpoint(tmp_path / "checkpoints" / "round_0002.safetensors")
     assert meta["round"] == 2 and flat.shape == (layout.size,)
@@ -63,6 +69,8 @@ def test_server_lr_schedule_ramps_up_holds_and_ramps_down():
     ("--server-lr-decay-rounds", "-1", "--server-lr-decay-rounds must be >= 0"),
     ("--server-lr-warmup-rounds", "-5", "--server-lr-warmup-rounds must be >= 0"),
     ("--rounds", "0", "--rounds must be >= 1"),
+    ("--update-clip-norm", "0", "--update-clip-norm must be a finite number > 0"),
+    ("--update-max-weight", "0", "--update-max-weight must be an integer in [1, 2^31]"),
 ])
 def test_simulate_refuses_bad_flags_by_name(flag, value, message, capsys):
     from models.__main__ import main
