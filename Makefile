@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup corpus demo test bench bench-quality bench-server clean
 
-setup: $(STAMP)
+FUZZ_VENV  := .venv-fuzz
+FUZZ_STAMP := $(FUZZ_VENV)/.installed
+
+setup: $(STAMP) $(FUZZ_STAMP)
 
 # TFF 0.87.0 pins jax/jaxlib 0.4.14, but jaxlib 0.4.14 was never published for
 # this platform; requirements.txt pins jaxlib 0.4.13 (which works) and every
@@ -19,6 +22,14 @@ $(STAMP): requirements.txt
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) install --quiet --no-deps tensorflow-federated==0.87.0
 	touch $(STAMP)
+
+# schemathesis (make fuzz, and the short fuzz run of make test) in an environment of its own: it
+# needs a newer typing-extensions than TFF allows (requirements-fuzz.txt says why).
+$(FUZZ_STAMP): requirements-fuzz.txt
+	$(PYTHON) -m venv $(FUZZ_VENV)
+	$(FUZZ_VENV)/bin/pip install --quiet --upgrade pip==24.3.1
+	$(FUZZ_VENV)/bin/pip install --quiet -r requirements-fuzz.txt
+	touch $(FUZZ_STAMP)
 
 corpus: setup
 	$(PY) -m models corpus
@@ -42,6 +53,11 @@ bench-export: setup corpus
 .PHONY: bench-compression
 bench-compression: setup corpus
 	$(PY) -m benchmarks.compression
+
+# schemathesis against the live server from its own /openapi.json: >= 10,000 cases, every phase.
+.PHONY: fuzz
+fuzz: setup
+	$(PY) -m benchmarks.fuzz
 
 # The Flask server under gunicorn on loopback against emulated devices (about a minute).
 bench-server: setup
@@ -67,4 +83,4 @@ report: setup
 	$(PY) -m benchmarks.report
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(FUZZ_VENV) runs

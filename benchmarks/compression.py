@@ -43,13 +43,21 @@ class CompressionConfig(FederatedConfig):
     ingest_reports: int = 300
 
 
-def simulate(cfg: CompressionConfig, corpus, name: str, work: Path) -> dict:
+def simulate(cfg: CompressionConfig, corpus, name: str, work: Path, reuse: bool = False) -> dict:
+    """One variant's run (or, with `reuse`, the finished run already in `work` with this very config)."""
     from contract.update_spec import UpdateSpec
     from models.model import GBOARD
     from models.simulate import run_simulation
 
     spec = UpdateSpec(**VARIANTS[name]).scaled_to_epochs(cfg.local_epochs)
-    summary = run_simulation(corpus, GBOARD, cfg.simulation(update=spec), work / name)
+    sim = cfg.simulation(update=spec)
+    done = work / name / "summary.json"
+    if reuse and done.is_file() and json.loads(done.read_text())["simulation"] == json.loads(
+            json.dumps(dataclasses.asdict(sim))):
+        summary = json.loads(done.read_text())
+        print(f"[{name}] reusing the finished run in {work / name}", flush=True)
+    else:
+        summary = run_simulation(corpus, GBOARD, sim, work / name)
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in rows if "train" in r and r["clients"]]
     encode_ms = 1000 * sum(r["encode_s"] for r in rounds) / sum(r["clients"] for r in rounds)
@@ -120,14 +128,16 @@ def main() -> None:
     from models.tff_runtime import install_exit_handlers
 
     install_exit_handlers()
-    cfg, paths = parse_config(CompressionConfig, __doc__, work_dir=REPO / "runs" / "bench-compression")
-    work = paths["work_dir"]
+    cfg, chosen = parse_config(CompressionConfig, __doc__, switches={
+        "reuse_runs": "reuse finished runs in --work-dir made with the same settings (e.g. to redo the ingest)"},
+        work_dir=REPO / "runs" / "bench-compression")
+    work, reuse = chosen["work_dir"], chosen["reuse_runs"]
     start = time.monotonic()
     corpus = load_corpus(vocab_size=GBOARD.vocab_size - 4, seq_len=GBOARD.seq_len)
     variants = {}
     for name in VARIANTS:
         print(f"[{name}] {VARIANTS[name]}, {cfg.rounds} rounds", flush=True)
-        variants[name] = simulate(cfg, corpus, name, work)
+        variants[name] = simulate(cfg, corpus, name, work, reuse)
         print(f"[{name}] top-1 {variants[name]['top1']:.4f}, upload {variants[name]['upload_bytes']:,} B, "
               f"encode {variants[name]['encode_ms']:.0f} ms", flush=True)
     measured = serve_and_measure(BenchConfig(reports=cfg.ingest_reports), specs=("f32", "q8"),

@@ -81,13 +81,16 @@ def prepare(cfg: DemoConfig, out: Path):
 
 
 def run_fleet(cfg: DemoConfig, out: Path, server, corpus):
+    from emulation.deployment import enrollment, operator_token
     from emulation.fleet import FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
     from emulation.world import FleetMix
 
     start, speed, epoch = read_server_clock(server.config)
-    fleet = build_fleet(FleetConfig(server.url, out / "fleet", POPULATION, shared_clock(start, speed, epoch),
+    clock = shared_clock(start, speed, epoch)
+    fleet = build_fleet(FleetConfig(server.url, out / "fleet", POPULATION, clock,
                                     workers=cfg.workers, trainers=cfg.trainers, mix=FleetMix(zones_h=ZONES),
-                                    seed=cfg.seed),
+                                    enrollment=enrollment(server.config, POPULATION, now=clock.now),
+                                    operator_token=operator_token(server.config), seed=cfg.seed),
                         cfg.phones, corpus.train_texts)
     told: set[int] = set()
 

@@ -45,16 +45,18 @@ def _mib(field: str) -> float:
                 if line.startswith(field + ":")) / 1024
 
 
-def phone(server_url: str, data: Path, texts_file: Path) -> dict:
+def phone(server_url: str, data: Path, texts_file: Path, enrollment_file: Path) -> dict:
     """The device side (child process, no TensorFlow): two steps, each a task; their log entries."""
     import datetime as dt
 
     from device_runtime.conditions import EmulatedConditions
+    from device_runtime.enrollment import Enrollment
     from device_runtime.runtime import Device, DeviceSettings
 
     rss, hwm = _mib("VmRSS"), _mib("VmHWM")
     device = Device(data, server_url, EmulatedConditions(lambda: dt.datetime.fromisoformat(NIGHT)),
-                    settings=DeviceSettings("en", num_threads=1), seed=0)
+                    settings=DeviceSettings("en", num_threads=1), seed=0,
+                    enrollment=Enrollment.from_file(enrollment_file))
     device.examples.add_many((t, time.time()) for t in json.loads(texts_file.read_text()))
     tasks = []
     for _ in range(2):
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     from benchmarks.export import _cpu_name
     from models.corpus import load_corpus
     from emulation.deployment import start_server
+    from server.config import load_config
 
     load_start = os.getloadavg()
     corpus = load_corpus()
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
         server = start_server(root / "server", model, reporting_window_s=3600.0)
         try:
             done = subprocess.run([sys.executable, "-m", "benchmarks.device", "phone", "--server", server.url,
-                                   "--data", str(root / "phone"), "--texts", str(root / "texts.json")],
+                                   "--data", str(root / "phone"), "--texts", str(root / "texts.json"),
+                                   "--enrollment", str(load_config(server.config).enrollment_path("en"))],
                                   cwd=REPO, capture_output=True, text=True, timeout=1800,
                                   env={**os.environ, "PYTHONPATH": str(REPO)})
         finally:
@@ -147,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--server", required=True)
     ph.add_argument("--data", required=True, type=Path)
     ph.add_argument("--texts", required=True, type=Path)
+    ph.add_argument("--enrollment", required=True, type=Path)
     p.add_argument("--out", default=str(RESULTS / "device.json"))
     p.add_argument("--note", default="", help="context to record with the figures (e.g. other load)")
     args = p.parse_args(argv)
     if args.command == "phone":
-        print(json.dumps(phone(args.server, args.data, args.texts)))
+        print(json.dumps(phone(args.server, args.data, args.texts, args.enrollment)))
         return 0
     result = run(args)
     write_result(args.out, result)

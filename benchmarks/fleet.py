@@ -53,7 +53,8 @@ class FleetBench:
 
 
 def run(cfg: FleetBench, work: Path) -> dict:
-    from emulation.deployment import init_population, simulated_clock, tiny_model, write_server_config
+    from emulation.deployment import (enrollment, init_population, operator_token, simulated_clock, tiny_model,
+                                      write_server_config)
     from emulation.fleet import FleetConfig, build_fleet, read_server_clock, shared_clock
     from emulation.report import format_summary, summarize
     from emulation.server_process import ServerProcess, free_port
@@ -65,16 +66,18 @@ def run(cfg: FleetBench, work: Path) -> dict:
     model = tiny_model(work / "model", corpus)
     mix = FleetMix(zones_h=(0.0, 1.0))
 
-    def fleet_config(clock, url: str = "http://unused") -> FleetConfig:
+    def fleet_config(clock, url: str = "http://unused", config: Path | None = None) -> FleetConfig:
         return FleetConfig(url, work / "fleet", "en", clock, workers=cfg.workers,
-                           trainers=cfg.trainers, mix=mix, persistent=False, seed=cfg.seed)
+                           trainers=cfg.trainers, mix=mix, persistent=False, seed=cfg.seed,
+                           enrollment=enrollment(config, "en", now=clock.now) if config else None,
+                           operator_token=operator_token(config) if config else None)
 
     t0 = time.monotonic()
     # Phones' stores first, on a clock frozen at the start of the night (it takes a while).
     build_fleet(fleet_config(shared_clock(NIGHT_START_UTC, 1e-9, time.time())), cfg.phones,
                 corpus.train_texts).prepare()
     prepare_s = time.monotonic() - t0
-    population = dict(goal=cfg.goal, over_selection=1.3, min_selected_fraction=0.5,
+    population = dict(goal=cfg.goal, min_round_size=5, over_selection=1.3, min_selected_fraction=0.5,
                       min_report_fraction=0.5, selection_window_s=1800.0, reporting_window_s=3600.0,
                       client_lr=0.5, client_max_examples=32, eval_every=0, publish_every=0,
                       eligibility={"min_separation_s": 3600.0})
@@ -84,7 +87,7 @@ def run(cfg: FleetBench, work: Path) -> dict:
     server = ServerProcess(config, free_port(), work / "server" / "server.log", workers=2, threads=16)
     try:
         server.start()
-        fc = fleet_config(shared_clock(*read_server_clock(config)), server.url)
+        fc = fleet_config(shared_clock(*read_server_clock(config)), server.url, config)
         fleet = build_fleet(fc, cfg.phones, corpus.train_texts)
         t1, sim0 = time.monotonic(), fc.clock.now()
         try:

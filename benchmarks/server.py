@@ -89,24 +89,33 @@ class Conn:
             self.writer.close()
 
 
-async def register(port: int, n: int, parallel: int = 50) -> list[str]:
-    """n devices → their Authorization header values."""
-    out: list[str] = []
+JSON_HEADERS = "Content-Type: application/json\r\n"
 
-    async def worker(count: int):
+
+async def register(port: int, n: int, enrollment, populations: tuple[str, ...],
+                   parallel: int = 50) -> dict[str, list[str]]:
+    """n devices enrolled in each population as phones do (nonce, attestation) → Authorization values."""
+    out: dict[str, list[str]] = {p: [] for p in populations}
+
+    async def worker(population: str, count: int):
         conn = await Conn(port).open()
         for _ in range(count):
-            status, body = await conn.request("POST", "/v1/devices")
+            status, body = await conn.request("POST", "/v1/enrollment/nonces",
+                                              json.dumps({"population": population}).encode(), JSON_HEADERS)
             assert status == 201, body
-            reg = json.loads(body)
-            out.append(f"Bearer {reg['device_id']}:{reg['secret']}")
+            attestation = enrollment[population].attester.attest(population, json.loads(body)["nonce"])
+            request = {"population": population, "app_credential": enrollment[population].app_credential,
+                       "attestation": attestation.to_json()}
+            status, body = await conn.request("POST", "/v1/devices", json.dumps(request).encode(), JSON_HEADERS)
+            assert status == 201, body
+            out[population].append(json.loads(body)["authorization"])
         conn.close()
 
-    await asyncio.gather(*[worker(n // parallel + (i < n % parallel)) for i in range(parallel)])
+    await asyncio.gather(*[worker(pop, n // parallel + (i < n % parallel))
+                           for pop in populations for i in range(parallel)])
     return out
 
 
-JSON_HEADERS = "Content-Type: application/json\r\n"
 CONDITIONS = {"charging": True, "idle": True, "unmetered": True, "battery": 0.9, "free_memory_mb": 4096,
               "num_examples": 100, "runtime_version": "1.0.0"}
 
@@ -224,8 +233,9 @@ SPECS = {"f32": {"bits": 32}, "q8": {"bits": 8}}   # the ingest populations' upd
 
 
 def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
-    from models.model import GBOARD, weight_layout
     from contract.weights import save_checkpoint
+    from models.model import GBOARD, weight_layout
+    from server.config import RateLimits
 
     layout = weight_layout(GBOARD)
     flat = np.random.default_rng(0).normal(0, 0.05, layout.size).astype(np.float32)
@@ -233,13 +243,15 @@ def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
                                                              "model_config": dataclasses.asdict(GBOARD)})
     common = {"selection_window_s": 3600.0, "reporting_window_s": 3600.0, "eval_every": 0,
               "server_optimizer": "sgdm", "server_lr": 1.0}
+    # One address and 1,000 devices checking in 10 times in seconds: the limits would throttle the load.
+    limits = {f.name: [1e9, 3600.0] for f in dataclasses.fields(RateLimits)}
     populations = {"checkin": {"goal": 100, **common, "eligibility": {"min_separation_s": 0.0}}}
     for name, spec in SPECS.items():
         populations[f"ingest-{name}"] = {"goal": cfg.reports, "over_selection": 1.0, **common,
                                          "eligibility": {"min_separation_s": 0.0}, "update": spec}
     config = {"database": str(work / "state/nightjar.db"), "artifact_dir": str(work / "state/artifacts"),
               "state_dir": str(work / "state/private"), "tick_interval_s": 1.0,
-              "aggregation_shards": cfg.threads, "populations": populations}
+              "aggregation_shards": cfg.threads, "populations": populations, "rate_limits": limits}
     path = work / "server.json"
     path.write_text(json.dumps(config))
     for population in populations:
@@ -264,7 +276,7 @@ def encoded_bodies(assignment: dict, size: int, count: int) -> tuple[object, lis
 
 
 def check_aggregate(port: int, work: Path, population: str, pipeline, bodies: list[tuple[bytes, int]],
-                    reports: int) -> float:
+                    reports: int, operator_headers: dict) -> float:
     """The round's new version must be init + the pipeline's mean of exactly the bodies sent."""
     import requests
 
@@ -272,9 +284,10 @@ def check_aggregate(port: int, work: Path, population: str, pipeline, bodies: li
     from contract.weights import load_checkpoint
 
     base = f"http://127.0.0.1:{port}/v1/populations/{population}"
-    newest = requests.get(f"{base}/versions", timeout=30).json()["versions"][0]
+    newest = requests.get(f"{base}/versions", headers=operator_headers, timeout=30).json()["versions"][0]
     assert newest["version"] == 1, newest
-    ckpt = requests.get(f"http://127.0.0.1:{port}/v1/artifacts/{newest['checkpoint_sha256']}", timeout=60)
+    ckpt = requests.get(f"http://127.0.0.1:{port}/v1/artifacts/{newest['checkpoint_sha256']}",
+                        headers=operator_headers, timeout=60)
     (work / "v1.safetensors").write_bytes(ckpt.content)
     _, got, _ = load_checkpoint(work / "v1.safetensors")
     _, initial, _ = load_checkpoint(work / "init.safetensors")
@@ -286,20 +299,20 @@ def check_aggregate(port: int, work: Path, population: str, pipeline, bodies: li
     return error
 
 
-def ingest(port: int, work: Path, auths: list[str], size: int, cfg: BenchConfig, name: str,
-           server_pid: int) -> dict:
+def ingest(server, work: Path, auths: list[str], size: int, cfg: BenchConfig, name: str) -> dict:
     """One 1000-report round of the `ingest-<name>` population over HTTP, checked; its figures."""
     population = f"ingest-{name}"
+    port = server.port
     sessions = asyncio.run(assign_all(port, auths[:cfg.reports], population))
     pipeline, bodies = encoded_bodies(sessions[0][2], size, cfg.distinct_bodies)
-    sampler = PeakRSS(server_pid)
+    sampler = PeakRSS(server.proc.pid)
     sampler.start()
     result = asyncio.run(ingest_load(port, [(a, s) for a, s, _ in sessions], bodies, cfg.upload_concurrency))
     peak_mb = sampler.stop()
     print(f"ingest {name}: {result['per_s']:.1f} updates/s ({result['statuses']}), "
           f"{len(bodies[0][0]) / 1e6:.2f} MB each, peak RSS {peak_mb:.0f} MB", flush=True)
     assert result["statuses"].get("accepted") == cfg.reports, result
-    check_aggregate(port, work, population, pipeline, bodies, cfg.reports)
+    check_aggregate(port, work, population, pipeline, bodies, cfg.reports, server.operator_headers)
     ceiling = inprocess_ceiling(pipeline, bodies, min(cfg.reports, 200))
     return {"per_s": result["per_s"], "ceiling_per_s": ceiling, "peak_rss_mb": peak_mb,
             "upload_bytes": len(bodies[0][0])}
@@ -308,6 +321,7 @@ def ingest(port: int, work: Path, auths: list[str], size: int, cfg: BenchConfig,
 def serve_and_measure(cfg: BenchConfig, specs: tuple[str, ...] = tuple(SPECS),
                       checkins: bool = True) -> dict:
     """Start the server on a fresh state, run the check-in loads (optional) and an ingest round per spec."""
+    from emulation.deployment import enrollment
     from emulation.server_process import ServerProcess, free_port
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -319,14 +333,16 @@ def serve_and_measure(cfg: BenchConfig, specs: tuple[str, ...] = tuple(SPECS),
         server = ServerProcess(config, free_port(), work / "server.log", cfg.workers, cfg.threads)
         with server:
             port = server.port
-            auths = asyncio.run(register(port, max(max(cfg.concurrency), cfg.reports)))
+            names = (("checkin",) if checkins else ()) + tuple(f"ingest-{name}" for name in specs)
+            enrolled = asyncio.run(register(port, max(max(cfg.concurrency), cfg.reports),
+                                            {p: enrollment(config, p) for p in names}, names))
             for n in cfg.concurrency if checkins else ():
-                r = out["checkin"][n] = asyncio.run(checkin_load(port, auths[:n], "checkin",
+                r = out["checkin"][n] = asyncio.run(checkin_load(port, enrolled["checkin"][:n], "checkin",
                                                                  cfg.checkins_per_device))
                 print(f"check-in x{n}: {r['per_s']:.0f}/s, p50 {r['p50_ms']:.1f} ms, "
                       f"p99 {r['p99_ms']:.1f} ms ({r['assignment']} assignments)", flush=True)
             for name in specs:
-                out["ingest"][name] = ingest(port, work, auths, size, cfg, name, server.proc.pid)
+                out["ingest"][name] = ingest(server, work, enrolled[f"ingest-{name}"], size, cfg, name)
     return out
 
 

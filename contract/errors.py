@@ -20,8 +20,13 @@ class ErrorCode(str, enum.Enum):
     # 401 / 403: who is asking
     UNAUTHORIZED = "unauthorized"
     UNKNOWN_DEVICE = "unknown_device"
+    BAD_CREDENTIAL = "bad_credential"              # enrollment: the app credential is not this population's
+    BAD_ATTESTATION = "bad_attestation"            # enrollment: the statement or its signature does not verify
+    BAD_NONCE = "bad_nonce"                        # enrollment: unknown, used, expired or another population's
     FORBIDDEN = "forbidden"
     NOT_YOUR_SESSION = "not_your_session"
+    DEVICE_REVOKED = "device_revoked"
+    WRONG_POPULATION = "wrong_population"          # the device was enrolled in another population
     # 404: what is asked for does not exist
     NOT_FOUND = "not_found"
     UNKNOWN_POPULATION = "unknown_population"
@@ -54,6 +59,8 @@ class ErrorCode(str, enum.Enum):
     NON_FINITE = "non_finite"
     NORM_EXCEEDS_CLIP = "norm_exceeds_clip"
     WEIGHT_OUT_OF_RANGE = "weight_out_of_range"
+    # 429: too many requests from this device or address (Retry-After says when to come back)
+    RATE_LIMITED = "rate_limited"
     # 500: a bug; never the answer to anything a client sends
     INTERNAL_ERROR = "internal_error"
 
@@ -64,8 +71,8 @@ class ErrorCode(str, enum.Enum):
 
 _GROUPS = {
     400: ("bad_request", "malformed_json", "invalid_body", "missing_field", "invalid_field"),
-    401: ("unauthorized", "unknown_device"),
-    403: ("forbidden", "not_your_session"),
+    401: ("unauthorized", "unknown_device", "bad_credential", "bad_attestation", "bad_nonce"),
+    403: ("forbidden", "not_your_session", "device_revoked", "wrong_population"),
     404: ("not_found", "unknown_population", "unknown_session", "unknown_round", "unknown_version",
           "unknown_artifact", "not_published"),
     405: ("method_not_allowed",), 408: ("request_timeout",), 411: ("length_required",),
@@ -74,6 +81,7 @@ _GROUPS = {
     409: ("conflict", "wrong_model_version", "wrong_task", "session_closed"),
     422: ("invalid_update", "malformed_update", "wrong_spec", "wrong_width", "wrong_length", "bad_scale",
           "value_out_of_range", "non_finite", "norm_exceeds_clip", "weight_out_of_range"),
+    429: ("rate_limited",),
     500: ("internal_error",),
 }
 _STATUS: dict[ErrorCode, int] = {ErrorCode(code): status for status, codes in _GROUPS.items()
@@ -83,14 +91,15 @@ assert set(_STATUS) == set(ErrorCode), "every error code has an HTTP status"
 # What the codes of each status mean, for the OpenAPI document.
 STATUS_MEANING = {
     400: "malformed JSON, a missing field, or a value of the wrong type or outside its documented range",
-    401: "missing or wrong credentials",
-    403: "the session belongs to another device",
+    401: "missing or wrong credentials, or an enrollment whose credential, attestation or nonce does not check out",
+    403: "the session belongs to another device, the device was revoked or enrolled in another population",
     404: "unknown population, session, round, version or artifact (or nothing published yet)",
     405: "method not allowed", 408: "the request took too long to arrive",
     409: "wrong model version or task, or the session already ended",
     411: "a body without Content-Length", 413: "body larger than the limit",
     414: "request line too long", 415: "wrong Content-Type for this endpoint",
     422: "an update that cannot be aggregated (see the error code)",
+    429: "too many requests from this device or address: retry after the Retry-After header's seconds",
     431: "request headers too large", 500: "a server bug",
 }
 

@@ -30,7 +30,6 @@ OUTCOME_STATUSES = ("accepted", "aborted", "recorded")
 # repeated upload that had been counted before.
 ABORT_REASONS = ("late", "round_closed", "goal_reached", "duplicate")
 MAX_METRIC = 1e12       # a reported metric's magnitude (sums of them stay finite)
-MAX_DETAIL = 500
 
 RUNTIME_VERSION = s.Str(40, r"\d{1,9}(\.\d{1,9}){0,3}", "dotted integers, e.g. 1.2.0")
 ARTIFACT_REF = s.Obj("ArtifactRef", [s.Field("url", s.Str(300)), s.Field("sha256", SHA256)],
@@ -218,20 +217,23 @@ class EvalReport:
 
 @dataclasses.dataclass(frozen=True)
 class FailureReport:
-    reason: str
-    detail: str | None = None
+    """Why a device stopped a task: a code from a closed set, and nothing else.
 
-    SCHEMA = s.Obj("FailureReport", [
-        s.Field("reason", s.Enum(FAILURE_REASONS)),
-        s.Field("detail", s.Str(MAX_DETAIL), required=False),
-    ], extra=True)
+    No free text: a device's message could carry what its user typed ("error
+    parsing 'meet me at 5pm'"), so the protocol has no field for one.
+    """
+
+    reason: str
+
+    SCHEMA = s.Obj("FailureReport", [s.Field("reason", s.Enum(FAILURE_REASONS))],
+                   description="a reason code only: any other field is refused")
 
     @classmethod
     def from_json(cls, value: Any) -> "FailureReport":
         return cls(**cls.SCHEMA.parse(value))
 
     def to_json(self) -> dict:
-        return {"reason": self.reason, **({"detail": self.detail[:MAX_DETAIL]} if self.detail else {})}
+        return {"reason": self.reason}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,17 +263,65 @@ class Outcome:
         return cls(**cls.SCHEMA.parse(value, "outcome"))
 
 
+# --- enrollment ------------------------------------------------------------------------------
+
+POPULATION = s.Str(64, r"[A-Za-z0-9_-]+")
+B64 = s.Str(4096, r"[A-Za-z0-9_-]*", "base64url, no padding")
+NONCE_REQUEST = s.Obj("NonceRequest", [s.Field("population", POPULATION)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Nonce:
+    """A fresh, single-use value the device's attestation must be bound to."""
+
+    nonce: str
+    expires_at: float           # the server's clock
+    expires_in_s: float
+
+    SCHEMA = s.Obj("Nonce", [s.Field("nonce", s.Str(64)), s.Field("expires_at", s.Num(0)),
+                             s.Field("expires_in_s", s.Num(0))],
+                   description="ask the attestation service for a statement naming this nonce; enroll "
+                               "before it expires; it works once")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any) -> "Nonce":
+        return cls(**cls.SCHEMA.parse(value, "nonce"))
+
+
+REGISTRATION_REQUEST = s.Obj("RegistrationRequest", [
+    s.Field("population", POPULATION),
+    s.Field("app_credential", s.Str(256, description="the population's app credential (ships with the app)")),
+    s.Field("attestation", s.Obj("Attestation", [
+        s.Field("statement", B64), s.Field("signature", B64)],
+        description="contract.attestation: the issuer-signed statement naming the population and a "
+                    "nonce from POST /v1/enrollment/nonces")),
+])
+
+
 @dataclasses.dataclass(frozen=True)
 class Registration:
     device_id: str
     secret: str
 
-    SCHEMA = s.Obj("Registration", [s.Field("device_id", s.Str(64)), s.Field("secret", s.Str(128))],
-                   description="send 'Authorization: Bearer <device_id>:<secret>' on every later call")
+    SCHEMA = s.Obj("Registration", [s.Field("device_id", s.Str(64)), s.Field("secret", s.Str(128)),
+                                    s.Field("authorization", s.Str(200), required=False)],
+                   description="send 'Authorization: Bearer <device_id>:<secret>' (the `authorization` "
+                               "value) on every later call")
+
+    @property
+    def authorization(self) -> str:
+        return f"Bearer {self.device_id}:{self.secret}"
+
+    def to_json(self) -> dict:
+        return {"device_id": self.device_id, "secret": self.secret, "authorization": self.authorization}
 
     @classmethod
     def from_json(cls, value: Any) -> "Registration":
-        return cls(**cls.SCHEMA.parse(value, "registration"))
+        fields = cls.SCHEMA.parse(value, "registration")
+        return cls(fields["device_id"], fields["secret"])
 
 
 APP_MODEL = s.Obj("AppModel", [

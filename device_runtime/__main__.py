@@ -52,9 +52,23 @@ def cmd_run(args) -> int:
                             require_idle=not args.ignore_idle)
     conditions = EmulatedConditions(dt.datetime.now) if args.emulated else LinuxConditions()
     offset = dt.datetime.now().astimezone().utcoffset()
+    enrollment = None
+    if args.enrollment is not None:
+        from device_runtime.enrollment import Enrollment
+
+        try:
+            enrollment = Enrollment.from_file(args.enrollment)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --enrollment: {args.enrollment} is not an enrollment file ({e})", file=sys.stderr)
+            return 2
     device = Device(args.data, args.server, conditions, policy,
                     DeviceSettings(population=args.population,
-                                   utc_offset_s=offset.total_seconds() if offset else 0.0))
+                                   utc_offset_s=offset.total_seconds() if offset else 0.0),
+                    enrollment=enrollment)
+    if enrollment is None and not device.registered:
+        print(f"error: --enrollment: {args.data} holds no device identity yet, so the device must enroll;"
+              " pass the population's enrollment file", file=sys.stderr)
+        return 2
     print(f"device runtime: server {args.server}, data {args.data}, population {args.population}",
           flush=True)
     try:
@@ -199,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--emulated", action="store_true",
                    help="pretend to be charging, idle and on Wi-Fi (instead of reading the host)")
     r.add_argument("--max-steps", type=int, default=None, help="stop after this many check-ins")
+    r.add_argument("--enrollment", type=Path, default=None,
+                   help="the population's enrollment file from `python -m server init` (development: its app "
+                        "credential, and the development attestation issuer standing in for Play Integrity)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="the participation log (opstats)")
     s.add_argument("--data", required=True, type=lambda v: _data_dir(v, must_exist=True))

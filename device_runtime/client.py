@@ -16,14 +16,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from contract.errors import ProtocolError
 from contract.pipeline import UpdatePipeline
-from contract.wire import Assignment, Conditions, EvalReport, FailureReport, Outcome, Registration, Rejection
+from contract.wire import (Assignment, Conditions, EvalReport, FailureReport, Nonce, Outcome, Registration,
+                           Rejection)
 from device_runtime.transport import Transport
+
+if TYPE_CHECKING:
+    from device_runtime.enrollment import Enrollment
 
 __all__ = ["ArtifactCache", "Assignment", "CorruptDownload", "ProtocolError", "Rejection", "ServerClient"]
 
@@ -54,8 +58,14 @@ class ServerClient:
     def __init__(self, transport: Transport):
         self.t = transport
 
-    def register(self) -> tuple[str, str]:
-        registration = Registration.from_json(_json(self.t.request("POST", "/v1/devices", json={})))
+    def register(self, population: str, enrollment: "Enrollment") -> tuple[str, str]:
+        """Enroll: a nonce, the attestation service's statement for it, then the registration."""
+        nonce = Nonce.from_json(_json(self.t.request("POST", "/v1/enrollment/nonces",
+                                                     json={"population": population})))
+        attestation = enrollment.attester.attest(population, nonce.nonce)
+        registration = Registration.from_json(_json(self.t.request(
+            "POST", "/v1/devices", json={"population": population, "app_credential": enrollment.app_credential,
+                                         "attestation": attestation.to_json()})))
         return registration.device_id, registration.secret
 
     def authenticate(self, device_id: str, secret: str) -> None:
@@ -81,9 +91,10 @@ class ServerClient:
             "POST", assignment.report_url, params=params, data=encoded.body,
             headers={"Content-Type": "application/octet-stream"})))
 
-    def report_failure(self, assignment: Assignment, reason: str, detail: str | None = None) -> Outcome:
+    def report_failure(self, assignment: Assignment, reason: str) -> Outcome:
+        """A reason code only: the protocol carries no free text from a device."""
         return Outcome.from_json(_json(self.t.request("POST", assignment.failure_url,
-                                                      json=FailureReport(reason, detail).to_json())))
+                                                      json=FailureReport(reason).to_json())))
 
     def report_eval(self, assignment: Assignment, top1_hits: int, top3_hits: int,
                     positions: int, loss_sum: float) -> Outcome:

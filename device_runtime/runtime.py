@@ -41,6 +41,7 @@ from device_runtime.client import (ArtifactCache, Assignment, CorruptDownload, P
                                    Rejection, ServerClient)
 from device_runtime.clock import Clock, RealClock, local_datetime
 from device_runtime.conditions import ConditionSource, DeviceConditions
+from device_runtime.enrollment import Enrollment
 from device_runtime.example_store import ExampleStore
 from device_runtime.opstats import OpStats
 from device_runtime.policy import TrainingPolicy
@@ -85,11 +86,13 @@ class Device:
                  policy: TrainingPolicy = TrainingPolicy(), settings: DeviceSettings = DeviceSettings(),
                  clock: Clock | None = None, seed: int | None = None,
                  transport: Transport | None = None, cache: ArtifactCache | None = None,
-                 plans: PlanHost | None = None, opstats: OpStats | None = None):
+                 plans: PlanHost | None = None, opstats: OpStats | None = None,
+                 enrollment: Enrollment | None = None):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock or RealClock()
         self.conditions, self.policy, self.settings = conditions, policy, settings
+        self.enrollment = enrollment
         self.rng = random.Random(seed)
         self.transport = transport or Transport(server_url, sleep=self.clock.sleep, seed=seed)
         self.client = ServerClient(self.transport)
@@ -109,11 +112,19 @@ class Device:
     def _identity(self) -> Path:
         return self.dir / "identity.json"
 
+    @property
+    def registered(self) -> bool:
+        """Whether the device holds credentials from an earlier enrollment."""
+        return self._identity.is_file()
+
     def ensure_registered(self) -> str:
         if self._identity.is_file():
             creds = json.loads(self._identity.read_text())
         else:
-            device_id, secret = self.client.register()
+            if self.enrollment is None:
+                raise ProtocolError("unauthorized", "this device is not enrolled and has no app credential "
+                                    "and attester to enroll with", status=401)
+            device_id, secret = self.client.register(self.settings.population, self.enrollment)
             creds = {"device_id": device_id, "secret": secret}
             tmp = self._identity.with_suffix(".tmp")
             tmp.write_text(json.dumps(creds))

@@ -29,7 +29,8 @@ raises out of `Task.run`:
   upload or being unreachable.
 
 Nothing of an unfinished task survives: the plan's weights are reset, and
-only a failure reason (and a short technical detail, never text) goes up.
+only a failure reason code goes up (the technical detail stays in the
+participation log on the phone).
 """
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ class Task:
     def _fail(self, outcome: str, reason: str, detail: str) -> str:
         self._next_phase("report_failure")
         try:
-            self.d.client.report_failure(self.a, reason, detail)
+            self.d.client.report_failure(self.a, reason)     # the code only: `detail` stays in the log
             reported = True
         except (ServerUnavailable, ProtocolError):
             reported = False   # the round's deadline counts us as dropped anyway

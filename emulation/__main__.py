@@ -29,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="directory for the phones' data")
     p.add_argument("--population", default="en-keyboard")
     p.add_argument("--phones", type=int, default=200)
-    p.add_argument("--server-config", type=Path, help="read clock_start/clock_speed/clock_epoch here")
+    p.add_argument("--server-config", type=Path,
+                   help="read clock_start/clock_speed/clock_epoch, the operator token and the population's "
+                        "enrollment file (from `server init`) from this server's config and state")
+    p.add_argument("--enrollment", type=Path, help="the population's enrollment file (else: --server-config's)")
+    p.add_argument("--operator-token", help="to read round analytics (else: --server-config's)")
     p.add_argument("--clock-start", type=float, help="simulated time at --clock-epoch (Unix s)")
     p.add_argument("--clock-speed", type=float, help="simulated seconds per real second")
     p.add_argument("--clock-epoch", type=float, help="real time (Unix s) the simulated clock started")
@@ -53,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
+    from device_runtime.enrollment import Enrollment
+    from emulation.deployment import enrollment, operator_token
     from emulation.fleet import FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
     from emulation.report import format_summary, summarize
     from emulation.world import Faults, FleetMix
@@ -74,9 +80,16 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     corpus = load_corpus()
     mix = FleetMix(zones_h=tuple(float(z) for z in args.zones.split(",")), slow_fraction=args.slow_fraction)
     faults = Faults(args.unplug_fraction, args.upload_failure_fraction, args.network_error_rate, args.seed)
-    config = FleetConfig(args.server, args.data, args.population, shared_clock(start, speed, epoch),
-                         workers=args.workers, trainers=args.trainers, mix=mix, faults=faults,
-                         seed=args.seed)
+    clock = shared_clock(start, speed, epoch)
+    device_enrollment, token = None, args.operator_token
+    if args.enrollment is not None:
+        device_enrollment = Enrollment.from_file(args.enrollment, now=clock.now)
+    elif args.server_config is not None:
+        device_enrollment = enrollment(args.server_config, args.population, now=clock.now)
+        token = token or operator_token(args.server_config)
+    config = FleetConfig(args.server, args.data, args.population, clock, workers=args.workers,
+                         trainers=args.trainers, mix=mix, faults=faults, seed=args.seed,
+                         enrollment=device_enrollment, operator_token=token)
     fleet = build_fleet(config, args.phones, corpus.train_texts)
     t0, sim_start = time.monotonic(), config.clock.now()
 

@@ -75,17 +75,24 @@ def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
     return Model(config, ckpt, root / "vocab.json", root / "plan", flat)
 
 
+# Every emulated phone talks to the server from one address (127.0.0.1), so the per-address limits
+# that would stop a flood from one address are raised for these deployments; the per-device limits
+# stay the defaults (server.config.RateLimits).
+SHARED_ADDRESS_LIMITS = {f"{action}_per_address": [1e9, 3600.0]
+                         for action in ("nonce", "register", "checkin", "upload", "artifact")}
+
+
 def write_server_config(root: Path, population: str = "en", **settings) -> Path:
     """A server.toml with one population; `settings` override the population keys
     (`eligibility` and `update` are tables of their own, `server` holds top-level keys)."""
-    pop = {"goal": 1, "over_selection": 1.0, "min_selected_fraction": 1.0, "min_report_fraction": 1.0,
-           "selection_window_s": 30.0, "reporting_window_s": 300.0, "eval_every": 0,
+    pop = {"goal": 1, "min_round_size": 1, "over_selection": 1.0, "min_selected_fraction": 1.0,
+           "min_report_fraction": 1.0, "selection_window_s": 30.0, "reporting_window_s": 300.0, "eval_every": 0,
            "publish_every": 0, "server_optimizer": "sgd", "server_lr": 1.0, "client_lr": 0.5,
            "client_epochs": 1, "client_batch_size": 16}
     eligibility = {"min_separation_s": 0.0, "min_free_memory_mb": 0}
     eligibility.update(settings.pop("eligibility", {}))
     update = settings.pop("update", None)
-    server = settings.pop("server", {})
+    server = {"rate_limits": SHARED_ADDRESS_LIMITS, **settings.pop("server", {})}
     pop.update(settings)
     lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',
              'state_dir = "state/private"', "tick_interval_s = 0.2"]
@@ -105,6 +112,8 @@ def write_server_config(root: Path, population: str = "en", **settings) -> Path:
 def _toml(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
     if isinstance(v, str):
         return f'"{v}"'
     if isinstance(v, (list, tuple)):
@@ -135,3 +144,23 @@ def simulated_clock(start: float, speed: float) -> dict:
     import time
 
     return {"clock_start": start, "clock_speed": speed, "clock_epoch": time.time()}
+
+
+def operator_token(config: Path) -> str:
+    """The operator token of the server that `config` configures (what `server init` wrote)."""
+    from server.config import load_config
+    from server.keys import operator_token as token
+
+    cfg = load_config(config)
+    return cfg.operator_token or token(cfg.operator_token_path)
+
+
+def enrollment(config: Path, population: str, now=None):
+    """What a phone of `population` enrolls with: the app credential and the development issuer's
+    key (device_runtime.enrollment), read from the state `server init` wrote."""
+    import time
+
+    from device_runtime.enrollment import Enrollment
+    from server.config import load_config
+
+    return Enrollment.from_file(load_config(config).enrollment_path(population), now=now or time.time)

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from device_runtime.client import ArtifactCache
 from device_runtime.clock import ScaledClock, local_datetime
+from device_runtime.enrollment import Enrollment
 from device_runtime.policy import TrainingPolicy
 from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.transport import RetryPolicy
@@ -99,6 +100,8 @@ class FleetConfig:
     task_time_budget_s: float = 3600.0   # a phone gives up a task after an hour (simulated)
     persistent: bool = True            # keep each phone's runtime in memory (see Phone)
     keep_uploads: bool = False         # keep every upload's body (tests decode them)
+    enrollment: Enrollment | None = None   # the app credential and attester every phone enrolls with
+    operator_token: str | None = None  # to poll the server's round analytics
     seed: int = 0
 
 
@@ -168,7 +171,7 @@ class Phone:
             cache=ArtifactCache(cfg.data_dir / "artifacts", transport, max_bytes=512 << 20),
             plans=PooledPlans(fleet.pool, cfg.clock, self.conditions, list(self.texts), fleet.faults,
                               p.speed_factor, p.slow),
-            opstats=RecordingOpStats(self.dir / "opstats.db", fleet.record))
+            opstats=RecordingOpStats(self.dir / "opstats.db", fleet.record), enrollment=cfg.enrollment)
         if fresh:   # what its user typed over the last month
             rng = np.random.default_rng(self.profile.seed)
             now = cfg.clock.now()
@@ -330,9 +333,10 @@ class Fleet:
 
     def status(self) -> FleetStatus | None:
         base = f"{self.config.server_url}/v1/populations/{self.config.population}"
+        auth = {"Authorization": f"Bearer {self.config.operator_token}"} if self.config.operator_token else {}
         try:
-            rounds = requests.get(f"{base}/rounds?limit=1000", timeout=30).json()["rounds"]
-            versions = requests.get(f"{base}/versions?limit=1000", timeout=30).json()["versions"]
+            rounds = requests.get(f"{base}/rounds?limit=1000", headers=auth, timeout=30).json()["rounds"]
+            versions = requests.get(f"{base}/versions?limit=1000", headers=auth, timeout=30).json()["versions"]
         except (requests.RequestException, ValueError, KeyError):
             return None
         return FleetStatus(self.config.clock.now(), rounds, versions)

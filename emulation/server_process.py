@@ -38,6 +38,13 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def operator_headers(self) -> dict:
+        """`Authorization` for the operator endpoints (the token `server init` wrote for this config)."""
+        from emulation.deployment import operator_token
+
+        return {"Authorization": f"Bearer {operator_token(self.config)}"}
+
     def start(self) -> "ServerProcess":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

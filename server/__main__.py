@@ -4,6 +4,7 @@
     run      --config C [--bind HOST:PORT] [--workers N] [--threads N]
     status   --config C [--population P] [--rounds 10]
     rollback --config C [--population P] [--to VERSION]
+    revoke   --config C [--population P] --device PSEUDONYM
     publish  --config C          (run pending publish jobs now, in this process)
 
 `run` serves `server.app:create_app` with gunicorn (gthread workers, whose
@@ -36,6 +37,7 @@ def _population(config: ServerConfig, name: str | None) -> str:
 
 def cmd_init(args, config: ServerConfig) -> None:
     from server.artifacts import ArtifactStore
+    from server.keys import enrollment_material, operator_token
     from server.populations import register_population
     from server.store import Store
 
@@ -49,6 +51,16 @@ def cmd_init(args, config: ServerConfig) -> None:
     plan = f"plan {pop.plan.artifact_sha256[:12]}…" if pop.plan else "no plan (devices cannot train yet)"
     print(f"population {name!r}: version 0, {pop.layout.size:,} weights, {plan}; "
           f"database {config.database}")
+    token_path = config.operator_token_path
+    if config.operator_token is None:
+        operator_token(token_path)
+        print(f"operator token: in {token_path} (send it as 'Authorization: Bearer <token>')")
+    enrollment = config.population(name).enrollment
+    if enrollment.app_credential_sha256 is None or enrollment.issuer_public_key is None:
+        material = enrollment_material(config.enrollment_path(name))
+        print(f"enrollment: app credential and a development attestation issuer key pair (a stand-in for "
+              f"Play Integrity) in {config.enrollment_path(name)}; the issuer's public key is "
+              f"{material['issuer_public_key']}")
 
 
 def cmd_run(args, config: ServerConfig) -> None:
@@ -108,6 +120,14 @@ def cmd_rollback(args, config: ServerConfig) -> None:
     print(f"population {name}: apps now get version {target.version}")
 
 
+def cmd_revoke(args, config: ServerConfig) -> None:
+    from server.services import build_services
+
+    name = _population(config, args.population)
+    changed = build_services(config).enrollment.revoke(name, args.device)
+    print(f"population {name}: device {args.device} {'revoked' if changed else 'was already revoked'}")
+
+
 def cmd_publish(args, config: ServerConfig) -> None:
     from server.services import build_services
 
@@ -119,12 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "rollback": cmd_rollback,
-                "publish": cmd_publish}
+                "revoke": cmd_revoke, "publish": cmd_publish}
     parsers = {name: sub.add_parser(name) for name in commands}
     for p in parsers.values():
         p.add_argument("--config", required=True, help="TOML or JSON server config")
-    for name in ("init", "status", "rollback"):
+    for name in ("init", "status", "rollback", "revoke"):
         parsers[name].add_argument("--population", help="default: the config's only population")
+    parsers["revoke"].add_argument("--device", required=True,
+                                   help="the device's pseudonym, as operator views show it (p-...)")
     parsers["init"].add_argument("--checkpoint", required=True, help="initial model (safetensors)")
     parsers["init"].add_argument("--vocab", help="default: vocab.json beside the checkpoint or its run dir")
     parsers["init"].add_argument("--plan-dir", help="output of `python -m tflite_export plan`")

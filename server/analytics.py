@@ -36,8 +36,11 @@ def round_summary(row: sqlite3.Row, now: float) -> dict:
 
 
 class RoundAnalytics:
-    def __init__(self, store: Store):
+    """Operator views: devices appear under their pseudonym (server.keys), never their id."""
+
+    def __init__(self, store: Store, pseudonym):
         self._store = store
+        self._pseudonym = pseudonym
 
     def _population_exists(self, conn: sqlite3.Connection, population: str) -> None:
         if conn.execute("SELECT 1 FROM populations WHERE name = ?", (population,)).fetchone() is None:
@@ -66,12 +69,9 @@ class RoundAnalytics:
         out = round_summary(row, now)
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])
         out["update"] = json.loads(row["update_spec_json"]) if row["update_spec_json"] else None
-        out["failure_reasons"] = {}
-        for r in reasons:
-            key = (r["reason"] or "unknown").split(":")[0]
-            out["failure_reasons"][key] = out["failure_reasons"].get(key, 0) + r["n"]
+        out["failure_reasons"] = {r["reason"] or "unknown": r["n"] for r in reasons}
         out["devices"] = [{
-            "device_id": s["device_id"], "session_id": s["id"], "outcome": s["state"],
+            "device": self._pseudonym(s["device_id"]), "session_id": s["id"], "outcome": s["state"],
             "reason": s["reason"], "assigned_at": s["assigned_at"], "finished_at": s["finished_at"],
             "num_examples": s["num_examples"], "bytes_in": s["bytes_in"], "bytes_out": s["bytes_out"],
             "metrics": json.loads(s["metrics_json"]) if s["metrics_json"] else None,

@@ -29,6 +29,7 @@ from server.clock import Clock
 from server.config import ServerConfig, load_config
 from server.errors import ErrorCode, ProtocolError
 from server.publisher import Exporter
+from server.ratelimit import RateLimited
 from server.services import Ticker, build_services
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
 
     @app.errorhandler(ProtocolError)
     def _protocol_error(e: ProtocolError):
-        return jsonify(e.to_json()), e.status
+        response = jsonify(e.to_json())
+        response.status_code = e.status
+        if isinstance(e, RateLimited):
+            response.headers["Retry-After"] = str(int(e.retry_after_s))
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):

@@ -34,6 +34,7 @@ from typing import Any
 from contract.update_spec import UpdateSpec
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
+VERIFIERS = ("ed25519",)
 TASKS = ("train", "eval")
 
 
@@ -57,6 +58,44 @@ class EligibilityConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnrollmentConfig:
+    """Who may become a device of the population (see server.enrollment).
+
+    A device enrolls with the population's app credential and an attestation
+    statement bound to a fresh server nonce, signed by the attestation issuer.
+    When the config names neither, `python -m server init` makes a credential
+    and a development issuer key pair (a stand-in for Play Integrity) in the
+    private state directory and prints where they are.
+    """
+
+    app_credential_sha256: str | None = None   # sha256 hex of the credential the app ships with
+    verifier: str = "ed25519"                  # how attestation statements are checked
+    issuer_public_key: str | None = None       # Ed25519, 32 raw bytes base64url: the issuer's key
+    app_id: str | None = None                  # the statement must name this app (None: any)
+    nonce_ttl_s: float = 300.0                 # a nonce is good for this long, and once
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimits:
+    """Token buckets (burst, per seconds) per action; a burst of 0 turns one off (server.ratelimit).
+
+    An honest phone registers once, asks for a nonce once, checks in a few
+    times an hour overnight and uploads and downloads a handful of times: these
+    allow several times that. Addresses are allowed more than devices (phones
+    share addresses behind carrier NAT).
+    """
+
+    nonce_per_address: tuple[float, float] = (60.0, 3600.0)
+    register_per_address: tuple[float, float] = (60.0, 3600.0)
+    checkin_per_device: tuple[float, float] = (120.0, 3600.0)
+    checkin_per_address: tuple[float, float] = (20_000.0, 3600.0)
+    upload_per_device: tuple[float, float] = (30.0, 3600.0)
+    upload_per_address: tuple[float, float] = (10_000.0, 3600.0)
+    artifact_per_device: tuple[float, float] = (300.0, 3600.0)
+    artifact_per_address: tuple[float, float] = (20_000.0, 3600.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class PopulationConfig:
     """How the rounds of one population run. Fixed into each round when it opens."""
 
@@ -73,12 +112,14 @@ class PopulationConfig:
     server_optimizer: str = "sgdm"
     server_lr: float = 1.0
     server_momentum: float = 0.9        # sgdm only
+    min_round_size: int = 5             # no version (nor evaluation) from fewer reports: the minimum cohort
     eval_every: int = 10                # an evaluation round after every N training rounds (0: never)
     publish_every: int = 10             # publish at most every K versions (0: never)
     ineligible_retry_s: tuple[float, float] = (720.0, 1080.0)   # 15 min +- 20%
     max_retry_s: float = 6 * 3600.0     # pace steering never spreads further than this
     seed: int = 0
     eligibility: EligibilityConfig = EligibilityConfig()
+    enrollment: EnrollmentConfig = EnrollmentConfig()
     # How devices encode updates ([populations.<name>.update]; contract.update_spec). When
     # max_weight is not set, it is the default per epoch x client_epochs.
     update: UpdateSpec = UpdateSpec()
@@ -93,7 +134,8 @@ class PopulationConfig:
 
     @property
     def min_reports(self) -> int:
-        return max(1, math.ceil(self.goal * self.min_report_fraction - 1e-9))
+        """A round completes with this many reports: the fraction of the goal, and the minimum cohort."""
+        return max(1, self.min_round_size, math.ceil(self.goal * self.min_report_fraction - 1e-9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +152,24 @@ class ServerConfig:
     fsync: bool = False     # True: survive power loss too (fsync files, SQLite synchronous=FULL)
     tick_interval_s: float = 1.0               # background round ticker (0: requests only)
     publish_timeout_s: float = 1800.0          # a publish job older than this is retried
-    operator_token: str | None = None          # if set, operator endpoints need it as Bearer
+    operator_token: str | None = None          # operator endpoints need it as Bearer; default: the file's
+    operator_token_file: Path | None = None    # default: <state_dir>/operator_token (made by `server init`)
+    trust_forwarded_for: bool = False          # the client's address is X-Forwarded-For's last hop (a proxy)
+    rate_limits: RateLimits = RateLimits()
     exporter: tuple[str, ...] | None = None    # command prefix; default: this python -m tflite_export
     # Simulated time (emulated fleets): now = clock_start + (time.time() - clock_epoch) * clock_speed.
     clock_speed: float = 1.0
     clock_start: float | None = None
     clock_epoch: float | None = None
     populations: Mapping[str, PopulationConfig] = dataclasses.field(default_factory=dict)
+
+    @property
+    def operator_token_path(self) -> Path:
+        return self.operator_token_file or self.state_dir / "operator_token"
+
+    def enrollment_path(self, population: str) -> Path:
+        """Where `server init` keeps a population's app credential and development issuer keys."""
+        return self.state_dir / f"enrollment-{population}.json"
 
     def make_clock(self):
         from server.clock import ScaledClock, SystemClock
@@ -170,6 +223,9 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
         if key == "update":
             return value if isinstance(value, UpdateSpec) else _build(UpdateSpec, value,
                                                                       f"populations.{name}.update")
+        if key == "enrollment":
+            return value if isinstance(value, EnrollmentConfig) else _build(
+                EnrollmentConfig, value, f"populations.{name}.enrollment")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
         return value
@@ -182,7 +238,7 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
     return population
 
 
-PATH_KEYS = ("database", "artifact_dir", "state_dir")
+PATH_KEYS = ("database", "artifact_dir", "state_dir", "operator_token_file")
 
 
 def _from_mapping(data: Mapping[str, Any], base: Path) -> ServerConfig:
@@ -192,10 +248,14 @@ def _from_mapping(data: Mapping[str, Any], base: Path) -> ServerConfig:
                     for n, p in value.items()}
         if key == "exporter":
             return tuple(value) if value else None
+        if key == "rate_limits":
+            return value if isinstance(value, RateLimits) else _build(
+                RateLimits, value, "rate_limits", lambda k, v: tuple(float(x) for x in v))
         return value
 
     config = _build(ServerConfig, data, "config", convert)
-    return dataclasses.replace(config, **{k: base / Path(getattr(config, k)) for k in PATH_KEYS})
+    return dataclasses.replace(config, **{k: base / Path(getattr(config, k)) for k in PATH_KEYS
+                                          if getattr(config, k) is not None})
 
 
 def _validated(config: ServerConfig) -> ServerConfig:
@@ -207,6 +267,9 @@ def _validated(config: ServerConfig) -> ServerConfig:
     check(config.aggregation_shards >= 1, "aggregation_shards must be >= 1")
     check(config.clock_speed > 0, "clock_speed must be > 0")
     check(config.max_upload_bytes > 0 and config.max_json_bytes > 0, "body limits must be > 0")
+    for f in dataclasses.fields(RateLimits):
+        burst, per_s = getattr(config.rate_limits, f.name)
+        check(burst >= 0 and per_s > 0, f"rate_limits.{f.name} must be [burst >= 0, seconds > 0]")
     for name, p in config.populations.items():
         where = f"populations.{name}"
         check(bool(name) and name.replace("-", "").replace("_", "").isalnum(),
@@ -230,6 +293,27 @@ def _validated(config: ServerConfig) -> ServerConfig:
             p.update.validate(f"{where}.update")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check(isinstance(p.min_round_size, int) and p.min_round_size >= 1,
+              f"{where}.min_round_size must be an integer >= 1")
+        check(p.goal >= p.min_round_size, f"{where}.goal ({p.goal}) is below min_round_size "
+              f"({p.min_round_size}): no round could ever complete")
+        n = p.enrollment
+        check(n.verifier in VERIFIERS, f"{where}.enrollment.verifier must be one of {', '.join(VERIFIERS)}")
+        check(n.nonce_ttl_s > 0, f"{where}.enrollment.nonce_ttl_s must be > 0")
+        check(n.app_credential_sha256 is None or (len(n.app_credential_sha256) == 64 and all(
+            c in "0123456789abcdef" for c in n.app_credential_sha256)),
+              f"{where}.enrollment.app_credential_sha256 must be 64 lowercase hex digits")
+        if n.issuer_public_key is not None:
+            from contract.attestation import public_key_from_text
+            try:
+                public_key_from_text(n.issuer_public_key)
+            except ValueError as e:
+                raise ConfigError(f"{where}.enrollment.issuer_public_key: {e}") from None
+        for key in ("min_runtime_version", "max_runtime_version"):
+            value = getattr(p.eligibility, key)
+            check(value is None or (isinstance(value, str) and all(
+                part.isdigit() for part in value.split(".")) and 1 <= len(value.split(".")) <= 4),
+                  f"{where}.eligibility.{key} must be dotted integers like '1.2.0'")
         e = p.eligibility
         check(0.0 <= e.min_battery <= 1.0, f"{where}.eligibility.min_battery must be in [0, 1]")
         check(e.min_separation_s >= 0, f"{where}.eligibility.min_separation_s must be >= 0")

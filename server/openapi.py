@@ -82,7 +82,8 @@ ROUND = _obj({
     "phases": _obj({"selection_s": NUM, "reporting_s": NUM, "finalize_s": NULLABLE_NUM}),
 }, extra=True)
 DEVICE_OUTCOME = _obj({
-    "device_id": STR, "session_id": STR,
+    "device": {"type": "string", "pattern": "^p-[0-9a-f]{16}$",
+               "description": "the device's pseudonym (a keyed hash of its id)"}, "session_id": STR,
     "outcome": {"enum": ["assigned", "accepted", "aborted", "failed", "dropped"]},
     "reason": {"type": ["string", "null"]}, "assigned_at": NUM, "finished_at": NULLABLE_NUM,
     "num_examples": NULLABLE_INT, "bytes_in": INT, "bytes_out": INT,
@@ -94,7 +95,11 @@ VERSION = _obj({"version": INT, "parent": NULLABLE_INT, "round": NULLABLE_INT,
 
 SCHEMAS = {
     "Error": wire.ERROR.schema(),
+    "NonceRequest": wire.NONCE_REQUEST.schema(),
+    "Nonce": wire.Nonce.SCHEMA.schema(),
+    "RegistrationRequest": wire.REGISTRATION_REQUEST.schema(),
     "Registration": wire.Registration.SCHEMA.schema(),
+    "Revocation": _obj({"device": STR, "revoked": {"const": True}, "already_revoked": {"type": "boolean"}}),
     "CheckinRequest": wire.CHECKIN_REQUEST.schema(),
     "CheckinResponse": wire.CHECKIN_RESPONSE,
     "Assignment": wire.ASSIGNMENT.schema(), "Rejection": wire.Rejection.SCHEMA.schema(),
@@ -137,6 +142,13 @@ is not a power of two in range, a wrong length or width, another round's spec. I
 session: a repeated upload gets the first answer and is counted once. "accepted": the update is
 part of the round. "aborted": the round closed or has its reports; the device drops the work. A
 4xx error changes nothing; the device may upload a corrected update."""
+ENROLLMENT_DOC = """A device enrolls once per population. It asks for a nonce, has its platform's
+attestation service (Play Integrity, App Attest; a development issuer stands in) sign a statement
+naming the population and the nonce (contract/attestation.py: canonical JSON {app_id, issued_at,
+nonce, population, verdict, version}, base64url, with an Ed25519 signature of those bytes), and sends
+it with the app's credential. The nonce works once and expires; the statement must come from the
+configured issuer and say MEETS_DEVICE_INTEGRITY. Both calls are rate-limited per address (429 with
+Retry-After)."""
 CHECKPOINT_DOC = """A checkpoint (GET /v1/artifacts/<assignment.checkpoint.sha256>) is a safetensors file
 of named float32 tensors whose metadata "layout" is the JSON of the flat layout ([{name, shape, offset}]);
 "model_config", "round", "version" and "parent" are JSON strings too. A plan and an app model are
@@ -153,14 +165,27 @@ def openapi_document() -> dict:
     outcome = {"200": _json(_ref("Outcome"), "accepted, aborted or recorded")}
     json_body = lambda name: {"application/json": {"schema": _ref(name)}}   # noqa: E731
     paths = {
-        "/v1/devices": {"post": _op("Register a device: returns its id and secret.",
-                                    {"201": _json(_ref("Registration"), "the new device's credentials")},
-                                    auth=None, errors=(413, 415))},
-        "/v1/checkin": {"post": _op(
+        "/v1/enrollment/nonces": {"post": _op(
+            "Enrollment, step 1: a fresh single-use nonce for the device's attestation.",
+            {"201": _json(_ref("Nonce"), "the nonce")}, body=json_body("NonceRequest"), auth=None,
+            errors=(400, 401, 404, 413, 415, 429), description=ENROLLMENT_DOC)},
+        "/v1/devices": {"post": _op(
+            "Enrollment, step 2: register with the app credential and an attestation of the nonce.",
+            {"201": {**_json(_ref("Registration"), "the new device's credentials"), "links": {
+                "CheckIn": {"operationId": "checkin",
+                            "parameters": {"header.Authorization": "$response.body#/authorization"}}}}},
+            body=json_body("RegistrationRequest"), auth=None, errors=(400, 401, 404, 413, 415, 429),
+            description=ENROLLMENT_DOC)},
+        "/v1/checkin": {"post": {**_op(
             "Check in with the device's conditions: an assignment, or a rejection with a retry window.",
-            {"200": _json(_ref("CheckinResponse"), "assignment or rejection")},
-            body=json_body("CheckinRequest"), errors=(400, 401, 404, 413, 415))},
-        "/v1/sessions/{session_id}/update": {"post": _op(
+            {"200": {**_json(_ref("CheckinResponse"), "assignment or rejection"), "links": {
+                "Upload": {"operationId": "upload", "parameters": {
+                    "path.session_id": "$response.body#/assignment/session_id",
+                    "query.model_version": "$response.body#/assignment/model_version",
+                    "header.Authorization": "$request.header.Authorization"}}}}},
+            body=json_body("CheckinRequest"), errors=(400, 401, 403, 404, 413, 415, 429)),
+            "operationId": "checkin"}},
+        "/v1/sessions/{session_id}/update": {"post": {"operationId": "upload", **_op(
             "Upload the session's encoded model update.", outcome, description=UPLOAD_DOC,
             body={"application/octet-stream": {"schema": {**BINARY, "maxLength": limits.max_upload_bytes}}},
             params=[SESSION,
@@ -170,20 +195,20 @@ def openapi_document() -> dict:
                     {"name": "metrics", "in": "query", "required": False,
                      "description": "training metrics, a JSON object of finite numbers (e.g. loss)",
                      "content": {"application/json": {"schema": _ref("Metrics")}}}],
-            errors=(400, 401, 403, 404, 409, 413, 415, 422))},
+            errors=(400, 401, 403, 404, 409, 413, 415, 422, 429))}},
         "/v1/sessions/{session_id}/eval": {"post": _op(
             "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
             body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))},
         "/v1/sessions/{session_id}/failure": {"post": _op(
-            "Report why the device stopped the task (counted in round analytics).", outcome,
+            "Report why the device stopped the task: a reason code, nothing else (no free text).", outcome,
             body=json_body("FailureReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))},
         "/v1/artifacts/{sha256}": {"get": _op(
             "A plan, checkpoint, app model, vocabulary or manifest by sha256 (immutable; ETag = hash).",
             {"200": {"description": "the bytes", "headers": {"ETag": {"schema": STR}},
                      "content": {"application/octet-stream": {"schema": BINARY}}},
              "304": {"description": "not modified (If-None-Match matched)"}},
-            params=[_path_param("sha256", {"type": "string", "maxLength": 200})], auth=None, errors=(404,),
-            description=CHECKPOINT_DOC)},
+            params=[_path_param("sha256", {"type": "string", "maxLength": 200})], auth=None,
+            errors=(401, 403, 404, 429), description=CHECKPOINT_DOC)},
         "/v1/populations/{population}/app-model": {"get": _op(
             "The latest published app model: manifest and file URLs.",
             {"200": _json(_ref("AppModel"), "published app model")}, params=[POPULATION], auth=None,
@@ -201,6 +226,11 @@ def openapi_document() -> dict:
             "Operator: model versions, newest first (lineage, metrics, publication).",
             {"200": _json(_ref("VersionList"), "versions")}, params=LIST_PARAMS, auth="operator",
             errors=(400, 401, 404))},
+        "/v1/populations/{population}/devices/{pseudonym}/revoke": {"post": _op(
+            "Operator: revoke a device (named by its pseudonym): its calls are refused from now on (403) "
+            "and its open sessions end.", {"200": _json(_ref("Revocation"), "revoked")},
+            params=[POPULATION, _path_param("pseudonym", {"type": "string", "maxLength": 40})],
+            auth="operator", errors=(401, 404))},
         "/openapi.json": {"get": _op("This document.", {"200": _json({"type": "object"}, "OpenAPI 3.1")},
                                      auth=None)},
         "/healthz": {"get": _op("Liveness.", {"200": _json(_obj({"status": {"const": "ok"}}), "ok")},

@@ -135,5 +135,5 @@ def register_population(store: Store, artifacts: ArtifactStore, clock: Clock, na
              json.dumps(dataclasses.asdict(plan)) if plan else None, vocab_sha, now))
         tx.execute("INSERT INTO versions (population, version, checkpoint_sha256, created_at, train_json)"
                    " VALUES (?, 0, ?, ?, ?)",
-                   (name, checkpoint_sha, now, json.dumps({"source": str(checkpoint)})))
+                   (name, checkpoint_sha, now, json.dumps({"source": "initial checkpoint"})))
         return load_population(tx, name)

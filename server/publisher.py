@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
+from server.artifact_access import ArtifactAccess
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.store import Store
@@ -68,13 +69,14 @@ class SubprocessExporter:
 
 class PublishJobs:
     def __init__(self, store: Store, artifacts: ArtifactStore, versions: VersionRegistry,
-                 exporter: Exporter, clock: Clock, timeout_s: float = 1800.0):
+                 exporter: Exporter, clock: Clock, access: ArtifactAccess, timeout_s: float = 1800.0):
         self._store = store
         self._artifacts = artifacts
         self._versions = versions
         self._exporter = exporter
         self._clock = clock
         self._timeout_s = timeout_s
+        self._access = access
 
     def enqueue(self, tx, population: str, version: int) -> None:
         tx.execute("INSERT INTO jobs (kind, population, version, state, created_at)"
@@ -88,13 +90,14 @@ class PublishJobs:
             if job is None:
                 break
             try:
-                manifest_sha = self._export(job["population"], job["version"])
+                manifest_sha, files = self._export(job["population"], job["version"])
             except Exception as e:   # any exporter failure is recorded on the job and retried
                 log.exception("publishing %s v%d failed", job["population"], job["version"])
                 self._finish(job["id"], "failed" if job["attempts"] >= MAX_ATTEMPTS else "pending", str(e))
                 continue
             with self._store.write() as tx:
                 self._versions.mark_published(tx, job["population"], job["version"], manifest_sha)
+                self._access.publish(tx, job["population"], job["version"], [manifest_sha, *files])
                 self._finish(job["id"], "done", None)
             done += 1
         return done
@@ -115,7 +118,7 @@ class PublishJobs:
         with self._store.write() as tx:
             tx.execute("UPDATE jobs SET state = ?, error = ? WHERE id = ?", (state, error, job_id))
 
-    def _export(self, population: str, version: int) -> str:
+    def _export(self, population: str, version: int) -> tuple[str, list[str]]:
         found = self._versions.get(population, version)
         vocab_sha = self._store.connection().execute(
             "SELECT vocab_sha256 FROM populations WHERE name = ?", (population,)).fetchone()[0]
@@ -128,8 +131,8 @@ class PublishJobs:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _ingest(self, manifest_path: Path) -> str:
-        """Store the manifest and each file it lists, refusing any hash mismatch."""
+    def _ingest(self, manifest_path: Path) -> tuple[str, list[str]]:
+        """Store the manifest and each file it lists, refusing any hash mismatch: (manifest, files)."""
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             files = {str(n): str(rec["sha256"]) for n, rec in manifest["files"].items()}
@@ -141,4 +144,4 @@ class PublishJobs:
             actual = self._artifacts.put_file(manifest_path.parent / name)
             if actual != expected:
                 raise ExportError(f"{name}: sha256 {actual} is not the manifest's {expected}")
-        return self._artifacts.put_file(manifest_path)
+        return self._artifacts.put_file(manifest_path), list(files.values())

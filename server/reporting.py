@@ -30,6 +30,7 @@ from contract.wire import EvalReport, Outcome
 from server.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
+from server.registry import DeviceRegistry
 from server.rounds import Round, RoundService
 from server.store import Store
 
@@ -37,11 +38,13 @@ log = logging.getLogger(__name__)
 
 
 class ReportingService:
-    def __init__(self, store: Store, clock: Clock, rounds: RoundService, partials: PartialSums):
+    def __init__(self, store: Store, clock: Clock, rounds: RoundService, partials: PartialSums,
+                 registry: DeviceRegistry):
         self._store = store
         self._clock = clock
         self._rounds = rounds
         self._partials = partials
+        self._registry = registry
 
     def _session(self, conn: sqlite3.Connection, device_id: str,
                  session_id: str) -> tuple[sqlite3.Row, Round]:
@@ -106,20 +109,30 @@ class ReportingService:
             return stored
         return self._commit(session_id, rnd.id, report)
 
-    def failure(self, device_id: str, session_id: str, reason: str, detail: str | None) -> Outcome:
+    def failure(self, device_id: str, session_id: str, reason: str) -> Outcome:
+        """A device stopped its task; `reason` is a code (contract.wire.FAILURE_REASONS), never text."""
         with self._store.write() as tx:
             session, rnd = self._session(tx, device_id, session_id)
             if session["state"] == "failed":
                 return Outcome("recorded", rnd.number, session["reason"])
             if session["state"] not in ("assigned", "dropped"):
                 raise ProtocolError(ErrorCode.SESSION_CLOSED, f"the session is already {session['state']}")
-            stored_reason = reason if not detail else f"{reason}: {detail}"
-            tx.execute("UPDATE sessions SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
-                       (stored_reason, self._clock.now(), session_id))
-            tx.execute("UPDATE rounds SET failed = failed + 1, dropped = dropped - ? WHERE id = ?",
-                       (int(session["state"] == "dropped"), rnd.id))
+            self._fail_session(tx, session, rnd.id, reason)
         self._advance(rnd.population)
         return Outcome("recorded", rnd.number, reason)
+
+    def end_sessions_of(self, tx: sqlite3.Connection, device_id: str) -> None:
+        """A revoked device's open sessions fail now ("revoked"), so no round waits for them."""
+        for session in tx.execute("SELECT s.* FROM sessions s JOIN rounds r ON r.id = s.round_id WHERE"
+                                  " s.device_id = ? AND s.state = 'assigned' AND r.state IN"
+                                  " ('selecting', 'reporting')", (device_id,)).fetchall():
+            self._fail_session(tx, session, session["round_id"], "revoked")
+
+    def _fail_session(self, tx: sqlite3.Connection, session: sqlite3.Row, round_id: int, reason: str) -> None:
+        tx.execute("UPDATE sessions SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
+                   (reason, self._clock.now(), session["id"]))
+        tx.execute("UPDATE rounds SET failed = failed + 1, dropped = dropped - ? WHERE id = ?",
+                   (int(session["state"] == "dropped"), round_id))
 
     def _commit(self, session_id: str, round_id: int, contribution) -> Outcome:
         """The one transaction in which a report is counted (or the session aborted)."""
@@ -141,7 +154,7 @@ class ReportingService:
             else:
                 self._count_update(tx, round_id, session_id, *contribution)
             device = tx.execute("SELECT device_id FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
-            tx.execute("UPDATE devices SET last_participation_at = ? WHERE id = ?", (now, device))
+            self._registry.record_participation(tx, device, now)
             tx.execute("UPDATE sessions SET state = 'accepted', finished_at = ? WHERE id = ?",
                        (now, session_id))
             tx.execute("UPDATE rounds SET reported = reported + 1 WHERE id = ?", (round_id,))

@@ -6,13 +6,17 @@ import logging
 import threading
 
 from server.analytics import RoundAnalytics
+from server.artifact_access import ArtifactAccess
 from server.artifacts import ArtifactStore
 from server.checkin import CheckinService
 from server.clock import Clock
 from server.config import ServerConfig
+from server.enrollment import EnrollmentService
+from server.keys import Pseudonyms, operator_token
 from server.partials import PartialSums
 from server.policy import build_policy
 from server.publisher import Exporter, PublishJobs, SubprocessExporter
+from server.ratelimit import RateLimiter
 from server.registry import DeviceRegistry
 from server.reporting import ReportingService
 from server.rounds import RoundService
@@ -37,6 +41,10 @@ class Services:
     reporting: ReportingService
     publisher: PublishJobs
     analytics: RoundAnalytics
+    enrollment: EnrollmentService
+    access: ArtifactAccess
+    limits: RateLimiter
+    operator_token: str
 
     def populations(self) -> list[str]:
         """Populations that are both configured and registered."""
@@ -56,17 +64,22 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
     private = ArtifactStore(config.state_dir / "objects", fsync=config.fsync)
     partials = PartialSums(config.state_dir / "partials", config.aggregation_shards, fsync=config.fsync)
-    registry = DeviceRegistry(store, clock)
+    pseudonyms = Pseudonyms(config.state_dir / "pseudonym.key")
+    registry = DeviceRegistry(store, clock, pseudonyms)
     versions = VersionRegistry(store, artifacts, private, clock)
+    access = ArtifactAccess(store)
     publisher = PublishJobs(store, artifacts, versions,
                             exporter or SubprocessExporter(config.exporter, config.publish_timeout_s),
-                            clock, config.publish_timeout_s)
+                            clock, access, config.publish_timeout_s)
     rounds = RoundService(store, clock, config, versions, partials, on_publish=publisher.enqueue)
     policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
     checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
-    reporting = ReportingService(store, clock, rounds, partials)
+    reporting = ReportingService(store, clock, rounds, partials, registry)
+    enrollment = EnrollmentService(store, clock, config, registry, reporting.end_sessions_of)
+    token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
-                        checkin, reporting, publisher, RoundAnalytics(store))
+                        checkin, reporting, publisher, RoundAnalytics(store, pseudonyms), enrollment, access,
+                        RateLimiter(config.state_dir / "ratelimit.db", clock), token)
     removed = rounds.collect_garbage()
     if removed:
         log.info("removed %d stale partial-sum files", removed)

@@ -128,6 +128,24 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE rounds ADD COLUMN update_spec_json TEXT;
     """,
+    # 3: enrollment (a device belongs to one population, has a pseudonym for operator views and may
+    # be revoked), single-use nonces, and the artifacts anyone may download (published app models).
+    """
+    ALTER TABLE devices ADD COLUMN population TEXT;
+    ALTER TABLE devices ADD COLUMN pseudonym TEXT;
+    ALTER TABLE devices ADD COLUMN revoked_at REAL;
+    CREATE INDEX devices_by_pseudonym ON devices (pseudonym);
+    CREATE TABLE nonces (
+        nonce_sha256 TEXT PRIMARY KEY,
+        population TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE public_artifacts (
+        sha256 TEXT PRIMARY KEY,
+        population TEXT NOT NULL,
+        version INTEGER NOT NULL
+    );
+    """,
 ]
 
 

@@ -65,22 +65,25 @@ def make_server(tmp_path):
     """Factory: `make_server(**population_overrides)` → env with app, services, clock, exporter.
 
     The population "en" has the small test layout (tests.server_fixtures.SMALL_LAYOUT),
-    permissive eligibility, goal 4 (max 6 selected, >= 2 to start and to complete),
+    permissive eligibility, goal 4 (max 6 selected, >= 2 to start and to complete: the
+    minimum cohort is lowered to 1 for these tests; tests of it set their own),
     plain SGD with lr 1 on the server, float32 updates (TEST_UPDATE) and no background ticker.
+    `env.enrollment` is what its devices enroll with, `env.operator_headers` what operators send.
     """
     from types import SimpleNamespace
 
     from server import create_app
     from server.clock import ManualClock
     from server.populations import register_population
-    from tests.server_fixtures import FakeExporter, SMALL_LAYOUT, write_checkpoint, write_plan_dir
+    from tests.server_fixtures import (FakeExporter, SMALL_LAYOUT, enrollment_for, write_checkpoint,
+                                       write_plan_dir)
 
     made = []
 
     def make(name: str = "en", server: dict | None = None, **population):
         root = tmp_path / f"server{len(made)}"
         root.mkdir()
-        settings = {"goal": 4, "over_selection": 1.5, "min_selected_fraction": 0.5,
+        settings = {"goal": 4, "min_round_size": 1, "over_selection": 1.5, "min_selected_fraction": 0.5,
                     "min_report_fraction": 0.5, "selection_window_s": 60.0,
                     "reporting_window_s": 300.0, "eval_every": 0, "publish_every": 0,
                     "server_optimizer": "sgd", "server_lr": 1.0,
@@ -98,7 +101,8 @@ def make_server(tmp_path):
                             plan_dir=write_plan_dir(root / "plan"))
         env = SimpleNamespace(app=app, services=services, clock=clock, exporter=exporter, root=root,
                               population=name, layout=SMALL_LAYOUT, flat=flat, config=config,
-                              client=app.test_client())
+                              client=app.test_client(), enrollment=enrollment_for(services, name, clock),
+                              operator_headers={"Authorization": f"Bearer {services.operator_token}"})
         made.append(env)
         return env
 

@@ -17,6 +17,7 @@ from device_runtime.client import Assignment, Rejection
 from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.training import Hyperparameters, local_windows, train_locally
+from emulation.deployment import enrollment
 from models.corpus import FederatedCorpus
 from contract.weights import load_checkpoint
 from tflite_export.reader import load_plan
@@ -44,11 +45,12 @@ def texts_of(corpus: FederatedCorpus, clients: range | list[int]) -> list[str]:
     return [t for i in clients for t in values[i]]
 
 
-def night_device(root: Path, server_url: str, texts: list[str], now=None, settings=None,
-                 **kwargs) -> Device:
-    """A device in population "en", charging, idle on Wi-Fi at 23:30, holding `texts`."""
+def night_device(root: Path, server, texts: list[str], now=None, settings=None, **kwargs) -> Device:
+    """A device in population "en" of `server` (a ServerProcess), enrolled with its app credential,
+    charging, idle on Wi-Fi at 23:30, holding `texts`."""
     conditions = kwargs.pop("conditions", None) or EmulatedConditions(now or (lambda: NIGHT))
-    device = Device(root, server_url, conditions, settings=settings or DeviceSettings("en"), **kwargs)
+    kwargs.setdefault("enrollment", enrollment(server.config, "en"))
+    device = Device(root, server.url, conditions, settings=settings or DeviceSettings("en"), **kwargs)
     for text in texts:
         device.examples.add(text)
     return device
@@ -75,15 +77,18 @@ def record_uploads(device: Device) -> list[tuple[Assignment, np.ndarray, int]]:
     return sent
 
 
-def round_detail(server_url: str, number: int, population: str = "en") -> dict:
-    resp = requests.get(f"{server_url}/v1/populations/{population}/rounds/{number}", timeout=10)
+def round_detail(server, number: int, population: str = "en") -> dict:
+    """The operator's view of a round of `server` (an emulation.server_process.ServerProcess)."""
+    resp = requests.get(f"{server.url}/v1/populations/{population}/rounds/{number}", timeout=10,
+                        headers=server.operator_headers)
     resp.raise_for_status()
     return resp.json()
 
 
-def server_weights(server_url: str, sha256: str, scratch: Path) -> np.ndarray:
-    """The flat weights of a checkpoint the server holds."""
-    blob = requests.get(f"{server_url}/v1/artifacts/{sha256}", timeout=10)
+def server_weights(server, sha256: str, scratch: Path) -> np.ndarray:
+    """The flat weights of a checkpoint `server` holds (fetched as the operator: unpublished
+    checkpoints go only to the devices assigned to them)."""
+    blob = requests.get(f"{server.url}/v1/artifacts/{sha256}", timeout=10, headers=server.operator_headers)
     blob.raise_for_status()
     path = scratch / f"{sha256}.safetensors"
     path.write_bytes(blob.content)

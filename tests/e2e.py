@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from emulation.deployment import Model, start_server, tiny_corpus, tiny_model
+from emulation.deployment import Model, enrollment, operator_token, start_server, tiny_corpus, tiny_model
 from emulation.fleet import Fleet, FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
 from emulation.report import summarize
 from emulation.server_process import ServerProcess
@@ -23,7 +23,8 @@ from models.corpus import FederatedCorpus
 NIGHT_UTC = 1_795_480_200.0   # 2026-11-24 00:30 UTC: most phones in UTC+0/+1 asleep on the charger
 
 # A small population for fleets of ~20 phones: rounds of 5, a third over-selected.
-FLEET_POPULATION = dict(goal=5, over_selection=1.4, min_selected_fraction=0.6, min_report_fraction=0.6,
+FLEET_POPULATION = dict(goal=5, min_round_size=3, over_selection=1.4, min_selected_fraction=0.6,
+                        min_report_fraction=0.6,
                         selection_window_s=600.0, reporting_window_s=1200.0, client_lr=0.5,
                         client_max_examples=32, eligibility={"min_separation_s": 1800.0})
 
@@ -46,8 +47,11 @@ def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones
     """
     start, speed, epoch = read_server_clock(server.config)
     config.setdefault("mix", FleetMix(zones_h=(0.0, 1.0)))
-    fleet_config = FleetConfig(url or server.url, root, "en", shared_clock(start, speed, epoch),
-                               workers=16, **config)
+    clock = shared_clock(start, speed, epoch)
+    token = operator_token(server.config)
+    fleet_config = FleetConfig(url or server.url, root, "en", clock, workers=16,
+                               enrollment=enrollment(server.config, "en", now=clock.now),
+                               operator_token=token, **config)
     fleet = build_fleet(fleet_config, phones, corpus.train_texts)
     t0, sim0 = time.monotonic(), fleet_config.clock.now()
     try:
@@ -55,7 +59,8 @@ def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones
                            progress=False)
     finally:
         fleet.close()
-    details = [requests.get(f"{server.url}/v1/populations/en/rounds/{r['round']}", timeout=30).json()
+    details = [requests.get(f"{server.url}/v1/populations/en/rounds/{r['round']}", timeout=30,
+                            headers={"Authorization": f"Bearer {token}"}).json()
                for r in sorted(status.rounds, key=lambda r: r["round"])]
     return FleetRun(fleet, status, summarize(fleet, status, time.monotonic() - t0, sim0), details)
 

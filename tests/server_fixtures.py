@@ -120,14 +120,36 @@ class HttpTransport:
         return Reply(r.status_code, body, dict(r.headers), r.content)
 
 
-class DeviceClient:
-    """One device: register, check in, report. Raises AssertionError on unexpected statuses."""
+def enrollment_for(services, population: str, clock=None):
+    """The enrollment material `server init` would write for `population`, as a phone holds it."""
+    import time
 
-    def __init__(self, transport, population: str, conditions: dict | None = None):
+    from device_runtime.enrollment import Enrollment
+    from server.keys import enrollment_material
+
+    path = services.config.enrollment_path(population)
+    enrollment_material(path)
+    return Enrollment.from_file(path, now=clock.now if clock else time.time)
+
+
+def enroll(transport, population: str, enrollment, credential: str | None = None, attestation=None) -> Reply:
+    """A nonce, then the registration (device_runtime.enrollment); override either half to misbehave."""
+    nonce = transport.request("POST", "/v1/enrollment/nonces", json={"population": population})
+    assert nonce.status == 201, nonce.body
+    attestation = attestation or enrollment.attester.attest(population, nonce.body["nonce"])
+    return transport.request("POST", "/v1/devices", json={
+        "population": population, "app_credential": credential or enrollment.app_credential,
+        "attestation": attestation.to_json()})
+
+
+class DeviceClient:
+    """One device: enroll, check in, report. Raises AssertionError on unexpected statuses."""
+
+    def __init__(self, transport, population: str, enrollment, conditions: dict | None = None):
         self.transport = transport
         self.population = population
         self.conditions = dict(conditions or ELIGIBLE)
-        reply = transport.request("POST", "/v1/devices")
+        reply = enroll(transport, population, enrollment)
         assert reply.status == 201, reply.body
         self.device_id, self.secret = reply.body["device_id"], reply.body["secret"]
         self.assignment: dict | None = None
@@ -143,6 +165,10 @@ class DeviceClient:
         if reply.status == 200 and "assignment" in reply.body:
             self.assignment = reply.body["assignment"]
         return reply
+
+    def download(self, url: str) -> Reply:
+        """An artifact, fetched as this device (unpublished ones go only to assigned devices)."""
+        return self.transport.request("GET", url, headers=self.headers)
 
     def pipeline(self) -> UpdatePipeline:
         """The update pipeline of the current assignment's round."""
@@ -175,15 +201,15 @@ class DeviceClient:
                                             else model_version, "top1_hits": top1, "top3_hits": top3,
                                             "positions": positions})
 
-    def fail(self, reason: str = "unplugged", detail: str | None = None) -> Reply:
-        body = {"reason": reason, **({"detail": detail} if detail else {})}
+    def fail(self, reason: str = "unplugged") -> Reply:
+        body = {"reason": reason}
         return self.transport.request("POST", f"/v1/sessions/{self.assignment['session_id']}/failure",
                                       headers=self.headers, json=body)
 
 
 def write_small_config(root: Path, **population) -> Path:
     """A server.toml for the small test layout, one population "en" (goal 6, sgd at lr 1)."""
-    settings = {"goal": 6, "over_selection": 1.5, "min_selected_fraction": 0.5, "min_report_fraction": 0.5,
+    settings = {"goal": 6, "min_round_size": 1, "over_selection": 1.5, "min_selected_fraction": 0.5, "min_report_fraction": 0.5,
                 "selection_window_s": 300.0, "reporting_window_s": 600.0, "eval_every": 0,
                 "server_optimizer": "sgd", "server_lr": 1.0, **population}
     lines = ['database = "state/nightjar.db"', 'artifact_dir = "state/artifacts"',

@@ -16,7 +16,8 @@ from contract.wire import Conditions
 from device_runtime.client import Assignment, Rejection, ServerClient
 from device_runtime.runtime import DeviceSettings
 from device_runtime.transport import Transport
-from emulation.deployment import REPO
+from emulation.deployment import REPO, enrollment
+from server.config import load_config
 from tests.device_world import (direct_delta, night_device, record_checkins, record_uploads,
                                 round_detail, server_weights, task_events, texts_of)
 from tests.e2e import tiny_world
@@ -33,7 +34,7 @@ def world(tmp_path_factory):
 
 def test_device_completes_a_task_and_uploads_exactly_the_plans_delta(world, tmp_path):
     corpus, model, server = world
-    device = night_device(tmp_path / "d", server.url, texts_of(corpus, [0]))
+    device = night_device(tmp_path / "d", server, texts_of(corpus, [0]))
     seen = record_checkins(device)
     device.step()
     assert seen, device.opstats.events()
@@ -44,9 +45,10 @@ def test_device_completes_a_task_and_uploads_exactly_the_plans_delta(world, tmp_
 
     # The server's new version (one report, plain SGD with lr 1) is initial + the device's delta,
     # as the round's update pipeline (the default: 8 bits, clipped, capped) encodes and decodes it.
-    versions = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10).json()["versions"]
+    versions = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10,
+                            headers=server.operator_headers).json()["versions"]
     v1 = next(v for v in versions if v["version"] == 1)
-    v1_flat = server_weights(server.url, v1["checkpoint_sha256"], tmp_path)
+    v1_flat = server_weights(server, v1["checkpoint_sha256"], tmp_path)
     direct = direct_delta(model.plan_dir, model.flat, device.examples.texts(), assignment)
     pipeline = UpdatePipeline(assignment.update)
     assert assignment.update.spec == UpdateSpec()                      # a new population's default
@@ -66,13 +68,15 @@ def test_device_completes_a_task_and_uploads_exactly_the_plans_delta(world, tmp_
 
 def test_the_runtime_never_imports_tensorflow(world, tmp_path):
     corpus, model, server = world
+    enrollment_file = str(load_config(server.config).enrollment_path("en"))
     script = textwrap.dedent(f"""
         import datetime as dt, sys
         from device_runtime.conditions import EmulatedConditions
+        from device_runtime.enrollment import Enrollment
         from device_runtime.runtime import Device, DeviceSettings
         d = Device({str(tmp_path / 'notf')!r}, {server.url!r},
                    EmulatedConditions(lambda: dt.datetime(2026, 11, 23, 23, 30)),
-                   settings=DeviceSettings("en"))
+                   settings=DeviceSettings("en"), enrollment=Enrollment.from_file({enrollment_file!r}))
         for t in {texts_of(corpus, [1])!r}:
             d.examples.add(t)
         d.step()
@@ -87,10 +91,10 @@ def test_the_runtime_never_imports_tensorflow(world, tmp_path):
     assert done.stdout.startswith("OK"), done.stdout
 
 
-def hold_the_round(server_url: str) -> tuple[ServerClient, Assignment]:
+def hold_the_round(server) -> tuple[ServerClient, Assignment]:
     """Another device takes the round's only seat (goal 1), so check-ins meet round_full."""
-    holder = ServerClient(Transport(server_url))
-    holder.authenticate(*holder.register())
+    holder = ServerClient(Transport(server.url))
+    holder.authenticate(*holder.register("en", enrollment(server.config, "en")))
     assignment = holder.checkin("en", Conditions(**ELIGIBLE))
     assert isinstance(assignment, Assignment), assignment
     return holder, assignment
@@ -98,9 +102,9 @@ def hold_the_round(server_url: str) -> tuple[ServerClient, Assignment]:
 
 def test_step_waits_within_every_retry_window_the_server_sends(world, tmp_path):
     corpus, model, server = world
-    holder, held = hold_the_round(server.url)
+    holder, held = hold_the_round(server)
     try:
-        device = night_device(tmp_path / "d", server.url, texts_of(corpus, [2]), seed=3)
+        device = night_device(tmp_path / "d", server, texts_of(corpus, [2]), seed=3)
         seen = record_checkins(device)
         waits = [device.step() for _ in range(6)]
         assert len(seen) == 6 and all(isinstance(r, Rejection) for r in seen), seen
@@ -135,7 +139,7 @@ class CorruptingTransport(Transport):
 def test_a_persistently_corrupt_download_is_reported_as_an_error_and_nothing_crashes(world, tmp_path):
     corpus, model, server = world
     transport = CorruptingTransport(server.url)
-    device = night_device(tmp_path / "d", server.url, texts_of(corpus, [3]), transport=transport)
+    device = night_device(tmp_path / "d", server, texts_of(corpus, [3]), transport=transport)
     seen, sent = record_checkins(device), record_uploads(device)
     wait = device.step()
     assert wait > 0 and not sent
@@ -144,7 +148,7 @@ def test_a_persistently_corrupt_download_is_reported_as_an_error_and_nothing_cra
     assert (event["outcome"], event["reason"], event["reported"]) == ("error", "error", True)
     assert "CorruptDownload" in event["detail"]
     assert not any(device.cache.root.iterdir())           # nothing unverified was kept
-    detail = round_detail(server.url, seen[0].round)
+    detail = round_detail(server, seen[0].round)
     mine = next(d for d in detail["devices"] if d["session_id"] == seen[0].session_id)
     assert mine["outcome"] == "failed" and mine["reason"].startswith("error")
     device.close()
@@ -152,7 +156,7 @@ def test_a_persistently_corrupt_download_is_reported_as_an_error_and_nothing_cra
 
 def test_a_task_too_big_for_the_memory_budget_is_refused_before_the_plan_is_downloaded(world, tmp_path):
     corpus, model, server = world
-    device = night_device(tmp_path / "d", server.url, texts_of(corpus, [4]),
+    device = night_device(tmp_path / "d", server, texts_of(corpus, [4]),
                           settings=DeviceSettings("en", task_memory_budget_mb=1.0))
     seen, sent = record_checkins(device), record_uploads(device)
     device.step()
@@ -162,14 +166,14 @@ def test_a_task_too_big_for_the_memory_budget_is_refused_before_the_plan_is_down
     plan_sha = seen[0].plan["sha256"]
     assert not device.cache.path(plan_sha).exists() and not (device.dir / "plans").exists()
     assert event["bytes_in"] < 10_000                      # the manifest only
-    detail = round_detail(server.url, seen[0].round)
+    detail = round_detail(server, seen[0].round)
     assert detail["failure_reasons"] == {"out_of_memory": 1}
     device.close()
 
 
 def test_the_device_keeps_its_own_minimum_separation(world, tmp_path):
     corpus, model, server = world
-    device = night_device(tmp_path / "d", server.url, texts_of(corpus, [5]),
+    device = night_device(tmp_path / "d", server, texts_of(corpus, [5]),
                           settings=DeviceSettings("en", min_separation_s=3600))
     device.step()
     assert task_events(device)[0]["outcome"] == "completed"
@@ -186,8 +190,9 @@ def test_the_run_command_trains_against_a_real_server_and_status_shows_it(world,
     added = subprocess.run(cli + ["add", "--data", str(data), *texts_of(corpus, [6])], cwd=REPO,
                            capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
+    enrollment_file = str(load_config(server.config).enrollment_path("en"))
     done = subprocess.run(cli + ["run", "--server", server.url, "--data", str(data), "--population", "en",
-                                 "--emulated", "--window", "00:00-00:00", "--max-steps", "2"],
+                                 "--enrollment", enrollment_file, "--emulated", "--window", "00:00-00:00", "--max-steps", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -229,7 +234,7 @@ def test_the_memory_estimate_covers_what_training_the_plan_really_takes(world):
 
 def test_a_device_the_server_does_not_know_registers_again(world, tmp_path):
     corpus, model, server = world
-    device = night_device(tmp_path / "d", server.url, texts_of(corpus, [7]))
+    device = night_device(tmp_path / "d", server, texts_of(corpus, [7]))
     (device.dir / "identity.json").write_text('{"device_id": "d-gone", "secret": "x"}')
     wait = device.step()
     error = device.opstats.events(1)[0]

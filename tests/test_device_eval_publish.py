@@ -37,7 +37,7 @@ def wait_for_app_model(server_url: str, timeout_s: float = 300.0) -> dict:
 def test_evaluation_task_then_the_published_app_model(world, tmp_path):
     corpus, model, server = world
     texts = texts_of(corpus, [0, 1])
-    device = night_device(tmp_path / "d", server.url, texts)
+    device = night_device(tmp_path / "d", server, texts)
     seen = record_checkins(device)
     device.step()
     device.step()
@@ -48,16 +48,17 @@ def test_evaluation_task_then_the_published_app_model(world, tmp_path):
 
     # The counts are contract.metrics' own, for the plan with version 1's weights on the device's text.
     plan = load_plan(model.plan_dir / "plan.manifest.json")
-    plan.set_weights(server_weights(server.url, seen[1].checkpoint["sha256"], tmp_path))
+    plan.set_weights(server_weights(server, seen[1].checkpoint["sha256"], tmp_path))
     windows = local_windows(plan, texts)
     hits = count_hits(plan.infer(windows[:, :-1]), windows[:, 1:])
     assert hits.positions > 100 and hits.top3 > 0
-    mine = round_detail(server.url, seen[1].round)["devices"][0]
+    mine = round_detail(server, seen[1].round)["devices"][0]
     assert mine["outcome"] == "accepted"
     assert {k: mine["metrics"][k] for k in ("top1_hits", "top3_hits", "positions")} == \
         {"top1_hits": hits.top1, "top3_hits": hits.top3, "positions": hits.positions}
     assert mine["metrics"]["loss_sum"] > 0
-    versions = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10).json()["versions"]
+    versions = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10,
+                            headers=server.operator_headers).json()["versions"]
     v1_eval = next(v for v in versions if v["version"] == 1)["eval"]
     assert (v1_eval["top1_hits"], v1_eval["top3_hits"]) == (hits.top1, hits.top3)
 
@@ -73,7 +74,8 @@ def test_evaluation_task_then_the_published_app_model(world, tmp_path):
     assert device.refresh_app_model() == 1                    # already current: nothing downloaded
     device.close()
 
-    restarted = Device(tmp_path / "d", server.url, device.conditions, settings=device.settings)
+    restarted = Device(tmp_path / "d", server.url, device.conditions, settings=device.settings,
+                       enrollment=device.enrollment)
     assert restarted.predictor.version == 1                   # from disk, verified, no download
     assert restarted.predictor.suggest("the king") == suggestions
     restarted.close()

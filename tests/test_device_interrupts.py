@@ -54,7 +54,7 @@ def test_a_failing_condition_stops_training_within_one_batch(world, tmp_path, mo
     corpus, model, server = world
     phone = Phone()
     texts = texts_of(corpus, range(6))              # 216 windows: 14 batches of 16
-    device = night_device(tmp_path / "d", server.url, texts, conditions=phone.conditions,
+    device = night_device(tmp_path / "d", server, texts, conditions=phone.conditions,
                           clock=phone.clock, settings=DeviceSettings("en", task_time_budget_s=900))
     trained: list[int] = []
     train_windows = TrainingPlan.train_windows
@@ -77,7 +77,7 @@ def test_a_failing_condition_stops_training_within_one_batch(world, tmp_path, mo
     assert (event["outcome"], event["reason"], event["reported"]) == ("interrupted", reason, True)
     assert event["batches"] == len(trained) and "train_s" in event and "upload_s" not in event
 
-    detail = round_detail(server.url, seen[0].round)
+    detail = round_detail(server, seen[0].round)
     mine = [d for d in detail["devices"] if d["session_id"] == seen[0].session_id]
     assert len(mine) == 1 and mine[0]["outcome"] == "failed", detail["devices"]
     assert mine[0]["reason"].split(":")[0] == reason
@@ -92,7 +92,7 @@ def test_a_failing_condition_stops_training_within_one_batch(world, tmp_path, mo
     assert task_events(device)[0]["outcome"] == "completed", task_events(device)
     assert task_events(device)[0]["bytes_in"] < 2 * seen[1].update.size * 4
     (assignment, delta, num_examples), = sent
-    initial = server_weights(server.url, assignment.checkpoint["sha256"], tmp_path)
+    initial = server_weights(server, assignment.checkpoint["sha256"], tmp_path)
     direct = direct_delta(model.plan_dir, initial, texts, assignment)
     np.testing.assert_allclose(delta, direct.delta, atol=1e-6)
     assert num_examples == direct.num_examples == 216

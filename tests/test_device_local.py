@@ -9,9 +9,11 @@ import os
 import threading
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_runtime.client import ArtifactCache, CorruptDownload
 from device_runtime.conditions import DeviceConditions, EmulatedConditions, LinuxConditions
+from device_runtime.enrollment import Enrollment, KeyAttester
 from device_runtime.example_store import ExampleStore, Retention
 from device_runtime.opstats import OpStats
 from device_runtime.policy import TrainingPolicy
@@ -294,7 +296,8 @@ def test_a_device_step_survives_an_unreachable_or_failing_server(flaky_server, t
     transport = Transport(url, RetryPolicy(attempts=3, base_delay_s=0.5, max_delay_s=4.0, timeout_s=5),
                           sleep=slept.append)
     device = Device(tmp_path / "d", url, EmulatedConditions(lambda: NIGHT), settings=DeviceSettings("en"),
-                    transport=transport, seed=1)
+                    transport=transport, seed=1,
+                    enrollment=Enrollment("credential", KeyAttester(Ed25519PrivateKey.generate())))
     device.examples.add("the king doth speak to the hall.")
     for _ in range(2):
         wait = device.step()

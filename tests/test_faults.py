@@ -46,11 +46,13 @@ def faulty_run(tmp_path_factory):
                                       tamper_fraction=0.2, seed=1))
         print(format_summary(run.summary))
         base = f"{server.url}/v1/populations/en"
-        details = [requests.get(f"{base}/rounds/{r['round']}", timeout=10).json()
+        details = [requests.get(f"{base}/rounds/{r['round']}", timeout=10,
+                                  headers=server.operator_headers).json()
                    for r in run.status.rounds]
         weights = {}
         for v in run.status.versions:
-            blob = requests.get(f"{server.url}/v1/artifacts/{v['checkpoint_sha256']}", timeout=10).content
+            blob = requests.get(f"{server.url}/v1/artifacts/{v['checkpoint_sha256']}", timeout=10,
+                                headers=server.operator_headers).content
             path = root / f"v{v['version']}.safetensors"
             path.write_bytes(blob)
             weights[v["version"]] = load_checkpoint(path)[1]

@@ -33,7 +33,7 @@ from models.model import TINY
 from contract.text import to_sequences
 from contract.update_spec import UpdateSpec
 from contract.weights import load_checkpoint
-from emulation.deployment import initial_model, start_server
+from emulation.deployment import enrollment, initial_model, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)
@@ -65,7 +65,7 @@ def production_round(root, corpus, model, clients, **population) -> tuple[np.nda
         reports = []
         for i, cid in enumerate(clients):
             device = Device(root / f"phone{i}", server.url, EmulatedConditions(lambda: NIGHT),
-                            settings=DeviceSettings("en"), seed=i)
+                            settings=DeviceSettings("en"), seed=i, enrollment=enrollment(server.config, "en"))
             for text in corpus.train_texts[cid]:
                 device.examples.add(text)
             seen = []
@@ -77,8 +77,9 @@ def production_round(root, corpus, model, clients, **population) -> tuple[np.nda
             windows = to_sequences(device.examples.texts(), corpus.vocab, corpus.seq_len)
             reports.append(Report(windows, int(seen[0].hyperparameters["seed"]), events[0]["examples"]))
             device.close()
-        version = _wait_for_version(server.url, 1)
-        blob = requests.get(f"{server.url}/v1/artifacts/{version['checkpoint_sha256']}", timeout=10).content
+        version = _wait_for_version(server.url, 1, server.operator_headers)
+        blob = requests.get(f"{server.url}/v1/artifacts/{version['checkpoint_sha256']}", timeout=10,
+                            headers=server.operator_headers).content
         (root / "v1.safetensors").write_bytes(blob)
         _, flat, _ = load_checkpoint(root / "v1.safetensors")
         return flat, reports
@@ -86,12 +87,12 @@ def production_round(root, corpus, model, clients, **population) -> tuple[np.nda
         server.kill()
 
 
-def _wait_for_version(url: str, number: int, timeout_s: float = 30.0) -> dict:
+def _wait_for_version(url: str, number: int, headers: dict, timeout_s: float = 30.0) -> dict:
     import time
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        versions = requests.get(f"{url}/v1/populations/en/versions", timeout=10).json()["versions"]
+        versions = requests.get(f"{url}/v1/populations/en/versions", timeout=10, headers=headers).json()["versions"]
         found = [v for v in versions if v["version"] == number]
         if found:
             return found[0]

@@ -18,7 +18,7 @@ state_dir = "state/private"
 bind = "127.0.0.1:9999"
 
 [populations.en]
-goal = 3
+goal = 6
 server_optimizer = "adam"
 server_lr = 0.01
 ineligible_retry_s = [60, 120]
@@ -39,13 +39,17 @@ def test_config_file_paths_defaults_and_errors(config_file, tmp_path):
     cfg = load_config(config_file)
     assert cfg.database == tmp_path / "state" / "db.sqlite" and cfg.workers == 2
     pop = cfg.population("en")
-    assert (pop.goal, pop.max_selected, pop.min_selected, pop.min_reports) == (3, 4, 3, 3)
+    assert (pop.goal, pop.max_selected, pop.min_selected, pop.min_reports) == (6, 8, 5, 5)   # min cohort 5
     assert pop.ineligible_retry_s == (60.0, 120.0) and pop.eligibility.min_battery == 0.25
     assert pop.eligibility.require_charging and pop.over_selection == 1.3
     for bad, match in [("nonsense = 1", "unknown key"), ("[populations.en]\ngoal = 0", "goal"),
                        ("[populations.en]\nserver_optimizer = 'lamb'", "server_optimizer"),
                        ("[populations.en.eligibility]\nmin_battery = 2", "min_battery"),
-                       ("[populations.en]\nover_selection = 0.5", "over_selection"), ("= broken", "TOML")]:
+                       ("[populations.en]\nover_selection = 0.5", "over_selection"), ("= broken", "TOML"),
+                       ("[populations.en]\ngoal = 3", "min_round_size"),
+                       ("[populations.en.update]\nbits = 12", "update.bits"),
+                       ("[populations.en.enrollment]\nissuer_public_key = 'xyz'", "issuer_public_key"),
+                       ("[rate_limits]\ncheckin_per_device = [10, 0]", "rate_limits.checkin_per_device")]:
         path = tmp_path / "bad.toml"
         path.write_text(bad)
         with pytest.raises(ConfigError, match=match):
@@ -53,7 +57,7 @@ def test_config_file_paths_defaults_and_errors(config_file, tmp_path):
     with pytest.raises(ConfigError, match="no file"):
         load_config(tmp_path / "missing.toml")
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "min.toml").write_text("[populations.en]\ngoal = 2\n")
+    (tmp_path / "sub" / "min.toml").write_text("[populations.en]\ngoal = 5\n")
     minimal = load_config(tmp_path / "sub" / "min.toml")    # default paths sit beside the file too
     assert minimal.database == tmp_path / "sub" / "nightjar-state" / "nightjar.db"
 
@@ -62,7 +66,10 @@ def test_init_status_rollback(config_file, tmp_path, capsys):
     write_checkpoint(tmp_path / "init.safetensors")
     args = ["init", "--config", str(config_file), "--checkpoint", str(tmp_path / "init.safetensors")]
     assert main(args + ["--plan-dir", str(write_plan_dir(tmp_path / "plan"))]) == 0
-    assert "version 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "version 0" in out and "operator token: in" in out and "enrollment:" in out
+    token = (tmp_path / "state" / "private" / "operator_token")
+    assert token.is_file() and oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text()) > 40
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["status", "--config", str(config_file)]) == 0

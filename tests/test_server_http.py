@@ -8,7 +8,8 @@ import pytest
 import requests
 
 from emulation.server_process import ServerProcess, free_port
-from tests.server_fixtures import init_small_population, write_small_config
+from emulation.deployment import enrollment
+from tests.server_fixtures import HttpTransport, enroll, init_small_population, write_small_config
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def test_every_error_from_flask_is_json_and_integers_beyond_any_range_are_4xx(se
     r = requests.post(server.url + "/v1/checkin", data=b"{}", headers={"Content-Type": "text/plain"},
                       timeout=10)
     assert r.status_code == 401                      # authentication is checked first ...
-    dev = requests.post(server.url + "/v1/devices", timeout=10).json()
+    dev = enroll(HttpTransport(server.url), "en", enrollment(server.config, "en")).body
     auth = {"Authorization": f"Bearer {dev['device_id']}:{dev['secret']}"}
     r = requests.post(server.url + "/v1/checkin", data=b"{}", headers={**auth, "Content-Type": "text/plain"},
                       timeout=10)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.server_fixtures import DeviceClient, FlaskTransport
+from tests.server_fixtures import DeviceClient, FlaskTransport, enrollment_for
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_round_eval_and_publish_with_the_real_exporter(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
     clock = ManualClock()
-    population = {"goal": 1, "over_selection": 1.0, "eval_every": 1, "publish_every": 1,
+    population = {"goal": 1, "min_round_size": 1, "over_selection": 1.0, "eval_every": 1, "publish_every": 1,
                   "eligibility": {"min_separation_s": 0.0}}
     app = create_app({"database": str(tmp_path / "db"), "artifact_dir": str(tmp_path / "artifacts"),
                       "state_dir": str(tmp_path / "private"), "tick_interval_s": 0,
@@ -47,12 +47,13 @@ def test_round_eval_and_publish_with_the_real_exporter(tmp_path):
     register_population(services.store, services.artifacts, clock, "en", run / "init.safetensors",
                         plan_dir=tmp_path / "plan")
     transport = FlaskTransport(app.test_client())
-    trainer = DeviceClient(transport, "en")
+    enrollment = enrollment_for(services, "en", clock)
+    trainer = DeviceClient(transport, "en", enrollment)
     assignment = trainer.checkin().body["assignment"]
-    assert transport.request("GET", assignment["plan"]["url"]).content[4:8] == b"TFL3"
+    assert trainer.download(assignment["plan"]["url"]).content[4:8] == b"TFL3"
     delta = np.random.default_rng(0).normal(0, 1e-3, layout.size).astype(np.float32)
     assert trainer.upload(delta, 20).body["status"] == "accepted"
-    evaluator = DeviceClient(transport, "en")
+    evaluator = DeviceClient(transport, "en", enrollment)
     assert evaluator.checkin().body["assignment"]["task"] == "eval"
     assert evaluator.evaluate(3, 9, 40).body["status"] == "accepted"
 

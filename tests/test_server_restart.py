@@ -27,6 +27,7 @@ import requests
 
 from contract.pipeline import aggregate
 from contract.weights import load_checkpoint
+from emulation.deployment import enrollment
 from emulation.server_process import ServerProcess, free_port
 from tests.server_fixtures import (DeviceClient, HttpTransport, init_small_population,
                                    write_small_config)
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 
 def round_info(server: ServerProcess, number: int) -> dict:
-    return requests.get(f"{server.url}/v1/populations/en/rounds/{number}", timeout=10).json()
+    return requests.get(f"{server.url}/v1/populations/en/rounds/{number}", timeout=10,
+                        headers=server.operator_headers).json()
 
 
 def half_sent_upload(server: ServerProcess, device: DeviceClient, body: bytes) -> socket.socket:
@@ -77,7 +79,7 @@ def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once
     stalled = None
     try:
         server.start()
-        devices = [DeviceClient(HttpTransport(server.url), "en") for _ in range(9)]
+        devices = [DeviceClient(HttpTransport(server.url), "en", enrollment(config, "en")) for _ in range(9)]
         for d in devices:
             assert "assignment" in d.checkin().body
         size = devices[0].assignment["update"]["size"]
@@ -106,9 +108,11 @@ def test_sigkill_mid_round_then_restart_keeps_every_accepted_update_exactly_once
         server.kill()
         verify_state(tmp_path)
         server.start()
-        versions = requests.get(server.url + "/v1/populations/en/versions", timeout=10).json()["versions"]
+        versions = requests.get(server.url + "/v1/populations/en/versions", timeout=10,
+                                headers=server.operator_headers).json()["versions"]
         assert [v["version"] for v in versions] == [1, 0]
-        ckpt = requests.get(f"{server.url}/v1/artifacts/{versions[0]['checkpoint_sha256']}", timeout=10)
+        ckpt = requests.get(f"{server.url}/v1/artifacts/{versions[0]['checkpoint_sha256']}", timeout=10,
+                            headers=server.operator_headers)
         assert hashlib.sha256(ckpt.content).hexdigest() == versions[0]["checkpoint_sha256"]
         (tmp_path / "v1.safetensors").write_bytes(ckpt.content)
         _, flat, meta = load_checkpoint(tmp_path / "v1.safetensors")
@@ -134,7 +138,7 @@ def test_round_whose_deadline_passed_while_down_is_abandoned_and_retried(tmp_pat
     server = ServerProcess(config, free_port(), tmp_path / "server.log")
     try:
         server.start()
-        devices = [DeviceClient(HttpTransport(server.url), "en") for _ in range(3)]
+        devices = [DeviceClient(HttpTransport(server.url), "en", enrollment(config, "en")) for _ in range(3)]
         for d in devices:
             d.checkin()
         size = devices[0].assignment["update"]["size"]
@@ -153,7 +157,8 @@ def test_round_whose_deadline_passed_while_down_is_abandoned_and_retried(tmp_pat
         assert (late["status"], late["reason"]) == ("aborted", "late")
         retry = devices[2].checkin().body["assignment"]
         assert retry["round"] == 2 and retry["model_version"] == 0
-        versions = requests.get(server.url + "/v1/populations/en/versions", timeout=10).json()["versions"]
+        versions = requests.get(server.url + "/v1/populations/en/versions", timeout=10,
+                                headers=server.operator_headers).json()["versions"]
         assert [v["version"] for v in versions] == [0]
     finally:
         server.kill()

@@ -16,7 +16,7 @@ class Dev:
 
     def __init__(self, env):
         self.env = env
-        reg = env.services.registry.register()
+        reg = env.services.registry.register(env.population)
         self.auth = f"Bearer {reg.device_id}:{reg.secret}"
         self.assignment = None
 
@@ -46,7 +46,7 @@ class Dev:
                                                       EvalReport(a.model_version, top1, top3, positions))
 
     def fail(self, reason="unplugged"):
-        return self.env.services.reporting.failure(self.id, self.assignment.session_id, reason, None)
+        return self.env.services.reporting.failure(self.id, self.assignment.session_id, reason)
 
 
 def devices(env, n):

@@ -95,7 +95,7 @@ def state_of(env) -> str:
 
 
 def fleet(env, api, n):
-    return [DeviceClient(api, env.population) for _ in range(n)]
+    return [DeviceClient(api, env.population, env.enrollment) for _ in range(n)]
 
 
 def test_openapi_documents_exactly_the_routes(server_env):
@@ -117,18 +117,18 @@ def test_full_protocol_over_http_matches_the_openapi_document(make_server):
     assert ["assignment" in a for a in answers] == [True, True, True, False]
     assignment = answers[0]["assignment"]
     assert assignment["update"]["size"] == env.layout.size and assignment["plan"]["manifest"]["url"]
-    ckpt = api.request("GET", assignment["checkpoint"]["url"])
+    ckpt = api.request("GET", assignment["checkpoint"]["url"], headers=devs[0].headers)
     assert ckpt.status == 200 and ckpt.headers["ETag"] == f'"{assignment["checkpoint"]["sha256"]}"'
-    assert "immutable" in ckpt.headers["Cache-Control"]
+    assert "immutable" in ckpt.headers["Cache-Control"] and "private" in ckpt.headers["Cache-Control"]
     again = api.request("GET", assignment["checkpoint"]["url"],
-                        headers={"If-None-Match": ckpt.headers["ETag"]})
+                        headers={"If-None-Match": ckpt.headers["ETag"], **devs[0].headers})
     assert again.status == 304 and again.content == b""
     rng = np.random.default_rng(0)
     delta = rng.normal(0, 0.01, env.layout.size).astype(np.float32)
     first = devs[0].upload(delta, 12, metrics={"loss": 2.5})
     assert first.body == {"status": "accepted", "round": 1}
     assert devs[0].upload(delta, 12).body["reason"] == "duplicate"
-    assert devs[1].fail("unplugged", "charger pulled").body["status"] == "recorded"
+    assert devs[1].fail("unplugged").body["status"] == "recorded"
     assert devs[2].upload(delta, 3).body["status"] == "accepted"          # 2 reports: goal
     evaluators = fleet(env, api, 2)
     for d in evaluators:
@@ -137,12 +137,17 @@ def test_full_protocol_over_http_matches_the_openapi_document(make_server):
     assert env.services.publisher.run_pending() == 1
     latest = api.request("GET", "/v1/populations/en/app-model")
     assert latest.status == 200 and latest.body["version"] == 1
-    assert api.request("GET", latest.body["model"]["url"]).status == 200
+    model = api.request("GET", latest.body["model"]["url"])            # published: anyone may fetch it
+    assert model.status == 200 and "public" in model.headers["Cache-Control"]
     assert api.request("GET", "/v1/populations/en/app-model/1").body == latest.body
-    assert api.request("GET", "/v1/populations/en/rounds").body["rounds"][0]["task"] == "eval"
-    detail = api.request("GET", "/v1/populations/en/rounds/1").body
+    op = env.operator_headers
+    assert api.request("GET", "/v1/populations/en/rounds", headers=op).body["rounds"][0]["task"] == "eval"
+    detail = api.request("GET", "/v1/populations/en/rounds/1", headers=op).body
     assert detail["failure_reasons"] == {"unplugged": 1} and len(detail["devices"]) == 3
-    assert api.request("GET", "/v1/populations/en/versions?limit=1").body["versions"][0]["version"] == 1
+    versions = api.request("GET", "/v1/populations/en/versions?limit=1", headers=op).body["versions"]
+    assert versions[0]["version"] == 1
+    pseudonym = detail["devices"][1]["device"]
+    assert api.request("POST", f"/v1/populations/en/devices/{pseudonym}/revoke", headers=op).status == 200
     assert api.request("GET", "/openapi.json").body["openapi"].startswith("3.1")
     assert api.request("GET", "/healthz").body == {"status": "ok"}
     ok_paths = {t for (_, t, s) in checker.seen if s < 300}
@@ -177,6 +182,7 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
     big = np.zeros(n, np.float32)
     big[:3] = 70.0                                     # each value below the clip (100), the norm above
     checkin = {"population": "en", "conditions": ELIGIBLE}
+    op = {"headers": env.operator_headers}
     eval_body = {"model_version": 0, "top1_hits": 1, "top3_hits": 2, "positions": 3}
     cases = [
         ("POST", "/v1/checkin", jraw(b"{not json"), 400, "malformed_json"),
@@ -188,7 +194,7 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
         ("POST", "/v1/checkin", js({**checkin, "population": 7}), 400, "invalid_field"),
         ("POST", "/v1/checkin", js({**checkin, "conditions": {**ELIGIBLE, "idle": "yes"}}), 400,
          "invalid_field"),
-        ("POST", "/v1/checkin", js({**checkin, "population": "fr"}), 404, "unknown_population"),
+        ("POST", "/v1/checkin", js({**checkin, "population": "fr"}), 403, "wrong_population"),
         ("POST", "/v1/checkin", js(checkin, headers=None), 401, "unauthorized"),
         ("POST", "/v1/checkin", js(checkin, {"Authorization": "Bearer d-nobody:secret"}), 401,
          "unknown_device"),
@@ -229,18 +235,23 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
         ("POST", f"/v1/sessions/{sid}/failure", js({"reason": "bored"}), 400, "invalid_field"),
         ("POST", f"/v1/sessions/{sid}/failure", js({"reason": "error", "detail": 5}), 400, "invalid_field"),
         ("GET", "/v1/artifacts/" + "0" * 64, {}, 404, "unknown_artifact"),
+        ("GET", mine.assignment["checkpoint"]["url"], {}, 404, "unknown_artifact"),   # not for anyone
         ("GET", "/v1/artifacts/../../etc/passwd", {}, 404, "not_found"),
         ("GET", "/v1/populations/en/app-model", {}, 404, "not_published"),
         ("GET", "/v1/populations/en/app-model/0", {}, 404, "not_published"),
         ("GET", "/v1/populations/en/app-model/99", {}, 404, "unknown_version"),
-        ("GET", "/v1/populations/fr/rounds", {}, 404, "unknown_population"),
-        ("GET", "/v1/populations/en/rounds/99", {}, 404, "unknown_round"),
-        ("GET", f"/v1/populations/en/rounds/{2**63}", {}, 404, "not_found"),
-        ("GET", f"/v1/populations/en/rounds/{10**40}", {}, 404, "not_found"),
+        ("GET", "/v1/populations/fr/rounds", op, 404, "unknown_population"),
+        ("GET", "/v1/populations/en/rounds", {}, 401, "unauthorized"),
+        ("GET", "/v1/populations/en/rounds/99", op, 404, "unknown_round"),
+        ("GET", f"/v1/populations/en/rounds/{2**63}", op, 404, "not_found"),
+        ("GET", f"/v1/populations/en/rounds/{10**40}", op, 404, "not_found"),
         ("GET", f"/v1/populations/en/app-model/{2**64}", {}, 404, "not_found"),
-        ("GET", f"/v1/populations/en/rounds?before={2**63}", {}, 400, "invalid_field"),
-        ("GET", "/v1/populations/en/rounds?limit=0", {}, 400, "invalid_field"),
-        ("GET", "/v1/populations/fr/versions", {}, 404, "unknown_population"),
+        ("GET", f"/v1/populations/en/rounds?before={2**63}", op, 400, "invalid_field"),
+        ("GET", "/v1/populations/en/rounds?limit=0", op, 400, "invalid_field"),
+        ("GET", "/v1/populations/fr/versions", op, 404, "unknown_population"),
+        ("POST", "/v1/populations/en/devices/p-0000000000000000/revoke", op, 404, "not_found"),
+        ("POST", "/v1/devices", js({"population": "en"}, None), 400, "missing_field"),
+        ("POST", "/v1/enrollment/nonces", js({"population": "fr"}, None), 404, "unknown_population"),
         ("GET", "/v1/checkin", {}, 405, "method_not_allowed"),
         ("DELETE", "/v1/devices", {}, 405, "method_not_allowed"),
         ("GET", "/v2/anything", {}, 404, "not_found"),
@@ -256,10 +267,10 @@ def test_refused_requests_are_json_4xx_and_change_nothing(make_server):
 def test_eval_errors_and_operator_token(make_server):
     env = make_server(goal=1, over_selection=1.0, eval_every=1, server={"operator_token": "s3cret"})
     api = CheckedTransport(env.client, OpenAPIChecker(env.app))
-    trainer = DeviceClient(api, "en")
+    trainer = DeviceClient(api, "en", env.enrollment)
     trainer.checkin()
     trainer.upload(np.zeros(env.layout.size, np.float32), 1)
-    dev = DeviceClient(api, "en")
+    dev = DeviceClient(api, "en", env.enrollment)
     dev.checkin()
     assert dev.assignment["task"] == "eval"
     sid = dev.assignment["session_id"]
@@ -277,9 +288,10 @@ def test_eval_errors_and_operator_token(make_server):
     assert ok.status == 200 and len(ok.body["rounds"]) == 2
 
 
-def test_fuzz_no_input_makes_a_5xx(client):
+def test_fuzz_no_input_makes_a_5xx(server_env):
+    client = server_env.client
     rng = np.random.default_rng(42)
-    dev = DeviceClient(FlaskTransport(client), "en")
+    dev = DeviceClient(FlaskTransport(client), "en", server_env.enrollment)
     dev.checkin()
     sid = dev.assignment["session_id"]
     paths = ["/v1/devices", "/v1/checkin", f"/v1/sessions/{sid}/update", f"/v1/sessions/{sid}/eval",

@@ -1,4 +1,4 @@
-"""What every view needs: the services, the JSON body, the caller's identity."""
+"""What every view needs: the services, the JSON body, the caller's identity, its rate limits."""
 from __future__ import annotations
 
 import hmac
@@ -31,16 +31,42 @@ def require_content_type(expected: str) -> None:
                             f"this endpoint takes Content-Type {expected}, not {given or 'none'}")
 
 
-def device() -> Device:
-    return services().registry.authenticate(request.headers.get("Authorization"))
+def client_address() -> str:
+    """The caller's address: the peer's, or the last X-Forwarded-For hop behind a trusted proxy."""
+    if services().config.trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        if forwarded:
+            return forwarded.split(",")[-1].strip()[:64]
+    return request.remote_addr or "unknown"
+
+
+def limit(action: str, device_id: str | None = None) -> None:
+    """Take a token from the action's per-address bucket (and per-device one): 429 when empty."""
+    svc = services()
+    limits = svc.config.rate_limits
+    svc.limits.take(f"{action}:addr:{client_address()}", getattr(limits, f"{action}_per_address"),
+                    f"{action} requests from this address")
+    if device_id is not None:
+        svc.limits.take(f"{action}:dev:{device_id}", getattr(limits, f"{action}_per_device"),
+                        f"{action} requests from this device")
+
+
+def device(action: str | None = None) -> Device:
+    """The authenticated caller (401/403 otherwise), with `action`'s rate limits applied."""
+    found = services().registry.authenticate(request.headers.get("Authorization"))
+    if action is not None:
+        limit(action, found.id)
+    return found
+
+
+def is_operator() -> bool:
+    scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
+    token = services().operator_token
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
 def require_operator() -> None:
-    """Operator endpoints need `Bearer <operator_token>` when the config sets one."""
-    token = services().config.operator_token
-    if not token:
-        return
-    scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    """Operator endpoints need `Bearer <operator_token>` (server init writes it; see server.keys)."""
+    if not is_operator():
         raise ProtocolError(ErrorCode.UNAUTHORIZED,
                             "operator endpoints need 'Authorization: Bearer <operator_token>'")

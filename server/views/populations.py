@@ -66,3 +66,11 @@ def versions(population: str):
     limit = v.query_int(request.args, "limit", 1, 1000, default=50)
     before = v.query_int(request.args, "before", 0, v.MAX_INT, default=None)
     return jsonify({"versions": [ver.to_json() for ver in svc.versions.list(population, limit, before)]})
+
+
+@bp.post("/devices/<pseudonym>/revoke")
+def revoke(population: str, pseudonym: str):
+    """Operator: revoke a device named by its pseudonym (as operator views show it)."""
+    require_operator()
+    changed = services().enrollment.revoke(population, pseudonym)
+    return jsonify({"device": pseudonym, "revoked": True, "already_revoked": not changed})

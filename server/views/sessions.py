@@ -15,7 +15,7 @@ MAX_WEIGHT = 2**31
 @bp.post("/<session_id>/update")
 def upload(session_id: str):
     """Body: the encoded update (contract.pipeline); metadata in the query string."""
-    caller = device()
+    caller = device("upload")
     require_content_type(UPDATE_TYPE)
     model_version = v.query_int(request.args, "model_version", 0, v.MAX_INT)
     num_examples = v.query_int(request.args, "num_examples", 1, MAX_WEIGHT)
@@ -37,5 +37,4 @@ def evaluation(session_id: str):
 def failure(session_id: str):
     caller = device()
     report = FailureReport.from_json(json_body())
-    return jsonify(services().reporting.failure(caller.id, session_id, report.reason,
-                                                report.detail).to_json())
+    return jsonify(services().reporting.failure(caller.id, session_id, report.reason).to_json())

@@ -1,0 +1,80 @@
+"""The server's own secrets: files in its private state directory, created once, readable only by it.
+
+* `operator_token` — what operator endpoints require (`Authorization: Bearer <token>`);
+* `pseudonym.key` — the key of the keyed hash that names devices in operator views
+  (`pseudonym(device_id)`), so an operator can tell devices apart and revoke one
+  without ever seeing a device's id;
+* `enrollment-<population>.json` — the population's app credential and the
+  development attestation issuer's key pair (contract.attestation), written by
+  `python -m server init` when the config names none.
+
+Every secret is 32 bytes from the OS CSPRNG (`secrets`), written with mode
+0600 through O_EXCL, so two gunicorn workers creating it at once agree on one.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+
+
+def load_or_create(path: Path, make) -> str:
+    """The secret in `path`, creating it with `make()` (atomically, mode 0600) if it does not exist."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(100):               # another process is writing it: wait for its content
+            text = path.read_text(encoding="utf-8")
+            if text:
+                return text.strip()
+            import time
+            time.sleep(0.01)
+        raise RuntimeError(f"{path} exists but stays empty")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        value = make()
+        f.write(value + "\n")
+    return value
+
+
+def operator_token(path: Path) -> str:
+    return load_or_create(path, lambda: secrets.token_urlsafe(32))
+
+
+class Pseudonyms:
+    """`pseudonym(device_id)`: a stable, keyed name for a device ("p-" + 16 hex digits of HMAC-SHA256)."""
+
+    def __init__(self, key_path: Path):
+        self._key = bytes.fromhex(load_or_create(key_path, lambda: secrets.token_hex(32)))
+
+    def __call__(self, device_id: str) -> str:
+        return "p-" + hmac.new(self._key, device_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def enrollment_material(path: Path) -> dict:
+    """A population's app credential and development issuer keys (created on first use).
+
+    {"app_credential": str, "issuer_private_key": base64url, "issuer_public_key": base64url}. The
+    private key stands in for the attestation service's; a real deployment configures the
+    service's public key instead and has no private key here.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from contract.attestation import b64encode, public_key_text
+
+    def make() -> str:
+        key = Ed25519PrivateKey.generate()
+        raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return json.dumps({"app_credential": secrets.token_urlsafe(24), "issuer_private_key": b64encode(raw),
+                           "issuer_public_key": public_key_text(key.public_key())})
+
+    return json.loads(load_or_create(path, make))
+
+
+def credential_digest(credential: str) -> str:
+    return hashlib.sha256(credential.encode("utf-8")).hexdigest()
