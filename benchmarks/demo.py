@@ -149,10 +149,10 @@ def main() -> int:
         print(format_summary(summary), flush=True)
         print("[3/4] held-out evaluation of the model versions", flush=True)
         t0 = time.monotonic()
-        quality = evaluate_versions(server.url, status, model, corpus, cfg.eval_windows,
+        quality = evaluate_versions(server, status, model, corpus, cfg.eval_windows,
                                     out / "versions", cfg.seed)
         timings["evaluation_s"] = time.monotonic() - t0
-        rounds = [_round_detail(server.url, r["round"]) for r in summary["rounds"]]
+        rounds = [_round_detail(server, r["round"]) for r in summary["rounds"]]
     finally:
         server.kill()
     leftover = [c for c in psutil.Process().children(recursive=True) if c.is_running()
@@ -200,10 +200,8 @@ def upload_summary(rounds: list[dict]) -> dict:
                           for r in train]}
 
 
-def _round_detail(url: str, number: int) -> dict:
-    import requests
-
-    return requests.get(f"{url}/v1/populations/{POPULATION}/rounds/{number}", timeout=30).json()
+def _round_detail(server, number: int) -> dict:
+    return server.operator_get(f"/v1/populations/{POPULATION}/rounds/{number}").json()
 
 
 if __name__ == "__main__":

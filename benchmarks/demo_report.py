@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import requests
 
 
 def heldout_sample(corpus, n: int, seed: int) -> np.ndarray:
@@ -22,10 +21,11 @@ def heldout_sample(corpus, n: int, seed: int) -> np.ndarray:
     return windows[np.sort(np.random.default_rng(seed).permutation(len(windows))[:n])]
 
 
-def evaluate_versions(url: str, status, model, corpus, n_windows: int,
+def evaluate_versions(server, status, model, corpus, n_windows: int,
                       scratch: Path, seed: int = 0, every: int = 5) -> dict:
     """Held-out metrics of the initial version, every `every`-th version, every published one
-    and the last one; checkpoints are fetched from the server by hash."""
+    and the last one; checkpoints are fetched from `server` (an emulation ServerProcess) by hash,
+    as the operator (unpublished ones are not public)."""
     from models.central import evaluate
     from contract.weights import load_checkpoint
 
@@ -38,7 +38,7 @@ def evaluate_versions(url: str, status, model, corpus, n_windows: int,
     rows = []
     for v in chosen:
         path = scratch / f"v{v['version']}.safetensors"
-        path.write_bytes(requests.get(f"{url}/v1/artifacts/{v['checkpoint_sha256']}", timeout=60).content)
+        path.write_bytes(server.operator_get(f"/v1/artifacts/{v['checkpoint_sha256']}").content)
         _, flat, _ = load_checkpoint(path)
         t0 = time.monotonic()
         heldout = evaluate(model.config, flat, windows).as_dict()

@@ -30,8 +30,14 @@ from emulation.deployment import REPO, enrollment, operator_token
 from server.config import RateLimits
 
 FUZZ_PYTHON = REPO / ".venv-fuzz" / "bin" / "python"
+STATEFUL_STEPS = 12      # steps per stateful scenario (schemathesis' default, 6, rarely reaches an upload)
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 FUZZ_LIMITS = {f.name: [1e9, 3600.0] for f in dataclasses.fields(RateLimits)}
+# A population that keeps a round open for the whole run with room for every check-in the fuzzer
+# makes eligible, so the stateful phase can reach an upload (emulation.deployment.start_server keys).
+FUZZ_POPULATION = {"goal": 2000, "over_selection": 1.0, "min_selected_fraction": 1.0,
+                   "selection_window_s": 3600.0, "reporting_window_s": 3600.0,
+                   "server": {"rate_limits": FUZZ_LIMITS}}
 
 
 def available() -> str | None:
@@ -54,9 +60,32 @@ def enrolled_devices(server, population: str, count: int) -> list[str]:
     return out
 
 
+def passed(summary: dict, min_cases: int, chains: bool = True) -> list[str]:
+    """What a run's summary fails on (empty: it passed)."""
+    problems = []
+    if summary["cases"] < min_cases:
+        problems.append(f"{summary['cases']} cases, fewer than {min_cases}")
+    if summary["server_errors"]:
+        problems.append(f"{summary['server_errors']} answers were 5xx")
+    if summary["schema_violations"]:
+        problems.append(f"{summary['schema_violations']} answers did not match the document")
+    if summary["failures"]:
+        problems.append(f"{len(summary['failures'])} failed checks, first: {summary['failures'][0]}")
+    if not summary["server_alive"]:
+        problems.append("the server stopped answering")
+    if summary["exit_code"] != 0:
+        problems.append(f"schemathesis exited {summary['exit_code']}: {summary['log_tail'][-600:]}")
+    if chains and not summary["full_chains"]:
+        problems.append("no stateful chain register → check-in → upload")
+    return problems
+
+
 def fuzz(server, population: str, max_examples: int, work: Path, seed: int = 0,
          max_time_s: float | None = None) -> dict:
-    """Run schemathesis against `server` (an emulation.server_process.ServerProcess); its summary."""
+    """Run schemathesis against `server` (an emulation.server_process.ServerProcess); its summary.
+
+    `max_examples` is per operation and phase (schemathesis' --max-examples).
+    """
     from server.config import load_config
 
     work.mkdir(parents=True, exist_ok=True)
@@ -64,9 +93,11 @@ def fuzz(server, population: str, max_examples: int, work: Path, seed: int = 0,
     material = json.loads(load_config(server.config).enrollment_path(population).read_text())
     settings = {"url": server.url, "population": population, "operator_token": operator_token(server.config),
                 "enrollment": material, "devices": enrolled_devices(server, population, 4), "seed": seed}
-    command = [str(FUZZ_PYTHON), "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
+    (work / "schemathesis.toml").write_text(f"[phases.stateful]\nmax-steps = {STATEFUL_STEPS}\n")
+    command = [str(FUZZ_PYTHON), "-m", "schemathesis.cli", "--config-file", str(work / "schemathesis.toml"),
+               "run", f"{server.url}/openapi.json",
                "--checks", CHECKS, "--max-examples", str(max_examples), "--seed", str(seed),
-               "--phases", "examples,coverage,fuzzing,stateful", "--workers", "2",
+               "--phases", "examples,coverage,fuzzing,stateful", "--workers", "1",
                "--report", "ndjson", "--report-ndjson-path", str(events), "--request-timeout", "30",
                "--suppress-health-check", "all", "--no-color", "--generation-database", "none"]
     if max_time_s:
@@ -87,34 +118,44 @@ def fuzz(server, population: str, max_examples: int, work: Path, seed: int = 0,
 
 
 def summarize(events: Path) -> dict:
-    """Cases per operation, 5xx answers, schema violations and stateful transitions from NDJSON events."""
+    """What schemathesis' NDJSON event stream says: cases per operation, 5xx answers, schema
+    violations, stateful transitions followed, and full register → check-in → upload chains."""
     per_operation: collections.Counter = collections.Counter()
-    server_errors = schema_violations = transitions = 0
+    server_errors = schema_violations = transitions = chains = 0
     failures: list[str] = []
     for line in events.read_text().splitlines() if events.is_file() else []:
-        event = json.loads(line)
-        for kind, body in event.items():
-            if kind != "ScenarioFinished":
-                continue
-            recorder = body.get("recorder") or {}
-            cases = recorder.get("cases") or {}
-            interactions = recorder.get("interactions") or {}
-            stateful = body.get("phase") == "stateful" or len(cases) > 1
-            for case_id, entry in cases.items():
-                value = entry.get("value") or {}
-                label = f"{value.get('method', '?').upper()} {value.get('path', '?')}"
-                per_operation[label] += 1
-                status = ((interactions.get(case_id) or {}).get("response") or {}).get("status_code")
-                if status is not None and status >= 500:
-                    server_errors += 1
-                if stateful and entry.get("transition"):
-                    transitions += 1
-            for check in (recorder.get("checks") or {}).values():
-                for result in check:
-                    if result.get("status") == "FAILURE":
-                        if result.get("name") == "response_schema_conformance":
-                            schema_violations += 1
-                        failures.append(f"{result.get('name')}: {str(result.get('failure_info'))[:200]}")
+        body = json.loads(line).get("ScenarioFinished")
+        if not body:
+            continue
+        recorder = body.get("recorder") or {}
+        cases = recorder.get("cases") or {}
+        interactions = recorder.get("interactions") or {}
+
+        def label(case_id: str) -> str:
+            value = (cases.get(case_id) or {}).get("value") or {}
+            return f"{value.get('method', '?').upper()} {value.get('path', '?')}"
+
+        def status(case_id: str) -> int | None:
+            return ((interactions.get(case_id) or {}).get("response") or {}).get("status_code")
+
+        for case_id, entry in cases.items():
+            per_operation[label(case_id)] += 1
+            if (status(case_id) or 0) >= 500:
+                server_errors += 1
+            if entry.get("is_transition_applied"):
+                transitions += 1
+                checkin = entry.get("parent_id")
+                register = (cases.get(checkin) or {}).get("parent_id")
+                if (label(case_id) == "POST /v1/sessions/{session_id}/update" and status(checkin) == 200
+                        and label(register) == "POST /v1/devices" and status(register) == 201):
+                    chains += 1
+        for case_id, results in (recorder.get("checks") or {}).items():
+            for result in results:
+                if result.get("status") == "failure":
+                    if result.get("name") == "response_schema_conformance":
+                        schema_violations += 1
+                    failures.append(f"{label(case_id)}: {result.get('name')}: "
+                                    f"{str(result.get('failure_info'))[:300]}")
     return {"cases": sum(per_operation.values()), "per_operation": dict(sorted(per_operation.items())),
             "server_errors": server_errors, "schema_violations": schema_violations,
-            "stateful_transitions": transitions, "failures": failures[:50]}
+            "stateful_transitions": transitions, "full_chains": chains, "failures": failures[:50]}

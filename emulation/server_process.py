@@ -45,6 +45,12 @@ class ServerProcess:
 
         return {"Authorization": f"Bearer {operator_token(self.config)}"}
 
+    def operator_get(self, path: str, timeout_s: float = 60.0) -> requests.Response:
+        """GET `path` (e.g. an artifact or a round's detail) as the operator; raises on a non-2xx."""
+        response = requests.get(self.url + path, headers=self.operator_headers, timeout=timeout_s)
+        response.raise_for_status()
+        return response
+
     def start(self) -> "ServerProcess":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

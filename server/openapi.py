@@ -51,7 +51,9 @@ def _errors(*statuses: int) -> dict:
 
 def _op(summary: str, responses: dict, *, body: dict | None = None, params: list | None = None,
         auth: str | None = "device", errors: tuple[int, ...] = (), description: str | None = None) -> dict:
-    op = {"summary": summary, "responses": {**responses, **_errors(*errors, 405)}}
+    # 405 (another method), and gunicorn's own refusals of a request line or headers over its
+    # limits (414, 431: server/worker.py), can answer any operation.
+    op = {"summary": summary, "responses": {**responses, **_errors(*errors, 405, 414, 431)}}
     if description:
         op["description"] = description
     if body is not None:
@@ -182,7 +184,11 @@ def openapi_document() -> dict:
                 "Upload": {"operationId": "upload", "parameters": {
                     "path.session_id": "$response.body#/assignment/session_id",
                     "query.model_version": "$response.body#/assignment/model_version",
-                    "header.Authorization": "$request.header.Authorization"}}}}},
+                    "header.Authorization": "$request.header.Authorization"}},
+                **{name: {"operationId": op, "parameters": {
+                    "path.session_id": "$response.body#/assignment/session_id",
+                    "header.Authorization": "$request.header.Authorization"}}
+                   for name, op in (("ReportEval", "report_eval"), ("ReportFailure", "report_failure"))}}}},
             body=json_body("CheckinRequest"), errors=(400, 401, 403, 404, 413, 415, 429)),
             "operationId": "checkin"}},
         "/v1/sessions/{session_id}/update": {"post": {"operationId": "upload", **_op(
@@ -196,12 +202,12 @@ def openapi_document() -> dict:
                      "description": "training metrics, a JSON object of finite numbers (e.g. loss)",
                      "content": {"application/json": {"schema": _ref("Metrics")}}}],
             errors=(400, 401, 403, 404, 409, 413, 415, 422, 429))}},
-        "/v1/sessions/{session_id}/eval": {"post": _op(
+        "/v1/sessions/{session_id}/eval": {"post": {"operationId": "report_eval", **_op(
             "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
-            body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))},
-        "/v1/sessions/{session_id}/failure": {"post": _op(
+            body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
+        "/v1/sessions/{session_id}/failure": {"post": {"operationId": "report_failure", **_op(
             "Report why the device stopped the task: a reason code, nothing else (no free text).", outcome,
-            body=json_body("FailureReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))},
+            body=json_body("FailureReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
         "/v1/artifacts/{sha256}": {"get": _op(
             "A plan, checkpoint, app model, vocabulary or manifest by sha256 (immutable; ETag = hash).",
             {"200": {"description": "the bytes", "headers": {"ETag": {"schema": STR}},
