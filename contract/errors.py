@@ -48,6 +48,8 @@ class ErrorCode(str, enum.Enum):
     WRONG_MODEL_VERSION = "wrong_model_version"
     WRONG_TASK = "wrong_task"
     SESSION_CLOSED = "session_closed"
+    WRONG_PHASE = "wrong_phase"                    # secure aggregation: not what this phase takes
+    NOT_IN_COHORT = "not_in_cohort"                # secure aggregation: the session left the masking set
     # 422: an update that cannot be aggregated (contract.pipeline says why)
     INVALID_UPDATE = "invalid_update"
     MALFORMED_UPDATE = "malformed_update"
@@ -59,6 +61,7 @@ class ErrorCode(str, enum.Enum):
     NON_FINITE = "non_finite"
     NORM_EXCEEDS_CLIP = "norm_exceeds_clip"
     WEIGHT_OUT_OF_RANGE = "weight_out_of_range"
+    INVALID_KEYS = "invalid_keys"                  # secure aggregation: keys, shares or reveals that cannot be used
     # 429: too many requests from this device or address (Retry-After says when to come back)
     RATE_LIMITED = "rate_limited"
     # 500: a bug; never the answer to anything a client sends
@@ -78,9 +81,9 @@ _GROUPS = {
     405: ("method_not_allowed",), 408: ("request_timeout",), 411: ("length_required",),
     413: ("payload_too_large",), 414: ("uri_too_long",), 415: ("unsupported_media_type",),
     431: ("headers_too_large",),
-    409: ("conflict", "wrong_model_version", "wrong_task", "session_closed"),
+    409: ("conflict", "wrong_model_version", "wrong_task", "session_closed", "wrong_phase", "not_in_cohort"),
     422: ("invalid_update", "malformed_update", "wrong_spec", "wrong_width", "wrong_length", "bad_scale",
-          "value_out_of_range", "non_finite", "norm_exceeds_clip", "weight_out_of_range"),
+          "value_out_of_range", "non_finite", "norm_exceeds_clip", "weight_out_of_range", "invalid_keys"),
     429: ("rate_limited",),
     500: ("internal_error",),
 }
@@ -95,10 +98,12 @@ STATUS_MEANING = {
     403: "the session belongs to another device, the device was revoked or enrolled in another population",
     404: "unknown population, session, round, version or artifact (or nothing published yet)",
     405: "method not allowed", 408: "the request took too long to arrive",
-    409: "wrong model version or task, or the session already ended",
+    409: "wrong model version or task, the session already ended, or (secure aggregation) not this "
+         "phase's message or a session no longer in the masking set",
     411: "a body without Content-Length", 413: "body larger than the limit",
     414: "request line too long", 415: "wrong Content-Type for this endpoint",
-    422: "an update that cannot be aggregated (see the error code)",
+    422: "an update that cannot be aggregated, or secure-aggregation keys, shares or reveals that "
+         "cannot be used (see the error code)",
     429: "too many requests from this device or address: retry after the Retry-After header's seconds",
     431: "request headers too large", 500: "a server bug",
 }

@@ -70,3 +70,30 @@ def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
                             f"(values -{levels(bits)}..{levels(bits)}); got {int(codes.max())}")
     codes -= levels(bits)
     return codes
+
+
+def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned integers < 2^bits (1 <= bits <= 32) → uint8, little end first, no padding between."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bit width {bits} is not in [1, 32]")
+    words = np.ascontiguousarray(values, "<u4")
+    if words.size and int(words.max()) >> bits:
+        raise ValueError(f"a value does not fit in {bits} bits")
+    stream = np.unpackbits(words.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(stream.reshape(-1), bitorder="little")
+
+
+def unpack_uint(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The inverse of `pack_uint`: `count` values as uint32; ProtocolError for a wrong length or padding."""
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "packed values must be a flat uint8 tensor")
+    if len(data) != packed_bytes(count, bits):
+        raise ProtocolError(ErrorCode.WRONG_LENGTH, f"{count} values of {bits} bits pack into "
+                            f"{packed_bytes(count, bits)} bytes, not {len(data)}")
+    stream = np.unpackbits(data, bitorder="little")
+    if stream[count * bits:].any():
+        raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "the unused bits of the last byte are not zero")
+    wide = np.zeros((count, 32), np.uint8)
+    wide[:, :bits] = stream[:count * bits].reshape(count, bits)
+    return np.packbits(wide, axis=1, bitorder="little").view("<u4").reshape(-1).astype(np.uint32)

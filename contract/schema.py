@@ -14,6 +14,7 @@ An integer field accepts a whole-number float (13468.0), as JSON Schema's
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import re
@@ -127,6 +128,34 @@ class Str(Type):
         if self.pattern is not None:
             out["pattern"] = f"^(?:{self.pattern})$"
         return out
+
+
+@dataclasses.dataclass
+class B64(Type):
+    """Exactly `size` bytes, base64url without padding (keys, ciphertexts): parsed to the bytes."""
+
+    size: int
+    description: str | None = None
+
+    @property
+    def length(self) -> int:
+        return (4 * self.size + 2) // 3
+
+    def parse(self, value: Any, where: str = "value") -> bytes:
+        if not isinstance(value, str) or len(value) != self.length or not _B64URL.fullmatch(value):
+            raise _bad(where, f"{self.size} bytes as {self.length} base64url characters (no padding)")
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+    @staticmethod
+    def encode(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+    def _schema(self) -> dict:
+        return {"type": "string", "minLength": self.length, "maxLength": self.length,
+                "pattern": "^[A-Za-z0-9_-]*$"}
+
+
+_B64URL = re.compile("[A-Za-z0-9_-]*")
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from contract.errors import ProtocolError
 from contract.pipeline import UpdatePipeline
+from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
 from contract.wire import (Assignment, Conditions, EvalReport, FailureReport, Nonce, Outcome, Registration,
                            Rejection)
 from device_runtime.transport import Transport
@@ -79,17 +81,30 @@ class ServerClient:
         return Rejection.from_json(body.get("rejection") if isinstance(body, dict) else None)
 
     def upload(self, assignment: Assignment, delta: np.ndarray, num_examples: int,
-               metrics: dict[str, float]) -> Outcome:
-        """Encode the update as the round's spec says (contract.pipeline) and POST it."""
+               metrics: dict[str, float], masker: Callable[[np.ndarray], np.ndarray] | None = None) -> Outcome:
+        """Encode the update as the round's spec says (contract.pipeline) and POST it. Under secure
+        aggregation `masker` masks it, and neither the weight nor the metrics go up in the clear."""
         if assignment.update is None:
             raise ProtocolError("invalid_field", "the training assignment has no update spec")
         encoded = UpdatePipeline(assignment.update).encode(delta, num_examples,
-                                                           int(assignment.hyperparameters["seed"]))
-        params = {"model_version": assignment.model_version, "num_examples": encoded.weight,
-                  "metrics": json.dumps({k: float(v) for k, v in metrics.items()})}
+                                                           int(assignment.hyperparameters["seed"]), masker)
+        params: dict = {"model_version": assignment.model_version}
+        if masker is None:
+            params.update(num_examples=encoded.weight,
+                          metrics=json.dumps({k: float(v) for k, v in metrics.items()}))
         return Outcome.from_json(_json(self.t.request(
             "POST", assignment.report_url, params=params, data=encoded.body,
             headers={"Content-Type": "application/octet-stream"})))
+
+    # -- secure aggregation's phases (device_runtime.secagg) --
+
+    def secagg_status(self, assignment: Assignment) -> SecAggStatus:
+        return SecAggStatus.from_json(_json(self.t.request("GET", f"/v1/sessions/{assignment.session_id}/secagg")))
+
+    def secagg_send(self, assignment: Assignment, phase: str, message: SecAggKeys | SecAggShares | SecAggReveal) -> None:
+        """POST the answer to a phase: "keys", "shares" or "reveal"."""
+        _json(self.t.request("POST", f"/v1/sessions/{assignment.session_id}/secagg/{phase}",
+                             json=message.to_json()))
 
     def report_failure(self, assignment: Assignment, reason: str) -> Outcome:
         """A reason code only: the protocol carries no free text from a device."""

@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from contract.wire import Outcome
+from contract.secagg import SecAggError
 from device_runtime.client import Assignment, CorruptDownload, ProtocolError
+from device_runtime.secagg import SecAggLeft, SecureAggregation
 from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
 from device_runtime.transport import ServerUnavailable
 from contract.metrics import Hits, count_hits
@@ -52,6 +54,9 @@ from tflite_export.reader import TrainingPlan
 
 if TYPE_CHECKING:
     from device_runtime.runtime import Device
+
+
+UNMASK_GRACE_S = 900.0     # how long after its report deadline a phone stays for the unmasking
 
 
 class TaskFailed(Exception):
@@ -100,10 +105,15 @@ class Task:
         self._running, self._mark = "download", self.started
         self._bytes = (device.transport.bytes_sent, device.transport.bytes_received)
         self._plan: TrainingPlan | None = None   # held from prepare until the compute is done
+        secure = assignment.update is not None and assignment.update.spec.secure_aggregation
+        self.secagg = SecureAggregation(device.client, assignment, device.clock, self.should_stop) \
+            if secure and assignment.task == "train" else None
 
     def run(self) -> str:
         """Run the task and report it; returns the outcome logged (see the module docstring)."""
         try:
+            if self.secagg is not None:
+                self.secagg.advertise()
             plan, initial, windows = self._prepare()
             if self.a.task == "eval":
                 answer = self._evaluate(plan, initial, windows)
@@ -112,8 +122,11 @@ class Task:
         except Interrupted as e:
             self.batches = e.batches_done
             return self._fail("interrupted", e.reason, str(e))
-        except TaskFailed as e:
+        except (TaskFailed, SecAggLeft) as e:
             return self._fail("interrupted" if e.reason != "error" else "error", e.reason, e.detail)
+        except SecAggError as e:             # a message that does not check out, or a rule to keep
+            self._release_plan(healthy=True)
+            return self._fail("error", "error", f"secure aggregation: {e}")
         except MemoryError:
             self._release_plan(healthy=False)
             return self._fail("interrupted", "out_of_memory", "MemoryError")
@@ -124,8 +137,26 @@ class Task:
         finally:
             self._release_plan(healthy=True)
         outcome = "completed" if answer.status == "accepted" else "discarded"
-        self._log(outcome, **({"reason": answer.reason} if answer.reason else {}))
+        detail = {"reason": answer.reason} if answer.reason else {}
+        if self.secagg is not None and answer.status == "accepted":
+            detail["secagg"] = self._reveal()
+        self._log(outcome, **detail)
         return outcome
+
+    def _reveal(self) -> str:
+        """After a masked upload: take part in the unmasking; how that went (the upload stands)."""
+        self._next_phase("secagg_unmask")
+        try:
+            self.secagg.reveal(self._unmask_should_stop)
+            return "revealed"
+        except SecAggLeft as e:
+            return f"left: {e.reason}"
+        except SecAggError as e:
+            return f"refused: {e}"[:200]
+        except (ProtocolError, ServerUnavailable) as e:
+            return f"error: {type(e).__name__}"
+        finally:
+            self._next_phase("done")
 
     # -- phases -------------------------------------------------------------
 
@@ -165,6 +196,10 @@ class Task:
 
     def _train(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
         hp = self.a.hyperparameters
+        if self.secagg is not None:
+            self._next_phase("secagg_share")
+            self.secagg.share()
+            self._next_phase("train")
         update = train_locally(plan, initial, windows, Hyperparameters(
             float(hp["learning_rate"]), int(hp["epochs"]), int(hp["batch_size"]), int(hp["seed"]),
             hp.get("max_examples")), should_stop=self.should_stop)
@@ -173,8 +208,12 @@ class Task:
         self.examples = update.num_examples
         if update.num_examples < 1:
             raise TaskFailed("error", "no training windows in the local examples")
+        masker = None
+        if self.secagg is not None:
+            self._next_phase("secagg_wait")
+            masker = self.secagg.masker()
         self._next_phase("upload")
-        answer = self.d.client.upload(self.a, update.delta, update.num_examples, update.metrics)
+        answer = self.d.client.upload(self.a, update.delta, update.num_examples, update.metrics, masker)
         self._next_phase("done")
         return answer
 
@@ -197,6 +236,13 @@ class Task:
         answer = self.d.client.report_eval(self.a, hits.top1, hits.top3, hits.positions, loss_sum)
         self._next_phase("done")
         return answer
+
+    def _unmask_should_stop(self) -> str | None:
+        """The training conditions, and a grace period after the report deadline for the unmasking."""
+        reasons = self.d.policy.blockers(self.d.conditions.read())
+        if self.d.clock.now() > self.deadline + UNMASK_GRACE_S:
+            reasons.append("out_of_time")
+        return reasons[0] if reasons else None
 
     def should_stop(self) -> str | None:
         """Checked before every batch and once after the last: the first reason to stop, or None."""

@@ -93,6 +93,18 @@ class RateLimits:
     upload_per_address: tuple[float, float] = (10_000.0, 3600.0)
     artifact_per_device: tuple[float, float] = (300.0, 3600.0)
     artifact_per_address: tuple[float, float] = (20_000.0, 3600.0)
+    secagg_per_device: tuple[float, float] = (2_000.0, 3600.0)      # secure aggregation's polls and answers
+    secagg_per_address: tuple[float, float] = (200_000.0, 3600.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation's phases ([populations.<name>.secagg]; server.secagg runs them)."""
+
+    neighbours: int | None = None       # k; default contract.secagg.default_degree(n, max_dropout)
+    max_dropout: float = 0.3            # the default k survives this fraction leaving after the graph
+    shares_window_s: float = 60.0       # from the selection's close: devices exchange their shares
+    unmask_window_s: float = 120.0      # from the reports' close: survivors reveal shares
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +135,9 @@ class PopulationConfig:
     # How devices encode updates ([populations.<name>.update]; contract.update_spec). When
     # max_weight is not set, it is the default per epoch x client_epochs.
     update: UpdateSpec = UpdateSpec()
+    # The server learns only the sum of a round's updates (server.secagg); implies the rotation.
+    secure_aggregation: bool = False
+    secagg: SecAggConfig = SecAggConfig()
 
     @property
     def max_selected(self) -> int:
@@ -226,11 +241,18 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
         if key == "enrollment":
             return value if isinstance(value, EnrollmentConfig) else _build(
                 EnrollmentConfig, value, f"populations.{name}.enrollment")
+        if key == "secagg":
+            return value if isinstance(value, SecAggConfig) else _build(
+                SecAggConfig, value, f"populations.{name}.secagg")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
         return value
 
     population = _build(PopulationConfig, data, f"populations.{name}", convert)
+    if population.secure_aggregation:
+        rotation = population.update.rotation or "rotation" not in (data.get("update") or {})
+        population = dataclasses.replace(population, update=dataclasses.replace(
+            population.update, secure_aggregation=True, rotation=rotation))
     update = data.get("update")
     if not isinstance(update, UpdateSpec) and "max_weight" not in (update or {}):
         epochs = population.client_epochs if isinstance(population.client_epochs, int) else 1
@@ -293,6 +315,21 @@ def _validated(config: ServerConfig) -> ServerConfig:
             p.update.validate(f"{where}.update")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if p.update.secure_aggregation:
+            a = p.secagg
+            check(a.neighbours is None or (isinstance(a.neighbours, int) and a.neighbours >= 2
+                                           and a.neighbours % 2 == 0),
+                  f"{where}.secagg.neighbours must be an even integer >= 2 (or absent: O(log n))")
+            check(0 <= a.max_dropout < 0.5, f"{where}.secagg.max_dropout must be in [0, 0.5): more than "
+                  "half leaving can never leave t > k/2 of a device's neighbours")
+            check(0 < a.shares_window_s < p.reporting_window_s and a.unmask_window_s > 0,
+                  f"{where}.secagg: 0 < shares_window_s < reporting_window_s, and unmask_window_s > 0")
+            check(p.min_round_size >= 3, f"{where}: secure aggregation needs min_round_size >= 3 "
+                  "(a sum of one or two updates reveals them to the others)")
+            try:
+                p.update.bind(1, "0" * 64, "check", 0, p.max_selected)
+            except ValueError as e:
+                raise ConfigError(f"{where}.update: {e}") from None
         check(isinstance(p.min_round_size, int) and p.min_round_size >= 1,
               f"{where}.min_round_size must be an integer >= 1")
         check(p.goal >= p.min_round_size, f"{where}.goal ({p.goal}) is below min_round_size "

@@ -15,6 +15,7 @@ from contract import wire
 from contract.errors import STATUS_MEANING, ErrorCode
 from contract.manifest import manifest_schema
 from contract.pipeline import FORMAT
+from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
 from contract.schema import MAX_INT
 from contract.update_spec import ROUND_SPEC
 from server.config import ServerConfig
@@ -119,6 +120,9 @@ SCHEMAS = {
         "failure_reasons": {"type": "object", "additionalProperties": INT},
         "devices": {"type": "array", "items": DEVICE_OUTCOME}}, extra=True)]},
     "RoundList": _obj({"rounds": {"type": "array", "items": _ref("Round")}}),
+    "SecAggKeys": SecAggKeys.SCHEMA.schema(), "SecAggShares": SecAggShares.SCHEMA.schema(),
+    "SecAggReveal": SecAggReveal.SCHEMA.schema(), "SecAggStatus": SecAggStatus.SCHEMA.schema(),
+    "Recorded": _obj({"status": {"const": "recorded"}}),
     "VersionList": _obj({"versions": {"type": "array", "items": VERSION}}),
 }
 
@@ -138,7 +142,10 @@ Body: a safetensors file with metadata {{"format": "{FORMAT}", "bits": "<bits>",
 "<update.fingerprint>"}} and, for bits = 32, one tensor "values" float32 [size]; otherwise "codes"
 uint8 (the integers + L, packed low bits first: 2 bits = 4 per byte, 4 bits = 2 per byte, 16 bits
 = 2 bytes little-endian each) and "scales" float32 [padded size / block_size] (each a power of
-two). `num_examples` in the query is the weight. The server refuses with a 422 naming the limit:
+two). `num_examples` in the query is the weight. Under secure aggregation (`secure_aggregation`
+in the spec; SECAGG_DOC) the body instead holds "masked" uint8 (the masked integers, modulus_bits
+each, packed low bits first) and "weight" uint32 [1], metadata "modulus_bits", and the query has
+no num_examples nor metrics. The server refuses with a 422 naming the limit:
 a weight outside [1, max_weight], a decoded L2 norm above clip_norm, a code above 2L, a scale that
 is not a power of two in range, a wrong length or width, another round's spec. Idempotent per
 session: a repeated upload gets the first answer and is counted once. "accepted": the update is
@@ -151,6 +158,17 @@ nonce, population, verdict, version}, base64url, with an Ed25519 signature of th
 it with the app's credential. The nonce works once and expires; the statement must come from the
 configured issuer and say MEETS_DEVICE_INTEGRITY. Both calls are rate-limited per address (429 with
 Retry-After)."""
+SECAGG_DOC = """Secure aggregation (SecAgg+, Bell et al. 2020; contract/secagg.py) when the
+assignment's update has `secure_aggregation`: the server learns only the sum of the round's updates.
+The device polls GET .../secagg, which names the session's phase and, when there is something to
+do, what it needs: keys (POST .../secagg/keys: two X25519 public keys and a SHA-256 commitment to a
+self-mask seed) → shares (the device's number, t and its neighbours' keys; POST .../secagg/shares:
+for each neighbour the Shamir shares of the seed and of the masking private key, AES-256-GCM
+encrypted under HKDF-SHA256 of the pairwise X25519 secret) → masking (the inbox of shares sent to
+it; the device adds its masks, AES-256-CTR keystreams, and uploads to .../update) → unmasking
+(which neighbours survived and which dropped; POST .../secagg/reveal: their self-seed or
+masking-key shares, never both for one) → done. `wait_s`: when to ask again. A message for
+another phase is 409 wrong_phase; a session that left the masking set gets 409 not_in_cohort."""
 CHECKPOINT_DOC = """A checkpoint (GET /v1/artifacts/<assignment.checkpoint.sha256>) is a safetensors file
 of named float32 tensors whose metadata "layout" is the JSON of the flat layout ([{name, shape, offset}]);
 "model_config", "round", "version" and "parent" are JSON strings too. A plan and an app model are
@@ -159,6 +177,23 @@ POPULATION = _path_param("population", {"type": "string", "maxLength": 64})
 SESSION = _path_param("session_id", {"type": "string", "maxLength": 64})
 LIST_PARAMS = [POPULATION, _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                _query("before", INT)]
+
+
+def secagg_paths() -> dict:
+    """Secure aggregation's operations on a session (server/views/secagg.py)."""
+    recorded = {"200": _json(_ref("Recorded"), "recorded")}
+    errors = (400, 401, 403, 404, 409, 413, 415, 422, 429)
+    out = {"/v1/sessions/{session_id}/secagg": {"get": {"operationId": "secagg_status", **_op(
+        "Secure aggregation: this session's phase and what it needs.", {"200": _json(_ref("SecAggStatus"),
+                                                                                      "the phase")},
+        params=[SESSION], errors=(401, 403, 404, 409, 429), description=SECAGG_DOC)}}}
+    for phase, body, summary in (("keys", "SecAggKeys", "Advertise keys (phase keys)."),
+                                 ("shares", "SecAggShares", "Send each neighbour its encrypted shares (phase shares)."),
+                                 ("reveal", "SecAggReveal", "Reveal the shares asked for (phase unmasking).")):
+        out[f"/v1/sessions/{{session_id}}/secagg/{phase}"] = {"post": _op(
+            summary, recorded, body={"application/json": {"schema": _ref(body)}}, params=[SESSION],
+            errors=errors)}
+    return out
 
 
 @functools.cache
@@ -188,7 +223,8 @@ def openapi_document() -> dict:
                 **{name: {"operationId": op, "parameters": {
                     "path.session_id": "$response.body#/assignment/session_id",
                     "header.Authorization": "$request.header.Authorization"}}
-                   for name, op in (("ReportEval", "report_eval"), ("ReportFailure", "report_failure"))}}}},
+                   for name, op in (("ReportEval", "report_eval"), ("ReportFailure", "report_failure"),
+                                    ("SecAggStatus", "secagg_status"))}}}},
             body=json_body("CheckinRequest"), errors=(400, 401, 403, 404, 413, 415, 429)),
             "operationId": "checkin"}},
         "/v1/sessions/{session_id}/update": {"post": {"operationId": "upload", **_op(
@@ -202,6 +238,7 @@ def openapi_document() -> dict:
                      "description": "training metrics, a JSON object of finite numbers (e.g. loss)",
                      "content": {"application/json": {"schema": _ref("Metrics")}}}],
             errors=(400, 401, 403, 404, 409, 413, 415, 422, 429))}},
+        **secagg_paths(),
         "/v1/sessions/{session_id}/eval": {"post": {"operationId": "report_eval", **_op(
             "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
             body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},

@@ -24,14 +24,13 @@ import logging
 import sqlite3
 from collections.abc import Mapping
 
-import numpy as np
-
 from contract.wire import EvalReport, Outcome
 from server.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
 from server.registry import DeviceRegistry
 from server.rounds import Round, RoundService
+from server.secagg import SecAggService
 from server.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,13 @@ log = logging.getLogger(__name__)
 
 class ReportingService:
     def __init__(self, store: Store, clock: Clock, rounds: RoundService, partials: PartialSums,
-                 registry: DeviceRegistry):
+                 registry: DeviceRegistry, secagg: SecAggService):
         self._store = store
         self._clock = clock
         self._rounds = rounds
         self._partials = partials
         self._registry = registry
+        self._secagg = secagg
 
     def _session(self, conn: sqlite3.Connection, device_id: str,
                  session_id: str) -> tuple[sqlite3.Row, Round]:
@@ -70,23 +70,33 @@ class ReportingService:
                                 f"the session trains version {rnd.model_version}, not {model_version}")
         return None
 
+    def session(self, device_id: str, session_id: str) -> tuple[sqlite3.Row, Round]:
+        """A session the caller may act on (404 unknown, 403 another device's), and its round."""
+        return self._session(self._store.connection(), device_id, session_id)
+
     def upload(self, device_id: str, session_id: str, body: bytes, model_version: int,
-               num_examples: int, metrics: Mapping[str, float]) -> Outcome:
+               num_examples: int | None, metrics: Mapping[str, float]) -> Outcome:
         conn = self._store.connection()
         session, rnd = self._session(conn, device_id, session_id)
         stored = self._check(session, rnd, "train", model_version)
         if stored is not None:
             return stored
+        if rnd.secure and num_examples is not None:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "under secure aggregation the weight travels "
+                                "masked inside the update: send no num_examples")
+        if not rnd.secure and num_examples is None:
+            raise ProtocolError(ErrorCode.MISSING_FIELD, "missing query parameter 'num_examples'")
+        open_ = self._secagg.check_upload(conn, session, rnd) if rnd.secure else True   # 409: not now
         pipeline = self._rounds.pipeline(rnd)
         update = pipeline.accept(body, num_examples)      # 422 for anything the round cannot use
-        if not rnd.accepts_reports(self._clock.now()):
+        if not open_ or not rnd.accepts_reports(self._clock.now()):
             return self._commit(session_id, rnd.id, None)
         with self._partials.lease(rnd.id) as shard:
             part = conn.execute("SELECT generation FROM partials WHERE round_id = ? AND shard = ?",
                                 (rnd.id, shard)).fetchone()
             generation = part["generation"] if part else 0
-            total = np.add(update.units, self._partials.read(rnd.id, shard, generation, pipeline.count),
-                           out=update.units)
+            total = pipeline.fold(update.units, self._partials.read(rnd.id, shard, generation,
+                                                                    pipeline.vector_size))
             try:
                 self._partials.write(rnd.id, shard, generation + 1, total)
             except OSError:   # the round was closed and its directory removed meanwhile
@@ -147,7 +157,8 @@ class ReportingService:
                 return Outcome("accepted", rnd.number, "duplicate")
             if session["state"] not in ("assigned", "dropped"):
                 return Outcome("aborted", rnd.number, session["reason"])
-            if contribution is None or not rnd.accepts_reports(now) or session["state"] == "dropped":
+            closed = rnd.secure and not self._secagg.accepting(tx, rnd.id)   # the sum's set is fixed
+            if contribution is None or closed or not rnd.accepts_reports(now) or session["state"] == "dropped":
                 return self._abort(tx, rnd, session_id, session["state"], now)
             if isinstance(contribution, EvalReport):
                 self._count_eval(tx, round_id, session_id, contribution)

@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from contract.pipeline import IntegerSum, UpdatePipeline
+from contract.pipeline import IntegerSum, UpdatePipeline, running_sum
+from contract.secagg import SecAggError
 from contract.update_spec import RoundSpec, rotation_seed
 from server.clock import Clock
 from server.config import PopulationConfig, ServerConfig
@@ -37,6 +38,7 @@ from server.errors import ErrorCode, ProtocolError
 from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
 from server.partials import PartialSums
 from server.populations import Population, load_population
+from server.secagg import SecAggService
 from server.store import Store
 from server.versions import VersionRegistry
 
@@ -81,6 +83,11 @@ class Round:
         return self.state in OPEN_STATES
 
     @property
+    def secure(self) -> bool:
+        """Its updates are masked (server.secagg): the server sees only their sum."""
+        return self.update is not None and self.update.spec.secure_aggregation
+
+    @property
     def outstanding(self) -> int:
         """Selected devices that may still report."""
         return self.selected - self.reported - self.failed - self.aborted
@@ -91,8 +98,9 @@ class Round:
 
 class RoundService:
     def __init__(self, store: Store, clock: Clock, config: ServerConfig, versions: VersionRegistry,
-                 partials: PartialSums, on_publish=None):
+                 partials: PartialSums, secagg: SecAggService, on_publish=None):
         self._store = store
+        self._secagg = secagg
         self._clock = clock
         self._config = config
         self._versions = versions
@@ -132,6 +140,11 @@ class RoundService:
             if rnd.selected < rnd.min_selected:
                 return self._fail(tx, rnd, now, "too_few_selected")
             rnd = self.close_selection(tx, rnd, now)
+        if rnd.secure and rnd.state == "reporting":
+            verdict = self._secagg.tick(tx, rnd, now, self.settings(population))
+            if verdict == "complete":
+                return self._complete(tx, rnd, now)
+            return self._fail(tx, rnd, now, verdict) if verdict else rnd
         nobody_left = rnd.state == "reporting" and (now >= rnd.deadline or rnd.outstanding <= 0)
         if rnd.reported >= rnd.goal or nobody_left:
             if rnd.reported < rnd.min_reports:
@@ -142,7 +155,7 @@ class RoundService:
     @staticmethod
     def due(rnd: Round | None, now: float) -> bool:
         """Whether `tick` would change anything (a closed or missing round needs opening)."""
-        if rnd is None or not rnd.is_open or rnd.reported >= rnd.goal:
+        if rnd is None or not rnd.is_open or rnd.reported >= rnd.goal or (rnd.secure and rnd.state == "reporting"):
             return True
         if rnd.state == "selecting":
             return now >= rnd.selection_ends_at
@@ -166,7 +179,7 @@ class RoundService:
         spec = None
         if task == "train":
             spec = json.dumps(cfg.update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
-                                              rotation_seed(cfg.seed, number)).to_json())
+                                              rotation_seed(cfg.seed, number), cfg.max_selected).to_json())
         tx.execute(
             "INSERT INTO rounds (population, number, task, model_version, attempt, state, goal,"
             " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"
@@ -175,7 +188,10 @@ class RoundService:
             (population, number, task, pop.current_version, attempt, cfg.goal, cfg.max_selected,
              min(cfg.min_selected, cfg.max_selected), cfg.min_reports, json.dumps(hyper), now,
              now + cfg.selection_window_s, now + cfg.selection_window_s + cfg.reporting_window_s, spec))
-        return self.latest(tx, population)
+        rnd = self.latest(tx, population)
+        if rnd.secure:
+            self._secagg.open(tx, rnd.id)
+        return rnd
 
     def pipeline(self, rnd: Round) -> UpdatePipeline:
         """The update pipeline of a training round (built once per round and process)."""
@@ -190,6 +206,8 @@ class RoundService:
     def close_selection(self, tx: sqlite3.Connection, rnd: Round, now: float) -> Round:
         tx.execute("UPDATE rounds SET state = 'reporting', selection_closed_at = ? WHERE id = ?",
                    (now, rnd.id))
+        if rnd.secure:
+            self._secagg.close_selection(tx, rnd.id, now)
         return self.by_id(tx, rnd.id)
 
     def cleanup(self) -> None:
@@ -223,6 +241,8 @@ class RoundService:
                              " finished_at = ? WHERE round_id = ? AND state = 'assigned'",
                              (now, rnd.id)).rowcount
         tx.execute("DELETE FROM partials WHERE round_id = ?", (rnd.id,))   # its files go after COMMIT
+        if rnd.secure:
+            self._secagg.close(tx, rnd.id, state, reason)
         tx.execute("UPDATE rounds SET state = ?, reason = ?, closed_at = ?, dropped = ?,"
                    " result_version = ?, finalize_s = ?,"
                    " selection_closed_at = COALESCE(selection_closed_at, ?) WHERE id = ?",
@@ -241,7 +261,11 @@ class RoundService:
             self._finish_eval(tx, rnd, pop, cfg)
             self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
             return None
-        version = self._finish_train(tx, rnd, pop, cfg)
+        try:
+            version = self._finish_train(tx, rnd, pop, cfg)
+        except SecAggError as e:          # a secret that cannot be rebuilt and checked: publish nothing
+            log.error("round %s/%d: unmasking failed: %s", rnd.population, rnd.number, e)
+            return self._fail(tx, rnd, now, "unmask_failed")
         if version is None:
             return self._fail(tx, rnd, now, "non_finite_aggregate")
         self._close(tx, rnd, now, "completed", None, version, time.perf_counter() - start)
@@ -251,8 +275,9 @@ class RoundService:
 
     def running_sum(self, tx: sqlite3.Connection, rnd: Round) -> IntegerSum:
         """The round's committed shards, merged (exact integers: any order gives the same sum)."""
-        count = self.pipeline(rnd).count
-        total = IntegerSum(count)
+        pipeline = self.pipeline(rnd)
+        count = pipeline.vector_size
+        total = running_sum(pipeline)
         for row in tx.execute("SELECT shard, generation, weight, count FROM partials WHERE round_id = ?",
                               (rnd.id,)).fetchall():
             shard = self._partials.read(rnd.id, row["shard"], row["generation"], count)
@@ -266,7 +291,15 @@ class RoundService:
         if total.updates != rnd.reported:
             raise RuntimeError(f"round {rnd.id}: {total.updates} updates in the running sum, "
                                f"{rnd.reported} accepted")
-        mean_delta = self.pipeline(rnd).finalize(total.total, total.weight)
+        pipeline = self.pipeline(rnd)
+        if rnd.secure:
+            plain, survivors = self._secagg.unmask(tx, rnd, total.total)
+            ring = pipeline.ring.reduce(plain.astype(np.int64))
+            weight_sum = int(ring[-1])
+            mean_delta = pipeline.finalize_masked(ring, survivors)
+        else:
+            weight_sum = int(total.weight)
+            mean_delta = pipeline.finalize(total.total, total.weight)
         parent = self._versions.get(rnd.population, rnd.model_version, tx)
         optimizer = build_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
         fresh = optimizer.initialize(size)
@@ -280,9 +313,9 @@ class RoundService:
         row = tx.execute("SELECT weight_sum, metric_sums_json FROM rounds WHERE id = ?",
                          (rnd.id,)).fetchone()
         train = {name: s / w for name, (s, w) in json.loads(row["metric_sums_json"]).items() if w > 0}
-        train.update(reports=rnd.reported, examples=int(row["weight_sum"]),
+        train.update(reports=rnd.reported, examples=weight_sum,
                      mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name,
-                     update_bits=rnd.update.spec.bits)
+                     update_bits=rnd.update.spec.bits, secure_aggregation=rnd.secure)
         version = self._versions.add(tx, rnd.population, pop.layout, pop.model_config, rnd.model_version,
                                      rnd.number, weights, state_to_bytes(optimizer, state), train)
         return version.version

@@ -20,6 +20,7 @@ from server.ratelimit import RateLimiter
 from server.registry import DeviceRegistry
 from server.reporting import ReportingService
 from server.rounds import RoundService
+from server.secagg import SecAggService
 from server.store import Store
 from server.versions import VersionRegistry
 
@@ -44,6 +45,7 @@ class Services:
     enrollment: EnrollmentService
     access: ArtifactAccess
     limits: RateLimiter
+    secagg: SecAggService
     operator_token: str
 
     def populations(self) -> list[str]:
@@ -71,15 +73,16 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     publisher = PublishJobs(store, artifacts, versions,
                             exporter or SubprocessExporter(config.exporter, config.publish_timeout_s),
                             clock, access, config.publish_timeout_s)
-    rounds = RoundService(store, clock, config, versions, partials, on_publish=publisher.enqueue)
+    secagg = SecAggService(store, clock)
+    rounds = RoundService(store, clock, config, versions, partials, secagg, on_publish=publisher.enqueue)
     policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
     checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
-    reporting = ReportingService(store, clock, rounds, partials, registry)
+    reporting = ReportingService(store, clock, rounds, partials, registry, secagg)
     enrollment = EnrollmentService(store, clock, config, registry, reporting.end_sessions_of)
     token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
                         checkin, reporting, publisher, RoundAnalytics(store, pseudonyms), enrollment, access,
-                        RateLimiter(config.state_dir / "ratelimit.db", clock), token)
+                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, token)
     removed = rounds.collect_garbage()
     if removed:
         log.info("removed %d stale partial-sum files", removed)

@@ -146,6 +146,47 @@ MIGRATIONS: list[str] = [
         version INTEGER NOT NULL
     );
     """,
+    # 4: secure aggregation (server.secagg owns these): a round's phase, its devices' public keys
+    # and places in the neighbour graph, the encrypted shares it relays, the shares revealed to it.
+    """
+    CREATE TABLE secagg_rounds (
+        round_id INTEGER PRIMARY KEY REFERENCES rounds(id),
+        phase TEXT NOT NULL,
+        k INTEGER,
+        t INTEGER,
+        phase_ends_at REAL,
+        members INTEGER NOT NULL DEFAULT 0,
+        shared INTEGER NOT NULL DEFAULT 0,
+        survivors INTEGER NOT NULL DEFAULT 0,
+        reason TEXT
+    );
+    CREATE TABLE secagg_members (
+        session_id TEXT PRIMARY KEY REFERENCES sessions(id),
+        round_id INTEGER NOT NULL REFERENCES rounds(id),
+        node INTEGER,
+        enc_pk BLOB NOT NULL,
+        mask_pk BLOB NOT NULL,
+        commitment BLOB NOT NULL,
+        neighbours_json TEXT,
+        state TEXT NOT NULL DEFAULT 'advertised',
+        UNIQUE (round_id, node)
+    );
+    CREATE TABLE secagg_shares (
+        round_id INTEGER NOT NULL REFERENCES rounds(id),
+        sender INTEGER NOT NULL,
+        receiver INTEGER NOT NULL,
+        ciphertext BLOB NOT NULL,
+        PRIMARY KEY (round_id, receiver, sender)
+    );
+    CREATE TABLE secagg_reveals (
+        round_id INTEGER NOT NULL REFERENCES rounds(id),
+        owner INTEGER NOT NULL,
+        revealer INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        share BLOB NOT NULL,
+        PRIMARY KEY (round_id, owner, revealer)
+    );
+    """,
 ]
 
 

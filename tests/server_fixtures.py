@@ -186,8 +186,9 @@ class DeviceClient:
         a = self.assignment or {}
         if body is None:
             body, num_examples = self.encode(delta, num_examples)
-        query = {"model_version": a.get("model_version", 0) if model_version is None else model_version,
-                 "num_examples": num_examples}
+        query = {"model_version": a.get("model_version", 0) if model_version is None else model_version}
+        if num_examples is not None:        # None: a masked upload (the weight is inside it)
+            query["num_examples"] = num_examples
         if metrics is not None:
             query["metrics"] = json.dumps(metrics)
         path = f"/v1/sessions/{session_id or a['session_id']}/update?{urlencode(query)}"

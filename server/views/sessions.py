@@ -18,7 +18,8 @@ def upload(session_id: str):
     caller = device("upload")
     require_content_type(UPDATE_TYPE)
     model_version = v.query_int(request.args, "model_version", 0, v.MAX_INT)
-    num_examples = v.query_int(request.args, "num_examples", 1, MAX_WEIGHT)
+    num_examples = v.query_int(request.args, "num_examples", 1, MAX_WEIGHT, default=None)   # the service
+    # says whether the round needs it (under secure aggregation the weight is inside the masked body)
     metrics = v.query_json(request.args, "metrics", METRICS, default={})
     body = request.get_data(cache=False)
     outcome = services().reporting.upload(caller.id, session_id, body, model_version, num_examples, metrics)

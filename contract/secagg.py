@@ -1,0 +1,321 @@
+"""Secure aggregation (SecAgg+, Bell et al. 2020): the server learns only the sum of a round's updates.
+
+The device's half (`DeviceSecAgg`) and the server's (`unmask`) of the
+cryptography; server/secagg.py runs the phases over HTTP and
+device_runtime/secagg.py takes part in them. Per round and device:
+
+1. **advertise** — two fresh X25519 key pairs (one to encrypt shares, one to
+   mask) and a 32-byte self-mask seed b from the OS CSPRNG; the device sends
+   both public keys and a commitment to b (SHA-256, domain-separated).
+2. **neighbours** — the server joins the devices that advertised in a random
+   k-regular graph (`neighbour_graph`: Harary's graph on a random order, as
+   in Bell et al.; the complete graph for small rounds) and numbers them.
+3. **share** — the device splits b and its masking private key t-of-k
+   (contract.shamir, t = ⌊k/2⌋ + 1) and sends each neighbour its two shares,
+   encrypted with AES-256-GCM under HKDF-SHA256 of the pairwise X25519 secret
+   of the encryption keys; the server only relays them.
+4. **mask** — the device adds to its plaintext integers (contract.stages.
+   RingEncoding) the self mask PRG(b) and, for every neighbour v that shared,
+   +PRG(s_uv) if its own number is smaller and −PRG(s_uv) if larger, where
+   s_uv = HKDF(X25519(mask key, v's mask key)): pairs cancel in the sum.
+5. **unmask** — each surviving device reveals, per neighbour, the share of
+   its self-mask seed if it survived or of its masking key if it dropped;
+   never both for one neighbour (`reveal` refuses). The server rebuilds each
+   secret from t shares, checks it against its commitment or public key (a
+   wrong or tampered share fails loudly), and removes the masks.
+
+Every mask is an AES-256-CTR keystream keyed by a full 256-bit secret, never
+a short seed; every key is bound to the round by the round spec's
+fingerprint, so nothing carries over from one round to another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import secrets
+import threading
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+
+from contract import shamir
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+SHARE_PLAINTEXT = 8 + 2 * shamir.SHARE_BYTES
+CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT + 16       # + the GCM tag
+SELF, KEY = "self", "key"
+
+
+class SecAggError(Exception):
+    """A protocol rule would be broken (a device refuses), or a message does not check out."""
+
+
+# -- parameters and the graph (the server decides, the device receives) --------------------
+
+
+def default_degree(n: int, max_dropout: float = 0.3, failure: float = 1e-3) -> int:
+    """k for n devices: the smallest even k (the complete graph if none below n - 1 will do) with
+    which a round loses no device's secrets to dropouts, but with probability < `failure`, when up
+    to `max_dropout` of the devices leave after the graph is made. A device's secret needs t of its
+    k neighbours to come back: n · P[Binomial(k, 1 - max_dropout) < t] < failure. Bell et al. show
+    k = O(log n) suffices; the constant grows fast with the dropout a round must survive."""
+    for k in range(2, n - 1, 2):
+        t = threshold(k)
+        tail = sum(math.comb(k, j) * (1 - max_dropout) ** j * max_dropout ** (k - j) for j in range(t))
+        if n * tail < failure:
+            return k
+    return max(n - 1, 0)
+
+
+def threshold(k: int) -> int:
+    """t > k/2: two disjoint sets of t neighbours cannot both exist, so the server cannot collect
+    one device's self-seed shares from some and its key shares from others."""
+    return k // 2 + 1
+
+
+def neighbour_graph(n: int, k: int) -> dict[int, set[int]]:
+    """A random k-regular graph on the devices 1..n (k even, or the complete graph when k >= n - 1)."""
+    order = list(range(1, n + 1))
+    secrets.SystemRandom().shuffle(order)
+    graph: dict[int, set[int]] = {u: set() for u in order}
+    if k >= n - 1:
+        return {u: set(order) - {u} for u in order}
+    for i, u in enumerate(order):
+        for d in range(1, k // 2 + 1):
+            v = order[(i + d) % n]
+            graph[u].add(v)
+            graph[v].add(u)
+    return graph
+
+
+def masking_set(graph: dict[int, set[int]], shared: set[int], t: int) -> set[int]:
+    """The devices that shared, less any (repeatedly) left with fewer than t neighbours among them:
+    their secrets could never be rebuilt."""
+    cohort = set(shared)
+    while True:
+        weak = {u for u in cohort if len(graph[u] & cohort) < t}
+        if not weak:
+            return cohort
+        cohort -= weak
+
+
+# -- primitives -----------------------------------------------------------------------------
+
+
+def _hkdf(secret: bytes, domain: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=domain, info=info).derive(secret)
+
+
+def _pair(info: bytes, a: int, b: int) -> bytes:
+    low, high = sorted((a, b))
+    return info + low.to_bytes(4, "big") + high.to_bytes(4, "big")
+
+
+_scratch = threading.local()
+
+
+def _keystream(key: bytes, count: int) -> np.ndarray:
+    """`count` uint32 words of the AES-256-CTR keystream under `key`, in this thread's scratch
+    buffer (valid until the thread's next call; a key is used for one stream only)."""
+    nbytes = 4 * count
+    if getattr(_scratch, "size", -1) != nbytes:
+        _scratch.zeros, _scratch.out, _scratch.size = bytes(nbytes), bytearray(nbytes + 16), nbytes
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    encryptor.update_into(_scratch.zeros, _scratch.out)
+    return np.frombuffer(_scratch.out, "<u4", count=count)
+
+
+def expand(key: bytes, count: int) -> np.ndarray:
+    """The mask `key` stands for: `count` uint32 words of its AES-256-CTR keystream (a copy)."""
+    return _keystream(key, count).copy()
+
+
+def add_mask(total: np.ndarray, key: bytes, sign: int) -> None:
+    """total (uint32) += sign · mask(key), modulo 2^32, without keeping the mask."""
+    stream = _keystream(key, len(total))
+    if sign > 0:
+        total += stream
+    else:
+        total -= stream
+
+
+def commitment(domain: bytes, seed: bytes) -> bytes:
+    return hashlib.sha256(b"nightjar/secagg/commit" + domain + seed).digest()
+
+
+def self_mask_key(domain: bytes, seed: bytes) -> bytes:
+    return _hkdf(seed, domain, b"nightjar/secagg/self")
+
+
+def pair_mask_key(domain: bytes, private: X25519PrivateKey, peer: bytes, a: int, b: int) -> bytes:
+    return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer)), domain,
+                 _pair(b"nightjar/secagg/mask", a, b))
+
+
+def _share_cipher(domain: bytes, private: X25519PrivateKey, peer: bytes, a: int, b: int) -> AESGCM:
+    return AESGCM(_hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer)), domain,
+                        _pair(b"nightjar/secagg/share", a, b)))
+
+
+def _aad(domain: bytes, sender: int, receiver: int) -> bytes:
+    return domain + sender.to_bytes(4, "big") + receiver.to_bytes(4, "big")
+
+
+def public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+# -- the device's half ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Advertisement:
+    enc_pk: bytes           # X25519, raw: neighbours encrypt their shares to this device with it
+    mask_pk: bytes          # X25519, raw: the pairwise masks
+    commitment: bytes       # SHA-256 of the self-mask seed (bound to the round)
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbour:
+    node: int
+    enc_pk: bytes
+    mask_pk: bytes
+
+
+class DeviceSecAgg:
+    """One device's secrets for one round, and the rules it keeps. Nothing here leaves the phone
+    except what the methods return."""
+
+    def __init__(self, domain: bytes):
+        self.domain = domain
+        self._enc = X25519PrivateKey.generate()
+        self._mask = X25519PrivateKey.generate()
+        self._seed = os.urandom(KEY_BYTES)
+        self.node: int | None = None
+        self.neighbours: dict[int, Neighbour] = {}
+        self._held: dict[int, tuple[bytes, bytes]] = {}     # owner → (self-seed share, key share)
+        self.revealed: dict[int, str] = {}                   # owner → SELF | KEY, once and for all
+
+    def advertise(self) -> Advertisement:
+        return Advertisement(public_bytes(self._enc), public_bytes(self._mask), commitment(self.domain, self._seed))
+
+    def share(self, node: int, t: int, neighbours: list[Neighbour]) -> dict[int, bytes]:
+        """This device's shares for each neighbour, encrypted to it: {neighbour: ciphertext}."""
+        if not neighbours or t > len(neighbours) or any(n.node == node for n in neighbours):
+            raise SecAggError(f"{len(neighbours)} neighbours cannot hold a {t}-of-k sharing")
+        self.node, self.neighbours = node, {n.node: n for n in neighbours}
+        mask_key = self._mask.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        seed_shares = shamir.split(self._seed, t, self.neighbours)
+        key_shares = shamir.split(mask_key, t, self.neighbours)
+        out = {}
+        for v, n in self.neighbours.items():
+            plaintext = node.to_bytes(4, "big") + v.to_bytes(4, "big") + seed_shares[v] + key_shares[v]
+            nonce = os.urandom(NONCE_BYTES)
+            out[v] = nonce + _share_cipher(self.domain, self._enc, n.enc_pk, node, v).encrypt(
+                nonce, plaintext, _aad(self.domain, node, v))
+        return out
+
+    def receive(self, inbox: dict[int, bytes]) -> list[int]:
+        """Decrypt the shares the neighbours sent; the masking set (who shared with this device)."""
+        for owner, blob in inbox.items():
+            n = self.neighbours.get(owner)
+            if n is None or len(blob) != CIPHERTEXT_BYTES:
+                raise SecAggError(f"a share from {owner}, which is not a neighbour or is malformed")
+            try:
+                plain = _share_cipher(self.domain, self._enc, n.enc_pk, owner, self.node).decrypt(
+                    blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(self.domain, owner, self.node))
+            except InvalidTag:
+                raise SecAggError(f"the share from {owner} does not decrypt: tampered with") from None
+            if plain[:8] != owner.to_bytes(4, "big") + self.node.to_bytes(4, "big"):
+                raise SecAggError(f"the share from {owner} names other devices")
+            self._held[owner] = (plain[8:8 + shamir.SHARE_BYTES], plain[8 + shamir.SHARE_BYTES:])
+        return sorted(self._held)
+
+    def mask(self, ring: np.ndarray) -> np.ndarray:
+        """`ring` (uint32) + PRG(b) ± PRG(s_uv) for every neighbour that shared, modulo 2^32 (the
+        caller reduces to the ring, contract.stages.RingEncoding)."""
+        out = ring.astype(np.uint32, copy=True)
+        add_mask(out, self_mask_key(self.domain, self._seed), +1)
+        for v in self._held:
+            add_mask(out, pair_mask_key(self.domain, self._mask, self.neighbours[v].mask_pk, self.node, v),
+                     +1 if self.node < v else -1)
+        return out
+
+    def reveal(self, survivors: list[int], dropped: list[int]) -> dict[int, tuple[str, bytes]]:
+        """For each owner, the share the server asks for: SELF for survivors, KEY for dropped ones.
+        Refuses (SecAggError) a request that would give both kinds for one neighbour, now or
+        together with an earlier answer, or one about devices that did not share with it."""
+        both = set(survivors) & set(dropped)
+        if both:
+            raise SecAggError(f"asked for both shares of {sorted(both)[:5]}: refused")
+        wanted = {o: SELF for o in survivors} | {o: KEY for o in dropped}
+        unknown = [o for o in wanted if o not in self._held]
+        if unknown:
+            raise SecAggError(f"holds no shares of {unknown[:5]}")
+        flipped = [o for o, kind in wanted.items() if self.revealed.get(o, kind) != kind]
+        if flipped:
+            raise SecAggError(f"already revealed the other share of {flipped[:5]}: refused")
+        self.revealed.update(wanted)
+        return {o: (kind, self._held[o][0 if kind == SELF else 1]) for o, kind in wanted.items()}
+
+
+# -- the server's half ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """What the server knows of one device of the masking set."""
+
+    node: int
+    mask_pk: bytes
+    commitment: bytes
+    maskers: frozenset[int]       # the neighbours it masked with (those that shared with it)
+
+
+def rebuild(owner: Member, kind: str, shares: dict[int, bytes], t: int, domain: bytes) -> bytes:
+    """The secret of `owner` from its shares, checked; SecAggError names what is wrong."""
+    if len(shares) < t:
+        raise SecAggError(f"device {owner.node}: {len(shares)} {kind} shares, fewer than t = {t}")
+    try:
+        secret = shamir.combine(shares, t)
+    except ValueError as e:
+        raise SecAggError(f"device {owner.node}: {e}") from None
+    if kind == SELF and commitment(domain, secret) != owner.commitment:
+        raise SecAggError(f"device {owner.node}: the rebuilt self-mask seed does not match its commitment "
+                          "(a wrong or tampered share)")
+    if kind == KEY and public_bytes(X25519PrivateKey.from_private_bytes(secret)) != owner.mask_pk:
+        raise SecAggError(f"device {owner.node}: the rebuilt masking key does not match its public key "
+                          "(a wrong or tampered share)")
+    return secret
+
+
+def unmask(masked_sum: np.ndarray, members: dict[int, Member], survivors: set[int],
+           shares: dict[int, dict[int, bytes]], t: int, domain: bytes) -> np.ndarray:
+    """The survivors' plaintext sum (uint32, modulo 2^32: the caller reduces to the ring).
+
+    `masked_sum`: the sum of the survivors' masked vectors; `members`: the
+    masking set (survivors and the devices that shared but did not submit);
+    `shares[owner]`: {revealer: share} of the owner's self-mask seed if it
+    survived, of its masking key if not. Any secret that cannot be rebuilt
+    and checked raises SecAggError: nothing is unmasked from a partial set.
+    """
+    total = masked_sum.astype(np.uint32)
+    secrets_ = {o: rebuild(members[o], SELF if o in survivors else KEY, shares.get(o, {}), t, domain)
+                for o in members}
+    for u in survivors:
+        add_mask(total, self_mask_key(domain, secrets_[u]), -1)
+    for v in set(members) - survivors:
+        private = X25519PrivateKey.from_private_bytes(secrets_[v])
+        for u in members[v].maskers & survivors:
+            # u added +PRG(s_uv) if u < v (−PRG if not); v's opposite term never came: take u's out
+            add_mask(total, pair_mask_key(domain, private, members[u].mask_pk, v, u), -1 if u < v else +1)
+    return total

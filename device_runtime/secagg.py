@@ -1,0 +1,82 @@
+"""The phone's part in secure aggregation, inside one training task (server.secagg runs the phases).
+
+The task goes: advertise its keys → download and prepare → wait for its
+neighbours and send them its shares → train → wait for the masking phase,
+read its inbox, upload the masked update → wait for the unmasking phase and
+reveal the shares asked for. Between phases the phone waits as long as the
+server's status says, checking its training conditions and the task's time
+budget before each poll: a failing condition ends its part like any
+interruption (the round carries on without it). The cryptography and the
+rules (never both shares of one neighbour) are contract.secagg.DeviceSecAgg's;
+its secrets live in memory for this task only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from contract.secagg import DeviceSecAgg
+from contract.secagg_wire import PHASES, SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+
+if TYPE_CHECKING:
+    from device_runtime.client import Assignment, ServerClient
+    from device_runtime.clock import Clock
+
+ORDER = {phase: i for i, phase in enumerate(PHASES[:5])}   # keys, shares, masking, unmasking, done
+
+
+class SecAggLeft(Exception):
+    """The phone's part ended before its phase: `reason` is a failure reason code (or "excluded")."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class SecureAggregation:
+    def __init__(self, client: "ServerClient", assignment: "Assignment", clock: "Clock",
+                 should_stop: Callable[[], str | None]):
+        self.client, self.a, self.clock, self.should_stop = client, assignment, clock, should_stop
+        self.secrets = DeviceSecAgg(assignment.update.fingerprint.encode())
+        self.polls = 0
+
+    def advertise(self) -> None:
+        self.client.secagg_send(self.a, "keys", SecAggKeys(self.secrets.advertise()))
+
+    def share(self) -> None:
+        status = self._wait_for("shares")
+        shares = self.secrets.share(status.node, status.threshold, list(status.neighbours))
+        self.client.secagg_send(self.a, "shares", SecAggShares(shares))
+
+    def masker(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Once the masking phase starts: read the neighbours' shares; the function that masks."""
+        status = self._wait_for("masking")
+        self.secrets.receive(status.inbox)
+        return self.secrets.mask
+
+    def reveal(self, should_stop: Callable[[], str | None]) -> None:
+        """Reveal what the server asks for; SecAggError if that would break a rule (then nothing goes).
+        `should_stop` replaces the task's: the unmasking comes after the report deadline."""
+        self.should_stop = should_stop
+        status = self._wait_for("unmasking")
+        if status.done:
+            return
+        shares = self.secrets.reveal(list(status.survivors), list(status.dropped))
+        self.client.secagg_send(self.a, "reveal", SecAggReveal(shares))
+
+    def _wait_for(self, phase: str) -> SecAggStatus:
+        while True:
+            reason = self.should_stop()
+            if reason:
+                raise SecAggLeft(reason, f"waiting for the {phase} phase")
+            status = self.client.secagg_status(self.a)
+            self.polls += 1
+            if status.phase in ("failed", "excluded", "done") and phase != status.phase:
+                raise SecAggLeft("cancelled", f"the round's secure aggregation is {status.phase}")
+            if ORDER[status.phase] > ORDER[phase]:
+                raise SecAggLeft("out_of_time", f"the {phase} phase is over ({status.phase} now)")
+            if status.phase == phase and (not status.done or phase == "unmasking"):
+                return status
+            self.clock.sleep(status.wait_s or 1.0)
