@@ -217,7 +217,7 @@ class Fleet:
     def __init__(self, config: FleetConfig, profiles: Sequence[PhoneProfile],
                  texts: dict[str, Sequence[str]]):
         self.config = config
-        self.faults = FaultInjector(config.faults)
+        self.faults = FaultInjector(config.faults, config.clock.now)
         self.session = SharedSession(self.faults, pool_size=config.workers + 8)
         self.pool = PlanPool(config.trainers, config.trainer_threads)
         self.phones = [Phone(self, p, texts[p.client_id]) for p in profiles]

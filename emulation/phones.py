@@ -63,6 +63,9 @@ class SharedSession:
     def request(self, method: str, url: str, **kwargs) -> requests.Response:
         if self.faults.network_error():
             raise requests.ConnectionError(f"injected network error: {method} {url}")
+        credential = str((kwargs.get("headers") or {}).get("Authorization", ""))
+        if credential and self.faults.vanishing(method, urlsplit(url).path, credential) == "before":
+            raise requests.ConnectionError(f"injected: the phone is gone ({method} {url})")
         lost = self.faults.lose_upload(url) if method == "POST" and "/update" in url else None
         if lost == "request_lost":
             raise requests.ConnectionError(f"injected: upload lost before sending ({url})")

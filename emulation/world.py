@@ -27,6 +27,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -178,6 +179,21 @@ class Faults:
     network_error_rate: float = 0.0       # of all requests: a connection error before sending
     tamper_fraction: float = 0.0          # of uploads: altered by an attacker on the phone (TAMPERING)
     seed: int = 0
+    # Secure aggregation: of the sessions reaching each point, the phone vanishes (its requests
+    # fail for VANISHED_S of simulated time) after advertising keys, after sending shares, after
+    # training (its masked upload never arrives), or just before revealing its shares.
+    drop_after_keys: float = 0.0
+    drop_after_shares: float = 0.0
+    drop_after_training: float = 0.0
+    drop_before_unmask: float = 0.0
+
+
+VANISHED_S = 3600.0
+
+# Where a phone can vanish from secure aggregation: the request that marks the point, and whether
+# the phone goes after that request succeeds or instead of it.
+SECAGG_DROPS = {"drop_after_keys": ("/secagg/keys", "after"), "drop_after_shares": ("/secagg/shares", "after"),
+                "drop_after_training": ("/update", "before"), "drop_before_unmask": ("/secagg/reveal", "before")}
 
 
 # What a tampering phone does to its upload (emulation.phones.tamper), in turn:
@@ -209,8 +225,9 @@ class FaultInjector:
     per request at the given rate.
     """
 
-    def __init__(self, faults: Faults = Faults()):
+    def __init__(self, faults: Faults = Faults(), now: Callable[[], float] = time.time):
         self.faults = faults
+        self._now = now
         self._lock = threading.Lock()
         self._unplug = _Every(faults.unplug_fraction, _uniform(faults.seed, "unplug"))
         self._upload = _Every(faults.upload_failure_fraction, _uniform(faults.seed, "upload"))
@@ -218,8 +235,11 @@ class FaultInjector:
         self._tampered: dict[str, str | None] = {}
         self._decided: dict[str, str | None] = {}
         self._calls = 0
+        self._drops = {name: _Every(getattr(faults, name), _uniform(faults.seed, name)) for name in SECAGG_DROPS}
+        self._vanished: dict[str, float] = {}          # credential → back at (simulated time)
+        self._marked: set[tuple[str, str]] = set()
         self.injected = {"unplugged": 0, "request_lost": 0, "response_lost": 0, "network_error": 0,
-                         **{kind: 0 for kind in TAMPERING}}
+                         **{kind: 0 for kind in TAMPERING}, **{name: 0 for name in SECAGG_DROPS}}
 
     def unplug(self) -> bool:
         """Whether the training task starting now is to be unplugged mid-way."""
@@ -256,6 +276,24 @@ class FaultInjector:
                     self.injected[kind] += 1
                 self._tampered[url] = kind
             return self._tampered[url]
+
+    def vanishing(self, method: str, path: str, credential: str) -> str | None:
+        """Secure aggregation's dropouts: "before" (this request fails: the phone is gone), "after"
+        (it goes through, then the phone is gone), or None."""
+        with self._lock:
+            if self._vanished.get(credential, -1.0) > self._now():
+                return "before"
+            parts = path.split("/")
+            if method != "POST" or len(parts) < 4 or parts[1:3] != ["v1", "sessions"]:
+                return None
+            for name, (suffix, when) in SECAGG_DROPS.items():
+                if path.endswith(suffix) and (parts[3], name) not in self._marked:
+                    self._marked.add((parts[3], name))
+                    if self._drops[name].next():
+                        self._vanished[credential] = self._now() + VANISHED_S
+                        self.injected[name] += 1
+                        return when
+            return None
 
     def network_error(self) -> bool:
         with self._lock:

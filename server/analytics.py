@@ -66,10 +66,15 @@ class RoundAnalytics:
                                     (row["id"],)).fetchall()
             reasons = conn.execute("SELECT reason, COUNT(*) AS n FROM sessions WHERE round_id = ? AND"
                                    " state = 'failed' GROUP BY reason", (row["id"],)).fetchall()
+            secure = conn.execute("SELECT phase, k, t, members, shared, survivors, reason FROM secagg_rounds"
+                                  " WHERE round_id = ?", (row["id"],)).fetchone()
         out = round_summary(row, now)
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])
         out["update"] = json.loads(row["update_spec_json"]) if row["update_spec_json"] else None
         out["failure_reasons"] = {r["reason"] or "unknown": r["n"] for r in reasons}
+        # secure aggregation: the phase, the graph's degree k and threshold t, and how many devices
+        # advertised keys and made the graph (members), shared, and were summed (survivors)
+        out["secagg"] = dict(secure) if secure is not None else None
         out["devices"] = [{
             "device": self._pseudonym(s["device_id"]), "session_id": s["id"], "outcome": s["state"],
             "reason": s["reason"], "assigned_at": s["assigned_at"], "finished_at": s["finished_at"],

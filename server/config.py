@@ -103,7 +103,8 @@ class SecAggConfig:
 
     neighbours: int | None = None       # k; default contract.secagg.default_degree(n, max_dropout)
     max_dropout: float = 0.3            # the default k survives this fraction leaving after the graph
-    shares_window_s: float = 60.0       # from the selection's close: devices exchange their shares
+    keys_window_s: float = 30.0         # from the selection's close: the last devices' keys
+    shares_window_s: float = 60.0       # from the graph: devices exchange their shares
     unmask_window_s: float = 120.0      # from the reports' close: survivors reveal shares
 
 
@@ -322,8 +323,9 @@ def _validated(config: ServerConfig) -> ServerConfig:
                   f"{where}.secagg.neighbours must be an even integer >= 2 (or absent: O(log n))")
             check(0 <= a.max_dropout < 0.5, f"{where}.secagg.max_dropout must be in [0, 0.5): more than "
                   "half leaving can never leave t > k/2 of a device's neighbours")
-            check(0 < a.shares_window_s < p.reporting_window_s and a.unmask_window_s > 0,
-                  f"{where}.secagg: 0 < shares_window_s < reporting_window_s, and unmask_window_s > 0")
+            check(0 < a.keys_window_s and 0 < a.shares_window_s and a.keys_window_s + a.shares_window_s
+                  < p.reporting_window_s and a.unmask_window_s > 0, f"{where}.secagg: windows must be > 0, "
+                  "and keys_window_s + shares_window_s < reporting_window_s")
             check(p.min_round_size >= 3, f"{where}: secure aggregation needs min_round_size >= 3 "
                   "(a sum of one or two updates reveals them to the others)")
             try:

@@ -118,6 +118,10 @@ SCHEMAS = {
         "hyperparameters": {"type": "object"},
         "update": {"oneOf": [{"type": "null"}, _ref("UpdateSpec")]},
         "failure_reasons": {"type": "object", "additionalProperties": INT},
+        "secagg": {"oneOf": [{"type": "null"}, _obj({
+            "phase": {"enum": ["keys", "shares", "masking", "unmasking", "done", "failed"]},
+            "k": NULLABLE_INT, "t": NULLABLE_INT, "members": INT, "shared": INT, "survivors": INT,
+            "reason": {"type": ["string", "null"]}})]},
         "devices": {"type": "array", "items": DEVICE_OUTCOME}}, extra=True)]},
     "RoundList": _obj({"rounds": {"type": "array", "items": _ref("Round")}}),
     "SecAggKeys": SecAggKeys.SCHEMA.schema(), "SecAggShares": SecAggShares.SCHEMA.schema(),

@@ -207,7 +207,7 @@ class RoundService:
         tx.execute("UPDATE rounds SET state = 'reporting', selection_closed_at = ? WHERE id = ?",
                    (now, rnd.id))
         if rnd.secure:
-            self._secagg.close_selection(tx, rnd.id, now)
+            self._secagg.close_selection(tx, rnd.id, now, self.settings(rnd.population))
         return self.by_id(tx, rnd.id)
 
     def cleanup(self) -> None:

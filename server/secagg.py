@@ -43,7 +43,6 @@ from server.errors import ErrorCode, ProtocolError
 from server.store import Store
 
 POLL_CAP_S = 15.0          # a device comes back at least this often while it waits
-KEYS_WINDOW_S = 30.0       # after the selection closes, for the last devices' keys
 
 
 def _domain(rnd) -> bytes:
@@ -60,9 +59,9 @@ class SecAggService:
     def open(self, tx: sqlite3.Connection, round_id: int) -> None:
         tx.execute("INSERT INTO secagg_rounds (round_id, phase) VALUES (?, 'keys')", (round_id,))
 
-    def close_selection(self, tx: sqlite3.Connection, round_id: int, now: float) -> None:
+    def close_selection(self, tx: sqlite3.Connection, round_id: int, now: float, cfg: PopulationConfig) -> None:
         tx.execute("UPDATE secagg_rounds SET phase_ends_at = ? WHERE round_id = ? AND phase = 'keys'",
-                   (now + KEYS_WINDOW_S, round_id))
+                   (now + cfg.secagg.keys_window_s, round_id))
 
     def tick(self, tx: sqlite3.Connection, rnd, now: float, cfg: PopulationConfig) -> str | None:
         """'complete' when the round can be unmasked, a failure reason, or None (nothing yet)."""

@@ -69,9 +69,9 @@ def record_uploads(device: Device) -> list[tuple[Assignment, np.ndarray, int]]:
     sent: list[tuple[Assignment, np.ndarray, int]] = []
     upload = device.client.upload
 
-    def recording(assignment, delta, num_examples, metrics):
+    def recording(assignment, delta, num_examples, metrics, masker=None):
         sent.append((assignment, np.array(delta), num_examples))
-        return upload(assignment, delta, num_examples, metrics)
+        return upload(assignment, delta, num_examples, metrics, masker)
 
     device.client.upload = recording
     return sent

@@ -7,12 +7,12 @@ import pytest
 
 from contract.pipeline import Contribution, running_sum
 from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares
-from server.secagg import KEYS_WINDOW_S
 from tests.secagg_fixtures import SecAggPhone
 from tests.server_fixtures import FlaskTransport
 from tests.test_server_views import CheckedTransport, OpenAPIChecker
 
 N = 12
+KEYS_WINDOW_S = 30.0
 PHASES = ("keys", "shares", "masking", "unmasking")
 
 
@@ -20,7 +20,7 @@ def secure_server(make_server, checked: bool = False, **overrides):
     settings = dict(goal=N, over_selection=1.0, min_selected_fraction=1.0, min_round_size=3,
                     min_report_fraction=0.25, secure_aggregation=True, selection_window_s=60.0,
                     reporting_window_s=300.0, update={"bits": 8, "clip_norm": 2.5, "max_weight": 100},
-                    secagg={"shares_window_s": 60.0, "unmask_window_s": 120.0})
+                    secagg={"keys_window_s": KEYS_WINDOW_S, "shares_window_s": 60.0, "unmask_window_s": 120.0})
     settings.update(overrides)
     env = make_server(**settings)
     env.checker = OpenAPIChecker(env.app)
