@@ -54,6 +54,16 @@ bench-export: setup corpus
 bench-compression: setup corpus
 	$(PY) -m benchmarks.compression
 
+# SecAgg+ for the Gboard model at 8 bits: 100 and 1000 devices in process, 100 over HTTP (~15 min).
+.PHONY: bench-secagg
+bench-secagg: setup
+	$(PY) -m benchmarks.secagg
+
+# Federated discovery of new words (TrieHH) in simulation over the training users (~1 min).
+.PHONY: bench-discovery
+bench-discovery: setup corpus
+	$(PY) -m benchmarks.discovery
+
 # schemathesis against the live server from its own /openapi.json: >= 10,000 cases, every phase.
 .PHONY: fuzz
 fuzz: setup
@@ -74,7 +84,7 @@ bench-fleet: setup corpus
 	$(PY) -m benchmarks.fleet
 
 # Every benchmark, then benchmarks/REPORT.md (and the README's table) from benchmarks/results/*.json.
-bench: bench-quality bench-compression bench-export bench-server bench-device bench-fleet
+bench: bench-quality bench-compression bench-secagg bench-discovery bench-export bench-server bench-device bench-fleet
 	$(PY) -m benchmarks.report
 
 # Only regenerate benchmarks/REPORT.md and the README's table from the existing results.

@@ -61,10 +61,14 @@ class DemoConfig:
 # top-3 is not worse than the last published one's (the server's rule) — early on it climbs, later
 # the on-device evaluation's noise decides.
 POPULATION_SETTINGS = dict(
-    goal=20, over_selection=1.3, min_selected_fraction=0.5, min_report_fraction=0.5,
+    goal=20, min_round_size=5, over_selection=1.3, min_selected_fraction=0.5, min_report_fraction=0.5,
     selection_window_s=900.0, reporting_window_s=2400.0, client_lr=0.3, client_epochs=2,
     client_batch_size=16, client_max_examples=64, server_optimizer="sgd", server_lr=1.0,
-    eval_every=2, publish_every=2, eligibility={"min_separation_s": 3600.0})
+    eval_every=2, publish_every=2, eligibility={"min_separation_s": 3600.0},
+    # The server sees only each round's sum (server/secagg.py). Its windows are simulated time:
+    # at 240x, five minutes for the last keys are 1.25 s of wall time.
+    secure_aggregation=True,
+    secagg={"keys_window_s": 300.0, "shares_window_s": 600.0, "unmask_window_s": 900.0})
 
 
 def prepare(cfg: DemoConfig, out: Path):
@@ -181,6 +185,12 @@ def main() -> int:
           f"{spec['clip_norm']:g}, weight capped at {spec['max_weight']} (a new population's default); "
           f"{uploads['mb_per_round']:.1f} MB uploaded per training round, {uploads['mb_per_device']:.2f} MB "
           f"per device ({uploads['float32_mb_per_device']:.2f} MB as float32)")
+    if spec.get("secure_aggregation"):
+        sa = uploads["secagg"]
+        print(f"secure aggregation: on (SecAgg+; {sa['rounds']} training rounds, neighbours k = "
+              f"{'/'.join(map(str, sa['k']))}, threshold t = {'/'.join(map(str, sa['t']))}; "
+              f"{sa['survivors']} of {sa['members']} devices in the graphs summed): the server saw only "
+              "each round's sum")
     print(f"\nwall time {wall / 60:.1f} min (prepare {timings['prepare_s']:.0f} s, fleet "
           f"{timings['fleet_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s); "
           f"wrote benchmarks/results/demo.json, demo_quality.png, demo_participation.png")
@@ -192,7 +202,12 @@ def upload_summary(rounds: list[dict]) -> dict:
     """Bytes uploaded per completed training round and per report, and the spec they were sent with."""
     train = [r for r in rounds if r["task"] == "train" and r["state"] == "completed" and r["reported"]]
     spec = train[-1]["update"] if train else {}
-    return {"spec": {k: spec.get(k) for k in ("bits", "rotation", "clip_norm", "weighting", "max_weight")},
+    secure = [r["secagg"] for r in train if r.get("secagg")]
+    return {"spec": {k: spec.get(k) for k in ("bits", "rotation", "clip_norm", "weighting", "max_weight",
+                                              "secure_aggregation", "cohort_max")},
+            "secagg": {"rounds": len(secure), "k": sorted({s["k"] for s in secure}),
+                       "t": sorted({s["t"] for s in secure}),
+                       "members": sum(s["members"] for s in secure), "survivors": sum(s["survivors"] for s in secure)},
             "mb_per_round": sum(r["bytes_in"] for r in train) / max(len(train), 1) / 1e6,
             "mb_per_device": sum(r["bytes_in"] for r in train) / max(sum(r["reported"] for r in train), 1) / 1e6,
             "float32_mb_per_device": 4 * spec.get("size", 0) / 1e6,

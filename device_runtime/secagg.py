@@ -1,9 +1,11 @@
 """The phone's part in secure aggregation, inside one training task (server.secagg runs the phases).
 
-The task goes: advertise its keys → download and prepare → wait for its
-neighbours and send them its shares → train → wait for the masking phase,
+The task goes: advertise its keys → wait for its neighbours and send them
+its shares → download and prepare → train → wait for the masking phase,
 read its inbox, upload the masked update → wait for the unmasking phase and
-reveal the shares asked for. Between phases the phone waits as long as the
+reveal the shares asked for. Keys and shares come before the download: they
+are small and their windows short, and the download and training fit in
+the masking phase, which lasts until the report deadline. Between phases the phone waits as long as the
 server's status says, checking its training conditions and the task's time
 budget before each poll: a failing condition ends its part like any
 interruption (the round carries on without it). The cryptography and the

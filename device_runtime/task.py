@@ -3,6 +3,9 @@
 Phases, each timed into the participation log so `status` and the benchmark
 show where a task's time goes:
 
+* secagg_share (secure aggregation only): advertise keys, send shares
+  (device_runtime.secagg; then secagg_wait before the upload and
+  secagg_unmask after it);
 * download: the plan's manifest, then (if the budgets allow) the plan, its
   vocabulary and the round's checkpoint, each verified by sha256 and cached
   (a plan is fetched once per plan, a checkpoint once per round);
@@ -99,6 +102,8 @@ class Task:
         if assignment.report_deadline_in_s > 0:
             budget = min(budget, assignment.report_deadline_in_s)
         self.deadline = self.started + budget
+        # the unmasking comes after the round's report deadline, which may be later than the task's
+        self.unmask_until = max(self.deadline, self.started + assignment.report_deadline_in_s) + UNMASK_GRACE_S
         self.phases: dict[str, float] = {}   # phase name + "_s" → seconds (clock time)
         self.batches = 0
         self.examples = 0
@@ -112,8 +117,11 @@ class Task:
     def run(self) -> str:
         """Run the task and report it; returns the outcome logged (see the module docstring)."""
         try:
-            if self.secagg is not None:
+            if self.secagg is not None:     # keys and shares first: short phases, before the long download
+                self._next_phase("secagg_share")
                 self.secagg.advertise()
+                self.secagg.share()
+                self._next_phase("download")
             plan, initial, windows = self._prepare()
             if self.a.task == "eval":
                 answer = self._evaluate(plan, initial, windows)
@@ -196,10 +204,6 @@ class Task:
 
     def _train(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
         hp = self.a.hyperparameters
-        if self.secagg is not None:
-            self._next_phase("secagg_share")
-            self.secagg.share()
-            self._next_phase("train")
         update = train_locally(plan, initial, windows, Hyperparameters(
             float(hp["learning_rate"]), int(hp["epochs"]), int(hp["batch_size"]), int(hp["seed"]),
             hp.get("max_examples")), should_stop=self.should_stop)
@@ -240,7 +244,7 @@ class Task:
     def _unmask_should_stop(self) -> str | None:
         """The training conditions, and a grace period after the report deadline for the unmasking."""
         reasons = self.d.policy.blockers(self.d.conditions.read())
-        if self.d.clock.now() > self.deadline + UNMASK_GRACE_S:
+        if self.d.clock.now() > self.unmask_until:
             reasons.append("out_of_time")
         return reasons[0] if reasons else None
 
