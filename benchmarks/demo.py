@@ -1,7 +1,9 @@
 """`make demo`: the whole system, end to end, on this machine, in simulated time.
 
-1. the federated Shakespeare corpus (`models.corpus`);
-2. the Gboard-size CIFG, seeded initial weights, exported as a LiteRT
+1. the federated Shakespeare corpus (`models.corpus`) under the public
+   vocabulary (`models.public_corpus`);
+2. the Gboard-size CIFG pretrained on public text only (`models.pretrain`,
+   cached in the data directory after the first run), exported as a LiteRT
    training plan (`tflite_export`);
 3. the real server — `python -m server init`, then `python -m server run`
    (gunicorn, SQLite, a local artifact folder) on a loopback port, on a
@@ -72,13 +74,16 @@ POPULATION_SETTINGS = dict(
 
 
 def prepare(cfg: DemoConfig, out: Path):
-    """Corpus, initial Gboard model and its training plan, server config with the shared clock."""
+    """Corpus, the public-pretrained Gboard model and its training plan, server config with the
+    shared clock."""
     from models.corpus import load_corpus
     from models.model import GBOARD
+    from models.pretrain import pretrain
     from emulation.deployment import initial_model, simulated_clock, write_server_config
 
     corpus = load_corpus(vocab_size=GBOARD.vocab_size - 4, seq_len=GBOARD.seq_len)
-    model = initial_model(out / "model", corpus, GBOARD)
+    flat, _ = pretrain(GBOARD, corpus.vocab)          # public text only; cached after the first demo
+    model = initial_model(out / "model", corpus, GBOARD, flat=flat)
     config = write_server_config(out / "server", POPULATION, **POPULATION_SETTINGS,
                                  server=simulated_clock(DEMO_START_UTC, cfg.clock_speed))
     return corpus, model, config
@@ -137,7 +142,8 @@ def main() -> int:
     t_start = time.monotonic()
     timings = {}
 
-    print(f"[1/4] corpus, initial Gboard-size model and its LiteRT training plan -> {out}", flush=True)
+    print(f"[1/4] corpus, the Gboard-size model pretrained on public text and its LiteRT training plan -> {out}",
+          flush=True)
     corpus, model, server_config = prepare(cfg, out)
     init_population(server_config, model, POPULATION)
     timings["prepare_s"] = time.monotonic() - t_start

@@ -70,7 +70,8 @@ def run(cfg: QualityConfig, work_dir: Path) -> dict:
 
     model_config = CONFIGS[cfg.model]
     start = time.monotonic()
-    corpus = load_corpus(vocab_size=model_config.vocab_size - 4, seq_len=model_config.seq_len)
+    # these three rows are the baselines measured before the public vocabulary: the users' own words
+    corpus = load_corpus(vocab_size=model_config.vocab_size - 4, seq_len=model_config.seq_len, vocabulary="users")
     heldout = np.concatenate(list(corpus.heldout.values()))
     timings = {}
 

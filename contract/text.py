@@ -28,6 +28,8 @@ PAD_ID, BOS_ID, EOS_ID, OOV_ID = range(4)
 # A keyboard never offers these; see contract.metrics for the metric definition.
 NEVER_SUGGEST = (PAD_ID, BOS_ID, OOV_ID)
 
+FREE_SLOT = "<free:"       # a reserved vocabulary slot: "<free:0>", "<free:1>", ...
+
 _SENTENCE_END = re.compile(r"[.!?;:]+")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
@@ -59,13 +61,36 @@ class Vocabulary:
         self._ids = {t: i for i, t in enumerate(self.tokens)}
 
     @classmethod
-    def build(cls, texts: Iterable[str], size: int = 10_000) -> "Vocabulary":
-        """The `size` most frequent words of `texts` (ties: alphabetical), plus specials."""
+    def build(cls, texts: Iterable[str], size: int = 10_000, reserved: int = 0) -> "Vocabulary":
+        """The specials, the `size - reserved` most frequent words of `texts` (ties: alphabetical),
+        then `reserved` free slots for words found later (federated discovery fills them without
+        changing the model's shape)."""
+        if not 0 <= reserved <= size:
+            raise ValueError(f"reserved ({reserved}) must be in [0, size ({size})]")
         counts = collections.Counter()
         for text in texts:
             counts.update(words(text))
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-        return cls(list(SPECIAL_TOKENS) + [w for w, _ in ranked[:size]])
+        return cls(list(SPECIAL_TOKENS) + [w for w, _ in ranked[:size - reserved]]
+                   + [f"{FREE_SLOT}{i}>" for i in range(reserved)])
+
+    @property
+    def free_slots(self) -> list[int]:
+        """Ids of the slots no word holds yet (tokens "<free:i>": no text ever encodes to them)."""
+        return [i for i, t in enumerate(self.tokens) if t.startswith(FREE_SLOT)]
+
+    def with_words(self, new: Sequence[str]) -> "Vocabulary":
+        """This vocabulary with `new` words in its first free slots (ids of every other token kept)."""
+        bad = [w for w in new if _WORD.fullmatch(w) is None or w in self._ids]
+        if bad or len(set(new)) != len(new):
+            raise ValueError(f"not new words of the tokenizer's form: {bad[:5] or 'duplicates'}")
+        slots = self.free_slots
+        if len(new) > len(slots):
+            raise ValueError(f"{len(new)} new words, {len(slots)} free slots")
+        tokens = list(self.tokens)
+        for slot, w in zip(slots, new):
+            tokens[slot] = w
+        return Vocabulary(tokens)
 
     def __len__(self) -> int:
         return len(self.tokens)

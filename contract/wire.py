@@ -17,9 +17,10 @@ import dataclasses
 from typing import Any
 
 from contract import schema as s
+from contract.discovery import DiscoverySpec
 from contract.update_spec import ROUND_SPEC, SHA256, RoundSpec
 
-TASKS = ("train", "eval")
+TASKS = ("train", "eval", "discover")
 # Why a device stopped a task: the training policy's codes (device_runtime.policy), a time or
 # memory budget, an explicit cancel, or anything else ("error").
 FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
@@ -142,22 +143,73 @@ class Assignment:
     failure_url: str
     update: RoundSpec | None = None     # train tasks: how to encode the update
     layout: list[dict] | None = None    # train tasks: the flat weight vector's order
+    discovery: "DiscoveryAsk | None" = None   # discover tasks: the level and what to vote on
 
     @classmethod
     def from_json(cls, value: Any) -> "Assignment":
         f = ASSIGNMENT.parse(value, "assignment")
         report = f.pop("report")
         update = f.pop("update")
+        discovery = f.pop("discovery", None)
         return cls(report_url=report["url"], failure_url=report["failure_url"],
                    update=RoundSpec.from_json(update) if update is not None else None,
+                   discovery=DiscoveryAsk.from_parsed(discovery) if discovery is not None else None,
                    **{k: v for k, v in f.items()})
 
     def to_json(self) -> dict:
         out = {k: v for k, v in dataclasses.asdict(self).items()
-               if k not in ("report_url", "failure_url", "update")}
+               if k not in ("report_url", "failure_url", "update", "discovery")}
         out["report"] = {"url": self.report_url, "failure_url": self.failure_url}
         out["update"] = self.update.to_json() if self.update is not None else None
+        if self.discovery is not None:
+            out["discovery"] = self.discovery.to_json()
         return out
+
+
+PREFIX = s.Str(41, r"[a-z0-9']*\$?", description="a word's first characters (a-z, 0-9, '), or a whole word and '$'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryAsk:
+    """A discover task: the level of the pass, the prefixes found so far (contract.discovery)."""
+
+    level: int
+    prefixes: tuple[str, ...]
+    spec: DiscoverySpec
+
+    SCHEMA = s.Obj("DiscoveryAsk", [
+        s.Field("level", s.Int(1, 41)), s.Field("prefixes", s.Arr(PREFIX, 100_000)),
+        s.Field("min_devices", s.Int(2, 10**6)), s.Field("max_word_length", s.Int(1, 40)),
+        s.Field("votes_per_device", s.Int(1, 1000))],
+        description="vote for up to votes_per_device of your own words' prefixes of length `level` that "
+                    "extend one of `prefixes` by one character (contract.discovery.vote)")
+
+    @classmethod
+    def from_parsed(cls, f: dict) -> "DiscoveryAsk":
+        return cls(f["level"], tuple(f["prefixes"]), DiscoverySpec(f["min_devices"], f["max_word_length"],
+                                                                   f["votes_per_device"]))
+
+    def to_json(self) -> dict:
+        return {"level": self.level, "prefixes": list(self.prefixes), **dataclasses.asdict(self.spec)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryBallot:
+    """A device's votes at one level of a discovery pass."""
+
+    model_version: int
+    votes: tuple[str, ...]
+
+    SCHEMA = s.Obj("DiscoveryBallot", [s.Field("model_version", s.Int(0)), s.Field("votes", s.Arr(PREFIX, 1000))],
+                   description="distinct prefixes, each one character longer than one the task named")
+
+    @classmethod
+    def from_json(cls, value: Any) -> "DiscoveryBallot":
+        f = cls.SCHEMA.parse(value)
+        return cls(f["model_version"], tuple(f["votes"]))
+
+    def to_json(self) -> dict:
+        return {"model_version": self.model_version, "votes": list(self.votes)}
 
 
 ASSIGNMENT = s.Obj("Assignment", [
@@ -174,6 +226,7 @@ ASSIGNMENT = s.Obj("Assignment", [
                                              s.Field("failure_url", s.Str(300))])),
     s.Field("update", s.Nullable(ROUND_SPEC), required=False),
     s.Field("layout", s.Nullable(s.Arr(LAYOUT_ENTRY, 1000)), required=False),
+    s.Field("discovery", DiscoveryAsk.SCHEMA, required=False),
 ])
 CHECKIN_RESPONSE = {"oneOf": [
     s.Obj("AssignmentAnswer", [s.Field("assignment", ASSIGNMENT)]).schema(),

@@ -24,7 +24,7 @@ import numpy as np
 from contract.errors import ProtocolError
 from contract.pipeline import UpdatePipeline
 from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
-from contract.wire import (Assignment, Conditions, EvalReport, FailureReport, Nonce, Outcome, Registration,
+from contract.wire import (Assignment, Conditions, DiscoveryBallot, EvalReport, FailureReport, Nonce, Outcome, Registration,
                            Rejection)
 from device_runtime.transport import Transport
 
@@ -115,6 +115,10 @@ class ServerClient:
                     positions: int, loss_sum: float) -> Outcome:
         report = EvalReport(assignment.model_version, top1_hits, top3_hits, positions, loss_sum)
         return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=report.to_json())))
+
+    def report_discovery(self, assignment: Assignment, votes: list[str]) -> Outcome:
+        ballot = DiscoveryBallot(assignment.model_version, tuple(votes))
+        return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=ballot.to_json())))
 
     def app_model(self, population: str) -> dict | None:
         """The latest published app model's description, or None if none is published."""

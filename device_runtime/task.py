@@ -13,7 +13,8 @@ show where a task's time goes:
   the checkpoint is read and the stored text tokenized with the plan's
   vocabulary;
 * train (FedAvg's client step, `training.train_locally`) or eval (top-1/top-3
-  hits as `contract.metrics` defines them, and the summed loss);
+  hits as `contract.metrics` defines them, and the summed loss), or, for a
+  discover task, only the vocabulary and the votes (device_runtime.discovery);
 * upload: the delta or the counts.
 
 Every way a task can end is reported to the server and logged, and none
@@ -45,11 +46,12 @@ import numpy as np
 from contract.wire import Outcome
 from contract.secagg import SecAggError
 from device_runtime.client import Assignment, CorruptDownload, ProtocolError
+from device_runtime.discovery import votes
 from device_runtime.secagg import SecAggLeft, SecureAggregation
 from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
 from device_runtime.transport import ServerUnavailable
 from contract.metrics import Hits, count_hits
-from contract.text import PAD_ID, split_sentences
+from contract.text import PAD_ID, Vocabulary, split_sentences
 from contract.weights import load_checkpoint
 from contract.artifacts import ArtifactError
 from contract.manifest import Manifest
@@ -122,11 +124,14 @@ class Task:
                 self.secagg.advertise()
                 self.secagg.share()
                 self._next_phase("download")
-            plan, initial, windows = self._prepare()
-            if self.a.task == "eval":
-                answer = self._evaluate(plan, initial, windows)
+            if self.a.task == "discover":   # no plan, no checkpoint: the vocabulary and the text
+                answer = self._discover()
             else:
-                answer = self._train(plan, initial, windows)
+                plan, initial, windows = self._prepare()
+                if self.a.task == "eval":
+                    answer = self._evaluate(plan, initial, windows)
+                else:
+                    answer = self._train(plan, initial, windows)
         except Interrupted as e:
             self.batches = e.batches_done
             return self._fail("interrupted", e.reason, str(e))
@@ -238,6 +243,20 @@ class Task:
         self.examples = hits.positions
         self._next_phase("upload")
         answer = self.d.client.report_eval(self.a, hits.top1, hits.top3, hits.positions, loss_sum)
+        self._next_phase("done")
+        return answer
+
+    def _discover(self) -> Outcome:
+        if self.a.vocab is None or self.a.discovery is None:
+            raise TaskFailed("error", "a discover task needs a vocabulary and a level")
+        vocab = Vocabulary.load(self.d.cache.get(self.a.vocab))
+        self._next_phase("discover")
+        ballot = votes(self.a.discovery, self.texts, vocab)
+        reason = self.should_stop()
+        if reason:
+            raise Interrupted(reason, 0)
+        self._next_phase("upload")
+        answer = self.d.client.report_discovery(self.a, ballot)
         self._next_phase("done")
         return answer
 

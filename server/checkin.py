@@ -24,7 +24,7 @@ import threading
 import time
 
 from contract.batching import round_seed
-from contract.wire import Assignment, Conditions, Rejection
+from contract.wire import Assignment, Conditions, DiscoveryAsk, Rejection
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.config import PopulationConfig
@@ -46,13 +46,16 @@ def _ref(sha256: str) -> dict:
     return {"url": artifact_url(sha256), "sha256": sha256}
 
 
+ACTIONS = {"train": "update", "eval": "eval", "discover": "discovery"}   # where each task reports
+
+
 def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, checkpoint_sha256: str,
-                    now: float) -> Assignment:
+                    now: float, discovery: DiscoveryAsk | None = None) -> Assignment:
     """The wire assignment of a session (contract.wire.Assignment)."""
     plan = None
     if pop.plan is not None:
         plan = {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)}
-    action = "update" if rnd.task == "train" else "eval"
+    action = ACTIONS[rnd.task]
     return Assignment(
         session_id=session_id, task=rnd.task, population=pop.name, round=rnd.number,
         model_version=rnd.model_version, plan=plan, checkpoint=_ref(checkpoint_sha256),
@@ -60,7 +63,7 @@ def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, che
         hyperparameters={**rnd.hyperparameters, "seed": seed},
         report_deadline=rnd.deadline, report_deadline_in_s=max(0.0, rnd.deadline - now),
         report_url=f"/v1/sessions/{session_id}/{action}", failure_url=f"/v1/sessions/{session_id}/failure",
-        update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None)
+        update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None, discovery=discovery)
 
 
 class CheckinService:
@@ -111,7 +114,7 @@ class CheckinService:
             if mine["state"] == "assigned" and rnd.accepts_reports(self._clock.now()):
                 version = self._versions.get(pop.name, rnd.model_version, tx)
                 return make_assignment(mine["id"], mine["seed"], rnd, pop, version.checkpoint_sha256,
-                                       self._clock.now())
+                                       self._clock.now(), self._rounds.discovery_ask(tx, rnd))
             return self._busy(tx, rnd, cfg, "already_participated")
         if rnd.state != "selecting" or rnd.selected >= rnd.max_selected:
             return self._busy(tx, rnd, cfg, "round_full")
@@ -128,7 +131,8 @@ class CheckinService:
         rnd = self._rounds.by_id(tx, rnd.id)
         if rnd.selected >= rnd.max_selected:
             rnd = self._rounds.close_selection(tx, rnd, now)
-        return make_assignment(session_id, seed, rnd, pop, version.checkpoint_sha256, now)
+        return make_assignment(session_id, seed, rnd, pop, version.checkpoint_sha256, now,
+                               self._rounds.discovery_ask(tx, rnd))
 
     def _busy(self, tx: sqlite3.Connection, rnd: Round, cfg: PopulationConfig, reason: str) -> Rejection:
         """A retry window that spreads the population over the next selection window(s)."""

@@ -109,6 +109,22 @@ class SecAggConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DiscoveryConfig:
+    """Federated discovery of new words ([populations.<name>.discovery]; server.discovery runs it)."""
+
+    every: int = 0                      # a discovery pass after every N training rounds (0: never)
+    min_devices: int = 10               # no word typed by fewer devices is ever revealed
+    max_word_length: int = 12
+    votes_per_device: int = 100         # 1: TrieHH's (ε, δ) analysis applies (contract.discovery)
+
+    @property
+    def spec(self):
+        from contract.discovery import DiscoverySpec
+
+        return DiscoverySpec(self.min_devices, self.max_word_length, self.votes_per_device)
+
+
+@dataclasses.dataclass(frozen=True)
 class PopulationConfig:
     """How the rounds of one population run. Fixed into each round when it opens."""
 
@@ -139,6 +155,7 @@ class PopulationConfig:
     # The server learns only the sum of a round's updates (server.secagg); implies the rotation.
     secure_aggregation: bool = False
     secagg: SecAggConfig = SecAggConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
     @property
     def max_selected(self) -> int:
@@ -245,6 +262,9 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
         if key == "secagg":
             return value if isinstance(value, SecAggConfig) else _build(
                 SecAggConfig, value, f"populations.{name}.secagg")
+        if key == "discovery":
+            return value if isinstance(value, DiscoveryConfig) else _build(
+                DiscoveryConfig, value, f"populations.{name}.discovery")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
         return value
@@ -316,6 +336,15 @@ def _validated(config: ServerConfig) -> ServerConfig:
             p.update.validate(f"{where}.update")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check(isinstance(p.discovery.every, int) and p.discovery.every >= 0,
+              f"{where}.discovery.every must be an integer >= 0")
+        try:
+            p.discovery.spec.validate()
+        except ValueError as e:
+            raise ConfigError(f"{where}.{e}") from None
+        check(p.discovery.every == 0 or p.discovery.min_devices <= p.max_selected,
+              f"{where}.discovery.min_devices ({p.discovery.min_devices}) exceeds the devices a round selects "
+              f"({p.max_selected}): no prefix could ever be found")
         if p.update.secure_aggregation:
             a = p.secagg
             check(a.neighbours is None or (isinstance(a.neighbours, int) and a.neighbours >= 2

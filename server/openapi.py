@@ -110,6 +110,7 @@ SCHEMAS = {
     "Outcome": wire.Outcome.SCHEMA.schema(),
     "EvalReport": wire.EvalReport.SCHEMA.schema(),
     "FailureReport": wire.FailureReport.SCHEMA.schema(),
+    "DiscoveryBallot": wire.DiscoveryBallot.SCHEMA.schema(),
     "Metrics": wire.METRICS.schema(),
     "AppModel": wire.APP_MODEL.schema(),
     "Manifest": manifest_schema(),
@@ -228,7 +229,7 @@ def openapi_document() -> dict:
                     "path.session_id": "$response.body#/assignment/session_id",
                     "header.Authorization": "$request.header.Authorization"}}
                    for name, op in (("ReportEval", "report_eval"), ("ReportFailure", "report_failure"),
-                                    ("SecAggStatus", "secagg_status"))}}}},
+                                    ("ReportDiscovery", "report_discovery"), ("SecAggStatus", "secagg_status"))}}}},
             body=json_body("CheckinRequest"), errors=(400, 401, 403, 404, 413, 415, 429)),
             "operationId": "checkin"}},
         "/v1/sessions/{session_id}/update": {"post": {"operationId": "upload", **_op(
@@ -246,6 +247,10 @@ def openapi_document() -> dict:
         "/v1/sessions/{session_id}/eval": {"post": {"operationId": "report_eval", **_op(
             "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
             body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
+        "/v1/sessions/{session_id}/discovery": {"post": {"operationId": "report_discovery", **_op(
+            "Report a discover task's votes: prefixes of the device's own new words, each one character "
+            "longer than one the assignment named (contract.discovery).", outcome,
+            body=json_body("DiscoveryBallot"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415, 422))}},
         "/v1/sessions/{session_id}/failure": {"post": {"operationId": "report_failure", **_op(
             "Report why the device stopped the task: a reason code, nothing else (no free text).", outcome,
             body=json_body("FailureReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
@@ -273,6 +278,11 @@ def openapi_document() -> dict:
             "Operator: model versions, newest first (lineage, metrics, publication).",
             {"200": _json(_ref("VersionList"), "versions")}, params=LIST_PARAMS, auth="operator",
             errors=(400, 401, 404))},
+        "/v1/populations/{population}/discovery": {"get": _op(
+            "Operator: federated discovery of new words: the pass and level in progress, and every word "
+            "found so far (each typed by at least min_devices devices).",
+            {"200": _json(_obj({"pass": INT, "level": INT, "words": {"type": "array", "items": STR}}),
+                          "discovery")}, params=[POPULATION], auth="operator", errors=(401, 404))},
         "/v1/populations/{population}/devices/{pseudonym}/revoke": {"post": _op(
             "Operator: revoke a device (named by its pseudonym): its calls are refused from now on (403) "
             "and its open sessions end.", {"200": _json(_ref("Revocation"), "revoked")},

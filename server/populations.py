@@ -58,6 +58,12 @@ def load_population(conn: sqlite3.Connection, name: str) -> Population:
         train_since_eval=row["train_since_eval"])
 
 
+def set_vocabulary(tx: sqlite3.Connection, name: str, vocab_sha256: str, plan: Plan | None) -> None:
+    """The population's vocabulary (and the plan re-issued with it) for its next assignments."""
+    tx.execute("UPDATE populations SET vocab_sha256 = ?, plan_json = ? WHERE name = ?",
+               (vocab_sha256, json.dumps(dataclasses.asdict(plan)) if plan else None, name))
+
+
 def store_plan(artifacts: ArtifactStore, manifest_path: Path, layout: WeightLayout) -> Plan:
     """Store an exported plan (its manifest and every file it lists), checking each hash."""
     try:
@@ -133,7 +139,7 @@ def register_population(store: Store, artifacts: ArtifactStore, clock: Clock, na
             " current_version, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
             (name, json.dumps(layout.to_json()), json.dumps(model_config) if model_config else None,
              json.dumps(dataclasses.asdict(plan)) if plan else None, vocab_sha, now))
-        tx.execute("INSERT INTO versions (population, version, checkpoint_sha256, created_at, train_json)"
-                   " VALUES (?, 0, ?, ?, ?)",
-                   (name, checkpoint_sha, now, json.dumps({"source": "initial checkpoint"})))
+        tx.execute("INSERT INTO versions (population, version, checkpoint_sha256, created_at, train_json,"
+                   " vocab_sha256) VALUES (?, 0, ?, ?, ?, ?)",
+                   (name, checkpoint_sha, now, json.dumps({"source": "initial checkpoint"}), vocab_sha))
         return load_population(tx, name)

@@ -120,7 +120,7 @@ class PublishJobs:
 
     def _export(self, population: str, version: int) -> tuple[str, list[str]]:
         found = self._versions.get(population, version)
-        vocab_sha = self._store.connection().execute(
+        vocab_sha = found.vocab_sha256 or self._store.connection().execute(   # the version's own vocabulary
             "SELECT vocab_sha256 FROM populations WHERE name = ?", (population,)).fetchone()[0]
         scratch = self._artifacts.scratch_dir()
         try:

@@ -24,12 +24,13 @@ import logging
 import sqlite3
 from collections.abc import Mapping
 
-from contract.wire import EvalReport, Outcome
+from contract.wire import DiscoveryBallot, EvalReport, Outcome
 from server.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
 from server.registry import DeviceRegistry
 from server.rounds import Round, RoundService
+from server.discovery import DiscoveryService
 from server.secagg import SecAggService
 from server.store import Store
 
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 
 class ReportingService:
     def __init__(self, store: Store, clock: Clock, rounds: RoundService, partials: PartialSums,
-                 registry: DeviceRegistry, secagg: SecAggService):
+                 registry: DeviceRegistry, secagg: SecAggService, discovery: DiscoveryService):
         self._store = store
+        self._discovery = discovery
         self._clock = clock
         self._rounds = rounds
         self._partials = partials
@@ -119,6 +121,17 @@ class ReportingService:
             return stored
         return self._commit(session_id, rnd.id, report)
 
+    def discovery(self, device_id: str, session_id: str, model_version: int,
+                  ballot: DiscoveryBallot) -> Outcome:
+        """A device's votes in a discover round (server.discovery): checked, then counted once."""
+        conn = self._store.connection()
+        session, rnd = self._session(conn, device_id, session_id)
+        stored = self._check(session, rnd, "discover", model_version)
+        if stored is not None:
+            return stored
+        self._discovery.check(conn, rnd, ballot, self._rounds.settings(rnd.population).discovery)
+        return self._commit(session_id, rnd.id, ballot)
+
     def failure(self, device_id: str, session_id: str, reason: str) -> Outcome:
         """A device stopped its task; `reason` is a code (contract.wire.FAILURE_REASONS), never text."""
         with self._store.write() as tx:
@@ -162,6 +175,8 @@ class ReportingService:
                 return self._abort(tx, rnd, session_id, session["state"], now)
             if isinstance(contribution, EvalReport):
                 self._count_eval(tx, round_id, session_id, contribution)
+            elif isinstance(contribution, DiscoveryBallot):
+                self._discovery.record(tx, rnd, contribution, self._rounds.settings(rnd.population).discovery)
             else:
                 self._count_update(tx, round_id, session_id, *contribution)
             device = tx.execute("SELECT device_id FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]

@@ -38,9 +38,12 @@ from server.errors import ErrorCode, ProtocolError
 from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
 from server.partials import PartialSums
 from server.populations import Population, load_population
+from server.artifacts import ArtifactStore
+from server.discovery import DiscoveryService
 from server.secagg import SecAggService
 from server.store import Store
 from server.versions import VersionRegistry
+from server.vocabulary import grow
 
 log = logging.getLogger(__name__)
 OPEN_STATES = ("selecting", "reporting")
@@ -98,9 +101,12 @@ class Round:
 
 class RoundService:
     def __init__(self, store: Store, clock: Clock, config: ServerConfig, versions: VersionRegistry,
-                 partials: PartialSums, secagg: SecAggService, on_publish=None):
+                 partials: PartialSums, secagg: SecAggService, discovery: DiscoveryService,
+                 artifacts: ArtifactStore, on_publish=None):
         self._store = store
         self._secagg = secagg
+        self._discovery = discovery
+        self._artifacts = artifacts
         self._clock = clock
         self._config = config
         self._versions = versions
@@ -166,7 +172,12 @@ class RoundService:
         cfg = self.settings(population)
         pop = load_population(tx, population)
         last = self.latest(tx, population)
-        task = "eval" if cfg.eval_every and pop.train_since_eval >= cfg.eval_every else "train"
+        if cfg.eval_every and pop.train_since_eval >= cfg.eval_every:
+            task = "eval"
+        elif self._discovery.due(tx, population, cfg.discovery):
+            task = "discover"
+        else:
+            task = "train"
         attempt = 1
         if (last and last.state == "failed" and last.task == task
                 and last.model_version == pop.current_version):
@@ -191,7 +202,15 @@ class RoundService:
         rnd = self.latest(tx, population)
         if rnd.secure:
             self._secagg.open(tx, rnd.id)
+        if task == "discover":
+            self._discovery.open(tx, population)
         return rnd
+
+    def discovery_ask(self, conn: sqlite3.Connection, rnd: Round):
+        """What a discover round's devices vote on (None for other tasks)."""
+        if rnd.task != "discover":
+            return None
+        return self._discovery.ask(conn, rnd.population, self.settings(rnd.population).discovery)
 
     def pipeline(self, rnd: Round) -> UpdatePipeline:
         """The update pipeline of a training round (built once per round and process)."""
@@ -243,6 +262,8 @@ class RoundService:
         tx.execute("DELETE FROM partials WHERE round_id = ?", (rnd.id,))   # its files go after COMMIT
         if rnd.secure:
             self._secagg.close(tx, rnd.id, state, reason)
+        if rnd.task == "discover":
+            self._discovery.discard(tx, rnd.id)
         tx.execute("UPDATE rounds SET state = ?, reason = ?, closed_at = ?, dropped = ?,"
                    " result_version = ?, finalize_s = ?,"
                    " selection_closed_at = COALESCE(selection_closed_at, ?) WHERE id = ?",
@@ -260,6 +281,14 @@ class RoundService:
         if rnd.task == "eval":
             self._finish_eval(tx, rnd, pop, cfg)
             self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
+            return None
+        if rnd.task == "discover":
+            words = self._discovery.close_level(tx, rnd, cfg.discovery)
+            version = grow(tx, self._artifacts, self._versions, pop, rnd.number, words) if words else None
+            self._close(tx, rnd, now, "completed", None, version, time.perf_counter() - start)
+            if words:
+                log.info("round %s/%d: discovery found %d new words -> version %s", rnd.population,
+                         rnd.number, len(words), version)
             return None
         try:
             version = self._finish_train(tx, rnd, pop, cfg)
@@ -318,6 +347,7 @@ class RoundService:
                      update_bits=rnd.update.spec.bits, secure_aggregation=rnd.secure)
         version = self._versions.add(tx, rnd.population, pop.layout, pop.model_config, rnd.model_version,
                                      rnd.number, weights, state_to_bytes(optimizer, state), train)
+        self._discovery.count_training(tx, rnd.population)
         return version.version
 
     def _finish_eval(self, tx: sqlite3.Connection, rnd: Round, pop: Population,

@@ -20,6 +20,7 @@ from server.ratelimit import RateLimiter
 from server.registry import DeviceRegistry
 from server.reporting import ReportingService
 from server.rounds import RoundService
+from server.discovery import DiscoveryService
 from server.secagg import SecAggService
 from server.store import Store
 from server.versions import VersionRegistry
@@ -46,6 +47,7 @@ class Services:
     access: ArtifactAccess
     limits: RateLimiter
     secagg: SecAggService
+    discovery: DiscoveryService
     operator_token: str
 
     def populations(self) -> list[str]:
@@ -74,15 +76,17 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
                             exporter or SubprocessExporter(config.exporter, config.publish_timeout_s),
                             clock, access, config.publish_timeout_s)
     secagg = SecAggService(store, clock)
-    rounds = RoundService(store, clock, config, versions, partials, secagg, on_publish=publisher.enqueue)
+    discovery = DiscoveryService(store)
+    rounds = RoundService(store, clock, config, versions, partials, secagg, discovery, artifacts,
+                          on_publish=publisher.enqueue)
     policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
     checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
-    reporting = ReportingService(store, clock, rounds, partials, registry, secagg)
+    reporting = ReportingService(store, clock, rounds, partials, registry, secagg, discovery)
     enrollment = EnrollmentService(store, clock, config, registry, reporting.end_sessions_of)
     token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
                         checkin, reporting, publisher, RoundAnalytics(store, pseudonyms), enrollment, access,
-                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, token)
+                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, discovery, token)
     removed = rounds.collect_garbage()
     if removed:
         log.info("removed %d stale partial-sum files", removed)

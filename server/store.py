@@ -187,6 +187,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (round_id, owner, revealer)
     );
     """,
+    """
+    CREATE TABLE discovery (
+        population TEXT PRIMARY KEY REFERENCES populations(name),
+        pass INTEGER NOT NULL DEFAULT 0,
+        level INTEGER NOT NULL DEFAULT 0,
+        frontier_json TEXT NOT NULL DEFAULT '[]',
+        pass_words_json TEXT NOT NULL DEFAULT '{}',
+        words_json TEXT NOT NULL DEFAULT '[]',
+        train_since INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE discovery_votes (
+        round_id INTEGER NOT NULL REFERENCES rounds(id),
+        prefix TEXT NOT NULL,
+        votes INTEGER NOT NULL,
+        PRIMARY KEY (round_id, prefix)
+    );
+    ALTER TABLE versions ADD COLUMN vocab_sha256 TEXT;
+    """,
 ]
 
 

@@ -48,6 +48,7 @@ class Version:
     eval: dict | None
     app_manifest_sha256: str | None
     published_at: float | None
+    vocab_sha256: str | None = None     # None: the population's vocabulary at registration
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Version":
@@ -55,7 +56,7 @@ class Version:
         return cls(row["population"], row["version"], row["parent"], row["round_number"],
                    row["checkpoint_sha256"], row["optimizer_sha256"], row["created_at"],
                    json.loads(row["train_json"]), evaluation, row["app_manifest_sha256"],
-                   row["published_at"])
+                   row["published_at"], row["vocab_sha256"])
 
     def to_json(self) -> dict:
         return {"version": self.version, "parent": self.parent, "round": self.round_number,
@@ -114,6 +115,9 @@ class VersionRegistry:
                 self._weights = {version.checkpoint_sha256: flat}
         return flat
 
+    def optimizer_bytes(self, version: Version) -> bytes | None:
+        return self._private.read(version.optimizer_sha256) if version.optimizer_sha256 else None
+
     def optimizer_state(self, version: Version) -> State | None:
         if version.optimizer_sha256 is None:
             return None
@@ -121,16 +125,20 @@ class VersionRegistry:
 
     def add(self, tx: sqlite3.Connection, population: str, layout: WeightLayout,
             model_config: dict | None, parent: int, round_number: int, flat: np.ndarray,
-            optimizer_state: bytes, train: dict) -> Version:
+            optimizer_state: bytes | None, train: dict, vocab_sha256: str | None = None) -> Version:
+        """Version parent + 1; `vocab_sha256`: its vocabulary if it is not its parent's."""
         version = parent + 1
         checkpoint_sha = save_version_checkpoint(self._artifacts, layout, flat, population,
                                                  version, parent, model_config)
-        optimizer_sha = self._private.put(optimizer_state)
+        optimizer_sha = self._private.put(optimizer_state) if optimizer_state is not None else None
+        if vocab_sha256 is None:
+            vocab_sha256 = tx.execute("SELECT vocab_sha256 FROM versions WHERE population = ? AND version = ?",
+                                      (population, parent)).fetchone()[0]
         tx.execute(
             "INSERT INTO versions (population, version, parent, round_number, checkpoint_sha256,"
-            " optimizer_sha256, created_at, train_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " optimizer_sha256, created_at, train_json, vocab_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (population, version, parent, round_number, checkpoint_sha, optimizer_sha,
-             self._clock.now(), json.dumps(train)))
+             self._clock.now(), json.dumps(train), vocab_sha256))
         tx.execute("UPDATE populations SET current_version = ?, train_since_eval = train_since_eval + 1"
                    " WHERE name = ?", (version, population))
         return self.get(population, version, tx)

@@ -152,7 +152,8 @@ def test_full_protocol_over_http_matches_the_openapi_document(make_server):
     assert api.request("GET", "/healthz").body == {"status": "ok"}
     ok_paths = {t for (_, t, s) in checker.seen if s < 300}
     secure = {path for path in checker.doc["paths"] if "/secagg" in path}   # tests/test_secagg_server.py
-    assert ok_paths == set(checker.doc["paths"]) - secure
+    discovery = {path for path in checker.doc["paths"] if "/discovery" in path}   # test_discovery_server.py
+    assert ok_paths == set(checker.doc["paths"]) - secure - discovery
 
 
 def test_refused_requests_are_json_4xx_and_change_nothing(make_server):

@@ -68,6 +68,16 @@ def versions(population: str):
     return jsonify({"versions": [ver.to_json() for ver in svc.versions.list(population, limit, before)]})
 
 
+@bp.get("/discovery")
+def discovery(population: str):
+    """Operator: the discovery pass in progress and every word discovered so far."""
+    require_operator()
+    svc = services()
+    conn = svc.store.connection()
+    load_population(conn, population)                      # 404 for an unknown population
+    return jsonify(svc.discovery.summary(conn, population))
+
+
 @bp.post("/devices/<pseudonym>/revoke")
 def revoke(population: str, pseudonym: str):
     """Operator: revoke a device named by its pseudonym (as operator views show it)."""

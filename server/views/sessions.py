@@ -1,9 +1,9 @@
-"""Reports on a session: the update upload, an evaluation result, a failure."""
+"""Reports on a session: the update upload, an evaluation result, discovery votes, a failure."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from contract.wire import METRICS, EvalReport, FailureReport
+from contract.wire import METRICS, DiscoveryBallot, EvalReport, FailureReport
 from server import validation as v
 from server.views._common import device, json_body, require_content_type, services
 
@@ -32,6 +32,14 @@ def evaluation(session_id: str):
     report = EvalReport.from_json(json_body())
     return jsonify(services().reporting.evaluation(caller.id, session_id, report.model_version,
                                                    report).to_json())
+
+
+@bp.post("/<session_id>/discovery")
+def discovery(session_id: str):
+    caller = device()
+    ballot = DiscoveryBallot.from_json(json_body())
+    return jsonify(services().reporting.discovery(caller.id, session_id, ballot.model_version,
+                                                  ballot).to_json())
 
 
 @bp.post("/<session_id>/failure")
