@@ -12,7 +12,8 @@
    whose user is one training client of the corpus, in one of six time
    zones, charging overnight (mostly), training when its policy allows;
 5. rounds until enough have completed and at least two app-model versions
-   are published; then the held-out quality of every evaluated and
+   are published, with a pass of federated discovery of new words after
+   every 15 training rounds; then the held-out quality of every evaluated and
    published version (`models.central.evaluate`, `contract.metrics`), a
    summary, two PNGs and `benchmarks/results/demo.json`;
 6. every process it started is stopped, and that is checked.
@@ -70,7 +71,10 @@ POPULATION_SETTINGS = dict(
     # The server sees only each round's sum (server/secagg.py). Its windows are simulated time:
     # at 240x, five minutes for the last keys are 1.25 s of wall time.
     secure_aggregation=True,
-    secagg={"keys_window_s": 300.0, "shares_window_s": 600.0, "unmask_window_s": 900.0})
+    secagg={"keys_window_s": 300.0, "shares_window_s": 600.0, "unmask_window_s": 900.0},
+    # After every 15 training rounds, a pass of discover rounds (one per letter) finds the words that
+    # at least 5 phones typed and the public vocabulary lacks; they join a new version's free slots.
+    discovery={"every": 15, "min_devices": 5, "max_word_length": 10, "votes_per_device": 100})
 
 
 def prepare(cfg: DemoConfig, out: Path):
@@ -163,6 +167,7 @@ def main() -> int:
                                     out / "versions", cfg.seed)
         timings["evaluation_s"] = time.monotonic() - t0
         rounds = [_round_detail(server, r["round"]) for r in summary["rounds"]]
+        discovered = server.operator_get(f"/v1/populations/{POPULATION}/discovery").json()
     finally:
         server.kill()
     leftover = [c for c in psutil.Process().children(recursive=True) if c.is_running()
@@ -183,7 +188,9 @@ def main() -> int:
               "final_published": published[-1]["heldout"] if published else None,
               "phones": cfg.phones, "eval_windows": quality["windows"], "timings_s": timings,
               "population": POPULATION_SETTINGS, "demo": dataclasses.asdict(cfg), "uploads": uploads,
-              "versions": quality["versions"], "fleet": {k: v for k, v in summary.items() if k != "rounds"}}
+              "versions": quality["versions"], "fleet": {k: v for k, v in summary.items() if k != "rounds"},
+              "discovered_words": discovered["words"],
+              "discover_rounds": sum(1 for r in rounds if r["task"] == "discover")}
     write_result(RESULTS / "demo.json", result, show=False)
     print(summary_table(quality))
     spec = uploads["spec"]
@@ -197,6 +204,10 @@ def main() -> int:
               f"{'/'.join(map(str, sa['k']))}, threshold t = {'/'.join(map(str, sa['t']))}; "
               f"{sa['survivors']} of {sa['members']} devices in the graphs summed): the server saw only "
               "each round's sum")
+    words = discovered["words"]
+    print(f"discovery: {len(words)} new words found by at least "
+          f"{POPULATION_SETTINGS['discovery']['min_devices']} phones each in {result['discover_rounds']} discover "
+          f"rounds{': ' + ', '.join(words[:30]) if words else ''}{' ...' if len(words) > 30 else ''}")
     print(f"\nwall time {wall / 60:.1f} min (prepare {timings['prepare_s']:.0f} s, fleet "
           f"{timings['fleet_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s); "
           f"wrote benchmarks/results/demo.json, demo_quality.png, demo_participation.png")

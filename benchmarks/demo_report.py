@@ -13,9 +13,16 @@ from pathlib import Path
 import numpy as np
 
 
-def heldout_sample(corpus, n: int, seed: int) -> np.ndarray:
-    """`n` windows drawn without replacement (seeded) from all held-out clients' windows."""
-    windows = np.concatenate([corpus.heldout[c] for c in sorted(corpus.heldout)])
+def heldout_sample(corpus, n: int, seed: int, vocab=None) -> np.ndarray:
+    """`n` windows drawn without replacement (seeded) from all held-out clients' windows, encoded
+    with `vocab` (default: the corpus'): the same positions whatever the vocabulary."""
+    from contract.text import to_sequences
+
+    if vocab is None:
+        windows = np.concatenate([corpus.heldout[c] for c in sorted(corpus.heldout)])
+    else:
+        windows = np.concatenate([to_sequences(corpus.heldout_texts[c], vocab, corpus.seq_len)
+                                  for c in sorted(corpus.heldout)])
     if n >= len(windows):
         return windows
     return windows[np.sort(np.random.default_rng(seed).permutation(len(windows))[:n])]
@@ -26,10 +33,12 @@ def evaluate_versions(server, status, model, corpus, n_windows: int,
     """Held-out metrics of the initial version, every `every`-th version, every published one
     and the last one; checkpoints are fetched from `server` (an emulation ServerProcess) by hash,
     as the operator (unpublished ones are not public)."""
+    from contract.text import Vocabulary
     from models.central import evaluate
     from contract.weights import load_checkpoint
 
     windows = heldout_sample(corpus, n_windows, seed)
+    by_vocab = {corpus.vocab.sha256: windows}      # a version with discovered words: its own vocabulary
     versions = sorted(status.versions, key=lambda v: v["version"])
     last = versions[-1]["version"]
     chosen = [v for v in versions
@@ -40,8 +49,12 @@ def evaluate_versions(server, status, model, corpus, n_windows: int,
         path = scratch / f"v{v['version']}.safetensors"
         path.write_bytes(server.operator_get(f"/v1/artifacts/{v['checkpoint_sha256']}").content)
         _, flat, _ = load_checkpoint(path)
+        sha = v.get("vocab_sha256") or corpus.vocab.sha256
+        if sha not in by_vocab:
+            vocab = Vocabulary.from_json(server.operator_get(f"/v1/artifacts/{sha}").content.decode("utf-8"))
+            by_vocab[sha] = heldout_sample(corpus, n_windows, seed, vocab)
         t0 = time.monotonic()
-        heldout = evaluate(model.config, flat, windows).as_dict()
+        heldout = evaluate(model.config, flat, by_vocab[sha]).as_dict()
         print(f"  version {v['version']:>3}: held-out top-1 {heldout['top1']:.2%}  top-3 "
               f"{heldout['top3']:.2%}  ({time.monotonic() - t0:.0f} s)", flush=True)
         rows.append({"version": v["version"], "round": v["round"], "published": v.get("published_at") is not None,

@@ -12,6 +12,12 @@ runs/, else the seeded initial model after `--warmup-steps` of Adam on the
 corpus. Untrained weights give near-uniform logits whose top-1 is a coin toss
 among near-ties, which says nothing about quantization; the initial model's
 agreement is still reported, as `quantized_top1_agreement_initial_weights`.
+
+The app model is then judged on trained weights (`judged`): the public-
+pretrained model (models.pretrain's cached one; `--pretrain` trains it if
+missing) and the federated checkpoint above, each with its own vocabulary:
+top-1 agreement with its float model, and the held-out top-1 and top-3 of
+the quantized app model next to the float model's, on the same windows.
 Writes `benchmarks/results/export.json`.
 """
 from __future__ import annotations
@@ -103,6 +109,40 @@ def agreement(app, windows: np.ndarray, reference: np.ndarray) -> tuple[float, i
     return hits / max(positions, 1), positions
 
 
+def app_hits(app, windows: np.ndarray) -> dict:
+    """Held-out top-1/top-3 of the quantized app model itself, position by position (contract.metrics'
+    definition: every non-pad target counts; <oov> and the specials are never suggested)."""
+    top1 = top3 = positions = 0
+    for row in windows:
+        for pos in range(len(row) - 1):
+            target = int(row[pos + 1])
+            if target == 0:
+                break
+            ids = [i for i, _ in app.suggest(row[:pos + 1])]
+            top1 += bool(ids) and ids[0] == target
+            top3 += target in ids[:3]
+            positions += 1
+    return {"top1": top1 / max(positions, 1), "top3": top3 / max(positions, 1), "positions": positions}
+
+
+def judge(config, flat: np.ndarray, vocab, corpus, n_windows: int, out: Path, threads: int) -> dict:
+    """A trained model's app model against its float model on held-out windows (its own vocabulary):
+    top-1 agreement, and both models' held-out top-1 and top-3."""
+    from benchmarks.demo_report import heldout_sample
+    from models.central import evaluate
+    from tflite_export.export import export_app_model
+    from tflite_export.reader import load_app_model
+
+    windows = heldout_sample(corpus, n_windows, seed=0, vocab=vocab)
+    app = load_app_model(export_app_model(config, flat, vocab, out, k=3), num_threads=threads)
+    agree, positions = agreement(app, windows, float_top1(config, flat, windows))
+    exact = evaluate(config, flat, windows).as_dict()
+    quantized = app_hits(app, windows)
+    return {"top1_agreement": round(agree, 4), "positions": positions,
+            "float": {k: round(exact[k], 4) for k in ("top1", "top3")},
+            "quantized": {k: round(quantized[k], 4) for k in ("top1", "top3")}}
+
+
 def time_calls(fn, calls: int, warmup: int) -> np.ndarray:
     for i in range(warmup):
         fn(i)
@@ -177,6 +217,17 @@ def run(args) -> dict:
                                       num_threads=args.threads)
             init_agree, _ = agreement(init_app, windows, float_top1(config, initial, windows))
             result["quantized_top1_agreement_initial_weights"] = round(init_agree, 4)
+        # the app model judged on trained weights: the public-pretrained model and the federated one
+        from models.pretrain import cache_path, pretrain
+
+        judged = {}
+        if cache_path(config, corpus.vocab, _default_pretrain()).is_file() or args.pretrain:
+            judged["pretrained"] = judge(config, pretrain(config, corpus.vocab)[0], corpus.vocab, corpus,
+                                         args.agreement_windows, out / "pretrained", args.threads)
+        if checkpoint is not None:
+            judged["federated"] = {"checkpoint": str(checkpoint), **judge(
+                config, flat, vocab, corpus, args.agreement_windows, out / "federated", args.threads)}
+        result["judged"] = judged
     result.update({
         "plan_to_float_weights": round(result["plan_bytes"] / result["float_weights_bytes"], 3),
         "train_steps_timed": args.train_steps, "suggest_calls_timed": args.suggest_calls,
@@ -192,6 +243,12 @@ def run(args) -> dict:
                     "python": platform.python_version()},
     })
     return result
+
+
+def _default_pretrain():
+    from models.pretrain import PretrainConfig
+
+    return PretrainConfig()
 
 
 def _cpu_name() -> str:
@@ -212,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=30, help="train steps timed (>= 20)")
     p.add_argument("--suggest-calls", type=int, default=1000, help="suggestions timed (>= 200)")
     p.add_argument("--agreement-windows", type=int, default=300)
+    p.add_argument("--pretrain", action="store_true",
+                   help="pretrain on public text if no pretrained model is cached (~5 min)")
     p.add_argument("--out", default=str(RESULTS / "export.json"))
     args = p.parse_args(argv)
     if args.train_steps < 20 or args.suggest_calls < 200:

@@ -1,15 +1,28 @@
-"""Quality benchmark: n-gram vs central CIFG vs federated CIFG on held-out clients.
+"""Quality benchmark: n-gram, central and federated CIFG, and the public-pretrained rows, on held-out users.
 
 `make bench-quality` runs a reduced configuration (Gboard-size model, fewer
-rounds than production) sized to finish in well under 45 minutes on 2 cores,
-writes `benchmarks/results/quality.json`, `benchmarks/results/quality.png`
-(the federated run's curves) and the table between the `quality` markers of
-README.md. All three models are scored by `contract.metrics` on the same
-held-out clients.
+rounds than production) and writes `benchmarks/results/quality.json`,
+`benchmarks/results/quality.png` (the federated-from-pretrained run's
+curves) and the table between the `quality` markers of README.md. Every row
+is scored by `contract.metrics` on the same held-out users' windows:
+
+* the baselines measured before the public corpus, on a vocabulary built
+  from the training users' text: the n-gram, the central CIFG, the
+  federated CIFG from random weights;
+* public text only: the n-gram and the pretrained CIFG (models.pretrain),
+  under the public vocabulary;
+* federated from the pretrained CIFG (the same federated configuration and
+  budget): with the public vocabulary, with the words federated discovery
+  found (models.discovery) in its free slots, and, for comparison only,
+  pretrained and trained with the users' vocabulary.
+
+`--rows` runs some rows; the others keep their figures from the last
+quality.json (listed under "reused").
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -53,76 +66,153 @@ class FederatedConfig:
         return SimulationConfig(**{**mine, **overrides})
 
 
+ROWS = ("ngram", "central", "federated", "public_ngram", "pretrained", "federated_pretrained",
+        "federated_pretrained_discovery", "federated_pretrained_user_vocab")
+
+
 @dataclasses.dataclass
 class QualityConfig(FederatedConfig):
     model: str = "gboard"
     central_epochs: int = 3
     central_batch_size: int = 64
     central_lr: float = 2e-3
+    rows: str = ",".join(ROWS)          # which rows to run (the others keep their last figures)
+    discovery_min_devices: int = 10     # the discovered words of the "+ discovered words" row
+    discovery_votes: int = 100
+    discovery_passes: int = 2
 
 
-def run(cfg: QualityConfig, work_dir: Path) -> dict:
-    from models.central import train_central
+def run(cfg: QualityConfig, work_dir: Path, previous: dict | None = None) -> dict:
+    """Every row of `cfg.rows` on the same held-out users (module docstring); rows not run keep
+    their figures from `previous` (the last quality.json), marked as such in `reused`."""
+    from contract.discovery import DiscoverySpec
+    from contract.text import OOV_ID
+    from contract.weights import copy_token_rows
+    from models.central import evaluate, train_central
     from models.corpus import load_corpus
-    from models.model import CONFIGS
+    from models.discovery import DiscoveryConfig, device_words, run_discovery
+    from models.model import CONFIGS, weight_layout
     from models.ngram import KneserNeyTrigram
+    from models.pretrain import pretrain, public_windows
+    from models.public_corpus import oov_rate
     from models.simulate import run_simulation
 
     model_config = CONFIGS[cfg.model]
+    wanted = [r for r in cfg.rows.split(",") if r]
+    unknown = sorted(set(wanted) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"error: --rows: unknown row(s) {', '.join(unknown)}; rows are {', '.join(ROWS)}")
     start = time.monotonic()
-    # these three rows are the baselines measured before the public vocabulary: the users' own words
-    corpus = load_corpus(vocab_size=model_config.vocab_size - 4, seq_len=model_config.seq_len, vocabulary="users")
-    heldout = np.concatenate(list(corpus.heldout.values()))
-    timings = {}
+    size = model_config.vocab_size - 4
+    users = load_corpus(vocab_size=size, seq_len=model_config.seq_len, vocabulary="users")
+    public = load_corpus(vocab_size=size, seq_len=model_config.seq_len)
+    same = previous is not None and {k: v for k, v in previous.get("config", {}).items() if k != "rows"} == {
+        k: v for k, v in dataclasses.asdict(cfg).items() if k != "rows"}
+    previous = previous if same else None          # rows are reused only from the same configuration
+    results = dict((previous or {}).get("results", {}))
+    timings = dict((previous or {}).get("timings", {}))
 
-    t0 = time.monotonic()
-    ngram = KneserNeyTrigram(len(corpus.vocab)).fit(list(corpus.train.values()))
-    results = {"ngram": ngram.evaluate(heldout).as_dict()}
-    timings["ngram_s"] = time.monotonic() - t0
-    print(f"n-gram: {results['ngram']}")
+    def heldout(corpus):
+        return np.concatenate([corpus.heldout[c] for c in sorted(corpus.heldout)])
 
-    t0 = time.monotonic()
-    central = train_central(model_config, list(corpus.train.values()), heldout,
-                            epochs=cfg.central_epochs, batch_size=cfg.central_batch_size,
-                            learning_rate=cfg.central_lr, seed=cfg.seed)
-    results["central"] = central.history[-1]["heldout"]
-    timings["central_s"] = time.monotonic() - t0
-    print(f"central: {results['central']}")
+    def federated(name: str, corpus, initial=None):
+        summary = run_simulation(corpus, model_config, cfg.simulation(), work_dir / name, initial=initial)
+        if name == "federated_pretrained":
+            shutil.copy(work_dir / name / "curves.png", RESULTS / "quality.png")
+        return summary["final"]
 
-    t0 = time.monotonic()
-    summary = run_simulation(corpus, model_config, cfg.simulation(), work_dir / "federated")
-    results["federated"] = summary["final"]
-    timings["federated_s"] = time.monotonic() - t0
-    shutil.copy(work_dir / "federated" / "curves.png", RESULTS / "quality.png")
+    def pretrained_public():
+        return pretrain(model_config, public.vocab)[0]
 
+    def with_discovery():
+        spec = DiscoverySpec(cfg.discovery_min_devices, votes_per_device=cfg.discovery_votes)
+        words = run_discovery(device_words(public.train_texts, public.vocab),
+                              DiscoveryConfig(spec, 0, cfg.discovery_passes, cfg.seed))["words"]
+        slots = public.vocab.free_slots[:len(words)]
+        grown = public.vocab.with_words(words[:len(slots)])
+        initial = copy_token_rows(pretrained_public(), weight_layout(model_config), len(public.vocab), OOV_ID, slots)
+        return load_corpus(vocab_size=size, seq_len=model_config.seq_len, vocab=grown), initial
+
+    steps = {
+        # the baselines on the users' own vocabulary (a deployment could not build it): as before
+        "ngram": lambda: KneserNeyTrigram(len(users.vocab)).fit(list(users.train.values())).evaluate(
+            heldout(users)).as_dict(),
+        "central": lambda: train_central(model_config, list(users.train.values()), heldout(users),
+                                         epochs=cfg.central_epochs, batch_size=cfg.central_batch_size,
+                                         learning_rate=cfg.central_lr, seed=cfg.seed).history[-1]["heldout"],
+        "federated": lambda: federated("federated", users),
+        # public text only, then federated from it
+        "public_ngram": lambda: KneserNeyTrigram(len(public.vocab)).fit(
+            [public_windows(public.vocab, model_config.seq_len)]).evaluate(heldout(public)).as_dict(),
+        "pretrained": lambda: evaluate(model_config, pretrained_public(), heldout(public)).as_dict(),
+        "federated_pretrained": lambda: federated("federated_pretrained", public, pretrained_public()),
+        "federated_pretrained_discovery": lambda: federated("federated_pretrained_discovery", *with_discovery()),
+        # for comparison only: pretraining with a vocabulary built from the users' text
+        "federated_pretrained_user_vocab": lambda: federated(
+            "federated_pretrained_user_vocab", users, pretrain(model_config, users.vocab)[0]),
+    }
+    for name in wanted:
+        t0 = time.monotonic()
+        results[name] = steps[name]()
+        timings[f"{name}_s"] = time.monotonic() - t0
+        print(f"{name}: {results[name]}", flush=True)
+    grown, _ = with_discovery() if "federated_pretrained_discovery" in wanted else (None, None)
+    texts = [t for c in sorted(public.heldout_texts) for t in public.heldout_texts[c]]
+    oov = {"public": oov_rate(texts, public.vocab), "users": oov_rate(texts, users.vocab)}
+    if grown is not None:
+        oov["after_discovery"] = oov_rate(texts, grown.vocab)
     # the n-gram reports no cross-entropy comparable to the CIFG's; it has no "loss"
-    results = {k: {m: v[m] for m in ("top1", "top3", "loss") if m in v}
-               for k, v in results.items()}
+    results = {k: {m: v[m] for m in ("top1", "top3", "loss") if m in v} for k, v in results.items()}
+    results["oov_rate"] = {**(previous or {}).get("results", {}).get("oov_rate", {}), **oov}
     return {"config": dataclasses.asdict(cfg), "results": results,
-            "heldout_positions": int(np.sum(heldout[:, 1:] != 0)),
-            "heldout_clients": len(corpus.heldout), "timings": timings,
+            "reused": sorted(set(ROWS) & set(results) - set(wanted)),
+            "heldout_positions": int(np.sum(heldout(users)[:, 1:] != 0)),
+            "heldout_clients": len(users.heldout), "timings": timings,
             "wall_s": time.monotonic() - start}
+
+
+NAMES = {
+    "ngram": "n-gram (interpolated Kneser-Ney trigram), users' vocabulary",
+    "central": "CIFG, central ({central_epochs} epochs, Adam), users' vocabulary",
+    "federated": "CIFG, federated from random weights ({rounds} rounds × {clients_per_round} clients, "
+                 "Fed{optimizer}), users' vocabulary",
+    "public_ngram": "public n-gram (public text only)",
+    "pretrained": "CIFG pretrained on public text only, no federation",
+    "federated_pretrained": "CIFG, federated from pretrained (same budget)",
+    "federated_pretrained_discovery": "CIFG, federated from pretrained + discovered words",
+    "federated_pretrained_user_vocab": "CIFG, federated from pretrained, users' vocabulary (comparison only)",
+}
 
 
 def table(report: dict) -> str:
     r, c = report["results"], report["config"]
-    rows = [("n-gram (interpolated Kneser-Ney trigram)", r["ngram"]),
-            (f"CIFG, central ({c['central_epochs']} epochs, Adam)", r["central"]),
-            (f"CIFG, federated ({c['rounds']} rounds × {c['clients_per_round']} clients, "
-             f"Fed{c['server_optimizer'].capitalize()})", r["federated"])]
+    fmt = dict(c, optimizer=c["server_optimizer"].capitalize())
     lines = ["| model | top-1 | top-3 |", "|---|---|---|"]
-    lines += [f"| {name} | {v['top1']:.2%} | {v['top3']:.2%} |" for name, v in rows]
-    gap = r["federated"]["top1"] - r["ngram"]["top1"]
+    lines += [f"| {NAMES[name].format(**fmt)} | {r[name]['top1']:.2%} | {r[name]['top3']:.2%} |"
+              for name in ROWS if name in r]
     lines.append("")
+    best = max((n for n in ("federated_pretrained", "federated_pretrained_discovery") if n in r),
+               key=lambda n: r[n]["top1"], default=None)
+    lead = best or "federated"
+    gap = r[lead]["top1"] - r["ngram"]["top1"]
     if gap <= 0:
         verdict = ": it does not yet beat it (see benchmarks/TUNING.md)."
     elif gap < THIN_MARGIN:
         verdict = ". The margin is thin: see benchmarks/TUNING.md for the runs around it."
     else:
         verdict = "."
-    lines.append(f"The federated CIFG's top-1 is {abs(gap) * 100:.2f} points "
-                 f"{'above' if gap > 0 else 'below'} the n-gram's "
+    lines.append(f"{NAMES[lead].format(**fmt)}: top-1 {abs(gap) * 100:.2f} points "
+                 f"{'above' if gap > 0 else 'below'} the users'-vocabulary n-gram's "
                  f"({abs(gap) * report['heldout_positions']:,.0f} held-out positions){verdict}")
+    oov = r.get("oov_rate")
+    if oov:
+        parts = [f"{oov['public']:.2%} under the public vocabulary"]
+        if "after_discovery" in oov:
+            parts.append(f"{oov['after_discovery']:.2%} with the discovered words")
+        parts.append(f"{oov['users']:.2%} under the users' vocabulary")
+        lines.append(f"\nHeld-out OOV rate: {', '.join(parts)}.")
+    if report.get("reused"):
+        lines.append(f"\nRows from an earlier run of the same configuration: {', '.join(report['reused'])}.")
     lines.append("")
     lines.append(f"Held-out: {report['heldout_clients']} clients, {report['heldout_positions']:,} "
                  f"positions. Federated: client SGD lr {c['client_lr']} (gradient clip "
@@ -156,7 +246,8 @@ def main() -> None:
     cfg, paths = parse_config(QualityConfig, __doc__, work_dir=REPO / "runs" / "bench-quality")
     work_dir = paths["work_dir"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = run(cfg, work_dir)
+    previous = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").is_file() else None
+    report = run(cfg, work_dir, previous)
     write_result(RESULTS / "quality.json", report, show=False)
     update_readme(report)
     print(table(report))

@@ -132,3 +132,23 @@ def load_checkpoint(path: str | Path) -> tuple[WeightLayout, np.ndarray, dict[st
     tensors = load_file(str(path))
     flat = layout.flatten(tensors)
     return layout, flat, {k: json.loads(v) for k, v in raw_meta.items()}
+
+
+def copy_token_rows(flat: np.ndarray, layout: WeightLayout, vocab_size: int, source: int,
+                    targets: Sequence[int]) -> np.ndarray:
+    """A copy of `flat` in which, in every tensor and along every axis as long as the vocabulary
+    (the embedding's rows, the output layer's columns and bias), the entries of the tokens
+    `targets` equal those of `source`: a new word starts as the token that stood for it."""
+    out = np.array(flat, np.float32, copy=True)
+    for entry in layout.entries:
+        view = out[entry.offset:entry.offset + entry.size].reshape(entry.shape)
+        for axis, n in enumerate(entry.shape):
+            if n != vocab_size:
+                continue
+            index = [slice(None)] * len(entry.shape)
+            index[axis] = source
+            row = view[tuple(index)].copy()
+            for t in targets:
+                index[axis] = t
+                view[tuple(index)] = row
+    return out

@@ -94,7 +94,8 @@ DEVICE_OUTCOME = _obj({
 VERSION = _obj({"version": INT, "parent": NULLABLE_INT, "round": NULLABLE_INT,
                 "checkpoint_sha256": SHA256, "created_at": NUM, "train": {"type": "object"},
                 "eval": {"type": ["object", "null"]}, "published_at": NULLABLE_NUM,
-                "app_manifest_sha256": {"oneOf": [{"type": "null"}, SHA256]}})
+                "app_manifest_sha256": {"oneOf": [{"type": "null"}, SHA256]},
+                "vocab_sha256": {"oneOf": [{"type": "null"}, SHA256]}})
 
 SCHEMAS = {
     "Error": wire.ERROR.schema(),

@@ -62,7 +62,7 @@ class Version:
         return {"version": self.version, "parent": self.parent, "round": self.round_number,
                 "checkpoint_sha256": self.checkpoint_sha256, "created_at": self.created_at,
                 "train": self.train, "eval": self.eval, "published_at": self.published_at,
-                "app_manifest_sha256": self.app_manifest_sha256}
+                "app_manifest_sha256": self.app_manifest_sha256, "vocab_sha256": self.vocab_sha256}
 
 
 def save_version_checkpoint(artifacts: ArtifactStore, layout: WeightLayout, flat: np.ndarray,

@@ -20,30 +20,12 @@ import dataclasses
 import json
 import sqlite3
 
-import numpy as np
-
 from contract.manifest import file_record, utc_now
 from contract.text import OOV_ID, Vocabulary
+from contract.weights import copy_token_rows
 from server.artifacts import ArtifactStore
 from server.populations import Plan, Population, set_vocabulary
 from server.versions import VersionRegistry
-
-
-def with_new_rows(flat: np.ndarray, layout, vocab_size: int, slots: list[int]) -> np.ndarray:
-    """`flat` with the rows (along every axis of length vocab_size) of `slots` copied from <oov>'s."""
-    out = np.array(flat, np.float32, copy=True)
-    for entry in layout.entries:
-        shape = tuple(entry.shape)
-        view = out[entry.offset:entry.offset + int(np.prod(shape))].reshape(shape)
-        for axis, n in enumerate(shape):
-            if n == vocab_size:
-                index = [slice(None)] * len(shape)
-                index[axis] = OOV_ID
-                source = view[tuple(index)].copy()
-                for slot in slots:
-                    index[axis] = slot
-                    view[tuple(index)] = source
-    return out
 
 
 def reissue_plan(artifacts: ArtifactStore, plan: Plan, vocab: Vocabulary, vocab_sha: str) -> Plan:
@@ -71,7 +53,7 @@ def grow(tx: sqlite3.Connection, artifacts: ArtifactStore, versions: VersionRegi
     grown = vocab.with_words(words)
     vocab_sha = artifacts.put(grown.to_json().encode("utf-8"))
     parent = versions.get(pop.name, pop.current_version, tx)
-    flat = with_new_rows(versions.weights(parent), pop.layout, len(vocab), slots[:len(words)])
+    flat = copy_token_rows(versions.weights(parent), pop.layout, len(vocab), OOV_ID, slots[:len(words)])
     state = versions.optimizer_bytes(parent)
     version = versions.add(tx, pop.name, pop.layout, pop.model_config, parent.version, round_number, flat,
                            state, {"source": "discovery", "new_words": len(words)}, vocab_sha256=vocab_sha)

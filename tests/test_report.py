@@ -44,12 +44,22 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
                           "central": {"top1": 0.1583, "top3": 0.2676},
                           "federated": {"top1": 0.1560, "top3": 0.2628}}}
     text = table(report)
-    assert "| CIFG, federated (600 rounds × 10 clients, FedAdam) | 15.60% | 26.28% |" in text
-    assert "0.03 points above the n-gram's (60 held-out positions). The margin is thin" in text
+    assert ("| CIFG, federated from random weights (600 rounds × 10 clients, FedAdam), users' vocabulary "
+            "| 15.60% | 26.28% |") in text
+    assert "0.03 points above the users'-vocabulary n-gram's (60 held-out positions). The margin is thin" in text
     behind = copy.deepcopy(report)
     behind["results"]["federated"]["top1"] = 0.1545
-    assert "0.12 points below the n-gram's (240 held-out positions): it does not yet beat it" in table(behind)
+    assert "0.12 points below the users'-vocabulary n-gram's (240 held-out positions): it does not yet" in table(behind)
     ahead = copy.deepcopy(report)
     ahead["results"]["federated"]["top1"] = 0.1657
-    assert "1.00 points above the n-gram's (2,000 held-out positions).\n" in table(ahead)
+    assert "1.00 points above the users'-vocabulary n-gram's (2,000 held-out positions).\n" in table(ahead)
+    # with the public-pretrained rows, the verdict is the better of the two without user text
+    public = copy.deepcopy(report)
+    public["results"].update(federated_pretrained={"top1": 0.1700, "top3": 0.28},
+                             federated_pretrained_discovery={"top1": 0.1750, "top3": 0.29},
+                             oov_rate={"public": 0.1362, "after_discovery": 0.0741, "users": 0.0371})
+    text = table(public)
+    assert "| CIFG, federated from pretrained + discovered words | 17.50% | 29.00% |" in text
+    assert "CIFG, federated from pretrained + discovered words: top-1 1.93 points above" in text
+    assert "13.62% under the public vocabulary, 7.41% with the discovered words, 3.71% under the users'" in text
     assert "thin" not in table(ahead)

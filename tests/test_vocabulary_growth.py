@@ -1,11 +1,10 @@
-"""server.vocabulary: new words take free slots, their rows start as <oov>'s, nothing else moves."""
+"""New words take free slots, their rows start as <oov>'s, nothing else moves (contract.weights)."""
 from __future__ import annotations
 
 import numpy as np
 
 from contract.text import OOV_ID
-from contract.weights import WeightLayout
-from server.vocabulary import with_new_rows
+from contract.weights import WeightLayout, copy_token_rows
 
 V = 10
 LAYOUT = WeightLayout([("embedding", (V, 3)), ("kernel", (3, 4)), ("projection", (4, V)), ("bias", (V,))])
@@ -13,7 +12,7 @@ LAYOUT = WeightLayout([("embedding", (V, 3)), ("kernel", (3, 4)), ("projection",
 
 def test_new_words_rows_start_as_the_oov_rows_and_nothing_else_changes():
     flat = np.random.default_rng(0).normal(size=LAYOUT.size).astype(np.float32)
-    out = with_new_rows(flat, LAYOUT, V, [8, 9])
+    out = copy_token_rows(flat, LAYOUT, V, OOV_ID, [8, 9])
     before, after = LAYOUT.unflatten(flat), LAYOUT.unflatten(out)
     for slot in (8, 9):
         np.testing.assert_array_equal(after["embedding"][slot], before["embedding"][OOV_ID])
