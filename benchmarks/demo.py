@@ -205,7 +205,7 @@ def main() -> int:
               f"{sa['survivors']} of {sa['members']} devices in the graphs summed): the server saw only "
               "each round's sum")
     words = discovered["words"]
-    print(f"discovery: {len(words)} new words found by at least "
+    print(f"discovery: {len(words)} new word{'' if len(words) == 1 else 's'} found by at least "
           f"{POPULATION_SETTINGS['discovery']['min_devices']} phones each in {result['discover_rounds']} discover "
           f"rounds{': ' + ', '.join(words[:30]) if words else ''}{' ...' if len(words) > 30 else ''}")
     print(f"\nwall time {wall / 60:.1f} min (prepare {timings['prepare_s']:.0f} s, fleet "

@@ -66,7 +66,18 @@ def export(r: dict) -> str:
                    ("app model size (dynamic-range quantized)", f"{r['app_model_bytes']:,} B"),
                    ("LiteRT train step, 16×20 batch (median)", f"{r['train_step_ms_median']:.1f} ms"),
                    ("suggestion latency p50 / p99", f"{r['suggest_ms_p50']:.2f} / {r['suggest_ms_p99']:.2f} ms"),
-                   ("LiteRT threads", r["threads"])])
+                   ("LiteRT threads", r["threads"])]) + _judged(r.get("judged", {}))
+
+
+def _judged(judged: dict) -> str:
+    if not judged:
+        return ""
+    rows = "\n".join(f"| {name} | {j['top1_agreement']:.2%} | {j['float']['top1']:.2%} / {j['float']['top3']:.2%} | "
+                     f"{j['quantized']['top1']:.2%} / {j['quantized']['top3']:.2%} |" for name, j in judged.items())
+    positions = next(iter(judged.values()))["positions"]
+    return ("\n\nThe quantized app model on trained weights (held-out windows, each model's own vocabulary, "
+            f"{positions:,} positions):\n\n| weights | top-1 agreement with float | float top-1 / top-3 | "
+            f"app model top-1 / top-3 |\n|---|---|---|---|\n{rows}")
 
 
 def server(r: dict) -> str:
