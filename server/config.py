@@ -113,6 +113,7 @@ class DiscoveryConfig:
     """Federated discovery of new words ([populations.<name>.discovery]; server.discovery runs it)."""
 
     every: int = 0                      # a discovery pass after every N training rounds (0: never)
+    goal: int = 0                       # reports a discover round wants (0: the population's goal)
     min_devices: int = 10               # no word typed by fewer devices is ever revealed
     max_word_length: int = 12
     votes_per_device: int = 100         # 1: TrieHH's (ε, δ) analysis applies (contract.discovery)
@@ -342,9 +343,12 @@ def _validated(config: ServerConfig) -> ServerConfig:
             p.discovery.spec.validate()
         except ValueError as e:
             raise ConfigError(f"{where}.{e}") from None
-        check(p.discovery.every == 0 or p.discovery.min_devices <= p.max_selected,
-              f"{where}.discovery.min_devices ({p.discovery.min_devices}) exceeds the devices a round selects "
-              f"({p.max_selected}): no prefix could ever be found")
+        check(isinstance(p.discovery.goal, int) and (p.discovery.goal == 0 or p.discovery.goal >= p.min_round_size),
+              f"{where}.discovery.goal must be 0 (the population's goal) or >= min_round_size")
+        selected = dataclasses.replace(p, goal=p.discovery.goal).max_selected if p.discovery.goal else p.max_selected
+        check(p.discovery.every == 0 or p.discovery.min_devices <= selected,
+              f"{where}.discovery.min_devices ({p.discovery.min_devices}) exceeds the devices a discover round "
+              f"selects ({selected}): no prefix could ever be found")
         if p.update.secure_aggregation:
             a = p.secagg
             check(a.neighbours is None or (isinstance(a.neighbours, int) and a.neighbours >= 2

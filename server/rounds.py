@@ -176,6 +176,8 @@ class RoundService:
             task = "eval"
         elif self._discovery.due(tx, population, cfg.discovery):
             task = "discover"
+            if cfg.discovery.goal:                    # votes are cheap: discover rounds may hear from more
+                cfg = dataclasses.replace(cfg, goal=cfg.discovery.goal)
         else:
             task = "train"
         attempt = 1

@@ -10,9 +10,9 @@ from tests.test_server_views import CheckedTransport, OpenAPIChecker
 N = 4
 
 
-def discovering_server(make_server):
+def discovering_server(make_server, **discovery):
     env = make_server(goal=N, over_selection=1.0, min_selected_fraction=1.0, min_report_fraction=0.5,
-                      discovery={"every": 1, "min_devices": 3, "votes_per_device": 2})
+                      discovery={"every": 1, "min_devices": 3, "votes_per_device": 2, **discovery})
     env.checker = OpenAPIChecker(env.app)
     env.api = CheckedTransport(env.client, env.checker)
     return env
@@ -85,3 +85,12 @@ def test_ballots_off_the_trie_are_422_and_change_nothing(make_server):
     assert wrong.status == 409
     assert {t for (_, t, status) in env.checker.seen if "/discovery" in t and status < 300} == {
         path for path in env.checker.doc["paths"] if "/discovery" in path}
+
+
+def test_discover_rounds_can_hear_from_more_devices_than_training_rounds(make_server):
+    env = discovering_server(make_server, goal=2 * N)
+    train_one_round(env)
+    vote(env, [["h"]] * (2 * N))                               # all 8 selected and counted in one level
+    rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
+    assert (rounds[0]["task"], rounds[0]["reported"], rounds[1]["reported"]) == ("discover", 2 * N, N)
+    assert summary(env)["level"] == 2
