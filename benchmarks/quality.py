@@ -22,6 +22,7 @@ quality.json (listed under "reused").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -121,9 +122,11 @@ def run(cfg: QualityConfig, work_dir: Path, previous: dict | None = None) -> dic
             shutil.copy(work_dir / name / "curves.png", RESULTS / "quality.png")
         return summary["final"]
 
+    @functools.cache
     def pretrained_public():
         return pretrain(model_config, public.vocab)[0]
 
+    @functools.cache
     def with_discovery():
         spec = DiscoverySpec(cfg.discovery_min_devices, votes_per_device=cfg.discovery_votes)
         words = run_discovery(device_words(public.train_texts, public.vocab),

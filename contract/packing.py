@@ -46,14 +46,20 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 bytes → int32 values in [-L, L]; ProtocolError if the length or a code is wrong."""
+def _checked(data, bits: int, count: int, what: str) -> np.ndarray:
+    """A flat uint8 tensor of exactly the bytes `count` values of `bits` bits pack into."""
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 1:
-        raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "packed codes must be a flat uint8 tensor")
+        raise ProtocolError(ErrorCode.MALFORMED_UPDATE, f"packed {what} must be a flat uint8 tensor")
     if len(data) != packed_bytes(count, bits):
         raise ProtocolError(ErrorCode.WRONG_LENGTH, f"{count} values of {bits} bits pack into "
                             f"{packed_bytes(count, bits)} bytes, not {len(data)}")
+    return data
+
+
+def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """uint8 bytes → int32 values in [-L, L]; ProtocolError if the length or a code is wrong."""
+    data = _checked(data, bits, count, "codes")
     if bits == 16:
         codes = data.view("<u2").astype(np.int32)
     elif bits == 8:
@@ -85,12 +91,7 @@ def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_uint(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The inverse of `pack_uint`: `count` values as uint32; ProtocolError for a wrong length or padding."""
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 1:
-        raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "packed values must be a flat uint8 tensor")
-    if len(data) != packed_bytes(count, bits):
-        raise ProtocolError(ErrorCode.WRONG_LENGTH, f"{count} values of {bits} bits pack into "
-                            f"{packed_bytes(count, bits)} bytes, not {len(data)}")
+    data = _checked(data, bits, count, "values")
     stream = np.unpackbits(data, bitorder="little")
     if stream[count * bits:].any():
         raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "the unused bits of the last byte are not zero")

@@ -65,18 +65,16 @@ class DiscoveryService:
 
     def record(self, tx: sqlite3.Connection, rnd, ballot: DiscoveryBallot, cfg: DiscoveryConfig) -> None:
         """Count one device's ballot (inside the session's commit); 422 for one off the trie."""
-        try:
-            votes = self._trie(self._row(tx, rnd.population), cfg).check(ballot.votes)
-        except ValueError as e:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"votes: {e}") from None
+        votes = self.check(tx, rnd, ballot, cfg)
         tx.executemany("INSERT INTO discovery_votes (round_id, prefix, votes) VALUES (?, ?, 1)"
                        " ON CONFLICT (round_id, prefix) DO UPDATE SET votes = votes + 1",
                        [(rnd.id, p) for p in votes])
 
-    def check(self, conn: sqlite3.Connection, rnd, ballot: DiscoveryBallot, cfg: DiscoveryConfig) -> None:
-        """The same check before the commit, so a bad ballot is a 422 that changes nothing."""
+    def check(self, conn: sqlite3.Connection, rnd, ballot: DiscoveryBallot, cfg: DiscoveryConfig) -> list[str]:
+        """The ballot's votes if they extend the trie's frontier (called before the commit too, so a
+        bad ballot is a 422 that changes nothing); ProtocolError otherwise."""
         try:
-            self._trie(self._row(conn, rnd.population), cfg).check(ballot.votes)
+            return self._trie(self._row(conn, rnd.population), cfg).check(ballot.votes)
         except ValueError as e:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"votes: {e}") from None
 

@@ -27,25 +27,24 @@ def status(session_id: str):
     return jsonify(svc.secagg.status(session, rnd).to_json())
 
 
-@bp.post("/<session_id>/secagg/keys")
-def keys(session_id: str):
+def _answer(session_id: str, record, message_type):
+    """One phase's answer: parsed with its contract type, recorded by the service, the round moved on."""
     svc, session, rnd = _session(session_id)
-    svc.secagg.advertise(session, rnd, SecAggKeys.from_json(json_body()))
+    record(svc.secagg)(session, rnd, message_type.from_json(json_body()))
     svc.rounds.advance(rnd.population)
     return jsonify({"status": "recorded"})
+
+
+@bp.post("/<session_id>/secagg/keys")
+def keys(session_id: str):
+    return _answer(session_id, lambda sa: sa.advertise, SecAggKeys)
 
 
 @bp.post("/<session_id>/secagg/shares")
 def shares(session_id: str):
-    svc, session, rnd = _session(session_id)
-    svc.secagg.submit_shares(session, rnd, SecAggShares.from_json(json_body()))
-    svc.rounds.advance(rnd.population)
-    return jsonify({"status": "recorded"})
+    return _answer(session_id, lambda sa: sa.submit_shares, SecAggShares)
 
 
 @bp.post("/<session_id>/secagg/reveal")
 def reveal(session_id: str):
-    svc, session, rnd = _session(session_id)
-    svc.secagg.reveal(session, rnd, SecAggReveal.from_json(json_body()))
-    svc.rounds.advance(rnd.population)
-    return jsonify({"status": "recorded"})
+    return _answer(session_id, lambda sa: sa.reveal, SecAggReveal)
