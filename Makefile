@@ -60,6 +60,12 @@ bench-secagg: setup
 	$(PY) -m benchmarks.secagg
 
 # Federated discovery of new words (TrieHH) in simulation over the training users (~1 min).
+# Quality against ε from the public-pretrained model: central and distributed DP, projected to
+# 10^6 and 10^5 phones, and the honest figure for the simulated population (~2 h).
+.PHONY: bench-dp
+bench-dp: setup corpus
+	$(PY) -m benchmarks.dp
+
 .PHONY: bench-discovery
 bench-discovery: setup corpus
 	$(PY) -m benchmarks.discovery

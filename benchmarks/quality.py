@@ -16,8 +16,8 @@ is scored by `contract.metrics` on the same held-out users' windows:
   found (models.discovery) in its free slots, and, for comparison only,
   pretrained and trained with the users' vocabulary.
 
-`--rows` runs some rows; the others keep their figures from the last
-quality.json (listed under "reused").
+`--rows` runs some rows; the others keep their figures from quality.json as it
+is when this run ends (listed under "reused"), so subsets may run side by side.
 """
 from __future__ import annotations
 
@@ -83,9 +83,9 @@ class QualityConfig(FederatedConfig):
     discovery_passes: int = 2
 
 
-def run(cfg: QualityConfig, work_dir: Path, previous: dict | None = None) -> dict:
-    """Every row of `cfg.rows` on the same held-out users (module docstring); rows not run keep
-    their figures from `previous` (the last quality.json), marked as such in `reused`."""
+def run(cfg: QualityConfig, work_dir: Path) -> dict:
+    """Every row of `cfg.rows` on the same held-out users (module docstring). `merge` adds the rows
+    an earlier run of the same configuration measured."""
     from contract.discovery import DiscoverySpec
     from contract.text import OOV_ID
     from contract.weights import copy_token_rows
@@ -107,11 +107,7 @@ def run(cfg: QualityConfig, work_dir: Path, previous: dict | None = None) -> dic
     size = model_config.vocab_size - 4
     users = load_corpus(vocab_size=size, seq_len=model_config.seq_len, vocabulary="users")
     public = load_corpus(vocab_size=size, seq_len=model_config.seq_len)
-    same = previous is not None and {k: v for k, v in previous.get("config", {}).items() if k != "rows"} == {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k != "rows"}
-    previous = previous if same else None          # rows are reused only from the same configuration
-    results = dict((previous or {}).get("results", {}))
-    timings = dict((previous or {}).get("timings", {}))
+    results, timings = {}, {}
 
     def heldout(corpus):
         return np.concatenate([corpus.heldout[c] for c in sorted(corpus.heldout)])
@@ -166,12 +162,36 @@ def run(cfg: QualityConfig, work_dir: Path, previous: dict | None = None) -> dic
         oov["after_discovery"] = oov_rate(texts, grown.vocab)
     # the n-gram reports no cross-entropy comparable to the CIFG's; it has no "loss"
     results = {k: {m: v[m] for m in ("top1", "top3", "loss") if m in v} for k, v in results.items()}
-    results["oov_rate"] = {**(previous or {}).get("results", {}).get("oov_rate", {}), **oov}
-    return {"config": dataclasses.asdict(cfg), "results": results,
-            "reused": sorted(set(ROWS) & set(results) - set(wanted)),
+    results["oov_rate"] = oov
+    return {"config": dataclasses.asdict(cfg), "results": results, "reused": [],
             "heldout_positions": int(np.sum(heldout(users)[:, 1:] != 0)),
             "heldout_clients": len(users.heldout), "timings": timings,
             "wall_s": time.monotonic() - start}
+
+
+def same_config(cfg: QualityConfig, earlier: dict) -> bool:
+    """Whether `earlier` (a quality.json's "config") ran the same setting as `cfg`, whichever rows it
+    ran. A field added since that file was written counts as equal when `cfg` keeps its default."""
+    defaults = dataclasses.asdict(QualityConfig())
+    return all(earlier.get(k, defaults[k]) == v for k, v in dataclasses.asdict(cfg).items() if k != "rows")
+
+
+def merge(report: dict, earlier: dict | None, cfg: QualityConfig) -> dict:
+    """`report` plus the rows of `earlier` that it did not run, when both ran the same setting.
+
+    Called just before writing, on the file as it is then, so that row subsets run side by side
+    (`--rows`, one process each) all land in one quality.json."""
+    if earlier is None or not same_config(cfg, earlier.get("config", {})):
+        return report
+    ran = set(report["results"]) - {"oov_rate"}
+    old = {k: v for k, v in earlier.get("results", {}).items() if k in ROWS and k not in ran}
+    oov = {**earlier.get("results", {}).get("oov_rate", {}), **report["results"]["oov_rate"]}
+    timings = {**{k: v for k, v in earlier.get("timings", {}).items() if k.removesuffix("_s") in old},
+               **report["timings"]}
+    return {**report, "results": {**old, **{k: v for k, v in report["results"].items() if k != "oov_rate"},
+                                  "oov_rate": oov},
+            "reused": sorted(old), "timings": timings,
+            "wall_s": sum(timings.values())}
 
 
 NAMES = {
@@ -221,7 +241,7 @@ def table(report: dict) -> str:
                  f"positions. Federated: client SGD lr {c['client_lr']} (gradient clip "
                  f"{c['client_clip_norm']}), batch {c['batch_size']}, "
                  f"{c['local_epochs']} local epoch(s), server {c['server_optimizer']} lr "
-                 f"{c['server_lr']}{_schedule(c)}. Wall time {report['wall_s'] / 60:.0f} min on this machine "
+                 f"{c['server_lr']}{_schedule(c)}. Time {report['wall_s'] / 60:.0f} min on this machine, summed over the rows "
                  f"(`make bench-quality`; figures from `benchmarks/results/quality.json`).")
     return "\n".join(lines)
 
@@ -249,8 +269,9 @@ def main() -> None:
     cfg, paths = parse_config(QualityConfig, __doc__, work_dir=REPO / "runs" / "bench-quality")
     work_dir = paths["work_dir"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").is_file() else None
-    report = run(cfg, work_dir, previous)
+    report = run(cfg, work_dir)
+    path = RESULTS / "quality.json"
+    report = merge(report, json.loads(path.read_text()) if path.is_file() else None, cfg)
     write_result(RESULTS / "quality.json", report, show=False)
     update_readme(report)
     print(table(report))

@@ -47,6 +47,7 @@ class Manifest:
     batch_size: int | None = None   # training plan: the fixed batch of train/infer
     k: int | None = None            # app model: suggestions per call
     clip_norm: float | None = None  # training plan: gradient clip (global L2 norm), if any
+    privacy: dict | None = None     # app model trained under DP: {epsilon, delta, accountant, rounds}
     ops: list[str] = dataclasses.field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
@@ -109,6 +110,7 @@ FIELD_DOCS = {
     "batch_size": "training plan: the fixed batch of train/infer",
     "k": "app model: suggestions per call",
     "clip_norm": "training plan: each SGD step's gradient clip (global L2), if any",
+    "privacy": "app model trained under user-level DP: the server ledger's {epsilon, delta, accountant, rounds}",
     "ops": "the TFLite built-in operators the model uses",
 }
 

@@ -51,9 +51,9 @@ import numpy as np
 
 from contract.errors import ErrorCode, ProtocolError
 from contract.packing import levels
-from contract.stages import (FORMAT, Clipping, Context, Float32Values, GridQuantization,   # noqa: F401
-                             MaskedWireFormat, Quantization, RingEncoding, Rotation, Stage, WireFormat,
-                             Weighting)
+from contract.stages import (FORMAT, CentralNoise, Clipping, Context, DistributedNoise,   # noqa: F401
+                             Float32Values, GridQuantization, MaskedWireFormat, Quantization, RingEncoding, Rotation, Stage,
+                             WireFormat, Weighting)
 from contract.update_spec import RoundSpec
 
 UNIT_SPAN = 40                          # the running sum's unit is 2^(ceil(log2 C) - UNIT_SPAN)
@@ -73,7 +73,8 @@ class Encoded:
 class Contribution:
     """One accepted update as the server adds it: integers in the round's units, and its weight."""
 
-    units: np.ndarray       # int64 [padded size] (+ the masked weight under secure aggregation)
+    units: np.ndarray       # int64 [padded size] (+ the masked weight under secure aggregation; + the
+                            # "unclipped" bit under DP, which the sum adds up like any other slot)
     weight: int             # 0 under secure aggregation: it is inside `units`
     norm: float
 
@@ -87,25 +88,31 @@ class UpdatePipeline:
         unit = math.ceil(math.log2(s.clip_norm)) - UNIT_SPAN
         self.unit_exponent = unit
         self.secure = s.secure_aggregation
+        self.dp = bool(spec.dp_mechanism)
         self.ring: RingEncoding | None = None
-        front: list[Stage] = [Clipping(s.clip_norm, unit), Weighting(s.weighting, s.weight_cap)]
+        front: list[Stage] = [Clipping(s.clip_norm, unit), Weighting(s.weighting, s.weight_cap, spec.dp_denominator)]
+        if spec.dp_mechanism == "central":
+            front.append(CentralNoise(spec.dp_stddev))
+        self._body_from = len(front)         # the stages after these run again when a device shrinks
+        self.rotation = Rotation(spec.size, s.block_size, spec.rotation_seed, s.rotation or self.secure)
         if self.secure:
-            rotation = Rotation(spec.size, s.block_size, spec.rotation_seed, True)
-            self.count = rotation.padded
-            self.ring = RingEncoding(s.bits, self.count, spec.modulus_bits)
-            self.stages: list[Stage] = [*front, rotation, GridQuantization(s.bits, spec.grid_step), self.ring,
-                                        MaskedWireFormat(s.bits, self.count, spec.modulus_bits, spec.fingerprint)]
+            self.count = self.rotation.padded
+            self.grid = GridQuantization(s.bits, spec.grid_step)
+            self.ring = RingEncoding(s.bits, self.count, spec.modulus_bits, self.dp)
+            noise = ([DistributedNoise(spec.device_noise_units, spec.device_count_noise_units)]
+                     if spec.dp_mechanism == "distributed" else [])
+            self.stages: list[Stage] = [*front, self.rotation, self.grid, *noise, self.ring, MaskedWireFormat(
+                s.bits, self.count, spec.modulus_bits, spec.fingerprint, self.ring.tail)]
         elif s.bits == 32:
             self.count = spec.size
             top = math.ceil(math.log2(s.clip_norm))
             self.stages = [*front, Float32Values(s.clip_norm, unit),
-                           WireFormat(32, self.count, 1, spec.fingerprint, unit, top)]
+                           WireFormat(32, self.count, 1, spec.fingerprint, unit, top, self.dp)]
         else:
             top = math.ceil(math.log2(s.clip_norm / levels(s.bits)))
-            rotation = Rotation(spec.size, s.block_size, spec.rotation_seed, s.rotation)
-            self.count = rotation.padded
-            self.stages = [*front, rotation, Quantization(s.bits, s.block_size, unit, top),
-                           WireFormat(s.bits, self.count, s.block_size, spec.fingerprint, unit, top)]
+            self.count = self.rotation.padded
+            self.stages = [*front, self.rotation, Quantization(s.bits, s.block_size, unit, top),
+                           WireFormat(s.bits, self.count, s.block_size, spec.fingerprint, unit, top, self.dp)]
         if self.secure and not self.linear:
             raise ValueError("secure aggregation adds updates the server cannot see: every stage "
                              "must be linear")
@@ -116,8 +123,8 @@ class UpdatePipeline:
 
     @property
     def vector_size(self) -> int:
-        """Integers in one contribution and in the running sum (the masked weight included)."""
-        return self.count + (1 if self.secure else 0)
+        """Integers in one contribution and in the running sum (the masked weight and the DP bit included)."""
+        return self.count + int(self.secure) + int(self.dp)
 
     # -- the device's half --------------------------------------------------
 
@@ -137,11 +144,13 @@ class UpdatePipeline:
             raise ValueError(f"delta has shape {delta.shape}, the round's spec needs "
                              f"({self.round_spec.size},)")
         ctx = Context(num_examples=num_examples, seed=seed, masker=masker)
-        x = self.stages[1].encode(self.stages[0].encode(delta, ctx), ctx)
+        x = delta
+        for stage in self.stages[:self._body_from]:
+            x = stage.encode(x, ctx)
         if self.secure:
             return self._encode_masked(x, ctx)
         for _ in range(SHRINK_ATTEMPTS):
-            body = self._encode_from(x, 2, ctx)
+            body = self._encode_from(x, self._body_from, ctx)
             check = Context(num_examples=ctx.weight)
             try:
                 self._accept(body, check)
@@ -150,11 +159,11 @@ class UpdatePipeline:
                 if e.code is not ErrorCode.NORM_EXCEEDS_CLIP:
                     raise
                 x = x * (self.round_spec.spec.clip_norm / check.norm * (1 - 1e-6))
-        body = self._encode_from(np.zeros_like(x), 2, ctx)
+        body = self._encode_from(np.zeros_like(x), self._body_from, ctx)
         return Encoded(body, ctx.weight, 0.0)
 
     def _encode_masked(self, x: np.ndarray, ctx: Context) -> Encoded:
-        rotation, grid = self.stages[2], self.stages[3]
+        rotation, grid = self.rotation, self.grid
         clip = self.round_spec.spec.clip_norm
         q, norm = None, 0.0
         for _ in range(SHRINK_ATTEMPTS):
@@ -165,7 +174,8 @@ class UpdatePipeline:
             x = x * (clip / norm * (1 - 1e-6))
         else:
             q, norm = np.zeros(self.count, np.int32), 0.0
-        return Encoded(self._encode_from(q, 4, ctx), ctx.weight, norm)
+        after_grid = self.stages.index(self.grid) + 1       # distributed DP's noise comes after the norm check
+        return Encoded(self._encode_from(q, after_grid, ctx), ctx.weight, norm)
 
     def plaintext(self, delta: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
         """Under secure aggregation: the integers a device masks (codes + L, then the weight), as
@@ -184,7 +194,10 @@ class UpdatePipeline:
     def accept(self, body: bytes, num_examples: int | None) -> Contribution:
         """Decode and check one upload; ProtocolError (422) names what is wrong with it."""
         ctx = Context(num_examples=num_examples or 0)
-        return Contribution(self._accept(body, ctx), ctx.weight if not ctx.masked else 0, ctx.norm)
+        units = self._accept(body, ctx)
+        if self.dp and not ctx.masked:      # the bit joins the sum as one more slot (masked: it is inside)
+            units = np.append(units, np.int64(ctx.unclipped))
+        return Contribution(units, ctx.weight if not ctx.masked else 0, ctx.norm)
 
     def _accept(self, body: bytes, ctx: Context) -> np.ndarray:
         value = body
@@ -197,15 +210,32 @@ class UpdatePipeline:
         np.add(total, units, out=total)
         return self.ring.reduce(total) if self.ring is not None else total
 
-    def finalize(self, units: np.ndarray, weight_sum: int) -> np.ndarray:
-        """The round's mean update (float32 [size]) from the sum of its accepted contributions."""
+    def finalize(self, units: np.ndarray, weight_sum: int, random=None) -> np.ndarray:
+        """The round's mean update (float32 [size]) from the sum of its accepted contributions.
+
+        Under DP the mean divides by the round's fixed denominator and the
+        server's Gaussian noise is added first (drawn from `random`, a
+        contract.dp.SecureRandom; a fresh one by default)."""
+        return self.finalize_with_count(units, weight_sum, random)[0]
+
+    def finalize_with_count(self, units: np.ndarray, weight_sum: int, random=None) -> tuple[np.ndarray, int]:
+        """`finalize`, and how many of the summed updates were unclipped (DP's adaptive clip; else 0)."""
         if self.secure:
             raise ValueError("a round under secure aggregation is finalized from its unmasked sum")
-        return self._decode(units, Context(weight_sum=int(weight_sum)), len(self.stages) - 1)
+        ctx = Context(weight_sum=int(weight_sum), random=random)
+        if self.dp:
+            units, ctx.unclipped_sum = units[:self.count], int(units[self.count])
+        return self._decode(units, ctx, len(self.stages) - 1), ctx.unclipped_sum
 
-    def finalize_masked(self, ring_sum: np.ndarray, survivors: int) -> np.ndarray:
+    def finalize_masked(self, ring_sum: np.ndarray, survivors: int, random=None) -> np.ndarray:
         """The mean update from the unmasked modular sum of `survivors` updates (secure aggregation)."""
-        return self._decode(ring_sum, Context(survivors=int(survivors)), len(self.stages) - 1)
+        return self.finalize_masked_with_count(ring_sum, survivors, random)[0]
+
+    def finalize_masked_with_count(self, ring_sum: np.ndarray, survivors: int,
+                                   random=None) -> tuple[np.ndarray, int]:
+        """`finalize_masked`, and the unclipped count from its masked slot (DP; else 0)."""
+        ctx = Context(survivors=int(survivors), random=random)
+        return self._decode(ring_sum, ctx, len(self.stages) - 1), ctx.unclipped_sum
 
     def _decode(self, value: np.ndarray, ctx: Context, stop: int) -> np.ndarray:
         for stage in reversed(self.stages[:stop]):

@@ -47,6 +47,10 @@ class Context:
     masked: bool = False        # server, accept: the update is masked (secure aggregation): unreadable
     survivors: int = 0          # server, decode under secure aggregation: updates in the unmasked sum
     masker: Callable[[np.ndarray], np.ndarray] | None = None   # device: adds the session's masks
+    unclipped: int = 0          # device: 1 if the update's norm was within the clip (DP's adaptive clip)
+    unclipped_sum: float = 0    # server, decode under DP: how many of the summed updates were unclipped
+    count_value: int | None = None   # device, distributed DP: the noised COUNT_SCALE × unclipped it masks
+    random: object | None = None   # server, decode: a contract.dp.SecureRandom (tests pass a keyed one)
 
 
 class Stage:
@@ -68,6 +72,7 @@ class Stage:
 class Weighting(Stage):
     mode: str
     cap: int                    # W
+    denominator: int = 0        # DP: the mean divides by this (the expected reports), not by Σw
 
     def encode(self, x: np.ndarray, ctx: Context) -> np.ndarray:
         if ctx.num_examples < 1:
@@ -87,7 +92,27 @@ class Weighting(Stage):
     def decode(self, total: np.ndarray, ctx: Context) -> np.ndarray:
         if ctx.weight_sum < 1:
             raise ValueError("no update was accepted")
-        return total * (self.cap / ctx.weight_sum)
+        return total * (self.cap / (self.denominator or ctx.weight_sum))
+
+
+@dataclasses.dataclass(frozen=True)
+class CentralNoise(Stage):
+    """DP-FedAvg's Gaussian noise, added by the server to the sum of clipped updates (contract.dp).
+
+    The device sends its clipped update unchanged; the noise's standard
+    deviation (z_v · C) is fixed by the round's spec, and it is drawn from the
+    OS CSPRNG when the round's sum is decoded, before the fixed-denominator mean.
+    """
+
+    stddev: float
+
+    def decode(self, total: np.ndarray, ctx: Context) -> np.ndarray:
+        if self.stddev <= 0:
+            return total
+        from contract.dp import SecureRandom
+
+        rng = ctx.random if ctx.random is not None else SecureRandom()
+        return total + rng.normal(len(total), self.stddev)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +122,7 @@ class Clipping(Stage):
 
     def encode(self, x: np.ndarray, ctx: Context) -> np.ndarray:
         norm = float(np.linalg.norm(x))
+        ctx.unclipped = int(norm <= self.clip_norm)
         return x * (self.clip_norm / norm) if norm > self.clip_norm else x
 
     def accept(self, units: np.ndarray, ctx: Context) -> np.ndarray:
@@ -207,10 +233,11 @@ class WireFormat(Stage):
     fingerprint: str
     unit_exponent: int
     max_exponent: int
+    indicator: bool = False     # DP: the update carries its "unclipped" bit (uint8 [1])
 
     @property
     def tensors(self) -> set[str]:
-        return {"values"} if self.bits == 32 else {"codes", "scales"}
+        return ({"values"} if self.bits == 32 else {"codes", "scales"}) | ({"unclipped"} if self.indicator else set())
 
     def encode(self, value, ctx: Context) -> bytes:
         if self.bits == 32:
@@ -218,6 +245,8 @@ class WireFormat(Stage):
         else:
             q, e = value
             tensors = {"codes": pack(q, self.bits), "scales": np.ldexp(np.ones(len(e), np.float32), e)}
+        if self.indicator:
+            tensors["unclipped"] = np.array([ctx.unclipped], np.uint8)
         return st_save(tensors, metadata={"format": FORMAT, "bits": str(self.bits), "spec": self.fingerprint})
 
     def accept(self, body: bytes, ctx: Context):
@@ -226,6 +255,11 @@ class WireFormat(Stage):
         if set(tensors) != self.tensors:
             raise ProtocolError(ErrorCode.MALFORMED_UPDATE, f"an update holds exactly the tensors "
                                 f"{sorted(self.tensors)}, got {sorted(tensors)[:5]}")
+        if self.indicator:
+            bit = tensors["unclipped"]
+            if bit.dtype != np.uint8 or bit.shape != (1,) or bit[0] > 1:
+                raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "'unclipped' must be uint8 [1], 0 or 1")
+            ctx.unclipped = int(bit[0])
         if self.bits == 32:
             values = tensors["values"]
             if values.dtype != np.float32:
@@ -281,6 +315,36 @@ class GridQuantization(Stage):
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedNoise(Stage):
+    """Distributed DP: each device adds its share of discrete Gaussian noise before masking.
+
+    Kairouz et al. (2021): every device adds N_Z(0, σ²) to each of its grid
+    codes (after its norm check, so the clip still bounds the sensitivity),
+    and N_Z(0, σ_c²) to COUNT_SCALE × its unclipped bit, with σ, σ_c from the
+    round's spec; the unmasked sum of n devices then carries noise of
+    variance nσ² that no one, the server included, saw added. Draws come from
+    the OS CSPRNG (contract.dp.SecureRandom).
+    """
+
+    sigma: float                # per device, in grid steps (RoundSpec.device_noise_units)
+    count_sigma: float          # per device, in 1/COUNT_SCALE units of the count
+
+    def encode(self, q: np.ndarray, ctx: Context) -> np.ndarray:
+        from contract.dp import SecureRandom
+        from contract.update_spec import COUNT_SCALE
+
+        rng = ctx.random if ctx.random is not None else SecureRandom()
+        ctx.count_value = int(COUNT_SCALE * ctx.unclipped + rng.discrete_gaussian(1, self.count_sigma)[0])
+        return q.astype(np.int64) + rng.discrete_gaussian(len(q), self.sigma)
+
+    def decode(self, total: np.ndarray, ctx: Context) -> np.ndarray:
+        from contract.update_spec import COUNT_SCALE
+
+        ctx.unclipped_sum = ctx.unclipped_sum / COUNT_SCALE     # a noised count: a float, maybe < 0
+        return total
+
+
+@dataclasses.dataclass(frozen=True)
 class RingEncoding(Stage):
     """The integers secure aggregation adds: each code + L modulo 2^m, then the weight modulo 2^32.
 
@@ -293,6 +357,12 @@ class RingEncoding(Stage):
     bits: int
     count: int
     modulus_bits: int
+    indicator: bool = False     # DP: the "unclipped" bit follows the weight, masked and summed modulo 2^32
+
+    @property
+    def tail(self) -> int:
+        """Slots after the codes: the weight, and the bit under DP."""
+        return 1 + int(self.indicator)
 
     def reduce(self, ring: np.ndarray) -> np.ndarray:
         """`ring` (any integer dtype) reduced in place: the codes modulo 2^m, the weight modulo 2^32."""
@@ -303,9 +373,12 @@ class RingEncoding(Stage):
     def encode(self, q: np.ndarray, ctx: Context) -> np.ndarray:
         if ctx.masker is None:
             raise ValueError("a round under secure aggregation needs the session's masker")
-        ring = np.empty(self.count + 1, np.uint32)
-        ring[:self.count] = q + levels(self.bits)
-        ring[self.count] = ctx.weight
+        wide = np.empty(self.count + self.tail, np.int64)      # noised codes may leave 0..2L: reduced below
+        wide[:self.count] = q.astype(np.int64) + levels(self.bits)
+        wide[self.count] = ctx.weight
+        if self.indicator:
+            wide[self.count + 1] = ctx.unclipped if ctx.count_value is None else ctx.count_value
+        ring = self.reduce(wide).astype(np.uint32)
         return self.reduce(ctx.masker(ring))
 
     def accept(self, ring: np.ndarray, ctx: Context) -> np.ndarray:
@@ -315,7 +388,17 @@ class RingEncoding(Stage):
     def decode(self, total: np.ndarray, ctx: Context) -> np.ndarray:
         """The codes' sum from the unmasked sum of `ctx.survivors` updates; Σw into `ctx`."""
         ctx.weight_sum = int(total[self.count])
-        return total[:self.count].astype(np.int64) - ctx.survivors * levels(self.bits)
+        if self.indicator:
+            ctx.unclipped_sum = int(_centered(np.array([total[self.count + 1]], np.int64), WEIGHT_BITS)[0])
+        codes = total[:self.count].astype(np.int64) - ctx.survivors * levels(self.bits)
+        return _centered(codes, self.modulus_bits)
+
+
+def _centered(values: np.ndarray, bits: int) -> np.ndarray:
+    """`values` modulo 2^bits, as the representatives in [-2^(bits-1), 2^(bits-1)): the sum of codes in
+    -L..L (and noise) lies there by the choice of the modulus (RoundSpec.modulus_bits)."""
+    v = values & ((1 << bits) - 1)
+    return np.where(v >= 1 << (bits - 1), v - (1 << bits), v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +409,7 @@ class MaskedWireFormat(Stage):
     count: int
     modulus_bits: int
     fingerprint: str
+    tail: int = 1               # uint32 slots after the codes (RingEncoding.tail)
 
     def encode(self, ring: np.ndarray, ctx: Context) -> bytes:
         tensors = {"masked": pack_uint(ring[:self.count], self.modulus_bits),
@@ -343,11 +427,11 @@ class MaskedWireFormat(Stage):
             raise ProtocolError(ErrorCode.MALFORMED_UPDATE, "a masked update holds exactly the tensors "
                                 f"['masked', 'weight'], got {sorted(tensors)[:5]}")
         weight = tensors["weight"]
-        if weight.dtype != np.uint32 or weight.shape != (1,):
-            raise ProtocolError(ErrorCode.WRONG_LENGTH, "'weight' must be uint32 [1]")
-        ring = np.empty(self.count + 1, np.uint32)
+        if weight.dtype != np.uint32 or weight.shape != (self.tail,):
+            raise ProtocolError(ErrorCode.WRONG_LENGTH, f"'weight' must be uint32 [{self.tail}]")
+        ring = np.empty(self.count + self.tail, np.uint32)
         ring[:self.count] = unpack_uint(tensors["masked"], self.modulus_bits, self.count)
-        ring[self.count] = weight[0]
+        ring[self.count:] = weight
         return ring
 
 

@@ -35,6 +35,9 @@ DEFAULT_MAX_WEIGHT = 317   # per epoch: the 95th percentile of a training client
 DEFAULT_BLOCK_SIZE = 1024
 GRID_SIGMAS = 4.0            # secure aggregation's grid spans ± this many rotated-coordinate "sigmas" at norm C
 MAX_MODULUS_BITS = 32
+DP_MECHANISMS = ("central", "distributed")
+NOISE_TAIL = 10.0            # distributed DP: the modulus leaves room for this many σ of the noise's sum
+COUNT_SCALE = 1024           # distributed DP: the unclipped bit is sent as COUNT_SCALE × bit, noised   # contract.dp.MECHANISMS (dp imports cryptography; this stays light)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +82,13 @@ class UpdateSpec:
         return 1 if self.weighting == "uniform" else self.max_weight
 
     def bind(self, size: int, layout_sha256: str, round_key: str, seed: int,
-             cohort_max: int = 0) -> "RoundSpec":
+             cohort_max: int = 0, dp: tuple | None = None) -> "RoundSpec":
         """The spec of one round; `cohort_max` (the most devices it selects) sizes secure
-        aggregation's modulus."""
+        aggregation's modulus; `dp` = (mechanism, noise stddev on the sum, denominator[, σ_b])."""
+        mechanism, stddev, denominator, count_stddev = (tuple(dp) + (0.0,))[:4] if dp else ("", 0.0, 0, 0.0)
         bound = RoundSpec(self.validate(), size, layout_sha256, round_key, seed,
-                          cohort_max if self.secure_aggregation else 0)
+                          cohort_max if self.secure_aggregation else 0, mechanism, float(stddev),
+                          int(denominator), float(count_stddev))
         bound.validate()
         return bound
 
@@ -98,8 +103,24 @@ class RoundSpec:
     round_key: str          # "<population>/<round number>"
     rotation_seed: int      # the round's rotation (every device of the round uses the same)
     cohort_max: int = 0     # secure aggregation: the most updates the round can sum (else 0)
+    # User-level DP (contract.dp), bound by the server when the round opens; clip_norm is then the
+    # round's adaptive clip. "" = no DP; "central": the server adds N(0, dp_stddev²) to the sum.
+    dp_mechanism: str = ""
+    dp_stddev: float = 0.0  # the noise's standard deviation on the sum of clipped updates (z_v · C)
+    dp_denominator: int = 0  # the fixed denominator of the mean: the round's expected reports
+    dp_count_stddev: float = 0.0   # σ_b: the noise on Σ(unclipped − 1/2), the adaptive clip's share
 
     def validate(self) -> "RoundSpec":
+        if self.dp_mechanism:
+            if self.dp_mechanism not in DP_MECHANISMS:
+                raise ValueError(f"dp_mechanism must be one of {', '.join(DP_MECHANISMS)} (or empty)")
+            if self.spec.weighting != "uniform":
+                raise ValueError("DP rounds take an unweighted mean: weighting must be 'uniform'")
+            if self.dp_denominator < 1 or not all(math.isfinite(x) and x >= 0 for x in (
+                    self.dp_stddev, self.dp_count_stddev)):
+                raise ValueError("a DP round needs dp_denominator >= 1 and finite noise stddevs >= 0")
+            if self.dp_mechanism == "distributed" and not self.spec.secure_aggregation:
+                raise ValueError("distributed DP adds its noise on the devices, under secure aggregation")
         if self.spec.secure_aggregation:
             if self.cohort_max < 1:
                 raise ValueError("a round under secure aggregation needs cohort_max >= 1")
@@ -118,9 +139,28 @@ class RoundSpec:
 
     @property
     def modulus_bits(self) -> int:
-        """m: the codes + L of cohort_max devices (each in 0..2L) sum below 2^m, so never wrap."""
+        """m: the codes of cohort_max devices (each in -L..L) sum within ±2^(m-1), so the centered sum
+        never wraps; under distributed DP with room for NOISE_TAIL standard deviations of their noise."""
         levels = 2 ** (self.spec.bits - 1) - 1
-        return max(1, math.ceil(math.log2(self.cohort_max * 2 * levels + 1)))
+        span = self.cohort_max * levels
+        if self.dp_mechanism == "distributed":
+            span += NOISE_TAIL * self.device_noise_units * math.sqrt(self.cohort_max)
+        return max(1, math.ceil(math.log2(2 * span + 1)))
+
+    @property
+    def device_noise_units(self) -> float:
+        """Distributed DP: each device's discrete Gaussian σ on its codes, in grid steps (the sum of
+        dp_denominator of them has standard deviation dp_stddev in model units)."""
+        if self.dp_mechanism != "distributed":
+            return 0.0
+        return self.dp_stddev / self.grid_step / math.sqrt(self.dp_denominator)
+
+    @property
+    def device_count_noise_units(self) -> float:
+        """Distributed DP: each device's discrete Gaussian σ on its unclipped bit, in COUNT_SCALE units."""
+        if self.dp_mechanism != "distributed":
+            return 0.0
+        return COUNT_SCALE * self.dp_count_stddev / math.sqrt(self.dp_denominator)
 
     @property
     def grid_step(self) -> float:
@@ -138,6 +178,9 @@ class RoundSpec:
         out = {**dataclasses.asdict(self.spec), "size": self.size, "layout_sha256": self.layout_sha256,
                "round_key": self.round_key, "rotation_seed": self.rotation_seed,
                "cohort_max": self.cohort_max}
+        if self.dp_mechanism:       # absent without DP: fingerprints of non-DP rounds are unchanged
+            out.update(dp_mechanism=self.dp_mechanism, dp_stddev=self.dp_stddev,
+                       dp_denominator=self.dp_denominator, dp_count_stddev=self.dp_count_stddev)
         if fingerprint:
             out["fingerprint"] = self.fingerprint
         return out
@@ -154,7 +197,8 @@ class RoundSpec:
         except ValueError as e:
             raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
         bound = cls(spec, fields["size"], fields["layout_sha256"], fields["round_key"],
-                    fields["rotation_seed"], fields["cohort_max"])
+                    fields["rotation_seed"], fields["cohort_max"], fields["dp_mechanism"],
+                    float(fields["dp_stddev"]), fields["dp_denominator"], float(fields["dp_count_stddev"]))
         try:
             bound.validate()
         except ValueError as e:
@@ -192,5 +236,15 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
     s.Field("rotation_seed", s.Int(0, 2**63)),
     s.Field("cohort_max", s.Int(0, 2**31, "secure aggregation: the most updates a round sums (else 0)"),
             required=False, default=0),
+    s.Field("dp_mechanism", s.Enum(("",) + DP_MECHANISMS, "user-level DP (contract.dp): '' none; central: "
+                                   "the server adds Gaussian noise to the sum; distributed: each device adds "
+                                   "its share of discrete Gaussian noise before masking"),
+            required=False, default=""),
+    s.Field("dp_stddev", s.Num(0, None, "the noise's standard deviation on the sum of clipped updates"),
+            required=False, default=0.0),
+    s.Field("dp_denominator", s.Int(0, 2**31, "DP: the mean's fixed denominator (the expected reports)"),
+            required=False, default=0),
+    s.Field("dp_count_stddev", s.Num(0, None, "DP: the noise's standard deviation on the count of unclipped "
+                                     "updates (the adaptive clip's share)"), required=False, default=0.0),
     s.Field("fingerprint", SHA256, required=False),
 ], description="How this round's updates are encoded (contract.pipeline); an update names its fingerprint.")

@@ -25,7 +25,7 @@ TASKS = ("train", "eval", "discover")
 # memory budget, an explicit cancel, or anything else ("error").
 FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
                    "outside_window", "out_of_time", "out_of_memory", "cancelled", "error")
-REJECTION_REASONS = ("ineligible", "round_full", "already_participated")
+REJECTION_REASONS = ("ineligible", "round_full", "already_participated", "dp_budget_exhausted")
 OUTCOME_STATUSES = ("accepted", "aborted", "recorded")
 # Why a report was not counted (Outcome.reason with status "aborted"), and "duplicate" for a
 # repeated upload that had been counted before.
@@ -377,6 +377,11 @@ class Registration:
         return cls(fields["device_id"], fields["secret"])
 
 
+PRIVACY = s.Obj("Privacy", [
+    s.Field("epsilon", s.Nullable(s.Num(0, None, "ε of the weights; null: no finite guarantee (z = 0)"))),
+    s.Field("delta", s.Num(0, 1)), s.Field("accountant", s.Str(16, description="pld or rdp: the tighter")),
+    s.Field("rounds", s.Int(0, description="DP training rounds composed into ε")),
+], description="The user-level DP guarantee of a model version (server.privacy's ledger).")
 APP_MODEL = s.Obj("AppModel", [
     s.Field("population", s.Str(64)), s.Field("version", s.Int(0)),
     s.Field("published_at", s.Num(0)), s.Field("eval", s.Nullable(s.Map(s.Num(), 64)), required=False),
@@ -386,6 +391,7 @@ APP_MODEL = s.Obj("AppModel", [
     s.Field("files", s.Map(s.Obj("AppModelFile", [s.Field("url", s.Str(300)), s.Field("sha256", SHA256),
                                                   s.Field("bytes", s.Nullable(s.Int(0)), required=False)]),
                            64, 200)),
+    s.Field("privacy", s.Nullable(PRIVACY), required=False),
 ], description="The published app model: its manifest (contract.manifest) and every file it lists.")
 
 ERROR = s.Obj("Error", [s.Field("error", s.Str(64, description="a code of contract.errors.ErrorCode")),

@@ -112,7 +112,8 @@ def cmd_simulate(args) -> None:
                            server_lr_warmup_rounds=args.server_lr_warmup_rounds,
                            server_lr_decay_rounds=args.server_lr_decay_rounds,
                            eval_every=args.eval_every,
-                           max_eval_windows=args.max_eval_windows, seed=args.seed, update=update)
+                           max_eval_windows=args.max_eval_windows, seed=args.seed, update=update,
+                           **_dp_settings(args))
     initial = _read_checkpoint(args.init, config) if args.init else None
     corpus = _load_corpus(args, config)
     summary = run_simulation(corpus, config, sim, args.out, initial=initial)
@@ -121,6 +122,39 @@ def cmd_simulate(args) -> None:
           f"{summary['upload_bytes_per_client'] / 1e6:.3f} MB per client and round ({update.bits}-bit"
           f"{', rotated' if update.rotation else ''}, clip {update.clip_norm:g}, max weight "
           f"{update.max_weight}); metrics, checkpoints and curves.png in {args.out}")
+    dp = summary["dp"]
+    if dp:
+        label = (f"PROJECTION for a deployment of {dp['population']:,} devices with {dp['reports_per_round']:,} "
+                 f"reports per round (noise scaled to it; trained on {sim.clients_per_round} clients per round)"
+                 if dp["projection"] else f"{dp['population']:,} devices, {dp['reports_per_round']} per round")
+        print(f"differential privacy: noise multiplier {dp['noise_multiplier']:g}, ε = {dp['epsilon']:.3f} at "
+              f"δ = {dp['delta']:.3g} ({dp['accountant']}) after {dp['rounds']} rounds; {label}")
+
+
+def _dp_settings(args) -> dict:
+    """SimulationConfig's DP fields from the --dp-* flags (none unless --dp-noise-multiplier is given)."""
+    from contract.dp import DPSpec
+
+    if args.dp_noise_multiplier is None:
+        if any(getattr(args, k) is not None for k in ("dp_deploy_reports", "dp_population", "dp_delta")):
+            raise _UsageError("--dp-deploy-reports, --dp-population and --dp-delta need --dp-noise-multiplier")
+        return {}
+    spec = DPSpec(mechanism=args.dp_mechanism, noise_multiplier=args.dp_noise_multiplier,
+                  initial_clip=args.dp_initial_clip,
+                  target_quantile=args.dp_target_quantile, clip_learning_rate=args.dp_clip_lr,
+                  clipped_count_stddev=args.dp_clipped_count_stddev)
+    try:
+        spec.validate("--dp")
+        spec.split(args.dp_deploy_reports or args.clients_per_round)
+    except ValueError as e:
+        raise _UsageError(str(e).replace("--dp.", "--dp-").replace("_", "-")) from None
+    for flag in ("dp_deploy_reports", "dp_population"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.dp_delta is not None and not 0 < args.dp_delta < 1:
+        raise _UsageError("--dp-delta must be in (0, 1)")
+    return {"dp": spec, "dp_deploy_reports": args.dp_deploy_reports, "dp_population": args.dp_population,
+            "dp_delta": args.dp_delta}
 
 
 def cmd_central(args) -> None:
@@ -288,6 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cap on a client's weight (default: {u.max_weight} x --local-epochs)")
     s.add_argument("--update-block-size", type=int, default=u.block_size, choices=BLOCK_SIZES)
     s.add_argument("--init", help="start from this checkpoint instead of the seeded initial model")
+    from contract.dp import DPSpec
+
+    dps = DPSpec()
+    s.add_argument("--dp-noise-multiplier", type=float, default=None,
+                   help="user-level DP-FedAvg with adaptive clipping (TFF's gaussian_adaptive) at this z")
+    s.add_argument("--dp-mechanism", choices=("central", "distributed"), default=dps.mechanism,
+                   help="central: TFF's gaussian_adaptive; distributed: the phones' discrete Gaussian shares "
+                        "under secure aggregation (contract pipeline, --update-bits)")
+    s.add_argument("--dp-initial-clip", type=float, default=dps.initial_clip)
+    s.add_argument("--dp-target-quantile", type=float, default=dps.target_quantile)
+    s.add_argument("--dp-clip-lr", type=float, default=dps.clip_learning_rate)
+    s.add_argument("--dp-clipped-count-stddev", type=float, default=None,
+                   help="noise on the unclipped count (default 0.05 x reports per round)")
+    s.add_argument("--dp-deploy-reports", type=int, default=None,
+                   help="projection: add the noise of a deployment with this many reports per round")
+    s.add_argument("--dp-population", type=int, default=None,
+                   help="devices in the (projected) population, for ε (default: the training clients)")
+    s.add_argument("--dp-delta", type=float, default=None, help="δ of ε (default: population^-1.1)")
     s.add_argument("--out", default="runs/simulate", help="output directory")
     s.set_defaults(func=cmd_simulate)
 

@@ -13,6 +13,11 @@ A round here is the round a deployment runs, stage for stage:
 3. TFF's `build_apply_optimizer_finalizer` applies the server optimizer
    (`tff.learning.optimizers`, with its learning-rate schedule) to the mean.
 
+Under user-level DP (`dp`) step 2 is TFF's own DP aggregator instead
+(`DifferentiallyPrivateFactory.gaussian_adaptive`: adaptive clip, Gaussian
+noise, the unweighted mean over the expected cohort), with the parameters a
+server round binds (contract.dp; tests/test_dp_parity.py checks the two agree).
+
 Why not a `tff.aggregators` factory around the contract's NumPy code: TFF
 0.87 runs computations in its C++ `worker_binary`, which has no PyFunc
 kernel, so a `tf.numpy_function` inside an aggregator fails there
@@ -42,16 +47,84 @@ class RoundResult:
     upload_bytes: int           # what the clients' encoded updates weigh in total
     update_norms: list[float]   # each client's update before clipping (L2)
     encode_s: float = 0.0       # time the clients' encoding took in total (what a phone spends)
+    dp_clip: float | None = None  # under DP: the adaptive clip after this round
+
+
+class DPAggregator:
+    """TFF's `gaussian_adaptive` aggregator for a simulated cohort of `clients` per round.
+
+    `deploy_reports` (a projection): add the noise a deployment with that many reports per round
+    would add to its mean (std z_v·C/m_deploy), while averaging this simulation's smaller
+    cohort; the clip estimate's noise is scaled the same way.
+    """
+
+    def __init__(self, spec, clients: int, size: int, deploy_reports: int | None = None):
+        import tensorflow_federated as tff
+
+        self.spec = spec.validate("--dp")
+        scale = clients / deploy_reports if deploy_reports else 1.0
+        _, count_stddev = spec.split(deploy_reports or clients)
+        self.noise_multiplier = spec.noise_multiplier * scale
+        factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
+            noise_multiplier=self.noise_multiplier, clients_per_round=float(clients),
+            initial_l2_norm_clip=spec.initial_clip, target_unclipped_quantile=spec.target_quantile,
+            learning_rate=spec.clip_learning_rate, clipped_count_stddev=count_stddev * scale)
+        self.process = factory.create(tff.TensorType(np.float32, [size]))
+        self.state = self.process.initialize()
+
+    def mean(self, deltas: list[np.ndarray], round_num: int = 0) -> tuple[np.ndarray, float]:
+        """The noised mean of the clipped `deltas`, and the clip after this round."""
+        out = self.process.next(self.state, [np.asarray(d, np.float32) for d in deltas])
+        self.state = out.state
+        return np.asarray(out.result, np.float32), float(out.measurements["dp_query_metrics"]["clip"])
+
+
+class DistributedDPAggregator:
+    """Distributed DP as phones and server run it: the contract's pipeline under secure aggregation
+    (8-bit grid, each client's discrete Gaussian share, the unclipped bit) with the masks left out
+    (they cancel in the sum), and contract.dp's adaptive clip on the noised count.
+
+    `deploy_reports` is a projection as in `DPAggregator`: the shares add up to the noise a
+    deployment of that many reports would put on its mean.
+    """
+
+    def __init__(self, spec, clients: int, size: int, layout_sha256: str, seed: int,
+                 deploy_reports: int | None = None, bits: int = 8):
+        self.spec, self.clients, self.size, self.layout_sha256, self.seed = spec.validate("--dp"), clients, size, \
+            layout_sha256, seed
+        self.scale = clients / deploy_reports if deploy_reports else 1.0
+        self.expected = deploy_reports or clients
+        self.bits = bits
+        self.clip = spec.initial_clip
+        self.noise_multiplier = spec.noise_multiplier * self.scale
+
+    def round_spec(self, round_num: int):
+        zv, sb = self.spec.split(self.expected)
+        update = UpdateSpec(bits=self.bits, rotation=True, clip_norm=self.clip, weighting="uniform",
+                            secure_aggregation=True)
+        return update.bind(self.size, self.layout_sha256, f"simulation/{round_num}", rotation_seed(self.seed, round_num),
+                           self.clients, ("distributed", zv * self.clip * self.scale, self.clients, sb * self.scale))
+
+    def mean(self, deltas: list[np.ndarray], round_num: int = 0) -> tuple[np.ndarray, float]:
+        from contract.dp import adapt_clip
+
+        pipeline = UpdatePipeline(self.round_spec(round_num))
+        total = np.zeros(pipeline.vector_size, np.int64)
+        for i, delta in enumerate(deltas):
+            pipeline.fold(total, pipeline.plaintext(delta, 1, seed=(round_num << 20) + i).astype(np.int64))
+        mean, unclipped = pipeline.finalize_masked_with_count(total, len(deltas))
+        self.clip = adapt_clip(self.clip, unclipped, len(deltas), self.clients, self.spec, noised=True)
+        return mean, self.clip
 
 
 class FederatedAveraging:
     """One simulated population: `next(weights, datasets, seeds, round_num)` runs one round."""
 
     def __init__(self, model_config: ModelConfig, client_optimizer, server_optimizer,
-                 spec: UpdateSpec, seed: int = 0):
+                 spec: UpdateSpec, seed: int = 0, dp: "DPAggregator | DistributedDPAggregator | None" = None):
         import tensorflow_federated as tff
 
-        self.config, self.spec, self.seed = model_config, spec.validate(), seed
+        self.config, self.spec, self.seed, self.dp = model_config, spec.validate(), seed, dp
         self.layout = weight_layout(model_config)
         model_fn = tff_model_fn(model_config)
         self.client_work = tff.learning.templates.build_model_delta_client_work(
@@ -83,6 +156,8 @@ class FederatedAveraging:
     def next(self, flat: np.ndarray, datasets: list, seeds: list[int], round_num: int) -> RoundResult:
         """One round from global weights `flat` over the clients' datasets (one seed each)."""
         results, measurements = self._train_clients(self.client_state, self._model_weights(flat), datasets)
+        if self.dp is not None:
+            return self._next_dp(flat, results, measurements, round_num)
         pipeline = UpdatePipeline(self.spec.bind(self.layout.size, self.layout.sha256,
                                                  f"simulation/{round_num}",
                                                  rotation_seed(self.seed, round_num)))
@@ -102,12 +177,23 @@ class FederatedAveraging:
         if total.updates == 0:
             return RoundResult(np.asarray(flat, np.float32), {}, 0, 0, norms)
         mean_delta = pipeline.finalize(total.total, total.weight)
+        return self._apply(flat, mean_delta, measurements,
+                           RoundResult(flat, {}, total.updates, uploaded, norms, encode_s))
+
+    def _next_dp(self, flat: np.ndarray, results, measurements, round_num: int) -> RoundResult:
+        deltas = [-self.layout.flatten(list(r.update)) for r in results]
+        deltas = [d for d in deltas if np.isfinite(d).all()]
+        norms = [float(np.linalg.norm(d)) for d in deltas]
+        mean_delta, clip = self.dp.mean(deltas, round_num)
+        return self._apply(flat, mean_delta, measurements, RoundResult(
+            flat, {}, len(deltas), 4 * self.layout.size * len(deltas), norms, 0.0, clip))
+
+    def _apply(self, flat: np.ndarray, mean_delta: np.ndarray, measurements, result: RoundResult) -> RoundResult:
         gradient = self._model_weights(-mean_delta).trainable
         out = self.finalizer.next(self.server_state, self._model_weights(flat), gradient)
         self.server_state = out.state
-        weights = self.layout.flatten(list(out.result.trainable))
-        train = {k: float(v) for k, v in measurements["train"].items()}
-        return RoundResult(weights, train, total.updates, uploaded, norms, encode_s)
+        return dataclasses.replace(result, weights=self.layout.flatten(list(out.result.trainable)),
+                                   train={k: float(v) for k, v in measurements["train"].items()})
 
 
 def client_optimizer(learning_rate: float, clip_norm: float | None):

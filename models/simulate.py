@@ -12,7 +12,14 @@ and the server applies one of TFF's optimizers to the mean. It writes, under
 * `checkpoints/round_NNNN.safetensors` — global weights (see contract.weights);
 * `vocab.json` — the vocabulary the weights belong to;
 * `curves.png` — training loss and held-out top-1/top-3 per round;
-* `summary.json` — configuration, final metrics, wall time.
+* `summary.json` — configuration, final metrics, wall time, and under DP the
+  (ε, δ) of the final model from the same ledger code as the server's
+  (privacy.accounting), with the sampling assumption it rests on.
+
+Under user-level DP (`SimulationConfig.dp`), TFF's own DP aggregator replaces
+the update pipeline (models.fedavg.DPAggregator); `dp_deploy_reports` makes
+the run a *projection*: the noise a deployment of that cohort would add, on
+this simulation's smaller cohort (labelled as such in the summary).
 """
 from __future__ import annotations
 
@@ -26,11 +33,12 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from contract.batching import epoch_orders, round_seed
+from contract.dp import DPSpec
 from contract.update_spec import UpdateSpec
 from contract.weights import save_checkpoint
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
-from models.fedavg import FederatedAveraging, RoundResult, client_optimizer
+from models.fedavg import DistributedDPAggregator, DPAggregator, FederatedAveraging, RoundResult, client_optimizer
 from models.model import ModelConfig, build_keras_model, weight_layout
 from models.tff_runtime import tff_session
 
@@ -54,6 +62,10 @@ class SimulationConfig:
     max_eval_windows: int | None = None  # cap on held-out windows evaluated (None: all)
     seed: int = 0                 # client sampling, shuffling, rounding and rotation
     update: UpdateSpec = UpdateSpec()  # how updates are encoded and added up (as deployed)
+    dp: DPSpec | None = None      # user-level DP-FedAvg through TFF's gaussian_adaptive aggregator
+    dp_population: int | None = None   # N of the ledger's sampling q = m/N (default: the training clients)
+    dp_deploy_reports: int | None = None   # projection: a deployment's m reports per round (noise z·C/m)
+    dp_delta: float | None = None  # δ of the reported ε (default N^-1.1)
 
 
 def server_optimizer(name: str, learning_rate: float):
@@ -96,8 +108,30 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig) -> Federated
     if sim.server_lr_warmup_rounds > 0 or sim.server_lr_decay_rounds > 0:
         server = tff.learning.optimizers.schedule_learning_rate(server, lr_schedule(
             sim.server_lr, sim.rounds, sim.server_lr_warmup_rounds, sim.server_lr_decay_rounds))
+    dp, layout = None, weight_layout(model_config)
+    if sim.dp is not None and sim.dp.mechanism == "distributed":
+        dp = DistributedDPAggregator(sim.dp, sim.clients_per_round, layout.size, layout.sha256, sim.seed,
+                                     sim.dp_deploy_reports, sim.update.bits)
+    elif sim.dp is not None:
+        dp = DPAggregator(sim.dp, sim.clients_per_round, layout.size, sim.dp_deploy_reports)
     return FederatedAveraging(model_config, client_optimizer(sim.client_lr, sim.client_clip_norm),
-                              server, sim.update, sim.seed)
+                              server, sim.update, sim.seed, dp)
+
+
+def privacy_spent(sim: SimulationConfig, training_clients: int, rounds: int) -> dict | None:
+    """The (ε, δ) of `rounds` rounds of `sim` from privacy.accounting (the server ledger's code)."""
+    if sim.dp is None:
+        return None
+    from privacy.accounting import Event, epsilon
+
+    population = sim.dp_population or training_clients
+    reports = sim.dp_deploy_reports or sim.clients_per_round
+    delta = sim.dp_delta or population ** -1.1
+    spent = epsilon([Event(sim.dp.mechanism, sim.dp.noise_multiplier, reports / population)] * rounds, delta)
+    return {**spent.to_json(), "noise_multiplier": sim.dp.noise_multiplier, "population": population,
+            "reports_per_round": reports, "sampling_probability": min(1.0, reports / population),
+            "projection": sim.dp_deploy_reports is not None,
+            "assumption": "each round a Poisson sample of the population with q = reports / population"}
 
 
 def lr_schedule(learning_rate: float, rounds: int, warmup: int, decay: int):
@@ -176,7 +210,8 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
             row = {"round": r, "clients": result.clients, "train": result.train,
                    "upload_bytes": result.upload_bytes, "encode_s": round(result.encode_s, 4),
                    "update_norms": [round(n, 5) for n in result.update_norms],
-                   "clipped": sum(n > sim.update.clip_norm for n in result.update_norms),
+                   "clipped": sum(n > (result.dp_clip or sim.update.clip_norm) for n in result.update_norms),
+                   "dp_clip": result.dp_clip,
                    "seconds": time.monotonic() - t0}
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -191,6 +226,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
                "simulation": dataclasses.asdict(sim),
                "initial": history[0]["heldout"], "final": ev,
                "upload_bytes_per_client": upload_bytes / max(1, sum(h.get("clients", 0) for h in history)),
+               "dp": privacy_spent(sim, len(train_ids), sim.rounds),
                "wall_s": time.monotonic() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, out / "curves.png")

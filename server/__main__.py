@@ -100,10 +100,23 @@ def cmd_status(args, config: ServerConfig) -> None:
     if pop_row is None:
         raise ConfigError(f"population {name!r} is not initialised: run `python -m server init`")
     print(f"population {name}: current version {pop_row[0]}, published {pop_row[1]}")
+    ledger = services.privacy.summary(name, config.population(name))
+    if ledger is not None:
+        dp, spent, budget = ledger["dp"], ledger["spent"], ledger["budget"]
+        line = (f"differential privacy: {dp['mechanism']}, noise multiplier {dp['noise_multiplier']:g}, "
+                f"clip {ledger['clip']:.4g}, {ledger['rounds']} rounds recorded")
+        if spent:
+            eps = "∞ (no noise)" if spent["epsilon"] is None else f"{spent['epsilon']:.4g}"
+            line += f"; spent ε = {eps} at δ = {spent['delta']:.3g} ({spent['accountant']})"
+        if budget:
+            line += f" of a budget of ε = {budget['epsilon']:g}"
+        print(line)
     for v in versions:
         ev = v.eval or {}
+        spent = services.privacy.spent(name, v.version)
+        eps = f"  ε {spent['epsilon'] if spent['epsilon'] is None else format(spent['epsilon'], '.4g')}" if spent else ""
         print(f"  v{v.version:<5} parent {v.parent!s:<5} round {v.round_number!s:<5} "
-              f"top3 {ev.get('top3', float('nan')):.4f}  published {'yes' if v.published_at else 'no'}")
+              f"top3 {ev.get('top3', float('nan')):.4f}  published {'yes' if v.published_at else 'no'}{eps}")
     print(f"{'round':>6} {'task':>5} {'state':>10} {'ver':>4} {'sel':>5} {'rep':>5} {'abort':>5} "
           f"{'fail':>5} {'drop':>5}  reason")
     for r in services.analytics.list(name, time.time(), limit=args.rounds):

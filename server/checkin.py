@@ -31,7 +31,7 @@ from server.config import PopulationConfig
 from server.policy import Context, EligibilityPolicy
 from server.populations import Population, load_population
 from server.registry import Device, DeviceRegistry
-from server.rounds import Round, RoundService
+from server.rounds import BUDGET_REASON, Round, RoundService
 from server.store import Store
 from server.versions import VersionRegistry
 
@@ -116,6 +116,8 @@ class CheckinService:
                 return make_assignment(mine["id"], mine["seed"], rnd, pop, version.checkpoint_sha256,
                                        self._clock.now(), self._rounds.discovery_ask(tx, rnd))
             return self._busy(tx, rnd, cfg, "already_participated")
+        if rnd.state == "failed" and rnd.reason == BUDGET_REASON:     # until an operator raises the budget
+            return Rejection(BUDGET_REASON, cfg.max_retry_s / 2, cfg.max_retry_s)
         if rnd.state != "selecting" or rnd.selected >= rnd.max_selected:
             return self._busy(tx, rnd, cfg, "round_full")
         session_id = "s-" + secrets.token_hex(16)

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from contract.dp import DPSpec
 from contract.update_spec import UpdateSpec
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
@@ -126,6 +127,14 @@ class DiscoveryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPBudget:
+    """The most a population may spend ([populations.<name>.dp_budget]; server.privacy keeps the ledger)."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclasses.dataclass(frozen=True)
 class PopulationConfig:
     """How the rounds of one population run. Fixed into each round when it opens."""
 
@@ -157,6 +166,10 @@ class PopulationConfig:
     secure_aggregation: bool = False
     secagg: SecAggConfig = SecAggConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    # User-level DP-FedAvg with adaptive clipping ([populations.<name>.dp]; contract.dp, server.privacy):
+    # the update's clip_norm is then the adaptive clip, and the mean is unweighted over `goal`.
+    dp: DPSpec | None = None
+    dp_budget: DPBudget | None = None   # refuse training rounds beyond it; None: spend without limit
 
     @property
     def max_selected(self) -> int:
@@ -266,6 +279,12 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
         if key == "discovery":
             return value if isinstance(value, DiscoveryConfig) else _build(
                 DiscoveryConfig, value, f"populations.{name}.discovery")
+        if key == "dp":
+            return value if isinstance(value, DPSpec) or value is None else _build(
+                DPSpec, value, f"populations.{name}.dp")
+        if key == "dp_budget":
+            return value if isinstance(value, DPBudget) or value is None else _build(
+                DPBudget, value, f"populations.{name}.dp_budget")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
         return value
@@ -276,6 +295,10 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
         population = dataclasses.replace(population, update=dataclasses.replace(
             population.update, secure_aggregation=True, rotation=rotation))
     update = data.get("update")
+    if population.dp is not None and not isinstance(update, UpdateSpec) and "weighting" not in (update or {}):
+        # DP-FedAvg's mean is unweighted: every device's clipped update counts the same
+        population = dataclasses.replace(population, update=dataclasses.replace(population.update,
+                                                                                 weighting="uniform"))
     if not isinstance(update, UpdateSpec) and "max_weight" not in (update or {}):
         epochs = population.client_epochs if isinstance(population.client_epochs, int) else 1
         population = dataclasses.replace(population, update=population.update.scaled_to_epochs(epochs))
@@ -300,6 +323,25 @@ def _from_mapping(data: Mapping[str, Any], base: Path) -> ServerConfig:
     config = _build(ServerConfig, data, "config", convert)
     return dataclasses.replace(config, **{k: base / Path(getattr(config, k)) for k in PATH_KEYS
                                           if getattr(config, k) is not None})
+
+
+def _check_dp(p: PopulationConfig, where: str, check) -> None:
+    if p.dp is None:
+        check(p.dp_budget is None, f"{where}.dp_budget needs a [{where}.dp] setting to spend it")
+        return
+    try:
+        p.dp.validate(f"{where}.dp")
+        p.dp.split(p.goal)
+    except ValueError as e:
+        raise ConfigError(f"{where}.dp: {e}") from None
+    check(p.update.weighting == "uniform", f"{where}.update.weighting must be 'uniform' under DP "
+          "(DP-FedAvg's mean is unweighted over the expected reports)")
+    check(p.dp.mechanism != "distributed" or p.update.secure_aggregation,
+          f"{where}.dp.mechanism = 'distributed' adds the noise on the devices under secure aggregation: "
+          "set secure_aggregation = true, or use 'central'")
+    b = p.dp_budget
+    check(b is None or (isinstance(b.epsilon, (int, float)) and b.epsilon > 0 and isinstance(b.delta, (int, float))
+                        and 0 < b.delta < 1), f"{where}.dp_budget must be {{epsilon > 0, 0 < delta < 1}}")
 
 
 def _validated(config: ServerConfig) -> ServerConfig:
@@ -365,6 +407,7 @@ def _validated(config: ServerConfig) -> ServerConfig:
                 p.update.bind(1, "0" * 64, "check", 0, p.max_selected)
             except ValueError as e:
                 raise ConfigError(f"{where}.update: {e}") from None
+        _check_dp(p, where, check)
         check(isinstance(p.min_round_size, int) and p.min_round_size >= 1,
               f"{where}.min_round_size must be an integer >= 1")
         check(p.goal >= p.min_round_size, f"{where}.goal ({p.goal}) is below min_round_size "

@@ -95,7 +95,8 @@ VERSION = _obj({"version": INT, "parent": NULLABLE_INT, "round": NULLABLE_INT,
                 "checkpoint_sha256": SHA256, "created_at": NUM, "train": {"type": "object"},
                 "eval": {"type": ["object", "null"]}, "published_at": NULLABLE_NUM,
                 "app_manifest_sha256": {"oneOf": [{"type": "null"}, SHA256]},
-                "vocab_sha256": {"oneOf": [{"type": "null"}, SHA256]}})
+                "vocab_sha256": {"oneOf": [{"type": "null"}, SHA256]},
+                "dp": {"oneOf": [{"type": "null"}, wire.PRIVACY.schema()]}})
 
 SCHEMAS = {
     "Error": wire.ERROR.schema(),
@@ -284,6 +285,12 @@ def openapi_document() -> dict:
             "found so far (each typed by at least min_devices devices).",
             {"200": _json(_obj({"pass": INT, "level": INT, "words": {"type": "array", "items": STR}}),
                           "discovery")}, params=[POPULATION], auth="operator", errors=(401, 404))},
+        "/v1/populations/{population}/privacy": {"get": _op(
+            "Operator: the differential-privacy ledger (server.privacy): the DP setting and budget, the "
+            "current adaptive clip, each recorded round's event and the (ε, δ) spent so far; "
+            "{\"dp\": null} for a population without DP.",
+            {"200": _json(_obj({"dp": {"type": ["object", "null"]}}), "ledger")}, params=[POPULATION],
+            auth="operator", errors=(401, 404))},
         "/v1/populations/{population}/devices/{pseudonym}/revoke": {"post": _op(
             "Operator: revoke a device (named by its pseudonym): its calls are refused from now on (403) "
             "and its open sessions end.", {"200": _json(_ref("Revocation"), "revoked")},

@@ -37,8 +37,9 @@ class ExportError(RuntimeError):
 
 class Exporter(Protocol):
     def export_app_model(self, checkpoint: Path, vocab: Path | None, model_version: int,
-                         out_dir: Path) -> Path:
-        """Write the app model for `checkpoint` into `out_dir`; return its manifest path."""
+                         out_dir: Path, privacy: dict | None = None) -> Path:
+        """Write the app model for `checkpoint` into `out_dir`; return its manifest path. `privacy`:
+        the version's (ε, δ) from the ledger, for the manifest (None: trained without DP)."""
 
 
 class SubprocessExporter:
@@ -49,11 +50,13 @@ class SubprocessExporter:
         self.timeout_s = timeout_s
 
     def export_app_model(self, checkpoint: Path, vocab: Path | None, model_version: int,
-                         out_dir: Path) -> Path:
+                         out_dir: Path, privacy: dict | None = None) -> Path:
         args = [*self.command, "app", "--checkpoint", str(checkpoint),
                 "--model-version", str(model_version), "--out", str(out_dir)]
         if vocab is not None:
             args += ["--vocab", str(vocab)]
+        if privacy is not None:
+            args += ["--privacy", json.dumps(privacy)]
         try:
             done = subprocess.run(args, capture_output=True, text=True, timeout=self.timeout_s,
                                   stdin=subprocess.DEVNULL)
@@ -69,8 +72,10 @@ class SubprocessExporter:
 
 class PublishJobs:
     def __init__(self, store: Store, artifacts: ArtifactStore, versions: VersionRegistry,
-                 exporter: Exporter, clock: Clock, access: ArtifactAccess, timeout_s: float = 1800.0):
+                 exporter: Exporter, clock: Clock, access: ArtifactAccess, timeout_s: float = 1800.0,
+                 privacy=None):
         self._store = store
+        self._privacy = privacy           # server.privacy.PrivacyLedger: each version's (ε, δ)
         self._artifacts = artifacts
         self._versions = versions
         self._exporter = exporter
@@ -126,7 +131,8 @@ class PublishJobs:
         try:
             manifest_path = self._exporter.export_app_model(
                 self._artifacts.path(found.checkpoint_sha256),
-                self._artifacts.path(vocab_sha) if vocab_sha else None, version, scratch / "out")
+                self._artifacts.path(vocab_sha) if vocab_sha else None, version, scratch / "out",
+                self._privacy.spent(population, version) if self._privacy else None)
             return self._ingest(manifest_path)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

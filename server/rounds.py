@@ -37,6 +37,7 @@ from server.config import PopulationConfig, ServerConfig
 from server.errors import ErrorCode, ProtocolError
 from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
 from server.partials import PartialSums
+from server.privacy import BudgetExhausted, PrivacyLedger
 from server.populations import Population, load_population
 from server.artifacts import ArtifactStore
 from server.discovery import DiscoveryService
@@ -46,6 +47,7 @@ from server.versions import VersionRegistry
 from server.vocabulary import grow
 
 log = logging.getLogger(__name__)
+BUDGET_REASON = "dp_budget_exhausted"   # a training round the privacy budget refused (server.privacy)
 OPEN_STATES = ("selecting", "reporting")
 
 
@@ -72,6 +74,7 @@ class Round:
     aborted: int
     failed: int
     update: RoundSpec | None    # training rounds: how their updates are encoded
+    reason: str | None = None   # why it failed (None while open or once completed)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Round":
@@ -102,8 +105,9 @@ class Round:
 class RoundService:
     def __init__(self, store: Store, clock: Clock, config: ServerConfig, versions: VersionRegistry,
                  partials: PartialSums, secagg: SecAggService, discovery: DiscoveryService,
-                 artifacts: ArtifactStore, on_publish=None):
+                 artifacts: ArtifactStore, privacy: PrivacyLedger, on_publish=None):
         self._store = store
+        self._privacy = privacy
         self._secagg = secagg
         self._discovery = discovery
         self._artifacts = artifacts
@@ -191,8 +195,16 @@ class RoundService:
         number = (last.number if last else 0) + 1
         spec = None
         if task == "train":
-            spec = json.dumps(cfg.update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
-                                              rotation_seed(cfg.seed, number), cfg.max_selected).to_json())
+            update, dp = cfg.update, None
+            if cfg.dp is not None:
+                try:
+                    bound = self._privacy.bind(tx, population, cfg)
+                except BudgetExhausted as e:
+                    return self._refuse_budget(tx, population, last, pop, number, now, e)
+                update = dataclasses.replace(update, clip_norm=bound.clip)
+                dp = bound.bound
+            spec = json.dumps(update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
+                                          rotation_seed(cfg.seed, number), cfg.max_selected, dp).to_json())
         tx.execute(
             "INSERT INTO rounds (population, number, task, model_version, attempt, state, goal,"
             " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"
@@ -207,6 +219,19 @@ class RoundService:
         if task == "discover":
             self._discovery.open(tx, population)
         return rnd
+
+    def _refuse_budget(self, tx: sqlite3.Connection, population: str, last: Round | None, pop: Population,
+                       number: int, now: float, refusal: BudgetExhausted) -> Round:
+        """The training round the budget refuses: one failed round in the analytics (not one per check-in)."""
+        if last and last.reason == BUDGET_REASON and last.model_version == pop.current_version:
+            return last
+        log.warning("%s", refusal)
+        tx.execute("INSERT INTO rounds (population, number, task, model_version, attempt, state, reason, goal,"
+                   " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"
+                   " selection_ends_at, deadline, closed_at, selection_closed_at)"
+                   " VALUES (?, ?, 'train', ?, 1, 'failed', ?, 0, 0, 0, 0, '{}', ?, ?, ?, ?, ?)",
+                   (population, number, pop.current_version, BUDGET_REASON, now, now, now, now, now))
+        return self.latest(tx, population)
 
     def discovery_ask(self, conn: sqlite3.Connection, rnd: Round):
         """What a discover round's devices vote on (None for other tasks)."""
@@ -326,11 +351,11 @@ class RoundService:
         if rnd.secure:
             plain, survivors = self._secagg.unmask(tx, rnd, total.total)
             ring = pipeline.ring.reduce(plain.astype(np.int64))
-            weight_sum = int(ring[-1])
-            mean_delta = pipeline.finalize_masked(ring, survivors)
+            weight_sum = int(ring[pipeline.count])
+            mean_delta, unclipped = pipeline.finalize_masked_with_count(ring, survivors)
         else:
-            weight_sum = int(total.weight)
-            mean_delta = pipeline.finalize(total.total, total.weight)
+            weight_sum, survivors = int(total.weight), total.updates
+            mean_delta, unclipped = pipeline.finalize_with_count(total.total, total.weight)
         parent = self._versions.get(rnd.population, rnd.model_version, tx)
         optimizer = build_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_momentum)
         fresh = optimizer.initialize(size)
@@ -340,6 +365,7 @@ class RoundService:
         state, weights, applied = apply_mean_delta(optimizer, state, self._versions.weights(parent),
                                                    mean_delta)
         if not applied:
+            self._record_dp(tx, rnd, None, survivors, unclipped, cfg)
             return None
         row = tx.execute("SELECT weight_sum, metric_sums_json FROM rounds WHERE id = ?",
                          (rnd.id,)).fetchone()
@@ -347,10 +373,19 @@ class RoundService:
         train.update(reports=rnd.reported, examples=weight_sum,
                      mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name,
                      update_bits=rnd.update.spec.bits, secure_aggregation=rnd.secure)
+        if pipeline.dp:
+            train.update(dp_clip=rnd.update.spec.clip_norm, dp_unclipped=unclipped)
         version = self._versions.add(tx, rnd.population, pop.layout, pop.model_config, rnd.model_version,
                                      rnd.number, weights, state_to_bytes(optimizer, state), train)
+        self._record_dp(tx, rnd, version.version, survivors, unclipped, cfg)
         self._discovery.count_training(tx, rnd.population)
         return version.version
+
+    def _record_dp(self, tx: sqlite3.Connection, rnd: Round, version: int | None, reports: int,
+                   unclipped: float, cfg: PopulationConfig) -> None:
+        if rnd.update is not None and rnd.update.dp_mechanism:
+            self._privacy.record(tx, rnd.population, rnd.id, rnd.number, version, rnd.update,
+                                 reports, unclipped, cfg, self._clock.now())
 
     def _finish_eval(self, tx: sqlite3.Connection, rnd: Round, pop: Population,
                      cfg: PopulationConfig) -> None:
@@ -363,5 +398,6 @@ class RoundService:
         result["top3"] = result["top3_hits"] / max(positions, 1)
         if "loss_sum" in sums:
             result["loss"] = sums["loss_sum"] / max(positions, 1)
-        if self._versions.record_eval(tx, rnd.population, rnd.model_version, result, cfg.publish_every):
+        if (self._versions.record_eval(tx, rnd.population, rnd.model_version, result, cfg.publish_every)
+                and self._privacy.publishable(tx, rnd.population, rnd.model_version, cfg)):
             self._on_publish(tx, rnd.population, rnd.model_version)

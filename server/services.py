@@ -17,6 +17,7 @@ from server.partials import PartialSums
 from server.policy import build_policy
 from server.publisher import Exporter, PublishJobs, SubprocessExporter
 from server.ratelimit import RateLimiter
+from server.privacy import PrivacyLedger
 from server.registry import DeviceRegistry
 from server.reporting import ReportingService
 from server.rounds import RoundService
@@ -48,6 +49,7 @@ class Services:
     limits: RateLimiter
     secagg: SecAggService
     discovery: DiscoveryService
+    privacy: PrivacyLedger
     operator_token: str
 
     def populations(self) -> list[str]:
@@ -72,12 +74,13 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     registry = DeviceRegistry(store, clock, pseudonyms)
     versions = VersionRegistry(store, artifacts, private, clock)
     access = ArtifactAccess(store)
+    privacy = PrivacyLedger(store, registry.count)
     publisher = PublishJobs(store, artifacts, versions,
                             exporter or SubprocessExporter(config.exporter, config.publish_timeout_s),
-                            clock, access, config.publish_timeout_s)
+                            clock, access, config.publish_timeout_s, privacy)
     secagg = SecAggService(store, clock)
     discovery = DiscoveryService(store)
-    rounds = RoundService(store, clock, config, versions, partials, secagg, discovery, artifacts,
+    rounds = RoundService(store, clock, config, versions, partials, secagg, discovery, artifacts, privacy,
                           on_publish=publisher.enqueue)
     policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
     checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
@@ -86,7 +89,7 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
                         checkin, reporting, publisher, RoundAnalytics(store, pseudonyms), enrollment, access,
-                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, discovery, token)
+                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, discovery, privacy, token)
     removed = rounds.collect_garbage()
     if removed:
         log.info("removed %d stale partial-sum files", removed)

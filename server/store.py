@@ -205,6 +205,33 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE versions ADD COLUMN vocab_sha256 TEXT;
     """,
+    """
+    CREATE TABLE dp_events (
+        population TEXT NOT NULL REFERENCES populations(name),
+        round_id INTEGER NOT NULL UNIQUE REFERENCES rounds(id),
+        round_number INTEGER NOT NULL,
+        version INTEGER,
+        mechanism TEXT NOT NULL,
+        noise_multiplier REAL NOT NULL,
+        expected_reports INTEGER NOT NULL,
+        population_size INTEGER NOT NULL,
+        sampling_probability REAL NOT NULL,
+        min_separation_s REAL NOT NULL,
+        reports INTEGER NOT NULL,
+        clip REAL NOT NULL,
+        next_clip REAL NOT NULL,
+        recorded_at REAL NOT NULL
+    );
+    CREATE TABLE dp_spent (
+        population TEXT NOT NULL REFERENCES populations(name),
+        version INTEGER NOT NULL,
+        epsilon REAL NOT NULL,
+        delta REAL NOT NULL,
+        accountant TEXT NOT NULL,
+        rounds INTEGER NOT NULL,
+        PRIMARY KEY (population, version)
+    );
+    """,
 ]
 
 

@@ -75,10 +75,11 @@ class FakeExporter:
         self.fail = fail
 
     def export_app_model(self, checkpoint: Path, vocab: Path | None, model_version: int,
-                         out_dir: Path) -> Path:
+                         out_dir: Path, privacy: dict | None = None) -> Path:
         from contract.weights import load_checkpoint
 
         self.calls.append((checkpoint, vocab, model_version))
+        self.privacy = privacy
         if self.fail:
             raise RuntimeError("fake exporter failure")
         layout, flat, _ = load_checkpoint(checkpoint)

@@ -63,3 +63,24 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
     assert "CIFG, federated from pretrained + discovered words: top-1 1.93 points above" in text
     assert "13.62% under the public vocabulary, 7.41% with the discovered words, 3.71% under the users'" in text
     assert "thin" not in table(ahead)
+
+
+def test_quality_rows_run_side_by_side_merge_and_a_changed_setting_drops_old_rows():
+    from benchmarks.quality import QualityConfig, merge
+
+    cfg = QualityConfig(rows="federated_pretrained")
+    old_config = {k: v for k, v in vars(QualityConfig()).items() if k not in ("rows", "discovery_votes")}
+    earlier = {"config": old_config,   # written before discovery_votes existed: its default counts as equal
+               "results": {"ngram": {"top1": 0.1557}, "federated_pretrained": {"top1": 0.10},
+                           "oov_rate": {"users": 0.037}},
+               "timings": {"ngram_s": 8.0, "federated_pretrained_s": 99.0}}
+    mine = {"config": vars(cfg), "results": {"federated_pretrained": {"top1": 0.16}, "oov_rate": {"public": 0.136}},
+            "timings": {"federated_pretrained_s": 2000.0}, "reused": [], "wall_s": 2000.0}
+    merged = merge(mine, earlier, cfg)
+    assert merged["results"]["ngram"] == {"top1": 0.1557}                    # kept from the file
+    assert merged["results"]["federated_pretrained"] == {"top1": 0.16}       # this run's figure wins
+    assert merged["results"]["oov_rate"] == {"users": 0.037, "public": 0.136}
+    assert merged["reused"] == ["ngram"] and merged["wall_s"] == 2008.0
+    changed = merge(mine, {**earlier, "config": {**old_config, "rounds": 10}}, cfg)
+    assert "ngram" not in changed["results"] and changed["reused"] == []
+    assert merge(mine, None, cfg) is mine

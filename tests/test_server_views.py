@@ -145,7 +145,8 @@ def test_full_protocol_over_http_matches_the_openapi_document(make_server):
     detail = api.request("GET", "/v1/populations/en/rounds/1", headers=op).body
     assert detail["failure_reasons"] == {"unplugged": 1} and len(detail["devices"]) == 3
     versions = api.request("GET", "/v1/populations/en/versions?limit=1", headers=op).body["versions"]
-    assert versions[0]["version"] == 1
+    assert versions[0]["version"] == 1 and versions[0]["dp"] is None
+    assert api.request("GET", "/v1/populations/en/privacy", headers=op).body == {"dp": None}   # tests/test_dp_server.py
     pseudonym = detail["devices"][1]["device"]
     assert api.request("POST", f"/v1/populations/en/devices/{pseudonym}/revoke", headers=op).status == 200
     assert api.request("GET", "/openapi.json").body["openapi"].startswith("3.1")

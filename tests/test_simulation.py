@@ -53,6 +53,40 @@ def test_two_round_simulation_decreases_training_loss(small_corpus, tmp_path):
     assert not [p for p in worker_processes() if is_alive(p)]
 
 
+def test_a_dp_simulation_adapts_its_clip_and_reports_the_ledgers_epsilon(small_corpus, tmp_path):
+    from contract.dp import DPSpec
+    from privacy.accounting import Event, epsilon
+
+    clients = len(small_corpus.train)
+    dp = DPSpec(noise_multiplier=0.5, initial_clip=0.01, clipped_count_stddev=1.0)
+    sim = SimulationConfig(rounds=3, clients_per_round=clients, batch_size=8, client_lr=1.0,
+                           server_optimizer="sgd", server_lr=1.0, eval_every=3, dp=dp,
+                           dp_deploy_reports=5000, dp_population=1_000_000)
+    summary = run_simulation(small_corpus, TINY, sim, tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    clips = [r["dp_clip"] for r in rows]
+    assert clips[0] > 0.01 and clips[2] > clips[1] > clips[0]      # norms far above 0.01: the clip grows
+    spent = summary["dp"]
+    want = epsilon([Event("central", 0.5, 5000 / 1_000_000)] * 3, 1_000_000 ** -1.1)
+    assert spent["epsilon"] == pytest.approx(want.epsilon) and spent["projection"] is True
+    assert spent["delta"] == pytest.approx(1e6 ** -1.1) and spent["accountant"] == want.accountant
+    assert not [p for p in worker_processes() if is_alive(p)]
+
+
+def test_a_distributed_dp_simulation_runs_the_phones_pipeline_with_its_noise(small_corpus, tmp_path):
+    from contract.dp import DPSpec
+
+    clients = len(small_corpus.train)
+    dp = DPSpec(mechanism="distributed", noise_multiplier=0.5, initial_clip=0.01, clipped_count_stddev=1.0)
+    sim = SimulationConfig(rounds=2, clients_per_round=clients, batch_size=8, client_lr=1.0,
+                           server_optimizer="sgd", server_lr=1.0, eval_every=2, dp=dp,
+                           dp_deploy_reports=5000, dp_population=1_000_000)
+    summary = run_simulation(small_corpus, TINY, sim, tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert rows[1]["dp_clip"] > rows[0]["dp_clip"] > 0.01                   # norms far above 0.01
+    assert summary["dp"]["projection"] and summary["final"]["loss"] < summary["initial"]["loss"]
+
+
 def test_server_lr_schedule_ramps_up_holds_and_ramps_down():
     schedule = lr_schedule(0.03, rounds=100, warmup=10, decay=20)
     lr = [float(schedule(i)) for i in range(100)]
@@ -71,6 +105,8 @@ def test_server_lr_schedule_ramps_up_holds_and_ramps_down():
     ("--rounds", "0", "--rounds must be >= 1"),
     ("--update-clip-norm", "0", "--update-clip-norm must be a finite number > 0"),
     ("--update-max-weight", "0", "--update-max-weight must be an integer in [1, 2^31]"),
+    ("--dp-noise-multiplier", "1.0", "clipped-count-stddev 0.5 is too small for noise-multiplier 1"),
+    ("--dp-deploy-reports", "100", "--dp-deploy-reports, --dp-population and --dp-delta need --dp-noise-multiplier"),
 ])
 def test_simulate_refuses_bad_flags_by_name(flag, value, message, capsys):
     from models.__main__ import main

@@ -35,7 +35,7 @@ def cmd_export(args) -> None:
                            clip_norm=args.clip_norm)
     else:
         path = export_app_model(inputs.config, inputs.flat, inputs.vocab, args.out, k=args.k,
-                                model_version=version, quantize=not args.float)
+                                model_version=version, quantize=not args.float, privacy=args.privacy)
     _print_summary(path, time.monotonic() - start)
 
 
@@ -102,6 +102,20 @@ def _at_least(minimum: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _privacy(text: str) -> dict:
+    import json
+    import math
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("is not JSON") from None
+    if not (isinstance(value, dict) and all(isinstance(value.get(k), (int, float)) and not isinstance(
+            value.get(k), bool) and math.isfinite(value[k]) and value[k] >= 0 for k in ("epsilon", "delta"))):
+        raise argparse.ArgumentTypeError('must be a JSON object with finite "epsilon" and "delta" >= 0')
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -135,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     app = sub.add_parser("app", parents=[common], help="export the quantized suggestion model")
     app.add_argument("--k", type=_positive, default=3, help="suggestions per call")
     app.add_argument("--float", action="store_true", help="keep float weights (no quantization)")
+    app.add_argument("--privacy", type=_privacy, default=None,
+                     help='the weights\' DP guarantee for the manifest, as JSON: {"epsilon": e, "delta": d, ...}')
     app.set_defaults(func=cmd_export)
     ins = sub.add_parser("inspect", help="size, ops and signatures of a .tflite or manifest")
     ins.add_argument("file")

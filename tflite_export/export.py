@@ -48,14 +48,17 @@ def export_plan(config: ModelConfig, flat: np.ndarray, vocab: Vocabulary, out_di
 
 
 def export_app_model(config: ModelConfig, flat: np.ndarray, vocab: Vocabulary, out_dir: str | Path,
-                     k: int = 3, model_version: int = 0, quantize: bool = True) -> Path:
-    """Write the quantized suggestion model of `flat` to `out_dir`; returns its manifest path."""
+                     k: int = 3, model_version: int = 0, quantize: bool = True,
+                     privacy: dict | None = None) -> Path:
+    """Write the quantized suggestion model of `flat` to `out_dir`; returns its manifest path.
+
+    `privacy` (the server's ledger figure for these weights) goes into the manifest as is."""
     from tflite_export.app_model import convert_app_model
 
     _check_inputs(config, flat, vocab)
     model = convert_app_model(config, flat, k, quantize=quantize)
     return _write(out_dir, APP_NAME, model, vocab, config,
-                  _manifest_fields(APP_MODEL, config, model_version, k=k))
+                  _manifest_fields(APP_MODEL, config, model_version, k=k, privacy=privacy))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ def _app_model(version: Version) -> dict:
 
     return {"population": version.population, "version": version.version,
             "published_at": version.published_at, "eval": version.eval,
+            "privacy": services().privacy.spent(version.population, version.version),
             "manifest": {"url": artifact_url(version.app_manifest_sha256),
                          "sha256": version.app_manifest_sha256},
             "model": ref(manifest.get("artifact")), "vocab": ref(manifest.get("vocab_file")),
@@ -65,7 +66,17 @@ def versions(population: str):
     load_population(svc.store.connection(), population)   # 404 for an unknown population
     limit = v.query_int(request.args, "limit", 1, 1000, default=50)
     before = v.query_int(request.args, "before", 0, v.MAX_INT, default=None)
-    return jsonify({"versions": [ver.to_json() for ver in svc.versions.list(population, limit, before)]})
+    return jsonify({"versions": [{**ver.to_json(), "dp": svc.privacy.spent(population, ver.version)}
+                                 for ver in svc.versions.list(population, limit, before)]})
+
+
+@bp.get("/privacy")
+def privacy(population: str):
+    """Operator: the DP ledger: the setting, the current clip, every round's event, ε spent, the budget."""
+    require_operator()
+    svc = services()
+    load_population(svc.store.connection(), population)   # 404 for an unknown population
+    return jsonify(svc.privacy.summary(population, svc.rounds.settings(population)) or {"dp": None})
 
 
 @bp.get("/discovery")
