@@ -60,7 +60,8 @@ def evaluate_versions(server, status, model, corpus, n_windows: int,
         rows.append({"version": v["version"], "round": v["round"], "published": v.get("published_at") is not None,
                      "heldout": {k: round(heldout[k], 5) for k in ("top1", "top3", "loss")},
                      "on_device_eval": ({k: v["eval"][k] for k in ("top1", "top3", "positions")}
-                                        if v.get("eval") else None)})
+                                        if v.get("eval") else None),
+                     "dp": v.get("dp")})
     return {"windows": len(windows), "clients": len(corpus.heldout), "versions": rows,
             "train_loss": [(v["version"], v["train"]["loss"]) for v in versions
                            if v.get("train") and "loss" in v["train"]]}
@@ -69,13 +70,16 @@ def evaluate_versions(server, status, model, corpus, n_windows: int,
 def summary_table(quality: dict) -> str:
     lines = [f"held-out quality ({quality['windows']:,} windows sampled from the {quality['clients']} "
              f"held-out clients; contract.metrics):",
-             f"{'version':>8} {'top-1':>7} {'top-3':>7} {'loss':>6}  {'on-device eval top-3':>20}  published"]
+             f"{'version':>8} {'top-1':>7} {'top-3':>7} {'loss':>6}  {'on-device eval top-3':>20}  "
+             f"{'ε (DP)':>9}  published"]
     for q in quality["versions"]:
         name = "initial" if q["version"] == 0 else str(q["version"])
         ev = format(q["on_device_eval"]["top3"], ".2%") if q["on_device_eval"] else "-"
+        dp = q.get("dp")
+        eps = "-" if not dp else ("inf" if dp["epsilon"] is None else format(dp["epsilon"], ".3g"))
         lines.append(f"{name:>8} {q['heldout']['top1']:>7.2%} {q['heldout']['top3']:>7.2%} "
                      f"{q['heldout']['loss']:>6.2f}  "
-                     f"{ev:>20}  {'yes' if q['published'] else ''}")
+                     f"{ev:>20}  {eps:>9}  {'yes' if q['published'] else ''}")
     return "\n".join(lines)
 
 
