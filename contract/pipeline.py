@@ -49,11 +49,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from contract.dp import CentralNoise, DistributedNoise
 from contract.errors import ErrorCode, ProtocolError
 from contract.packing import levels
-from contract.stages import (FORMAT, CentralNoise, Clipping, Context, DistributedNoise,   # noqa: F401
-                             Float32Values, GridQuantization, MaskedWireFormat, Quantization, RingEncoding, Rotation, Stage,
-                             WireFormat, Weighting)
+from contract.stages import (FORMAT, Clipping, Context, Float32Values, GridQuantization,   # noqa: F401
+                             MaskedWireFormat, Quantization, RingEncoding, Rotation, Stage, WireFormat,
+                             Weighting)
 from contract.update_spec import RoundSpec
 
 UNIT_SPAN = 40                          # the running sum's unit is 2^(ceil(log2 C) - UNIT_SPAN)

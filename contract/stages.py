@@ -96,26 +96,6 @@ class Weighting(Stage):
 
 
 @dataclasses.dataclass(frozen=True)
-class CentralNoise(Stage):
-    """DP-FedAvg's Gaussian noise, added by the server to the sum of clipped updates (contract.dp).
-
-    The device sends its clipped update unchanged; the noise's standard
-    deviation (z_v · C) is fixed by the round's spec, and it is drawn from the
-    OS CSPRNG when the round's sum is decoded, before the fixed-denominator mean.
-    """
-
-    stddev: float
-
-    def decode(self, total: np.ndarray, ctx: Context) -> np.ndarray:
-        if self.stddev <= 0:
-            return total
-        from contract.dp import SecureRandom
-
-        rng = ctx.random if ctx.random is not None else SecureRandom()
-        return total + rng.normal(len(total), self.stddev)
-
-
-@dataclasses.dataclass(frozen=True)
 class Clipping(Stage):
     clip_norm: float
     unit_exponent: int
@@ -312,36 +292,6 @@ class GridQuantization(Stage):
 
     def decode(self, units: np.ndarray, ctx: Context) -> np.ndarray:
         return units.astype(np.float64) * self.step
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedNoise(Stage):
-    """Distributed DP: each device adds its share of discrete Gaussian noise before masking.
-
-    Kairouz et al. (2021): every device adds N_Z(0, σ²) to each of its grid
-    codes (after its norm check, so the clip still bounds the sensitivity),
-    and N_Z(0, σ_c²) to COUNT_SCALE × its unclipped bit, with σ, σ_c from the
-    round's spec; the unmasked sum of n devices then carries noise of
-    variance nσ² that no one, the server included, saw added. Draws come from
-    the OS CSPRNG (contract.dp.SecureRandom).
-    """
-
-    sigma: float                # per device, in grid steps (RoundSpec.device_noise_units)
-    count_sigma: float          # per device, in 1/COUNT_SCALE units of the count
-
-    def encode(self, q: np.ndarray, ctx: Context) -> np.ndarray:
-        from contract.dp import SecureRandom
-        from contract.update_spec import COUNT_SCALE
-
-        rng = ctx.random if ctx.random is not None else SecureRandom()
-        ctx.count_value = int(COUNT_SCALE * ctx.unclipped + rng.discrete_gaussian(1, self.count_sigma)[0])
-        return q.astype(np.int64) + rng.discrete_gaussian(len(q), self.sigma)
-
-    def decode(self, total: np.ndarray, ctx: Context) -> np.ndarray:
-        from contract.update_spec import COUNT_SCALE
-
-        ctx.unclipped_sum = ctx.unclipped_sum / COUNT_SCALE     # a noised count: a float, maybe < 0
-        return total
 
 
 @dataclasses.dataclass(frozen=True)
