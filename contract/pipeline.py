@@ -40,6 +40,14 @@ MaskedWireFormat (contract.stages): the server sees only masked integers,
 adds them modulo 2^m, and decodes the unmasked sum once
 (`finalize_masked`); the bound above then rests on the device (see the
 threat model in server/README.md).
+
+Under user-level DP (the round spec's `dp_mechanism`, contract.dp) the clip is
+the round's adaptive clip, the weighting uniform and the mean's denominator
+fixed (the expected reports); the "unclipped" bit joins the summed vector as
+one more slot; and the noise is one more stage: `CentralNoise` after
+Weighting (the server adds it to the sum when decoding) or, under secure
+aggregation, `DistributedNoise` after the grid (each device adds its
+discrete Gaussian share after its norm check, before masking).
 """
 from __future__ import annotations
 
