@@ -61,7 +61,7 @@ bench-secagg: setup
 
 # Federated discovery of new words (TrieHH) in simulation over the training users (~1 min).
 # Quality against ε from the public-pretrained model: central and distributed DP, projected to
-# 10^6 and 10^5 phones, and the honest figure for the simulated population (~2 h).
+# 10^6 and 10^5 phones, and the honest figure for the simulated population (~75 min).
 .PHONY: bench-dp
 bench-dp: setup corpus
 	$(PY) -m benchmarks.dp

@@ -38,9 +38,9 @@ DEPLOYMENTS = {"gboard": (1_000_000, 6_500), "mid": (100_000, 500)}
 class DPBenchConfig(FederatedConfig):
     """The quality benchmark's federated setting from the pretrained model, over fewer rounds."""
 
-    rounds: int = 200
-    server_lr_decay_rounds: int = 140
-    eval_every: int = 200
+    rounds: int = 100
+    server_lr_decay_rounds: int = 70
+    eval_every: int = 100
     noise_multipliers: str = "0.5,1.0"        # z of the projected rows
     mechanisms: str = "central,distributed"
     deployments: str = "gboard,mid"

@@ -61,6 +61,22 @@ def quality(r: dict) -> str:
     return table(r)
 
 
+def dp(r: dict) -> str:
+    b = r["baseline"]
+    rows = [("non-private", "", "", "", f"{_pct(b['top1'])} / {_pct(b['top3'])}", "")]
+    for x in r["rows"]:
+        scale = (f"projection: N = {x['population']:,}, m = {x['reports_per_round']:,}" if x["projection"]
+                 else f"this population: N = {x['population']:,}, m = {x['reports_per_round']}")
+        rows.append((x["mechanism"], f"{x['noise_multiplier']:g}", scale,
+                     f"{x['epsilon']:.3g} ({x['accountant']}, δ = {x['delta']:.1e})",
+                     f"{_pct(x['top1'])} / {_pct(x['top3'])}", f"{x['top1'] / b['top1'] - 1:+.1%}"))
+    head = "| mechanism | z | deployment | ε | top-1 / top-3 | top-1 vs non-private |\n|---|---|---|---|---|---|\n"
+    t = r.get("targets", {})
+    verdict = (f"Target (Gboard scale: ε ≤ 2 within 5% of non-private top-1): "
+               f"{'met' if t.get('met') else 'not met'}; goal (ε ≤ 1 within 2%): {'met' if t.get('goal_met') else 'not met'}.")
+    return head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
+
+
 def export(r: dict) -> str:
     return _table([("plan size", f"{r['plan_bytes']:,} B ({r.get('plan_to_float_weights', 0):.2f}× the float weights)"),
                    ("app model size (dynamic-range quantized)", f"{r['app_model_bytes']:,} B"),
@@ -225,6 +241,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "fuzz": ("Fuzzing the protocol (schemathesis)", "make fuzz", fuzz),
     "secagg": ("Secure aggregation (SecAgg+)", "make bench-secagg", secagg),
     "discovery": ("Federated discovery of new words (TrieHH)", "make bench-discovery", discovery),
+    "dp": ("Differential privacy: quality against ε", "make bench-dp", dp),
 }
 
 
@@ -234,9 +251,18 @@ def headline(results: dict[str, dict]) -> str:
     q, e, s, d, f, m = (results.get(k) for k in ("quality", "export", "server", "device", "fleet", "demo"))
     c = results.get("compression")
     if q:
-        fed = q["results"]["federated"]
-        lines.append(f"| quality (held-out) | federated CIFG top-1 {_pct(fed['top1'])}, top-3 {_pct(fed['top3'])} "
-                     f"(n-gram top-1 {_pct(q['results']['ngram']['top1'])}) | `make bench-quality` |")
+        r = q["results"]
+        public = [n for n in ("federated_pretrained", "federated_pretrained_discovery") if n in r]
+        if public:
+            best = max(public, key=lambda n: r[n]["top1"])
+            label = "federated from public pretraining" + (" + discovered words" if best.endswith("discovery") else "")
+            lines.append(f"| quality (held-out) | {label}: top-1 {_pct(r[best]['top1'])}, top-3 "
+                         f"{_pct(r[best]['top3'])}; pretrained only {_pct(r['pretrained']['top1'])}; users'-vocabulary "
+                         f"n-gram {_pct(r['ngram']['top1'])} | `make bench-quality` |")
+        else:
+            fed = r["federated"]
+            lines.append(f"| quality (held-out) | federated CIFG top-1 {_pct(fed['top1'])}, top-3 {_pct(fed['top3'])} "
+                         f"(n-gram top-1 {_pct(r['ngram']['top1'])}) | `make bench-quality` |")
     if c:
         v = c["variants"]
         lines.append(f"| compression | upload {v['f32']['upload_bytes'] / 1e6:.2f} → {v['q8']['upload_bytes'] / 1e6:.2f}"

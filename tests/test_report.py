@@ -84,3 +84,20 @@ def test_quality_rows_run_side_by_side_merge_and_a_changed_setting_drops_old_row
     changed = merge(mine, {**earlier, "config": {**old_config, "rounds": 10}}, cfg)
     assert "ngram" not in changed["results"] and changed["reused"] == []
     assert merge(mine, None, cfg) is mine
+
+
+def test_the_dp_section_lists_every_row_against_the_non_private_run():
+    from benchmarks.report import dp
+
+    report = {"baseline": {"top1": 0.15, "top3": 0.26},
+              "rows": [{"mechanism": "central", "noise_multiplier": 1.0, "population": 1_000_000,
+                        "reports_per_round": 6500, "rounds": 100, "epsilon": 0.81, "delta": 2.5e-7,
+                        "accountant": "pld", "top1": 0.147, "top3": 0.255, "projection": True},
+                       {"mechanism": "central", "noise_multiplier": 1.0, "population": 905,
+                        "reports_per_round": 10, "rounds": 100, "epsilon": 4.2, "delta": 5.6e-4,
+                        "accountant": "pld", "top1": 0.02, "top3": 0.05, "projection": False}],
+              "targets": {"met": True, "goal_met": False}}
+    text = dp(report)
+    assert "| central | 1 | projection: N = 1,000,000, m = 6,500 | 0.81 (pld, δ = 2.5e-07) | 14.70% / 25.50% | -2.0% |" in text
+    assert "this population: N = 905, m = 10" in text and "-86.7%" in text
+    assert "met; goal (ε ≤ 1 within 2%): not met" in text
