@@ -58,6 +58,7 @@ from collections.abc import Callable
 import numpy as np
 
 from contract.dp import CentralNoise, DistributedNoise
+from contract.robust import RobustAggregation
 from contract.errors import ErrorCode, ProtocolError
 from contract.packing import levels
 from contract.stages import (FORMAT, Clipping, Context, Float32Values, GridQuantization,   # noqa: F401
@@ -122,6 +123,8 @@ class UpdatePipeline:
             self.count = self.rotation.padded
             self.stages = [*front, self.rotation, Quantization(s.bits, s.block_size, unit, top),
                            WireFormat(s.bits, self.count, s.block_size, spec.fingerprint, unit, top, self.dp)]
+        if s.aggregator != "mean":
+            self.stages.insert(0, RobustAggregation(s.aggregator, s.trim))
         if self.secure and not self.linear:
             raise ValueError("secure aggregation adds updates the server cannot see: every stage "
                              "must be linear")
@@ -215,9 +218,16 @@ class UpdatePipeline:
         return value
 
     def fold(self, total: np.ndarray, units: np.ndarray) -> np.ndarray:
-        """`total` += `units` in place, modulo the ring under secure aggregation."""
+        """`total` += `units` in place, modulo the ring under secure aggregation; under a robust
+        aggregator (not linear) `units` is appended instead: the "sum" is the stack of updates."""
+        if not self.linear:
+            return np.concatenate([total, units])
         np.add(total, units, out=total)
         return self.ring.reduce(total) if self.ring is not None else total
+
+    def stored_size(self, updates: int) -> int:
+        """Integers in a running sum of `updates` contributions (a stack of them when not linear)."""
+        return self.vector_size * (1 if self.linear else int(updates))
 
     def finalize(self, units: np.ndarray, weight_sum: int, random=None) -> np.ndarray:
         """The round's mean update (float32 [size]) from the sum of its accepted contributions.
@@ -232,6 +242,8 @@ class UpdatePipeline:
         if self.secure:
             raise ValueError("a round under secure aggregation is finalized from its unmasked sum")
         ctx = Context(weight_sum=int(weight_sum), random=random)
+        if not self.linear:
+            return self._robust(units), 0
         if self.dp:
             units, ctx.unclipped_sum = units[:self.count], int(units[self.count])
         return self._decode(units, ctx, len(self.stages) - 1), ctx.unclipped_sum
@@ -246,6 +258,14 @@ class UpdatePipeline:
         ctx = Context(survivors=int(survivors), random=random)
         return self._decode(ring_sum, ctx, len(self.stages) - 1), ctx.unclipped_sum
 
+    def _robust(self, stack: np.ndarray) -> np.ndarray:
+        """A robust aggregate of the stacked updates: each decoded alone (weight 1), then combined."""
+        rows = stack.reshape(-1, self.vector_size)
+        if len(rows) == 0:
+            raise ValueError("no update was accepted")
+        decoded = np.stack([self._decode(row, Context(weight_sum=1), len(self.stages) - 1) for row in rows])
+        return self.stages[0].combine(decoded)
+
     def _decode(self, value: np.ndarray, ctx: Context, stop: int) -> np.ndarray:
         for stage in reversed(self.stages[:stop]):
             value = stage.decode(value, ctx)
@@ -257,27 +277,35 @@ class IntegerSum:
     plus Σ weights and a count."""
 
     def __init__(self, count: int, total: np.ndarray | None = None, weight: int = 0, updates: int = 0,
-                 reduce: Callable[[np.ndarray], np.ndarray] | None = None):
+                 reduce: Callable[[np.ndarray], np.ndarray] | None = None, stack: bool = False):
         self.total = np.zeros(count, np.int64) if total is None else total
         self.weight = int(weight)
         self.updates = int(updates)
         self._reduce = reduce or (lambda total: total)
+        self._stack = stack                  # a robust aggregator's "sum": the updates, one after another
+
+    def _fold(self, units: np.ndarray) -> np.ndarray:
+        if self._stack:
+            return np.concatenate([self.total, units])
+        return self._reduce(np.add(self.total, units, out=self.total))
 
     def add(self, c: Contribution) -> "IntegerSum":
-        self.total = self._reduce(np.add(self.total, c.units, out=self.total))
+        self.total = self._fold(c.units)
         self.weight += c.weight
         self.updates += 1
         return self
 
     def merge(self, other: "IntegerSum") -> "IntegerSum":
-        self.total = self._reduce(np.add(self.total, other.total, out=self.total))
+        self.total = self._fold(other.total)
         self.weight += other.weight
         self.updates += other.updates
         return self
 
 
 def running_sum(pipeline: UpdatePipeline) -> IntegerSum:
-    """An empty running sum for `pipeline`'s round."""
+    """An empty running sum for `pipeline`'s round (a stack of updates under a robust aggregator)."""
+    if not pipeline.linear:
+        return IntegerSum(0, np.zeros(0, np.int64), reduce=None, stack=True)
     return IntegerSum(pipeline.vector_size, reduce=pipeline.ring.reduce if pipeline.ring else None)
 
 

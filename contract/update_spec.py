@@ -27,6 +27,7 @@ import math
 from contract import schema as s
 from contract.hadamard import BLOCK_SIZES
 from contract.packing import WIDTHS
+from contract.robust import AGGREGATORS
 
 BITS = (32,) + tuple(sorted(WIDTHS, reverse=True))   # 32 = float32, no quantization
 WEIGHTINGS = ("examples", "uniform")
@@ -51,6 +52,10 @@ class UpdateSpec:
     max_weight: int = DEFAULT_MAX_WEIGHT   # cap on an update's weight (examples), and its upper bound
     block_size: int = DEFAULT_BLOCK_SIZE   # values per quantization scale (and per Hadamard block)
     secure_aggregation: bool = False    # masked updates on one grid per round (contract.secagg)
+    # How the server combines the round's updates: "mean" (linear: the running sum), or a robust rule
+    # that reads every update (contract.robust; never under secure aggregation, uniform weighting).
+    aggregator: str = "mean"
+    trim: float = 0.1                   # trimmed_mean: the fraction dropped at each end of a coordinate
 
     def validate(self, where: str = "update") -> "UpdateSpec":
         """This spec, or ValueError naming the setting at fault."""
@@ -67,6 +72,16 @@ class UpdateSpec:
             raise ValueError(f"{where}.max_weight must be an integer in [1, 2^31]")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"{where}.block_size must be one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"{where}.aggregator must be one of {', '.join(AGGREGATORS)}")
+        if not (isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5):
+            raise ValueError(f"{where}.trim must be in [0, 0.5)")
+        if self.aggregator != "mean" and self.secure_aggregation:
+            raise ValueError(f"{where}.aggregator = {self.aggregator!r} reads every update, and secure "
+                             "aggregation shows the server only their sum: use 'mean' with it, or turn it off")
+        if self.aggregator != "mean" and self.weighting != "uniform":
+            raise ValueError(f"{where}.aggregator = {self.aggregator!r} weighs every update the same: "
+                             "set weighting = 'uniform'")
         if self.secure_aggregation and (self.bits == 32 or not self.rotation):
             raise ValueError(f"{where}: secure aggregation masks integers on one grid per round, which "
                              "needs quantized updates (bits < 32) with the rotation on")
@@ -119,6 +134,8 @@ class RoundSpec:
             if self.dp_denominator < 1 or not all(math.isfinite(x) and x >= 0 for x in (
                     self.dp_stddev, self.dp_count_stddev)):
                 raise ValueError("a DP round needs dp_denominator >= 1 and finite noise stddevs >= 0")
+            if self.spec.aggregator != "mean":
+                raise ValueError("DP's accounting is for the clipped mean: a robust aggregator cannot be used with it")
             if self.dp_mechanism == "distributed" and not self.spec.secure_aggregation:
                 raise ValueError("distributed DP adds its noise on the devices, under secure aggregation")
         if self.spec.secure_aggregation:
@@ -178,6 +195,8 @@ class RoundSpec:
         out = {**dataclasses.asdict(self.spec), "size": self.size, "layout_sha256": self.layout_sha256,
                "round_key": self.round_key, "rotation_seed": self.rotation_seed,
                "cohort_max": self.cohort_max}
+        if self.spec.aggregator == "mean":   # the default says nothing: fingerprints of mean rounds unchanged
+            del out["aggregator"], out["trim"]
         if self.dp_mechanism:       # absent without DP: fingerprints of non-DP rounds are unchanged
             out.update(dp_mechanism=self.dp_mechanism, dp_stddev=self.dp_stddev,
                        dp_denominator=self.dp_denominator, dp_count_stddev=self.dp_count_stddev)
@@ -230,6 +249,11 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
         "masked updates (contract.secagg): one grid per round, step = 4·clip_norm/(L·sqrt(padded size)), "
         "codes + L and the weight summed modulo 2^m, m = ceil(log2(cohort_max·2L + 1))"), required=False,
             default=False),
+    s.Field("aggregator", s.Enum(AGGREGATORS, "mean: the running sum; trimmed_mean, median: robust rules "
+                                              "over every update in the clear (contract.robust)"),
+            required=False, default="mean"),
+    s.Field("trim", s.Num(0, 0.5, "trimmed_mean: the fraction dropped at each end of a coordinate"),
+            required=False, default=0.1),
     s.Field("size", s.Int(1, 2**31, "N: values in the flat weight vector")),
     s.Field("layout_sha256", SHA256),
     s.Field("round_key", s.Str(200, description="the round this spec is bound to")),

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from contract.pipeline import IntegerSum, UpdatePipeline
+from contract.pipeline import UpdatePipeline, running_sum
 from contract.update_spec import UpdateSpec, rotation_seed
 from models.model import ModelConfig, tff_model_fn, weight_layout
 
@@ -161,7 +161,7 @@ class FederatedAveraging:
         pipeline = UpdatePipeline(self.spec.bind(self.layout.size, self.layout.sha256,
                                                  f"simulation/{round_num}",
                                                  rotation_seed(self.seed, round_num)))
-        total, uploaded, norms, encode_s = IntegerSum(pipeline.count), 0, [], 0.0
+        total, uploaded, norms, encode_s = running_sum(pipeline), 0, [], 0.0
         for result, seed in zip(results, seeds):
             # TFF's update is initial − trained (a pseudo-gradient); a phone uploads trained − initial.
             delta = -self.layout.flatten(list(result.update))

@@ -94,11 +94,12 @@ class ReportingService:
         if not open_ or not rnd.accepts_reports(self._clock.now()):
             return self._commit(session_id, rnd.id, None)
         with self._partials.lease(rnd.id) as shard:
-            part = conn.execute("SELECT generation FROM partials WHERE round_id = ? AND shard = ?",
+            part = conn.execute("SELECT generation, count FROM partials WHERE round_id = ? AND shard = ?",
                                 (rnd.id, shard)).fetchone()
             generation = part["generation"] if part else 0
-            total = pipeline.fold(update.units, self._partials.read(rnd.id, shard, generation,
-                                                                    pipeline.vector_size))
+            stored = self._partials.read(rnd.id, shard, generation, pipeline.stored_size(part["count"] if part else 0))
+            # into the new update's array, never the committed (maybe cached) one; a stack appends
+            total = pipeline.fold(update.units, stored) if pipeline.linear else pipeline.fold(stored, update.units)
             try:
                 self._partials.write(rnd.id, shard, generation + 1, total)
             except OSError:   # the round was closed and its directory removed meanwhile

@@ -332,10 +332,10 @@ class RoundService:
     def running_sum(self, tx: sqlite3.Connection, rnd: Round) -> IntegerSum:
         """The round's committed shards, merged (exact integers: any order gives the same sum)."""
         pipeline = self.pipeline(rnd)
-        count = pipeline.vector_size
         total = running_sum(pipeline)
-        for row in tx.execute("SELECT shard, generation, weight, count FROM partials WHERE round_id = ?",
-                              (rnd.id,)).fetchall():
+        for row in tx.execute("SELECT shard, generation, weight, count FROM partials WHERE round_id = ?"
+                              " ORDER BY shard", (rnd.id,)).fetchall():
+            count = pipeline.stored_size(row["count"])
             shard = self._partials.read(rnd.id, row["shard"], row["generation"], count)
             total.merge(IntegerSum(count, shard.copy(), int(row["weight"]), row["count"]))
         return total
