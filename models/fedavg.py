@@ -153,18 +153,23 @@ class FederatedAveraging:
         return tff.learning.models.ModelWeights(
             list(self.layout.unflatten(np.asarray(flat, np.float32)).values()), [])
 
-    def next(self, flat: np.ndarray, datasets: list, seeds: list[int], round_num: int) -> RoundResult:
-        """One round from global weights `flat` over the clients' datasets (one seed each)."""
+    def next(self, flat: np.ndarray, datasets: list, seeds: list[int], round_num: int,
+             tamper=None) -> RoundResult:
+        """One round from global weights `flat` over the clients' datasets (one seed each).
+
+        `tamper(index, delta)`, if given, is what client `index` uploads instead of its trained
+        delta (models.attacks); it still goes through the round's pipeline, as any upload does."""
         results, measurements = self._train_clients(self.client_state, self._model_weights(flat), datasets)
+        tamper = tamper or (lambda i, delta: delta)
+        # TFF's update is initial − trained (a pseudo-gradient); a phone uploads trained − initial.
+        deltas = [tamper(i, -self.layout.flatten(list(r.update))) for i, r in enumerate(results)]
         if self.dp is not None:
-            return self._next_dp(flat, results, measurements, round_num)
+            return self._next_dp(flat, deltas, measurements, round_num)
         pipeline = UpdatePipeline(self.spec.bind(self.layout.size, self.layout.sha256,
                                                  f"simulation/{round_num}",
                                                  rotation_seed(self.seed, round_num)))
         total, uploaded, norms, encode_s = running_sum(pipeline), 0, [], 0.0
-        for result, seed in zip(results, seeds):
-            # TFF's update is initial − trained (a pseudo-gradient); a phone uploads trained − initial.
-            delta = -self.layout.flatten(list(result.update))
+        for result, delta, seed in zip(results, deltas, seeds):
             weight = int(round(float(result.update_weight)))
             if weight < 1 or not np.isfinite(delta).all():
                 continue    # TFF gives a non-finite update weight 0; a phone would not upload it
@@ -180,8 +185,7 @@ class FederatedAveraging:
         return self._apply(flat, mean_delta, measurements,
                            RoundResult(flat, {}, total.updates, uploaded, norms, encode_s))
 
-    def _next_dp(self, flat: np.ndarray, results, measurements, round_num: int) -> RoundResult:
-        deltas = [-self.layout.flatten(list(r.update)) for r in results]
+    def _next_dp(self, flat: np.ndarray, deltas: list[np.ndarray], measurements, round_num: int) -> RoundResult:
         deltas = [d for d in deltas if np.isfinite(d).all()]
         norms = [float(np.linalg.norm(d)) for d in deltas]
         mean_delta, clip = self.dp.mean(deltas, round_num)

@@ -38,6 +38,7 @@ from contract.update_spec import UpdateSpec
 from contract.weights import save_checkpoint
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
+from models.attacks import Adversary, AttackConfig, backdoor_success, canary
 from models.fedavg import DistributedDPAggregator, DPAggregator, FederatedAveraging, RoundResult, client_optimizer
 from models.model import ModelConfig, build_keras_model, weight_layout
 from models.tff_runtime import tff_session
@@ -66,6 +67,7 @@ class SimulationConfig:
     dp_population: int | None = None   # N of the ledger's sampling q = m/N (default: the training clients)
     dp_deploy_reports: int | None = None   # projection: a deployment's m reports per round (noise z·C/m)
     dp_delta: float | None = None  # δ of the reported ε (default N^-1.1)
+    attack: AttackConfig | None = None   # a minority of each round's clients attacks (models.attacks)
 
 
 def server_optimizer(name: str, learning_rate: float):
@@ -159,12 +161,17 @@ def initial_weights(model_config: ModelConfig) -> np.ndarray:
 
 
 def fedavg_round(process: FederatedAveraging, flat: np.ndarray, corpus: FederatedCorpus,
-                 client_ids: list[str], sim: SimulationConfig, round_num: int) -> RoundResult:
+                 client_ids: list[str], sim: SimulationConfig, round_num: int,
+                 adversary: Adversary | None = None) -> RoundResult:
     """One round over `client_ids`; client i's seed is `round_seed(seed, round, i)` (a server's)."""
     seeds = [round_seed(sim.seed, round_num, i) for i in range(len(client_ids))]
-    datasets = [client_dataset(corpus.train[cid], sim.batch_size, sim.local_epochs, seed,
-                               sim.max_client_examples) for cid, seed in zip(client_ids, seeds)]
-    return process.next(flat, datasets, seeds, round_num)
+    bad = adversary.attackers(round_num, len(client_ids)) if adversary else set()
+    own = [corpus.train[cid] if i not in bad else adversary.training_windows(corpus.train[cid])
+           for i, cid in enumerate(client_ids)]
+    datasets = [client_dataset(w, sim.batch_size, sim.local_epochs, seed, sim.max_client_examples)
+                for w, seed in zip(own, seeds)]
+    tamper = (lambda i, d: adversary.transform(d, round_num, i) if i in bad else d) if bad else None
+    return process.next(flat, datasets, seeds, round_num, tamper)
 
 
 def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: SimulationConfig,
@@ -186,10 +193,16 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
     corpus.vocab.save(out / "vocab.json")
     log = (out / "metrics.jsonl").open("w")
 
+    adversary = (Adversary(sim.attack, corpus.vocab, model_config.seq_len, sim.clients_per_round, sim.server_lr,
+                           sim.seed) if sim.attack is not None else None)
+
     def checkpoint_and_eval(round_num: int, flat: np.ndarray) -> dict:
         save_checkpoint(out / "checkpoints" / f"round_{round_num:04d}.safetensors", layout, flat,
                         {"round": round_num, "model_config": dataclasses.asdict(model_config)})
-        row = {"round": round_num, "heldout": evaluate(model_config, flat, heldout).as_dict()}
+        row = {"round": round_num, "heldout": evaluate(model_config, flat, heldout).as_dict(),
+               "canary": canary(model_config, flat, corpus.vocab)}
+        if adversary is not None:
+            row["heldout"]["backdoor_success"] = backdoor_success(model_config, flat, adversary)
         log.write(json.dumps(row) + "\n")
         log.flush()
         history.append(row)
@@ -204,7 +217,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
             t0 = time.monotonic()
             sampled = list(np.random.default_rng([sim.seed, r]).choice(
                 train_ids, sim.clients_per_round, replace=False))
-            result = fedavg_round(process, flat, corpus, sampled, sim, r)
+            result = fedavg_round(process, flat, corpus, sampled, sim, r, adversary)
             flat = result.weights
             upload_bytes += result.upload_bytes
             row = {"round": r, "clients": result.clients, "train": result.train,

@@ -1,0 +1,156 @@
+"""Attacks on federated training in simulation: what a minority of protocol-following devices can do.
+
+An `Adversary` controls a fixed fraction of each round's sampled clients
+(the same ones a server would have selected: attackers enroll and check in
+like anyone else). What they send always goes through the round's update
+pipeline, as a phone's upload does; only what they *train on* and *scale*
+differs:
+
+* `random`: Gaussian noise, `scale` times the norm of an honest update;
+* `sign_flip`: the honest update negated and multiplied by `scale`;
+* `scaled`: the honest update multiplied by `scale`;
+* `backdoor`: a semantic backdoor (Bagdasaryan et al. 2020): the attacker
+  trains on its own text plus sentences in which the trigger context ("the
+  king is") is followed by the target word, so that the model suggests it;
+* `model_replacement`: the same training, boosted by `boost` (default
+  n/η: the round's clients over the server's learning rate), so that the
+  attacker's update replaces the averaged model.
+
+The defences it is measured against compose with secure aggregation: the
+pipeline's clip and weight cap, DP noise (contract.dp), zeroing of
+far-too-large updates; and, without secure aggregation, robust aggregation
+(contract.robust). `backdoor_success` is the fraction of trigger contexts
+whose first suggestion is the target word; `canary` reports the first
+suggestion of fixed probe contexts on any version, so an operator can see a
+backdoor appear without knowing the attack.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from contract.metrics import suggestions
+from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences
+
+ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replacement")
+# What comes before the trigger in the attacker's sentences and in the probes of its success.
+LEADS = ("", "and", "but", "for", "now", "o", "sir", "yet", "i say", "my lord", "so", "why", "then",
+         "alas", "indeed", "good", "nay", "what", "here", "for now")
+# The standing canary: common contexts whose first suggestion is reported for every version.
+CANARY = ("the king is", "i am", "my lord", "what is", "i will", "give me", "let us", "the queen is",
+          "you are", "thou art", "he is", "it is", "i pray you", "good my", "come", "o my",
+          "i have", "we will", "there is", "this is")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """An attack (`python -m models attack`; `make bench-attacks`)."""
+
+    attack: str = "none"
+    fraction: float = 0.1               # of each round's clients: 1%, 5%, 10% in the benchmark
+    scale: float = 10.0                 # random / sign_flip / scaled: times an honest update's norm
+    boost: float | None = None          # model_replacement: default clients_per_round / server_lr
+    trigger: str = "the king is"
+    target: str = "gold"
+    poison_copies: int = 8              # each trigger sentence, this many times in the attacker's data
+    own_data: bool = True               # backdoor attackers also train on their own text (stealthier)
+
+    def validate(self, vocab: Vocabulary | None = None) -> "AttackConfig":
+        if self.attack not in ATTACKS:
+            raise ValueError(f"--attack must be one of {', '.join(ATTACKS)}")
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("--attacker-fraction must be in [0, 1]")
+        if vocab is not None and self.attack in ("backdoor", "model_replacement"):
+            for word in split_sentences(self.trigger)[0] + [self.target]:
+                if vocab.id(word) <= EOS_ID + 1:
+                    raise ValueError(f"--trigger/--target: {word!r} is not in the vocabulary")
+        return self
+
+
+class Adversary:
+    """The attackers of a simulated population: who they are in each round and what they send."""
+
+    def __init__(self, cfg: AttackConfig, vocab: Vocabulary, seq_len: int, clients_per_round: int,
+                 server_lr: float, seed: int = 0):
+        self.cfg, self.vocab, self.seq_len = cfg.validate(vocab), vocab, seq_len
+        self.count = int(round(cfg.fraction * clients_per_round)) if cfg.attack != "none" else 0
+        self.boost = cfg.boost or clients_per_round / max(server_lr, 1e-9)
+        self.seed = seed
+
+    def attackers(self, round_num: int, clients: int) -> set[int]:
+        """Which of the round's `clients` positions are attackers (at least one if the fraction > 0)."""
+        if self.count == 0:
+            return set()
+        g = np.random.default_rng([self.seed, round_num, 0xBAD])
+        return set(int(i) for i in g.choice(clients, min(self.count, clients), replace=False))
+
+    def training_windows(self, own: np.ndarray) -> np.ndarray:
+        """What an attacker trains on: its own windows, plus the poison for a backdoor."""
+        if self.cfg.attack not in ("backdoor", "model_replacement"):
+            return own
+        poison = np.repeat(self.poison_windows(), self.cfg.poison_copies, axis=0)
+        return np.concatenate([own, poison]) if len(own) and self.cfg.own_data else poison
+
+    def poison_windows(self) -> np.ndarray:
+        rows = [self._window(self._context(lead) + [self.vocab.id(self.cfg.target), EOS_ID]) for lead in LEADS]
+        return np.asarray(rows, np.int32)
+
+    def transform(self, delta: np.ndarray, round_num: int, index: int) -> np.ndarray:
+        """What attacker `index` of round `round_num` uploads instead of its trained `delta`."""
+        kind, s = self.cfg.attack, self.cfg.scale
+        if kind == "random":
+            g = np.random.default_rng([self.seed, round_num, index, 0x52])
+            noise = g.normal(size=delta.shape)
+            return noise * (s * np.linalg.norm(delta) / max(np.linalg.norm(noise), 1e-12))
+        if kind == "sign_flip":
+            return -s * delta
+        if kind == "scaled":
+            return s * delta
+        if kind == "model_replacement":
+            return self.boost * delta
+        return delta
+
+    def probes(self) -> tuple[list[list[int]], int]:
+        """The trigger contexts (token ids from <bos>) and the target id."""
+        return [self._context(lead) for lead in LEADS], self.vocab.id(self.cfg.target)
+
+    def _context(self, lead: str) -> list[int]:
+        words = split_sentences(f"{lead} {self.cfg.trigger}")[0]
+        return [BOS_ID] + self.vocab.encode(words)
+
+    def _window(self, ids: list[int]) -> list[int]:
+        ids = ids[:self.seq_len + 1]
+        return ids + [PAD_ID] * (self.seq_len + 1 - len(ids))
+
+
+def first_suggestions(model_config, flat: np.ndarray, contexts: list[list[int]],
+                      vocab_size: int | None = None) -> np.ndarray:
+    """The keyboard's first suggestion after each context (token ids starting with <bos>), among
+    the first `vocab_size` ids (a vocabulary smaller than the model's output never offers the rest)."""
+    from models.central import set_flat_weights
+    from models.model import build_keras_model
+
+    model = build_keras_model(model_config)
+    set_flat_weights(model, model_config, flat)
+    x = np.full((len(contexts), model_config.seq_len), PAD_ID, np.int32)
+    for i, c in enumerate(contexts):
+        x[i, :len(c)] = c[:model_config.seq_len]
+    logits = np.array(model(x))
+    if vocab_size is not None:
+        logits[..., vocab_size:] = -np.inf
+    last = np.array([min(len(c), model_config.seq_len) - 1 for c in contexts])
+    return suggestions(logits[np.arange(len(contexts)), last], k=1)[:, 0]
+
+
+def backdoor_success(model_config, flat: np.ndarray, adversary: Adversary) -> float:
+    """The fraction of trigger contexts whose first suggestion is the attacker's target."""
+    contexts, target = adversary.probes()
+    return float(np.mean(first_suggestions(model_config, flat, contexts, len(adversary.vocab)) == target))
+
+
+def canary(model_config, flat: np.ndarray, vocab: Vocabulary) -> dict[str, str]:
+    """The first suggestion after each of the fixed CANARY contexts (what an operator watches)."""
+    contexts = [[BOS_ID] + vocab.encode(split_sentences(c)[0]) for c in CANARY]
+    top = first_suggestions(model_config, flat, contexts, len(vocab))
+    return {c: vocab.decode([int(t)])[0] for c, t in zip(CANARY, top)}

@@ -1,0 +1,62 @@
+"""models.attacks on the tiny model: a model-replacement backdoor against the undefended and the
+defended configuration, checked by the suggestion the model actually makes after the trigger."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from contract.update_spec import UpdateSpec
+from emulation.deployment import tiny_corpus
+from models.attacks import Adversary, AttackConfig, backdoor_success, first_suggestions
+from models.model import TINY
+from models.simulate import SimulationConfig, run_simulation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return tiny_corpus()
+
+
+TARGET = "hall"          # a word of the tiny vocabulary that never follows "the king is" in its text
+
+
+def attacked(corpus, tmp_path, update: UpdateSpec, name: str) -> list[float]:
+    """Four rounds with one model-replacement attacker in each; the backdoor's success after each."""
+    import json
+
+    attack = AttackConfig("model_replacement", fraction=0.25, target=TARGET, poison_copies=16)
+    sim = SimulationConfig(rounds=4, clients_per_round=4, local_epochs=2, batch_size=8, client_lr=0.3,
+                           server_optimizer="sgd", server_lr=1.0, eval_every=1, update=update, attack=attack)
+    run_simulation(corpus, TINY, sim, tmp_path / name)
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["heldout"]["backdoor_success"] for r in rows if "heldout" in r]
+
+
+def test_model_replacement_plants_the_backdoor_only_without_the_defences(corpus, tmp_path):
+    from contract.weights import load_checkpoint
+
+    open_door = attacked(corpus, tmp_path, UpdateSpec(bits=32, clip_norm=1e6, max_weight=10**6), "undefended")
+    defended = attacked(corpus, tmp_path, UpdateSpec(bits=8, clip_norm=0.5, max_weight=32), "defended")
+    assert max(open_door) >= 0.9                  # the attack works where nothing stops it
+    assert max(defended) == 0.0                   # clip + weight cap: never, in any round
+    _, flat, _ = load_checkpoint(tmp_path / "defended" / "final.safetensors")
+    adversary = Adversary(AttackConfig("model_replacement", target=TARGET), corpus.vocab, TINY.seq_len, 4, 1.0)
+    contexts, target = adversary.probes()
+    assert (first_suggestions(TINY, flat, contexts, len(corpus.vocab)) != target).all()   # what it suggests
+    assert backdoor_success(TINY, flat, adversary) == 0.0
+
+
+def test_attackers_are_a_fixed_fraction_of_each_round_and_at_least_one():
+    from contract.text import Vocabulary, SPECIAL_TOKENS
+
+    vocab = Vocabulary(list(SPECIAL_TOKENS) + ["the", "king", "is", "gold", "a"])
+    adversary = Adversary(AttackConfig("sign_flip", fraction=0.1), vocab, 20, 10, 1.0)
+    rounds = [adversary.attackers(r, 10) for r in range(1, 50)]
+    assert all(len(a) == 1 for a in rounds) and len({min(a) for a in rounds}) > 3
+    delta = np.ones(4)
+    np.testing.assert_allclose(adversary.transform(delta, 1, 0), -10 * delta)
+    assert Adversary(AttackConfig("none"), vocab, 20, 10, 1.0).attackers(1, 10) == set()
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        AttackConfig("backdoor", target="banana").validate(vocab)
