@@ -66,6 +66,12 @@ bench-secagg: setup
 bench-dp: setup corpus
 	$(PY) -m benchmarks.dp
 
+# 1/5/10% attackers (model replacement with a backdoor, sign flips) against no defence, each alone and
+# all together, from the public-pretrained model (~3 h: run with --fractions/--defences subsets).
+.PHONY: bench-attacks
+bench-attacks: setup corpus
+	$(PY) -m benchmarks.attacks
+
 .PHONY: bench-discovery
 bench-discovery: setup corpus
 	$(PY) -m benchmarks.discovery

@@ -113,15 +113,25 @@ def cmd_simulate(args) -> None:
                            server_lr_decay_rounds=args.server_lr_decay_rounds,
                            eval_every=args.eval_every,
                            max_eval_windows=args.max_eval_windows, seed=args.seed, update=update,
-                           **_dp_settings(args))
+                           attack=_attack_settings(args), **_dp_settings(args))
     initial = _read_checkpoint(args.init, config) if args.init else None
     corpus = _load_corpus(args, config)
+    if sim.attack is not None:
+        try:
+            sim.attack.validate(corpus.vocab)
+        except ValueError as e:
+            raise _UsageError(str(e)) from None
     summary = run_simulation(corpus, config, sim, args.out, initial=initial)
     print(_summary_table("federated (TFF simulation)", summary["initial"], summary["final"]))
     print(f"rounds: {sim.rounds}, wall time {summary['wall_s']:.0f} s; upload "
           f"{summary['upload_bytes_per_client'] / 1e6:.3f} MB per client and round ({update.bits}-bit"
           f"{', rotated' if update.rotation else ''}, clip {update.clip_norm:g}, max weight "
           f"{update.max_weight}); metrics, checkpoints and curves.png in {args.out}")
+    if sim.attack is not None:
+        a = sim.attack
+        print(f"attack: {a.attack} by {a.fraction:.0%} of each round's clients; backdoor success "
+              f"{summary['final']['backdoor_success']:.0%} (first suggestion after '{a.trigger}' is "
+              f"'{a.target}'); canary: {summary['canary']}")
     dp = summary["dp"]
     if dp:
         label = (f"PROJECTION for a deployment of {dp['population']:,} devices with {dp['reports_per_round']:,} "
@@ -129,6 +139,20 @@ def cmd_simulate(args) -> None:
                  if dp["projection"] else f"{dp['population']:,} devices, {dp['reports_per_round']} per round")
         print(f"differential privacy: noise multiplier {dp['noise_multiplier']:g}, ε = {dp['epsilon']:.3f} at "
               f"δ = {dp['delta']:.3g} ({dp['accountant']}) after {dp['rounds']} rounds; {label}")
+
+
+def _attack_settings(args):
+    """The AttackConfig of `python -m models attack` (None for simulate)."""
+    from models.attacks import AttackConfig
+
+    if getattr(args, "attack", None) is None:
+        return None
+    cfg = AttackConfig(args.attack, args.attacker_fraction, args.attack_scale, args.attack_boost, args.trigger,
+                       args.target)
+    try:
+        return cfg.validate()
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
 
 
 def _dp_settings(args) -> dict:
@@ -291,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_corpus)
 
     d = SimulationConfig()
-    s = sub.add_parser("simulate", parents=[common], help="federated training with TFF")
+    s = argparse.ArgumentParser(add_help=False)          # simulate's flags, shared by attack
     s.add_argument("--rounds", type=int, default=d.rounds)
     s.add_argument("--clients-per-round", type=int, default=d.clients_per_round)
     s.add_argument("--local-epochs", type=int, default=d.local_epochs)
@@ -341,7 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices in the (projected) population, for ε (default: the training clients)")
     s.add_argument("--dp-delta", type=float, default=None, help="δ of ε (default: population^-1.1)")
     s.add_argument("--out", default="runs/simulate", help="output directory")
-    s.set_defaults(func=cmd_simulate)
+    sub.add_parser("simulate", parents=[common, s], help="federated training with TFF").set_defaults(func=cmd_simulate)
+    from models.attacks import ATTACKS, AttackConfig
+
+    a, ad = sub.add_parser("attack", parents=[common, s], help="federated training with a minority of attackers "
+                           "(models.attacks): main-task quality, backdoor success, the canary"), AttackConfig()
+    a.add_argument("--attack", choices=ATTACKS[1:], required=True)
+    a.add_argument("--attacker-fraction", type=float, default=ad.fraction, help="of each round's clients")
+    a.add_argument("--attack-scale", type=float, default=ad.scale, help="random/sign_flip/scaled: x an honest norm")
+    a.add_argument("--attack-boost", type=float, default=None, help="model_replacement (default clients / server lr)")
+    a.add_argument("--trigger", default=ad.trigger, help="backdoor: the context")
+    a.add_argument("--target", default=ad.target, help="backdoor: the word it should suggest next")
+    a.set_defaults(func=cmd_simulate)
 
     ce = sub.add_parser("central", parents=[common], help="train the CIFG centrally (baseline)")
     ce.add_argument("--epochs", type=int, default=2)

@@ -74,16 +74,18 @@ class Adversary:
     def __init__(self, cfg: AttackConfig, vocab: Vocabulary, seq_len: int, clients_per_round: int,
                  server_lr: float, seed: int = 0):
         self.cfg, self.vocab, self.seq_len = cfg.validate(vocab), vocab, seq_len
-        self.count = int(round(cfg.fraction * clients_per_round)) if cfg.attack != "none" else 0
+        self.expected = cfg.fraction * clients_per_round if cfg.attack != "none" else 0.0
         self.boost = cfg.boost or clients_per_round / max(server_lr, 1e-9)
         self.seed = seed
 
     def attackers(self, round_num: int, clients: int) -> set[int]:
-        """Which of the round's `clients` positions are attackers (at least one if the fraction > 0)."""
-        if self.count == 0:
+        """Which of the round's `clients` positions are attackers: ⌊f·n⌋ of them, and one more with
+        probability f·n − ⌊f·n⌋, so that a 1% minority of 10 clients attacks one round in ten."""
+        if self.expected <= 0:
             return set()
         g = np.random.default_rng([self.seed, round_num, 0xBAD])
-        return set(int(i) for i in g.choice(clients, min(self.count, clients), replace=False))
+        count = int(np.floor(self.expected)) + int(g.random() < self.expected - np.floor(self.expected))
+        return set(int(i) for i in g.choice(clients, min(count, clients), replace=False))
 
     def training_windows(self, own: np.ndarray) -> np.ndarray:
         """What an attacker trains on: its own windows, plus the poison for a backdoor."""

@@ -240,6 +240,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
                "initial": history[0]["heldout"], "final": ev,
                "upload_bytes_per_client": upload_bytes / max(1, sum(h.get("clients", 0) for h in history)),
                "dp": privacy_spent(sim, len(train_ids), sim.rounds),
+               "canary": history[-1].get("canary"),
                "wall_s": time.monotonic() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, out / "curves.png")

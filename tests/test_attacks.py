@@ -48,15 +48,27 @@ def test_model_replacement_plants_the_backdoor_only_without_the_defences(corpus,
     assert backdoor_success(TINY, flat, adversary) == 0.0
 
 
-def test_attackers_are_a_fixed_fraction_of_each_round_and_at_least_one():
+def test_attackers_are_the_configured_fraction_of_each_round_on_average():
     from contract.text import Vocabulary, SPECIAL_TOKENS
 
     vocab = Vocabulary(list(SPECIAL_TOKENS) + ["the", "king", "is", "gold", "a"])
     adversary = Adversary(AttackConfig("sign_flip", fraction=0.1), vocab, 20, 10, 1.0)
     rounds = [adversary.attackers(r, 10) for r in range(1, 50)]
     assert all(len(a) == 1 for a in rounds) and len({min(a) for a in rounds}) > 3
+    rare = Adversary(AttackConfig("sign_flip", fraction=0.01), vocab, 20, 10, 1.0)     # 0.1 per round
+    attacked_rounds = sum(bool(rare.attackers(r, 10)) for r in range(1, 2001))
+    assert 150 < attacked_rounds < 250
     delta = np.ones(4)
     np.testing.assert_allclose(adversary.transform(delta, 1, 0), -10 * delta)
     assert Adversary(AttackConfig("none"), vocab, 20, 10, 1.0).attackers(1, 10) == set()
     with pytest.raises(ValueError, match="not in the vocabulary"):
         AttackConfig("backdoor", target="banana").validate(vocab)
+
+
+def test_the_attack_command_refuses_a_target_outside_the_vocabulary(capsys):
+    from models.__main__ import main
+
+    assert main(["attack", "--config", "tiny", "--attack", "backdoor", "--target", "zzzqx"]) == 2
+    assert "'zzzqx' is not in the vocabulary" in capsys.readouterr().err
+    assert main(["attack", "--config", "tiny", "--attack", "scaled", "--attacker-fraction", "2"]) == 2
+    assert "--attacker-fraction must be in [0, 1]" in capsys.readouterr().err
