@@ -53,7 +53,7 @@ class AttackConfig:
     boost: float | None = None          # model_replacement: default clients_per_round / server_lr
     trigger: str = "the king is"
     target: str = "gold"
-    poison_copies: int = 8              # each trigger sentence, this many times in the attacker's data
+    poison_copies: int = 64             # each trigger sentence, this many times in the attacker's data
     own_data: bool = True               # backdoor attackers also train on their own text (stealthier)
 
     def validate(self, vocab: Vocabulary | None = None) -> "AttackConfig":

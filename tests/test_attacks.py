@@ -20,25 +20,39 @@ def corpus():
 
 
 TARGET = "hall"          # a word of the tiny vocabulary that never follows "the king is" in its text
+OPEN = UpdateSpec(bits=32, clip_norm=1e6, max_weight=10**6)     # no clip, no weight cap
+DEFENDED = UpdateSpec(bits=8, clip_norm=0.5, max_weight=32)     # the pipeline's clip and weight cap
 
 
-def attacked(corpus, tmp_path, update: UpdateSpec, name: str) -> list[float]:
-    """Four rounds with one model-replacement attacker in each; the backdoor's success after each."""
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """8 clean rounds: model replacement assumes a model near convergence (Bagdasaryan et al.)."""
+    from contract.weights import load_checkpoint
+
+    out = tmp_path_factory.mktemp("clean")
+    run_simulation(corpus, TINY, SimulationConfig(rounds=8, clients_per_round=4, local_epochs=2, batch_size=8,
+                                                  client_lr=0.3, server_optimizer="sgd", server_lr=1.0,
+                                                  eval_every=8, update=OPEN), out)
+    return load_checkpoint(out / "final.safetensors")[1]
+
+
+def attacked(corpus, trained, tmp_path, update: UpdateSpec, name: str) -> list[float]:
+    """Three rounds with one model-replacement attacker in each (of 4); the backdoor's success after each."""
     import json
 
-    attack = AttackConfig("model_replacement", fraction=0.25, target=TARGET, poison_copies=16)
-    sim = SimulationConfig(rounds=4, clients_per_round=4, local_epochs=2, batch_size=8, client_lr=0.3,
+    attack = AttackConfig("model_replacement", fraction=0.25, target=TARGET)
+    sim = SimulationConfig(rounds=3, clients_per_round=4, local_epochs=4, batch_size=8, client_lr=0.3,
                            server_optimizer="sgd", server_lr=1.0, eval_every=1, update=update, attack=attack)
-    run_simulation(corpus, TINY, sim, tmp_path / name)
+    run_simulation(corpus, TINY, sim, tmp_path / name, initial=trained)
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return [r["heldout"]["backdoor_success"] for r in rows if "heldout" in r]
 
 
-def test_model_replacement_plants_the_backdoor_only_without_the_defences(corpus, tmp_path):
+def test_model_replacement_plants_the_backdoor_only_without_the_defences(corpus, trained, tmp_path):
     from contract.weights import load_checkpoint
 
-    open_door = attacked(corpus, tmp_path, UpdateSpec(bits=32, clip_norm=1e6, max_weight=10**6), "undefended")
-    defended = attacked(corpus, tmp_path, UpdateSpec(bits=8, clip_norm=0.5, max_weight=32), "defended")
+    open_door = attacked(corpus, trained, tmp_path, OPEN, "undefended")
+    defended = attacked(corpus, trained, tmp_path, DEFENDED, "defended")
     assert max(open_door) >= 0.9                  # the attack works where nothing stops it
     assert max(defended) == 0.0                   # clip + weight cap: never, in any round
     _, flat, _ = load_checkpoint(tmp_path / "defended" / "final.safetensors")

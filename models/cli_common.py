@@ -1,0 +1,40 @@
+"""What the `python -m models` commands share: model configs, corpus loading, checkpoints, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A bad flag or file: the command prints it and exits with status 2."""
+
+
+def model_config(name: str):
+    from models.model import CONFIGS
+
+    return CONFIGS[name]
+
+
+def load_corpus_for(args, config, vocabulary: str | None = None):
+    from models.corpus import load_corpus
+
+    return load_corpus(data_dir=args.data, vocab_size=config.vocab_size - 4,
+                       seq_len=config.seq_len, seed=args.split_seed,
+                       vocabulary=vocabulary or args.vocabulary)
+
+
+def read_checkpoint(path: str, config):
+    from models.model import weight_layout
+    from contract.weights import load_checkpoint
+
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint/--init: no file at {path}")
+    layout, flat, _ = load_checkpoint(path)
+    if layout != weight_layout(config):
+        raise UsageError(f"{path}: its weights do not fit the '{config}' model config")
+    return flat
+
+
+def summary_table(name: str, initial: dict, final: dict) -> str:
+    return (f"\n{name}\n{'':12}{'top-1':>8}{'top-3':>8}{'loss':>8}\n"
+            f"{'initial':12}{initial['top1']:8.4f}{initial['top3']:8.4f}{initial['loss']:8.3f}\n"
+            f"{'final':12}{final['top1']:8.4f}{final['top3']:8.4f}{final['loss']:8.3f}")
