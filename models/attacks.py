@@ -17,9 +17,8 @@ differs:
   attacker's update replaces the averaged model.
 
 The defences it is measured against compose with secure aggregation: the
-pipeline's clip and weight cap, DP noise (contract.dp), zeroing of
-far-too-large updates; and, without secure aggregation, robust aggregation
-(contract.robust). `backdoor_success` is the fraction of trigger contexts
+pipeline's clip and weight cap, and DP noise (contract.dp); without secure
+aggregation, robust aggregation (contract.robust) too. `backdoor_success` is the fraction of trigger contexts
 whose first suggestion is the target word; `canary` reports the first
 suggestion of fixed probe contexts on any version, so an operator can see a
 backdoor appear without knowing the attack.
