@@ -41,7 +41,7 @@ class DPBenchConfig(FederatedConfig):
     rounds: int = 100
     server_lr_decay_rounds: int = 70
     eval_every: int = 100
-    noise_multipliers: str = "0.5,1.0"        # z of the projected rows
+    noise_multipliers: str = "0.7,1.0"        # z of the projected rows
     mechanisms: str = "central,distributed"
     deployments: str = "gboard,mid"
     honest_z: float = 1.0
