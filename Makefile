@@ -67,7 +67,7 @@ bench-dp: setup corpus
 	$(PY) -m benchmarks.dp
 
 # 1/5/10% attackers (model replacement with a backdoor, sign flips) against no defence, each alone and
-# all together, from the public-pretrained model (~3 h: run with --fractions/--defences subsets).
+# all together, from the public-pretrained model (21 runs of 60 rounds, ~80 min).
 .PHONY: bench-attacks
 bench-attacks: setup corpus
 	$(PY) -m benchmarks.attacks
