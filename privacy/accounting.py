@@ -14,7 +14,7 @@ the tighter figure, naming it:
 Distributed DP (each device adds a discrete Gaussian share under secure
 aggregation) is recorded with the noise the *reported* devices actually
 added, so a round with dropouts spends more ε; its z already folds in the
-discrete Gaussian's sum-approximation term (contract.dp.distributed_noise_multiplier).
+discrete Gaussian's sum-approximation term (`distributed_noise_multiplier` below).
 
 Why Poisson sampling is an approximation here is in server/README.md
 ("Differential privacy"): phones pick when they check in, and the server

@@ -14,12 +14,11 @@ import math
 import numpy as np
 import pytest
 
-from contract.secagg import DeviceSecAgg
 from contract.update_spec import RoundSpec
 from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
 from tests.e2e import NIGHT_UTC, run_fleet
 from tests.recording_proxy import RecordingProxy
-from tests.test_secagg_fleet import SECURE, masked_key, plaintexts_by_session
+from tests.test_secagg_fleet import SECURE, plaintexts_by_session, recorded_plaintexts
 
 pytestmark = pytest.mark.slow
 DISTRIBUTED = dict(SECURE, dp={"mechanism": "distributed", "noise_multiplier": 0.5, "initial_clip": 0.5})
@@ -31,21 +30,11 @@ def dp_run(tmp_path_factory):
     corpus = tiny_corpus()
     model = tiny_model(root / "model", corpus)
     server = start_server(root / "server", model, **DISTRIBUTED, server=simulated_clock(NIGHT_UTC, 240.0))
-    masked_from: dict[tuple, np.ndarray] = {}
-    real_mask = DeviceSecAgg.mask
-
-    def recording_mask(self, ring):
-        out = real_mask(self, ring)
-        masked_from[masked_key(out)] = ring.copy()
-        return out
-
-    DeviceSecAgg.mask = recording_mask
     try:
-        with RecordingProxy(server.url) as proxy:
+        with recorded_plaintexts() as masked_from, RecordingProxy(server.url) as proxy:
             run = run_fleet(root / "fleet", server, corpus, phones=30, rounds=3, url=proxy.url, max_wall_s=300)
         yield server, run, proxy.requests, masked_from
     finally:
-        DeviceSecAgg.mask = real_mask
         server.kill()
 
 

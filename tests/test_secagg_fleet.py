@@ -11,6 +11,7 @@ no request body holds a plaintext, and that nothing on the server's disk
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -41,7 +42,19 @@ def secure_run(tmp_path_factory):
     corpus = tiny_corpus()
     model = tiny_model(root / "model", corpus)
     server = start_server(root / "server", model, **SECURE, server=simulated_clock(NIGHT_UTC, 240.0))
-    masked_from: dict[tuple, np.ndarray] = {}          # masked_key(masked words) → the plaintext
+    try:
+        with recorded_plaintexts() as masked_from, RecordingProxy(server.url) as proxy:
+            run = run_fleet(root / "fleet", server, corpus, phones=30, rounds=3, url=proxy.url,
+                            max_wall_s=300, faults=DROPS)
+        yield server, run, proxy.requests, masked_from, root
+    finally:
+        server.kill()
+
+
+@contextlib.contextmanager
+def recorded_plaintexts():
+    """masked_key(masked words) → the plaintext each phone gave `DeviceSecAgg.mask`, while inside."""
+    masked_from: dict[tuple, np.ndarray] = {}
     real_mask = DeviceSecAgg.mask
 
     def recording_mask(self, ring):
@@ -51,13 +64,9 @@ def secure_run(tmp_path_factory):
 
     DeviceSecAgg.mask = recording_mask
     try:
-        with RecordingProxy(server.url) as proxy:
-            run = run_fleet(root / "fleet", server, corpus, phones=30, rounds=3, url=proxy.url,
-                            max_wall_s=300, faults=DROPS)
-        yield server, run, proxy.requests, masked_from, root
+        yield masked_from
     finally:
         DeviceSecAgg.mask = real_mask
-        server.kill()
 
 
 def test_rounds_complete_with_phones_leaving_at_every_phase(secure_run):
