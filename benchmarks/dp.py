@@ -15,6 +15,10 @@ held-out users and metric as `make bench-quality`:
 * the honest row: the real simulated population (the training users), with
   its own 10 reports per round, at z = `honest_z`.
 
+Rows already in dp.json from a run of the same setting (every field but the
+row lists) keep their figures, and so does its baseline: a later run adds rows
+without redoing the others (delete dp.json to redo them all).
+
 Results: `benchmarks/results/dp.json` (the format of the DP issue) and
 `dp.png` (top-1 against ε).
 """
@@ -63,7 +67,22 @@ def row_name(row: dict) -> str:
     return f"{row['mechanism']}_z{row['noise_multiplier']:g}_{scale}"
 
 
-def run(cfg: DPBenchConfig, work: Path) -> dict:
+ROW_LISTS = ("noise_multipliers", "mechanisms", "deployments")
+
+
+def reusable(cfg: DPBenchConfig, earlier: dict | None) -> dict:
+    """The baseline and rows of an earlier dp.json that ran the same setting, by row name."""
+    if not earlier:
+        return {}
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ROW_LISTS}
+    if any(earlier.get("config", {}).get(k) != v for k, v in mine.items()):
+        return {}
+    named = {row_name(r): r for r in earlier.get("rows", [])}
+    return {"baseline": earlier.get("baseline"), **named}
+
+
+def run(cfg: DPBenchConfig, work: Path, earlier: dict | None = None, save=None) -> dict:
+    """Baseline and every row; `save(report)` after each row, so a stopped run keeps what it did."""
     from contract.dp import DPSpec
     from models.corpus import load_corpus
     from models.model import GBOARD
@@ -74,9 +93,15 @@ def run(cfg: DPBenchConfig, work: Path) -> dict:
     initial = pretrain(GBOARD, corpus.vocab)[0]
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in dataclasses.asdict(FederatedConfig())}
     base = FederatedConfig(**fields)
-    baseline = run_simulation(corpus, GBOARD, base.simulation(), work / "baseline", initial=initial)["final"]
+    old = reusable(cfg, earlier)
+    baseline = old.get("baseline") or run_simulation(corpus, GBOARD, base.simulation(), work / "baseline",
+                                                     initial=initial)["final"]
     rows = []
     for row in rows_of(cfg):
+        if row_name(row) in old:
+            rows.append(old[row_name(row)])
+            print(f"{row_name(row)}: kept from dp.json", flush=True)
+            continue
         clip_stddev = 0.05 * row["reports_per_round"]
         spec = DPSpec(mechanism=row["mechanism"], noise_multiplier=row["noise_multiplier"],
                       initial_clip=cfg.initial_clip, clipped_count_stddev=max(clip_stddev, row["noise_multiplier"]))
@@ -89,6 +114,12 @@ def run(cfg: DPBenchConfig, work: Path) -> dict:
                      "delta": dp["delta"], "accountant": dp["accountant"], "top1": summary["final"]["top1"],
                      "top3": summary["final"]["top3"]})
         print(f"{row_name(row)}: top-1 {rows[-1]['top1']:.4f}, ε {dp['epsilon']:.3g}", flush=True)
+        if save:
+            save(report_of(cfg, baseline, rows))
+    return report_of(cfg, baseline, rows)
+
+
+def report_of(cfg: DPBenchConfig, baseline: dict, rows: list[dict]) -> dict:
     return {"config": dataclasses.asdict(cfg), "baseline": {k: baseline[k] for k in ("top1", "top3")},
             "rows": rows, "targets": targets(baseline, rows)}
 
@@ -124,10 +155,12 @@ def main() -> None:
 
     install_exit_handlers()
     cfg, paths = parse_config(DPBenchConfig, __doc__, work_dir=REPO / "runs" / "bench-dp")
-    report = run(cfg, paths["work_dir"])
+    path = RESULTS / "dp.json"
+    report = run(cfg, paths["work_dir"], json.loads(path.read_text()) if path.is_file() else None,
+                 save=lambda partial: write_result(path, partial, show=False))
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(report, RESULTS / "dp.png")
-    write_result(RESULTS / "dp.json", report)
+    write_result(path, report)
 
 
 if __name__ == "__main__":

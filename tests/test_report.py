@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 from benchmarks.report import headline, machine, render, update_readme
@@ -101,3 +102,17 @@ def test_the_dp_section_lists_every_row_against_the_non_private_run():
     assert "| central | 1 | projection: N = 1,000,000, m = 6,500 | 0.81 (pld, δ = 2.5e-07) | 14.70% / 25.50% | -2.0% |" in text
     assert "this population: N = 905, m = 10" in text and "-86.7%" in text
     assert "met; goal (ε ≤ 1 within 2%): not met" in text
+
+
+def test_dp_rows_of_an_earlier_run_are_kept_only_when_its_setting_matches():
+    from benchmarks.dp import DPBenchConfig, reusable, rows_of, row_name
+
+    cfg = DPBenchConfig(noise_multipliers="1.0", mechanisms="central", deployments="gboard")
+    rows = [{**r, "population": r["population"] or 905, "top1": 0.1} for r in rows_of(cfg)]
+    earlier = {"config": dataclasses.asdict(cfg), "baseline": {"top1": 0.15, "top3": 0.25}, "rows": rows}
+    wider = DPBenchConfig(noise_multipliers="0.7,1.0", mechanisms="central,distributed", deployments="gboard")
+    kept = reusable(wider, earlier)
+    assert set(kept) == {"baseline", "central_z1_N1000000_m6500", "central_z1_honest"}
+    assert {row_name(r) for r in rows_of(wider)} > set(kept) - {"baseline"}
+    assert reusable(dataclasses.replace(wider, rounds=7), earlier) == {}
+    assert reusable(wider, None) == {}
