@@ -11,15 +11,24 @@ trigger contexts whose first suggestion is the attacker's word):
   "gold"), and sign-flipped updates scaled x10 (untargeted);
 * defences, alone and together: the update pipeline's clip and weight cap
   ("clip"), DP noise at a Gboard-scale projection ("dp", contract.dp),
-  and a coordinate-wise trimmed mean ("robust", contract.robust; it cannot
-  combine with secure aggregation, nor with DP); "none" turns the clip and
-  the cap off (float32 updates, no bound).
+  zeroing of updates above 3x the last round's median norm ("zeroing",
+  contract.robust; plain rounds only) and a coordinate-wise trimmed mean
+  ("robust"; neither combines with secure aggregation nor with DP); "all"
+  is every defence that composes with secure aggregation (clip + dp),
+  "plain_all" every one of a plain round (clip + zeroing); "none" turns the
+  clip and the cap off (float32 updates, no bound).
+
+Attackers join from round 2, so that zeroing has a round's median. Each
+run's figures are written to attacks.json as it ends; runs of an earlier
+attacks.json with the same setting are kept (`--single-fractions` chooses at
+which fractions each defence runs alone; none and all run at every one).
 
 Results: `benchmarks/results/attacks.json` (the issue's format).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -29,18 +38,21 @@ from benchmarks import RESULTS, parse_config, write_result
 from benchmarks.quality import FederatedConfig
 
 REPO = Path(__file__).resolve().parents[1]
-DEFENCES = {"none": (), "clip": ("clip",), "dp": ("dp",), "robust": ("robust",), "all": ("clip", "dp")}
+DEFENCES = {"none": (), "clip": ("clip",), "zeroing": ("zeroing",), "dp": ("dp",), "robust": ("robust",),
+            "all": ("clip", "dp"), "plain_all": ("clip", "zeroing")}
+SINGLE = ("clip", "zeroing", "dp", "robust", "plain_all")
 
 
 @dataclasses.dataclass
 class AttackBenchConfig(FederatedConfig):
-    rounds: int = 60
-    server_lr_decay_rounds: int = 40
-    eval_every: int = 60
+    rounds: int = 30
+    server_lr_decay_rounds: int = 20
+    eval_every: int = 30
     model: str = "gboard"
     fractions: str = "0.01,0.05,0.1"
-    defences: str = "none,clip,dp,robust,all"
+    single_fractions: str = "0.1,0.05,0.01"      # where each defence runs alone (none, all: every fraction)
     attacks: str = "model_replacement,sign_flip"  # sign flips run at the largest fraction only
+    zeroing: float = 3.0                        # "zeroing": x the last round's median norm
     dp_noise_multiplier: float = 1.0            # projected to Gboard's scale: N = 10^6, m = 6,500
     clip_norm: float = 1.0                      # "clip": the population default's order, from pretrained
 
@@ -48,14 +60,33 @@ class AttackBenchConfig(FederatedConfig):
 def update_for(defences: tuple[str, ...], cfg: AttackBenchConfig):
     from contract.update_spec import UpdateSpec
 
+    zeroing = cfg.zeroing if "zeroing" in defences else 0.0
     if "robust" in defences:
         return UpdateSpec(bits=8, clip_norm=1e6, weighting="uniform", max_weight=10**6, aggregator="trimmed_mean")
     if "clip" in defences:
-        return UpdateSpec(bits=8, clip_norm=cfg.clip_norm).scaled_to_epochs(cfg.local_epochs)
-    return UpdateSpec(bits=32, clip_norm=1e6, max_weight=10**6)
+        return UpdateSpec(bits=8, clip_norm=cfg.clip_norm, zeroing=zeroing).scaled_to_epochs(cfg.local_epochs)
+    return UpdateSpec(bits=32, clip_norm=1e6, max_weight=10**6, zeroing=zeroing)
 
 
-def run(cfg: AttackBenchConfig, work: Path) -> dict:
+def plan(cfg: AttackBenchConfig) -> list[tuple[str, float, str]]:
+    """(attack, fraction, defence name) of every run, the most telling first."""
+    fractions = sorted((float(f) for f in cfg.fractions.split(",")), reverse=True)
+    singles = {float(f) for f in cfg.single_fractions.split(",") if f}
+    out = []
+    for attack in cfg.attacks.split(","):
+        for fraction in (fractions if attack == "model_replacement" else fractions[:1]):
+            out += [(attack, fraction, "none"), (attack, fraction, "all")]
+            if attack == "model_replacement" and fraction in singles:
+                out += [(attack, fraction, name) for name in SINGLE]
+    return out
+
+
+def run_key(attack: str, fraction: float, name: str) -> str:
+    return f"{attack}-{fraction:g}-{name}"
+
+
+def run(cfg: AttackBenchConfig, work: Path, earlier: dict | None = None, save=None) -> dict:
+    """The clean run and every planned one; `save(report)` after each, so a stopped run keeps its figures."""
     from contract.dp import DPSpec
     from models.attacks import AttackConfig
     from models.corpus import load_corpus
@@ -68,27 +99,32 @@ def run(cfg: AttackBenchConfig, work: Path) -> dict:
     initial = pretrain(model, corpus.vocab)[0]
     base = FederatedConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
                               if k in dataclasses.asdict(FederatedConfig())})
-    clean = run_simulation(corpus, model, base.simulation(), work / "clean", initial=initial)["final"]
-    runs = []
-    fractions = [float(f) for f in cfg.fractions.split(",")]
-    for attack in cfg.attacks.split(","):
-        for fraction in (fractions if attack == "model_replacement" else fractions[-1:]):
-            for name in cfg.defences.split(","):
-                defences = DEFENCES[name]
-                dp = (DPSpec(noise_multiplier=cfg.dp_noise_multiplier, initial_clip=cfg.clip_norm)
-                      if "dp" in defences else None)
-                sim = base.simulation(update=update_for(defences, cfg), dp=dp,
-                                      dp_deploy_reports=6500 if dp else None, dp_population=10**6 if dp else None,
-                                      attack=AttackConfig(attack, fraction))
-                final = run_simulation(corpus, model, sim, work / f"{attack}-{fraction:g}-{name}",
-                                       initial=initial)["final"]
-                runs.append({"attack": attack, "attacker_fraction": fraction, "defences": list(defences),
-                             "top1": final["top1"], "top3": final["top3"],
-                             "backdoor_success": final["backdoor_success"]})
-                print(f"{attack} {fraction:.0%} {name}: top-1 {final['top1']:.4f}, backdoor "
-                      f"{final['backdoor_success']:.0%}", flush=True)
-    return {"config": dataclasses.asdict(cfg), "clean": {"top1": clean["top1"], "top3": clean["top3"]},
-            "runs": runs}
+    same = earlier and all(earlier.get("config", {}).get(k) == v for k, v in dataclasses.asdict(cfg).items()
+                           if k != "single_fractions")
+    old = {r["key"]: r for r in earlier.get("runs", [])} if same else {}
+    clean = (earlier["clean"] if same else
+             run_simulation(corpus, model, base.simulation(), work / "clean", initial=initial)["final"])
+    clean, runs = {"top1": clean["top1"], "top3": clean["top3"]}, []
+    for attack, fraction, name in plan(cfg):
+        key = run_key(attack, fraction, name)
+        if key in old:
+            runs.append(old[key])
+            continue
+        defences = DEFENCES[name]
+        dp = (DPSpec(noise_multiplier=cfg.dp_noise_multiplier, initial_clip=cfg.clip_norm)
+              if "dp" in defences else None)
+        sim = base.simulation(update=update_for(defences, cfg), dp=dp,
+                              dp_deploy_reports=6500 if dp else None, dp_population=10**6 if dp else None,
+                              attack=AttackConfig(attack, fraction, start_round=2))
+        summary = run_simulation(corpus, model, sim, work / key, initial=initial)
+        final = summary["final"]
+        runs.append({"key": key, "attack": attack, "attacker_fraction": fraction, "defences": list(defences),
+                     "top1": final["top1"], "top3": final["top3"], "backdoor_success": final["backdoor_success"],
+                     "canary": summary.get("canary")})
+        print(f"{key}: top-1 {final['top1']:.4f}, backdoor {final['backdoor_success']:.0%}", flush=True)
+        if save:
+            save({"config": dataclasses.asdict(cfg), "clean": clean, "runs": runs})
+    return {"config": dataclasses.asdict(cfg), "clean": clean, "runs": runs}
 
 
 def main() -> None:
@@ -96,7 +132,10 @@ def main() -> None:
 
     install_exit_handlers()
     cfg, paths = parse_config(AttackBenchConfig, __doc__, work_dir=REPO / "runs" / "bench-attacks")
-    write_result(RESULTS / "attacks.json", run(cfg, paths["work_dir"]))
+    path = RESULTS / "attacks.json"
+    report = run(cfg, paths["work_dir"], json.loads(path.read_text()) if path.is_file() else None,
+                 save=lambda partial: write_result(path, partial, show=False))
+    write_result(path, report)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,21 @@ def dp(r: dict) -> str:
     return head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
 
 
+def attacks(r: dict) -> str:
+    clean = r["clean"]["top1"]
+    rows = [("none (clean)", "", "", _pct(clean), "", "")]
+    for x in r["runs"]:
+        rows.append((x["attack"], f"{x['attacker_fraction']:.0%}", " + ".join(x["defences"]) or "none",
+                     _pct(x["top1"]), f"{100 * (x['top1'] - clean):+.2f}", f"{x['backdoor_success']:.0%}"))
+    head = ("| attack | attackers | defences | top-1 | vs clean (points) | backdoor success |\n"
+            "|---|---|---|---|---|---|\n")
+    best = [x for x in r["runs"] if x["attacker_fraction"] >= 0.1 and set(x["defences"]) == {"clip", "dp"}]
+    verdict = ("Target (all defences at 10%: top-1 loss ≤ 0.5 points, backdoor ≤ 5%): " + (
+        "met" if best and all(clean - x["top1"] <= 0.005 and x["backdoor_success"] <= 0.05 for x in best)
+        else "not met") + ".") if best else ""
+    return head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
+
+
 def export(r: dict) -> str:
     return _table([("plan size", f"{r['plan_bytes']:,} B ({r.get('plan_to_float_weights', 0):.2f}× the float weights)"),
                    ("app model size (dynamic-range quantized)", f"{r['app_model_bytes']:,} B"),
@@ -242,6 +257,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "secagg": ("Secure aggregation (SecAgg+)", "make bench-secagg", secagg),
     "discovery": ("Federated discovery of new words (TrieHH)", "make bench-discovery", discovery),
     "dp": ("Differential privacy: quality against ε", "make bench-dp", dp),
+    "attacks": ("Attacks and defences (simulation)", "make bench-attacks", attacks),
 }
 
 

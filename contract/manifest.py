@@ -48,6 +48,7 @@ class Manifest:
     k: int | None = None            # app model: suggestions per call
     clip_norm: float | None = None  # training plan: gradient clip (global L2 norm), if any
     privacy: dict | None = None     # app model trained under DP: {epsilon, delta, accountant, rounds}
+    canary: dict | None = None      # app model: {probe context: first suggestion} (contract.canary)
     ops: list[str] = dataclasses.field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
@@ -111,6 +112,8 @@ FIELD_DOCS = {
     "k": "app model: suggestions per call",
     "clip_norm": "training plan: each SGD step's gradient clip (global L2), if any",
     "privacy": "app model trained under user-level DP: the server ledger's {epsilon, delta, accountant, rounds}",
+    "canary": "app model: the first suggestion after each standing probe context (contract.canary), "
+              "computed by this model on the LiteRT interpreter",
     "ops": "the TFLite built-in operators the model uses",
 }
 

@@ -87,6 +87,7 @@ class Contribution:
                             # "unclipped" bit under DP, which the sum adds up like any other slot)
     weight: int             # 0 under secure aggregation: it is inside `units`
     norm: float
+    zeroed: bool = False    # its norm is above the round's zeroing_norm: counted, not added
 
 
 class UpdatePipeline:
@@ -209,7 +210,9 @@ class UpdatePipeline:
         units = self._accept(body, ctx)
         if self.dp and not ctx.masked:      # the bit joins the sum as one more slot (masked: it is inside)
             units = np.append(units, np.int64(ctx.unclipped))
-        return Contribution(units, ctx.weight if not ctx.masked else 0, ctx.norm)
+        limit = self.round_spec.zeroing_norm
+        return Contribution(units, ctx.weight if not ctx.masked else 0, ctx.norm,
+                            zeroed=bool(limit) and not ctx.masked and ctx.norm > limit)
 
     def _accept(self, body: bytes, ctx: Context) -> np.ndarray:
         value = body

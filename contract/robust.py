@@ -21,6 +21,22 @@ from contract.stages import Stage
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 
 
+def zeroing_norm(multiplier: float, norms) -> float:
+    """The norm above which a round zeroes an update: `multiplier` × the median of the last training
+    round's accepted norms (0, none, before there is one).
+
+    TFF's default zeroing (`_default_zeroing`) adapts the same kind of bound
+    toward a high quantile of the norms, on the clients. Here the server
+    reads each update's norm in a plain round, so an update far above what
+    honest devices sent (a boosted, scaled or replaced model) is counted but
+    adds nothing; a median moves only when half the cohort attacks.
+    """
+    norms = [float(n) for n in norms if n is not None and math.isfinite(n)]
+    if not multiplier or not norms:
+        return 0.0
+    return float(multiplier * np.median(norms))
+
+
 def memory_bytes(updates: int, size: int) -> int:
     """What holding `updates` float32 updates of `size` values costs."""
     return 4 * int(updates) * int(size)

@@ -56,6 +56,9 @@ class UpdateSpec:
     # that reads every update (contract.robust; never under secure aggregation, uniform weighting).
     aggregator: str = "mean"
     trim: float = 0.1                   # trimmed_mean: the fraction dropped at each end of a coordinate
+    # > 0: the server zeroes (counts, but does not add) an update whose norm is above this many times
+    # the median norm of the last training round (contract.robust.zeroing_norm); plain rounds only.
+    zeroing: float = 0.0
 
     def validate(self, where: str = "update") -> "UpdateSpec":
         """This spec, or ValueError naming the setting at fault."""
@@ -76,6 +79,11 @@ class UpdateSpec:
             raise ValueError(f"{where}.aggregator must be one of {', '.join(AGGREGATORS)}")
         if not (isinstance(self.trim, (int, float)) and 0 <= self.trim < 0.5):
             raise ValueError(f"{where}.trim must be in [0, 0.5)")
+        if not (isinstance(self.zeroing, (int, float)) and math.isfinite(self.zeroing) and self.zeroing >= 0):
+            raise ValueError(f"{where}.zeroing must be a finite number >= 0 (0: off)")
+        if self.zeroing and self.secure_aggregation:
+            raise ValueError(f"{where}.zeroing reads every update's norm, and secure aggregation shows the "
+                             "server only their sum: turn one of them off")
         if self.aggregator != "mean" and self.secure_aggregation:
             raise ValueError(f"{where}.aggregator = {self.aggregator!r} reads every update, and secure "
                              "aggregation shows the server only their sum: use 'mean' with it, or turn it off")
@@ -97,13 +105,14 @@ class UpdateSpec:
         return 1 if self.weighting == "uniform" else self.max_weight
 
     def bind(self, size: int, layout_sha256: str, round_key: str, seed: int,
-             cohort_max: int = 0, dp: tuple | None = None) -> "RoundSpec":
+             cohort_max: int = 0, dp: tuple | None = None, zeroing_norm: float = 0.0) -> "RoundSpec":
         """The spec of one round; `cohort_max` (the most devices it selects) sizes secure
-        aggregation's modulus; `dp` = (mechanism, noise stddev on the sum, denominator[, σ_b])."""
+        aggregation's modulus; `dp` = (mechanism, noise stddev on the sum, denominator[, σ_b]);
+        `zeroing_norm`: the norm above which this round zeroes an update (0: none)."""
         mechanism, stddev, denominator, count_stddev = (tuple(dp) + (0.0,))[:4] if dp else ("", 0.0, 0, 0.0)
         bound = RoundSpec(self.validate(), size, layout_sha256, round_key, seed,
                           cohort_max if self.secure_aggregation else 0, mechanism, float(stddev),
-                          int(denominator), float(count_stddev))
+                          int(denominator), float(count_stddev), float(zeroing_norm))
         bound.validate()
         return bound
 
@@ -124,8 +133,11 @@ class RoundSpec:
     dp_stddev: float = 0.0  # the noise's standard deviation on the sum of clipped updates (z_v · C)
     dp_denominator: int = 0  # the fixed denominator of the mean: the round's expected reports
     dp_count_stddev: float = 0.0   # σ_b: the noise on Σ(unclipped − 1/2), the adaptive clip's share
+    zeroing_norm: float = 0.0      # spec.zeroing: updates of a larger norm are zeroed (0: none this round)
 
     def validate(self) -> "RoundSpec":
+        if not (math.isfinite(self.zeroing_norm) and self.zeroing_norm >= 0):
+            raise ValueError("zeroing_norm must be a finite number >= 0")
         if self.dp_mechanism:
             if self.dp_mechanism not in DP_MECHANISMS:
                 raise ValueError(f"dp_mechanism must be one of {', '.join(DP_MECHANISMS)} (or empty)")
@@ -136,6 +148,9 @@ class RoundSpec:
                 raise ValueError("a DP round needs dp_denominator >= 1 and finite noise stddevs >= 0")
             if self.spec.aggregator != "mean":
                 raise ValueError("DP's accounting is for the clipped mean: a robust aggregator cannot be used with it")
+            if self.spec.zeroing:
+                raise ValueError("DP's accounting does not cover zeroing by a threshold drawn from other devices' "
+                                 "norms (and DP's adaptive clip already bounds every update): turn zeroing off")
             if self.dp_mechanism == "distributed" and not self.spec.secure_aggregation:
                 raise ValueError("distributed DP adds its noise on the devices, under secure aggregation")
         if self.spec.secure_aggregation:
@@ -197,6 +212,10 @@ class RoundSpec:
                "cohort_max": self.cohort_max}
         if self.spec.aggregator == "mean":   # the default says nothing: fingerprints of mean rounds unchanged
             del out["aggregator"], out["trim"]
+        if not self.spec.zeroing:           # likewise without zeroing
+            del out["zeroing"]
+        else:
+            out["zeroing_norm"] = self.zeroing_norm
         if self.dp_mechanism:       # absent without DP: fingerprints of non-DP rounds are unchanged
             out.update(dp_mechanism=self.dp_mechanism, dp_stddev=self.dp_stddev,
                        dp_denominator=self.dp_denominator, dp_count_stddev=self.dp_count_stddev)
@@ -217,7 +236,8 @@ class RoundSpec:
             raise ProtocolError(ErrorCode.INVALID_FIELD, str(e)) from None
         bound = cls(spec, fields["size"], fields["layout_sha256"], fields["round_key"],
                     fields["rotation_seed"], fields["cohort_max"], fields["dp_mechanism"],
-                    float(fields["dp_stddev"]), fields["dp_denominator"], float(fields["dp_count_stddev"]))
+                    float(fields["dp_stddev"]), fields["dp_denominator"], float(fields["dp_count_stddev"]),
+                    float(fields["zeroing_norm"]))
         try:
             bound.validate()
         except ValueError as e:
@@ -254,6 +274,11 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
             required=False, default="mean"),
     s.Field("trim", s.Num(0, 0.5, "trimmed_mean: the fraction dropped at each end of a coordinate"),
             required=False, default=0.1),
+    s.Field("zeroing", s.Num(0, None, "> 0: updates whose norm is above zeroing × the last training round's "
+                                      "median norm are counted but not added (plain rounds)"),
+            required=False, default=0.0),
+    s.Field("zeroing_norm", s.Num(0, None, "the norm above which this round zeroes an update (0: none)"),
+            required=False, default=0.0),
     s.Field("size", s.Int(1, 2**31, "N: values in the flat weight vector")),
     s.Field("layout_sha256", SHA256),
     s.Field("round_key", s.Str(200, description="the round this spec is bound to")),

@@ -29,6 +29,7 @@ import dataclasses
 
 import numpy as np
 
+from contract.canary import CANARY, probe_ids
 from contract.metrics import suggestions
 from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences
 
@@ -36,10 +37,6 @@ ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replaceme
 # What comes before the trigger in the attacker's sentences and in the probes of its success.
 LEADS = ("", "and", "but", "for", "now", "o", "sir", "yet", "i say", "my lord", "so", "why", "then",
          "alas", "indeed", "good", "nay", "what", "here", "for now")
-# The standing canary: common contexts whose first suggestion is reported for every version.
-CANARY = ("the king is", "i am", "my lord", "what is", "i will", "give me", "let us", "the queen is",
-          "you are", "thou art", "he is", "it is", "i pray you", "good my", "come", "o my",
-          "i have", "we will", "there is", "this is")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +51,7 @@ class AttackConfig:
     target: str = "gold"
     poison_copies: int = 64             # each trigger sentence, this many times in the attacker's data
     own_data: bool = True               # backdoor attackers also train on their own text (stealthier)
+    start_round: int = 1                # attackers join from this round on (a deployment has a history)
 
     def validate(self, vocab: Vocabulary | None = None) -> "AttackConfig":
         if self.attack not in ATTACKS:
@@ -80,7 +78,7 @@ class Adversary:
     def attackers(self, round_num: int, clients: int) -> set[int]:
         """Which of the round's `clients` positions are attackers: ⌊f·n⌋ of them, and one more with
         probability f·n − ⌊f·n⌋, so that a 1% minority of 10 clients attacks one round in ten."""
-        if self.expected <= 0:
+        if self.expected <= 0 or round_num < self.cfg.start_round:
             return set()
         g = np.random.default_rng([self.seed, round_num, 0xBAD])
         count = int(np.floor(self.expected)) + int(g.random() < self.expected - np.floor(self.expected))
@@ -151,7 +149,7 @@ def backdoor_success(model_config, flat: np.ndarray, adversary: Adversary) -> fl
 
 
 def canary(model_config, flat: np.ndarray, vocab: Vocabulary) -> dict[str, str]:
-    """The first suggestion after each of the fixed CANARY contexts (what an operator watches)."""
-    contexts = [[BOS_ID] + vocab.encode(split_sentences(c)[0]) for c in CANARY]
+    """The first suggestion after each of the fixed contract.canary contexts (what an operator watches)."""
+    contexts = probe_ids(vocab)
     top = first_suggestions(model_config, flat, contexts, len(vocab))
     return {c: vocab.decode([int(t)])[0] for c, t in zip(CANARY, top)}

@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from contract.pipeline import UpdatePipeline, running_sum
+from contract.robust import zeroing_norm
 from contract.update_spec import UpdateSpec, rotation_seed
 from models.model import ModelConfig, tff_model_fn, weight_layout
 
@@ -48,6 +49,7 @@ class RoundResult:
     update_norms: list[float]   # each client's update before clipping (L2)
     encode_s: float = 0.0       # time the clients' encoding took in total (what a phone spends)
     dp_clip: float | None = None  # under DP: the adaptive clip after this round
+    zeroed: int = 0             # updates counted but not added (spec.zeroing: norm far above the last median)
 
 
 class DPAggregator:
@@ -125,6 +127,10 @@ class FederatedAveraging:
         import tensorflow_federated as tff
 
         self.config, self.spec, self.seed, self.dp = model_config, spec.validate(), seed, dp
+        if dp is not None and spec.zeroing:
+            raise ValueError("zeroing draws its threshold from other devices' norms, which DP's accounting "
+                             "does not cover: use one or the other")
+        self._accepted_norms: list[float] = []     # the last round's, for zeroing's median
         self.layout = weight_layout(model_config)
         model_fn = tff_model_fn(model_config)
         self.client_work = tff.learning.templates.build_model_delta_client_work(
@@ -165,10 +171,11 @@ class FederatedAveraging:
         deltas = [tamper(i, -self.layout.flatten(list(r.update))) for i, r in enumerate(results)]
         if self.dp is not None:
             return self._next_dp(flat, deltas, measurements, round_num)
+        limit = zeroing_norm(self.spec.zeroing, self._accepted_norms)
         pipeline = UpdatePipeline(self.spec.bind(self.layout.size, self.layout.sha256,
                                                  f"simulation/{round_num}",
-                                                 rotation_seed(self.seed, round_num)))
-        total, uploaded, norms, encode_s = running_sum(pipeline), 0, [], 0.0
+                                                 rotation_seed(self.seed, round_num), zeroing_norm=limit))
+        total, uploaded, norms, encode_s, accepted, zeroed = running_sum(pipeline), 0, [], 0.0, [], 0
         for result, delta, seed in zip(results, deltas, seeds):
             weight = int(round(float(result.update_weight)))
             if weight < 1 or not np.isfinite(delta).all():
@@ -178,12 +185,18 @@ class FederatedAveraging:
             encoded = pipeline.encode(delta, weight, seed)
             encode_s += time.perf_counter() - t0
             uploaded += len(encoded.body)
-            total.add(pipeline.accept(encoded.body, encoded.weight))
+            contribution = pipeline.accept(encoded.body, encoded.weight)
+            accepted.append(contribution.norm)      # what the server reads, as server.rounds keeps it
+            if contribution.zeroed:
+                zeroed += 1
+            else:
+                total.add(contribution)
+        self._accepted_norms = accepted
         if total.updates == 0:
-            return RoundResult(np.asarray(flat, np.float32), {}, 0, 0, norms)
+            return RoundResult(np.asarray(flat, np.float32), {}, 0, uploaded, norms, encode_s, zeroed=zeroed)
         mean_delta = pipeline.finalize(total.total, total.weight)
         return self._apply(flat, mean_delta, measurements,
-                           RoundResult(flat, {}, total.updates, uploaded, norms, encode_s))
+                           RoundResult(flat, {}, total.updates, uploaded, norms, encode_s, zeroed=zeroed))
 
     def _next_dp(self, flat: np.ndarray, deltas: list[np.ndarray], measurements, round_num: int) -> RoundResult:
         deltas = [d for d in deltas if np.isfinite(d).all()]

@@ -224,7 +224,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
                    "upload_bytes": result.upload_bytes, "encode_s": round(result.encode_s, 4),
                    "update_norms": [round(n, 5) for n in result.update_norms],
                    "clipped": sum(n > (result.dp_clip or sim.update.clip_norm) for n in result.update_norms),
-                   "dp_clip": result.dp_clip,
+                   "dp_clip": result.dp_clip, "zeroed": result.zeroed,
                    "seconds": time.monotonic() - t0}
             log.write(json.dumps(row) + "\n")
             log.flush()

@@ -18,7 +18,8 @@ def cmd_simulate(args) -> None:
     config = model_config(args.config)
     update = UpdateSpec(bits=args.update_bits, rotation=args.update_rotation,
                         clip_norm=args.update_clip_norm, weighting=args.update_weighting,
-                        block_size=args.update_block_size)
+                        block_size=args.update_block_size, zeroing=args.update_zeroing,
+                        aggregator=args.update_aggregator, trim=args.update_trim)
     if args.update_max_weight is not None:
         update = dataclasses.replace(update, max_weight=args.update_max_weight)
     else:
@@ -87,6 +88,9 @@ def _dp_settings(args) -> dict:
         if any(getattr(args, k) is not None for k in ("dp_deploy_reports", "dp_population", "dp_delta")):
             raise UsageError("--dp-deploy-reports, --dp-population and --dp-delta need --dp-noise-multiplier")
         return {}
+    if args.update_zeroing:
+        raise UsageError("--update-zeroing draws its threshold from other devices' norms, which DP's "
+                         "accounting does not cover: use it without --dp-noise-multiplier")
     spec = DPSpec(mechanism=args.dp_mechanism, noise_multiplier=args.dp_noise_multiplier,
                   initial_clip=args.dp_initial_clip,
                   target_quantile=args.dp_target_quantile, clip_learning_rate=args.dp_clip_lr,
@@ -108,6 +112,7 @@ def _dp_settings(args) -> dict:
 def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     """The `simulate` and `attack` subcommands on `sub` (an argparse subparsers object)."""
     from contract.hadamard import BLOCK_SIZES
+    from contract.robust import AGGREGATORS
     from contract.update_spec import BITS, WEIGHTINGS, UpdateSpec
     from models.simulate import SERVER_OPTIMIZERS, SimulationConfig
 
@@ -142,6 +147,11 @@ def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--update-max-weight", type=int, default=None,
                    help=f"cap on a client's weight (default: {u.max_weight} x --local-epochs)")
     s.add_argument("--update-block-size", type=int, default=u.block_size, choices=BLOCK_SIZES)
+    s.add_argument("--update-aggregator", choices=AGGREGATORS, default=u.aggregator,
+                   help="mean, or a robust rule over every update (needs --update-weighting uniform)")
+    s.add_argument("--update-trim", type=float, default=u.trim, help="trimmed_mean: the fraction cut at each end")
+    s.add_argument("--update-zeroing", type=float, default=u.zeroing,
+                   help="zero an update whose norm is above this many times the last round's median (0: off)")
     s.add_argument("--init", help="start from this checkpoint instead of the seeded initial model")
     from contract.dp import DPSpec
 

@@ -339,6 +339,8 @@ def _check_dp(p: PopulationConfig, where: str, check) -> None:
     check(p.dp.mechanism != "distributed" or p.update.secure_aggregation,
           f"{where}.dp.mechanism = 'distributed' adds the noise on the devices under secure aggregation: "
           "set secure_aggregation = true, or use 'central'")
+    check(not p.update.zeroing, f"{where}.update.zeroing draws its threshold from other devices' norms, which "
+          "DP's accounting does not cover (DP's adaptive clip already bounds every update): set it to 0")
     b = p.dp_budget
     check(b is None or (isinstance(b.epsilon, (int, float)) and b.epsilon > 0 and isinstance(b.delta, (int, float))
                         and 0 < b.delta < 1), f"{where}.dp_budget must be {{epsilon > 0, 0 < delta < 1}}")

@@ -96,7 +96,11 @@ VERSION = _obj({"version": INT, "parent": NULLABLE_INT, "round": NULLABLE_INT,
                 "eval": {"type": ["object", "null"]}, "published_at": NULLABLE_NUM,
                 "app_manifest_sha256": {"oneOf": [{"type": "null"}, SHA256]},
                 "vocab_sha256": {"oneOf": [{"type": "null"}, SHA256]},
-                "dp": {"oneOf": [{"type": "null"}, wire.PRIVACY.schema()]}})
+                "dp": {"oneOf": [{"type": "null"}, wire.PRIVACY.schema()]},
+                "canary": {"oneOf": [{"type": "null"}, _obj({
+                    "suggestions": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "changed": {"type": "object", "additionalProperties": {
+                        "type": "array", "items": {"type": "string"}}}})]}})
 
 SCHEMAS = {
     "Error": wire.ERROR.schema(),
@@ -121,6 +125,7 @@ SCHEMAS = {
         "hyperparameters": {"type": "object"},
         "update": {"oneOf": [{"type": "null"}, _ref("UpdateSpec")]},
         "failure_reasons": {"type": "object", "additionalProperties": INT},
+        "zeroed": INT,
         "secagg": {"oneOf": [{"type": "null"}, _obj({
             "phase": {"enum": ["keys", "shares", "masking", "unmasking", "done", "failed"]},
             "k": NULLABLE_INT, "t": NULLABLE_INT, "members": INT, "shared": INT, "survivors": INT,

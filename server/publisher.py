@@ -95,13 +95,13 @@ class PublishJobs:
             if job is None:
                 break
             try:
-                manifest_sha, files = self._export(job["population"], job["version"])
+                manifest_sha, files, canary = self._export(job["population"], job["version"])
             except Exception as e:   # any exporter failure is recorded on the job and retried
                 log.exception("publishing %s v%d failed", job["population"], job["version"])
                 self._finish(job["id"], "failed" if job["attempts"] >= MAX_ATTEMPTS else "pending", str(e))
                 continue
             with self._store.write() as tx:
-                self._versions.mark_published(tx, job["population"], job["version"], manifest_sha)
+                self._versions.mark_published(tx, job["population"], job["version"], manifest_sha, canary)
                 self._access.publish(tx, job["population"], job["version"], [manifest_sha, *files])
                 self._finish(job["id"], "done", None)
             done += 1
@@ -123,7 +123,7 @@ class PublishJobs:
         with self._store.write() as tx:
             tx.execute("UPDATE jobs SET state = ?, error = ? WHERE id = ?", (state, error, job_id))
 
-    def _export(self, population: str, version: int) -> tuple[str, list[str]]:
+    def _export(self, population: str, version: int) -> tuple[str, list[str], dict | None]:
         found = self._versions.get(population, version)
         vocab_sha = found.vocab_sha256 or self._store.connection().execute(   # the version's own vocabulary
             "SELECT vocab_sha256 FROM populations WHERE name = ?", (population,)).fetchone()[0]
@@ -137,11 +137,16 @@ class PublishJobs:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _ingest(self, manifest_path: Path) -> tuple[str, list[str]]:
-        """Store the manifest and each file it lists, refusing any hash mismatch: (manifest, files)."""
+    def _ingest(self, manifest_path: Path) -> tuple[str, list[str], dict | None]:
+        """Store the manifest and each file it lists, refusing any hash mismatch: (manifest, files,
+        the manifest's canary)."""
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             files = {str(n): str(rec["sha256"]) for n, rec in manifest["files"].items()}
+            canary = manifest.get("canary")
+            if canary is not None and not (isinstance(canary, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in canary.items())):
+                raise TypeError("canary is not {context: word}")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ExportError(f"{manifest_path}: unreadable manifest ({e})") from None
         for name, expected in files.items():
@@ -150,4 +155,4 @@ class PublishJobs:
             actual = self._artifacts.put_file(manifest_path.parent / name)
             if actual != expected:
                 raise ExportError(f"{name}: sha256 {actual} is not the manifest's {expected}")
-        return self._artifacts.put_file(manifest_path), list(files.values())
+        return self._artifacts.put_file(manifest_path), list(files.values()), canary

@@ -19,6 +19,7 @@ marks the session accepted).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -35,6 +36,15 @@ from server.secagg import SecAggService
 from server.store import Store
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Zeroed:
+    """An accepted update the round counts as a report but does not add (its norm was too large)."""
+
+    norm: float
+    metrics: dict
+    nbytes: int
 
 
 class ReportingService:
@@ -93,6 +103,8 @@ class ReportingService:
         update = pipeline.accept(body, num_examples)      # 422 for anything the round cannot use
         if not open_ or not rnd.accepts_reports(self._clock.now()):
             return self._commit(session_id, rnd.id, None)
+        if update.zeroed:     # far above what honest devices sent (contract.robust.zeroing_norm)
+            return self._commit(session_id, rnd.id, Zeroed(update.norm, dict(metrics), len(body)))
         with self._partials.lease(rnd.id) as shard:
             part = conn.execute("SELECT generation, count FROM partials WHERE round_id = ? AND shard = ?",
                                 (rnd.id, shard)).fetchone()
@@ -104,7 +116,7 @@ class ReportingService:
                 self._partials.write(rnd.id, shard, generation + 1, total)
             except OSError:   # the round was closed and its directory removed meanwhile
                 return self._commit(session_id, rnd.id, None)
-            contribution = (shard, generation, update.weight, dict(metrics), len(body))
+            contribution = (shard, generation, update.weight, dict(metrics), len(body), update.norm)
             outcome = Outcome("aborted", rnd.number, "error")
             try:
                 outcome = self._commit(session_id, rnd.id, contribution)
@@ -178,6 +190,11 @@ class ReportingService:
                 self._count_eval(tx, round_id, session_id, contribution)
             elif isinstance(contribution, DiscoveryBallot):
                 self._discovery.record(tx, rnd, contribution, self._rounds.settings(rnd.population).discovery)
+            elif isinstance(contribution, Zeroed):
+                tx.execute("UPDATE sessions SET reason = 'zeroed', norm = ?, metrics_json = ?, bytes_in = ?"
+                           " WHERE id = ?", (contribution.norm, json.dumps(contribution.metrics),
+                                             contribution.nbytes, session_id))
+                tx.execute("UPDATE rounds SET bytes_in = bytes_in + ? WHERE id = ?", (contribution.nbytes, round_id))
             else:
                 self._count_update(tx, round_id, session_id, *contribution)
             device = tx.execute("SELECT device_id FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
@@ -206,7 +223,7 @@ class ReportingService:
         return Outcome("aborted", rnd.number, reason)
 
     def _count_update(self, tx: sqlite3.Connection, round_id: int, session_id: str, shard: int,
-                      generation: int, weight: int, metrics: dict, nbytes: int) -> None:
+                      generation: int, weight: int, metrics: dict, nbytes: int, norm: float) -> None:
         moved = tx.execute("UPDATE partials SET generation = generation + 1, weight = weight + ?,"
                            " count = count + 1 WHERE round_id = ? AND shard = ? AND generation = ?",
                            (weight, round_id, shard, generation)).rowcount
@@ -222,8 +239,8 @@ class ReportingService:
             sums[name] = (s + weight * value, w + weight)
         tx.execute("UPDATE rounds SET weight_sum = weight_sum + ?, bytes_in = bytes_in + ?,"
                    " metric_sums_json = ? WHERE id = ?", (weight, nbytes, json.dumps(sums), round_id))
-        tx.execute("UPDATE sessions SET num_examples = ?, metrics_json = ?, bytes_in = ? WHERE id = ?",
-                   (int(weight), json.dumps(metrics), nbytes, session_id))
+        tx.execute("UPDATE sessions SET num_examples = ?, metrics_json = ?, bytes_in = ?, norm = ? WHERE id = ?",
+                   (int(weight), json.dumps(metrics), nbytes, norm or None, session_id))   # masked: unknown (0)
 
     def _count_eval(self, tx: sqlite3.Connection, round_id: int, session_id: str,
                     report: EvalReport) -> None:

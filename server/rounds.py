@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from contract.pipeline import IntegerSum, UpdatePipeline, running_sum
+from contract.robust import zeroing_norm
 from contract.secagg import SecAggError
 from contract.update_spec import RoundSpec, rotation_seed
 from server.clock import Clock
@@ -126,6 +127,14 @@ class RoundService:
                                 f"population {population!r} is not served by this configuration")
         return self._config.population(population)
 
+    @staticmethod
+    def _last_norms(conn: sqlite3.Connection, population: str) -> list[float]:
+        """The norms of the updates that the last completed training round accepted (zeroing's median)."""
+        return [r[0] for r in conn.execute(
+            "SELECT s.norm FROM sessions s WHERE s.state = 'accepted' AND s.norm IS NOT NULL AND s.round_id ="
+            " (SELECT MAX(id) FROM rounds WHERE population = ? AND task = 'train' AND state = 'completed')",
+            (population,))]
+
     def latest(self, conn: sqlite3.Connection, population: str) -> Round | None:
         row = conn.execute("SELECT * FROM rounds WHERE population = ? ORDER BY number DESC LIMIT 1",
                            (population,)).fetchone()
@@ -203,8 +212,10 @@ class RoundService:
                     return self._refuse_budget(tx, population, last, pop, number, now, e)
                 update = dataclasses.replace(update, clip_norm=bound.clip)
                 dp = bound.bound
+            limit = zeroing_norm(update.zeroing, self._last_norms(tx, population)) if update.zeroing else 0.0
             spec = json.dumps(update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
-                                          rotation_seed(cfg.seed, number), cfg.max_selected, dp).to_json())
+                                          rotation_seed(cfg.seed, number), cfg.max_selected, dp,
+                                          limit).to_json())
         tx.execute(
             "INSERT INTO rounds (population, number, task, model_version, attempt, state, goal,"
             " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"
@@ -317,6 +328,8 @@ class RoundService:
                 log.info("round %s/%d: discovery found %d new words -> version %s", rnd.population,
                          rnd.number, len(words), version)
             return None
+        if rnd.reported and self.zeroed(tx, rnd) == rnd.reported:     # nothing to apply
+            return self._fail(tx, rnd, now, "all_updates_zeroed")
         try:
             version = self._finish_train(tx, rnd, pop, cfg)
         except SecAggError as e:          # a secret that cannot be rebuilt and checked: publish nothing
@@ -328,6 +341,12 @@ class RoundService:
         log.info("round %s/%d completed: version %d from %d reports", rnd.population, rnd.number,
                  version, rnd.reported)
         return None
+
+    @staticmethod
+    def zeroed(conn: sqlite3.Connection, rnd: Round) -> int:
+        """Reports of the round that were counted but not added (contract.robust.zeroing_norm)."""
+        return conn.execute("SELECT COUNT(*) FROM sessions WHERE round_id = ? AND state = 'accepted'"
+                            " AND reason = 'zeroed'", (rnd.id,)).fetchone()[0]
 
     def running_sum(self, tx: sqlite3.Connection, rnd: Round) -> IntegerSum:
         """The round's committed shards, merged (exact integers: any order gives the same sum)."""
@@ -344,9 +363,10 @@ class RoundService:
                       cfg: PopulationConfig) -> int | None:
         size = pop.layout.size
         total = self.running_sum(tx, rnd)
-        if total.updates != rnd.reported:
-            raise RuntimeError(f"round {rnd.id}: {total.updates} updates in the running sum, "
-                               f"{rnd.reported} accepted")
+        zeroed = self.zeroed(tx, rnd)
+        if total.updates + zeroed != rnd.reported:
+            raise RuntimeError(f"round {rnd.id}: {total.updates} updates in the running sum and {zeroed} "
+                               f"zeroed, {rnd.reported} accepted")
         pipeline = self.pipeline(rnd)
         if rnd.secure:
             plain, survivors = self._secagg.unmask(tx, rnd, total.total)
@@ -370,7 +390,7 @@ class RoundService:
         row = tx.execute("SELECT weight_sum, metric_sums_json FROM rounds WHERE id = ?",
                          (rnd.id,)).fetchone()
         train = {name: s / w for name, (s, w) in json.loads(row["metric_sums_json"]).items() if w > 0}
-        train.update(reports=rnd.reported, examples=weight_sum,
+        train.update(reports=rnd.reported, zeroed=zeroed, examples=weight_sum,
                      mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name,
                      update_bits=rnd.update.spec.bits, secure_aggregation=rnd.secure)
         if pipeline.dp:

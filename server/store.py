@@ -232,6 +232,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (population, version)
     );
     """,
+    """
+    ALTER TABLE sessions ADD COLUMN norm REAL;
+    ALTER TABLE versions ADD COLUMN canary_json TEXT;
+    """,
 ]
 
 

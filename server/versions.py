@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import sqlite3
 import threading
 
 import numpy as np
 
+from contract.canary import changed
 from contract.weights import WeightLayout, load_checkpoint, save_checkpoint
 from server.artifacts import ArtifactStore
 from server.clock import Clock
@@ -32,6 +34,7 @@ from server.errors import ErrorCode, ProtocolError
 from server.optimizers import State, state_from_bytes
 from server.store import Store
 
+log = logging.getLogger(__name__)
 PUBLISH_METRIC = "top3"
 
 
@@ -49,6 +52,9 @@ class Version:
     app_manifest_sha256: str | None
     published_at: float | None
     vocab_sha256: str | None = None     # None: the population's vocabulary at registration
+    # published: the standing canary of its app model, and the probes that changed since the version
+    # published before it ({"suggestions": {context: word}, "changed": {context: [before, after]}})
+    canary: dict | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Version":
@@ -56,13 +62,15 @@ class Version:
         return cls(row["population"], row["version"], row["parent"], row["round_number"],
                    row["checkpoint_sha256"], row["optimizer_sha256"], row["created_at"],
                    json.loads(row["train_json"]), evaluation, row["app_manifest_sha256"],
-                   row["published_at"], row["vocab_sha256"])
+                   row["published_at"], row["vocab_sha256"],
+                   json.loads(row["canary_json"]) if row["canary_json"] else None)
 
     def to_json(self) -> dict:
         return {"version": self.version, "parent": self.parent, "round": self.round_number,
                 "checkpoint_sha256": self.checkpoint_sha256, "created_at": self.created_at,
                 "train": self.train, "eval": self.eval, "published_at": self.published_at,
-                "app_manifest_sha256": self.app_manifest_sha256, "vocab_sha256": self.vocab_sha256}
+                "app_manifest_sha256": self.app_manifest_sha256, "vocab_sha256": self.vocab_sha256,
+                "canary": self.canary}
 
 
 def save_version_checkpoint(artifacts: ArtifactStore, layout: WeightLayout, flat: np.ndarray,
@@ -161,10 +169,20 @@ class VersionRegistry:
         return last.eval is None or result[PUBLISH_METRIC] >= last.eval[PUBLISH_METRIC]
 
     def mark_published(self, tx: sqlite3.Connection, population: str, version: int,
-                       manifest_sha256: str) -> None:
-        tx.execute("UPDATE versions SET app_manifest_sha256 = ?, published_at = ?"
+                       manifest_sha256: str, canary: dict | None = None) -> None:
+        """Make `version` the published one; `canary` (its manifest's) is kept with the probes that
+        changed since the version published before it, and those are logged for the operator."""
+        before = tx.execute("SELECT v.canary_json FROM versions v JOIN populations p ON p.name = v.population"
+                            " AND v.version = p.published_version WHERE p.name = ?", (population,)).fetchone()
+        previous = json.loads(before[0])["suggestions"] if before and before[0] else None
+        record = {"suggestions": canary, "changed": changed(previous, canary)} if canary else None
+        if record and record["changed"]:
+            log.warning("%s v%d: the canary's suggestions changed for %d probe(s): %s", population, version,
+                        len(record["changed"]), record["changed"])
+        tx.execute("UPDATE versions SET app_manifest_sha256 = ?, published_at = ?, canary_json = ?"
                    " WHERE population = ? AND version = ?",
-                   (manifest_sha256, self._clock.now(), population, version))
+                   (manifest_sha256, self._clock.now(), json.dumps(record) if record else None,
+                    population, version))
         tx.execute("UPDATE populations SET published_version = ? WHERE name = ?", (version, population))
 
     def published(self, population: str, version: int | None = None) -> Version:

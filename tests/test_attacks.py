@@ -2,6 +2,8 @@
 defended configuration, checked by the suggestion the model actually makes after the trigger."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -36,11 +38,12 @@ def trained(corpus, tmp_path_factory):
     return load_checkpoint(out / "final.safetensors")[1]
 
 
-def attacked(corpus, trained, tmp_path, update: UpdateSpec, name: str) -> list[float]:
-    """Three rounds with one model-replacement attacker in each (of 4); the backdoor's success after each."""
+def attacked(corpus, trained, tmp_path, update: UpdateSpec, name: str, start_round: int = 1) -> list[float]:
+    """Three rounds with one model-replacement attacker in each (of 4) from `start_round`; the
+    backdoor's success after each."""
     import json
 
-    attack = AttackConfig("model_replacement", fraction=0.25, target=TARGET)
+    attack = AttackConfig("model_replacement", fraction=0.25, target=TARGET, start_round=start_round)
     sim = SimulationConfig(rounds=3, clients_per_round=4, local_epochs=4, batch_size=8, client_lr=0.3,
                            server_optimizer="sgd", server_lr=1.0, eval_every=1, update=update, attack=attack)
     run_simulation(corpus, TINY, sim, tmp_path / name, initial=trained)
@@ -86,3 +89,15 @@ def test_the_attack_command_refuses_a_target_outside_the_vocabulary(capsys):
     assert "'zzzqx' is not in the vocabulary" in capsys.readouterr().err
     assert main(["attack", "--config", "tiny", "--attack", "scaled", "--attacker-fraction", "2"]) == 2
     assert "--attacker-fraction must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_zeroing_alone_stops_the_boosted_update_once_it_has_seen_a_round(corpus, trained, tmp_path):
+    import json
+
+    zeroing = UpdateSpec(bits=32, clip_norm=1e6, max_weight=10**6, weighting="uniform", zeroing=3.0)
+    success = attacked(corpus, trained, tmp_path, zeroing, "zeroing", start_round=2)
+    rows = [json.loads(line) for line in (tmp_path / "zeroing" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["zeroed"] for r in rows if "zeroed" in r] == [0, 1, 1]     # round 1 is clean and sets the median
+    assert max(success) == 0.0
+    open_door = attacked(corpus, trained, tmp_path, dataclasses.replace(zeroing, zeroing=0.0), "open", 2)
+    assert open_door[0] == 0.0 and max(open_door) >= 0.9                 # the same attack, not zeroed

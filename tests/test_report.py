@@ -116,3 +116,14 @@ def test_dp_rows_of_an_earlier_run_are_kept_only_when_its_setting_matches():
     assert {row_name(r) for r in rows_of(wider)} > set(kept) - {"baseline"}
     assert reusable(dataclasses.replace(wider, rounds=7), earlier) == {}
     assert reusable(wider, None) == {}
+
+
+def test_the_attack_table_judges_the_all_defences_runs_at_ten_percent():
+    from benchmarks.report import attacks
+
+    run = {"attack": "model_replacement", "attacker_fraction": 0.1, "defences": ["clip", "dp"],
+           "top1": 0.148, "backdoor_success": 0.0}
+    ok = attacks({"clean": {"top1": 0.15}, "runs": [run]})
+    assert "| model_replacement | 10% | clip + dp | 14.80% | -0.20 | 0% |" in ok and ok.endswith("met.")
+    bad = attacks({"clean": {"top1": 0.15}, "runs": [{**run, "backdoor_success": 0.2}]})
+    assert bad.endswith("not met.")

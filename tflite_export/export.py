@@ -52,13 +52,23 @@ def export_app_model(config: ModelConfig, flat: np.ndarray, vocab: Vocabulary, o
                      privacy: dict | None = None) -> Path:
     """Write the quantized suggestion model of `flat` to `out_dir`; returns its manifest path.
 
-    `privacy` (the server's ledger figure for these weights) goes into the manifest as is."""
+    `privacy` (the server's ledger figure for these weights) goes into the manifest as is. The
+    manifest also carries the standing canary (contract.canary), computed by the exported model
+    itself on the LiteRT interpreter, so that what is recorded is what phones will suggest."""
+    from contract.canary import canary
     from tflite_export.app_model import convert_app_model
+    from tflite_export.reader import load_app_model
 
     _check_inputs(config, flat, vocab)
     model = convert_app_model(config, flat, k, quantize=quantize)
-    return _write(out_dir, APP_NAME, model, vocab, config,
+    path = _write(out_dir, APP_NAME, model, vocab, config,
                   _manifest_fields(APP_MODEL, config, model_version, k=k, privacy=privacy))
+    app = load_app_model(path)
+    probed = dataclasses.replace(app.manifest, canary=canary(app.suggest, app.vocab))
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_text(probed.to_json(), encoding="utf-8")
+    staged.replace(path)
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
