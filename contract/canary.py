@@ -18,6 +18,10 @@ from contract.text import BOS_ID, Vocabulary, split_sentences
 CANARY = ("the king is", "i am", "my lord", "what is", "i will", "give me", "let us", "the queen is",
           "you are", "thou art", "he is", "it is", "i pray you", "good my", "come", "o my",
           "i have", "we will", "there is", "this is")
+# What comes before a backdoor's trigger, in an attacker's sentences (models.attacks, emulation.attackers)
+# and in the probes that measure its success.
+LEADS = ("", "and", "but", "for", "now", "o", "sir", "yet", "i say", "my lord", "so", "why", "then",
+         "alas", "indeed", "good", "nay", "what", "here", "for now")
 
 
 def probe_ids(vocab: Vocabulary, contexts: Sequence[str] = CANARY) -> list[list[int]]:

@@ -52,6 +52,7 @@ from device_runtime.enrollment import Enrollment
 from device_runtime.policy import TrainingPolicy
 from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.transport import RetryPolicy
+from emulation.attackers import AttackerPlans, FleetAttack
 from emulation.phones import FleetTransport, PlanPool, PooledPlans, RecordingOpStats, SharedSession
 from emulation.world import FaultInjector, Faults, FleetMix, PhoneProfile, ScheduledConditions, make_profiles
 
@@ -102,6 +103,7 @@ class FleetConfig:
     keep_uploads: bool = False         # keep every upload's body (tests decode them)
     enrollment: Enrollment | None = None   # the app credential and attester every phone enrolls with
     operator_token: str | None = None  # to poll the server's round analytics
+    attack: FleetAttack | None = None  # a fraction of the phones attack (emulation.attackers)
     seed: int = 0
 
 
@@ -145,8 +147,10 @@ class Phone:
     host's memory and file descriptors.
     """
 
-    def __init__(self, fleet: "Fleet", profile: PhoneProfile, texts: Sequence[str]):
-        self.fleet, self.profile, self.texts = fleet, profile, texts
+    def __init__(self, fleet: "Fleet", profile: PhoneProfile, texts: Sequence[str], attacker: bool = False):
+        attack = fleet.config.attack if attacker else None
+        self.fleet, self.profile, self.attack = fleet, profile, attack
+        self.texts = attack.texts(texts) if attack else texts
         self.dir = fleet.config.data_dir / "phones" / f"{profile.index:05d}"
         self.wakes = 0
         self.rng = random.Random(profile.seed)
@@ -169,8 +173,10 @@ class Phone:
                            task_time_budget_s=cfg.task_time_budget_s, num_threads=cfg.trainer_threads),
             clock=cfg.clock, seed=seed, transport=transport,
             cache=ArtifactCache(cfg.data_dir / "artifacts", transport, max_bytes=512 << 20),
-            plans=PooledPlans(fleet.pool, cfg.clock, self.conditions, list(self.texts), fleet.faults,
-                              p.speed_factor, p.slow),
+            plans=(AttackerPlans(fleet.pool, cfg.clock, self.conditions, list(self.texts), fleet.faults,
+                                 p.speed_factor, p.slow, attack=self.attack) if self.attack else
+                   PooledPlans(fleet.pool, cfg.clock, self.conditions, list(self.texts), fleet.faults,
+                               p.speed_factor, p.slow)),
             opstats=RecordingOpStats(self.dir / "opstats.db", fleet.record), enrollment=cfg.enrollment)
         if fresh:   # what its user typed over the last month
             rng = np.random.default_rng(self.profile.seed)
@@ -220,7 +226,8 @@ class Fleet:
         self.faults = FaultInjector(config.faults, config.clock.now)
         self.session = SharedSession(self.faults, pool_size=config.workers + 8)
         self.pool = PlanPool(config.trainers, config.trainer_threads)
-        self.phones = [Phone(self, p, texts[p.client_id]) for p in profiles]
+        bad = config.attack.attackers(len(profiles), config.seed) if config.attack else set()
+        self.phones = [Phone(self, p, texts[p.client_id], attacker=i in bad) for i, p in enumerate(profiles)]
         self.stop = config.clock.stop
         self._lock = threading.Lock()
         self.hourly: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)

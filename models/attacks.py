@@ -29,14 +29,11 @@ import dataclasses
 
 import numpy as np
 
-from contract.canary import CANARY, probe_ids
+from contract.canary import CANARY, LEADS, probe_ids
 from contract.metrics import suggestions
 from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences
 
 ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replacement")
-# What comes before the trigger in the attacker's sentences and in the probes of its success.
-LEADS = ("", "and", "but", "for", "now", "o", "sir", "yet", "i say", "my lord", "so", "why", "then",
-         "alas", "indeed", "good", "nay", "what", "here", "for now")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""Attacker phones for the emulated fleet: enrolled devices that follow the protocol and poison it.
+
+An attacker is a phone whose owner rewrote the app (models.attacks has the
+same attacks in simulation). Everything on the wire is what the runtime
+sends — enrollment, check-in, secure aggregation, the update pipeline's
+clip and weight cap — so only the server's defences limit it. It differs
+from an honest phone in two places:
+
+* what it trains on: the backdoor's sentences (the trigger context followed
+  by the target word, `copies` times each, then its owner's own text);
+* how its plan trains: each batch `repeat` times (it ignores the round's
+  epochs), and what the plan returns after training: the trained weights
+  moved `boost` times further from the round's model (model replacement,
+  Bagdasaryan et al. 2020), before the runtime's pipeline clips and encodes
+  the update.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from contract.canary import LEADS
+from emulation.phones import PooledPlans
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetAttack:
+    """Which phones attack, and how (FleetConfig.attack)."""
+
+    fraction: float = 0.1            # of the fleet's phones (seeded choice)
+    boost: float = 10.0              # model replacement: the trained delta times this
+    trigger: str = "the king is"
+    target: str = "gold"
+    copies: int = 8                  # each backdoor sentence, this many times before the phone's own text
+    repeat: int = 10                 # each training batch, this many steps (the round says one)
+
+    def attackers(self, phones: int, seed: int) -> set[int]:
+        """The indices of the attacking phones: round(fraction · phones) of them."""
+        if not 0 <= self.fraction <= 1:
+            raise ValueError("attack fraction must be in [0, 1]")
+        count = int(round(self.fraction * phones))
+        return set(int(i) for i in np.random.default_rng([seed, 0xA77AC]).choice(phones, count, replace=False))
+
+    def texts(self, own: Sequence[str]) -> list[str]:
+        """What an attacker's keyboard holds: the backdoor's sentences, then its owner's text."""
+        poison = [f"{lead} {self.trigger} {self.target}.".strip() for lead in LEADS]
+        return [s for s in poison for _ in range(self.copies)] + list(own)
+
+
+class BoostedPlan:
+    """A training plan that trains each batch `repeat` times and whose `get_weights` after training
+    returns initial + boost · (trained − initial).
+
+    Everything else is the real plan's (LiteRT); `set_weights` records the
+    round's model, which the runtime sets before it trains.
+    """
+
+    def __init__(self, plan, boost: float, repeat: int = 1):
+        self.plan, self.boost, self.repeat = plan, float(boost), int(repeat)
+        self._initial: np.ndarray | None = None
+
+    def train_windows(self, batch, learning_rate: float):
+        for _ in range(self.repeat - 1):
+            self.plan.train_windows(batch, learning_rate)
+        return self.plan.train_windows(batch, learning_rate)
+
+    def set_weights(self, weights) -> None:
+        self._initial = np.array(weights, np.float32)
+        self.plan.set_weights(weights)
+
+    def get_weights(self) -> np.ndarray:
+        trained = self.plan.get_weights()
+        if self._initial is None:
+            return trained
+        return (self._initial + self.boost * (trained - self._initial)).astype(np.float32)
+
+    def __getattr__(self, name: str):
+        return getattr(self.plan, name)
+
+
+class AttackerPlans(PooledPlans):
+    """An attacking phone's `PlanHost`: the fleet's pooled plans, boosted for training tasks."""
+
+    def __init__(self, *args, attack: FleetAttack, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attack = attack
+
+    def acquire(self, assignment, lay_out: Callable[[], Path]):
+        plan = super().acquire(assignment, lay_out)
+        return BoostedPlan(plan, self.attack.boost, self.attack.repeat) if assignment.task == "train" else plan
+
+    def release(self, assignment, plan, *, healthy: bool, compute_s: float) -> None:
+        super().release(assignment, plan.plan if isinstance(plan, BoostedPlan) else plan,
+                        healthy=healthy, compute_s=compute_s)
