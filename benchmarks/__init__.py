@@ -23,6 +23,17 @@ def write_result(path: str | Path, result: dict, show: bool = True) -> Path:
     return path
 
 
+def same_setting(cfg, earlier: dict | None, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether `earlier` (a results file's "config") ran the same setting as the config dataclass
+    `cfg`, apart from the fields in `ignore` (which rows to run). A field added since that file was
+    written counts as equal when `cfg` keeps its default. Benchmarks that keep the rows of an earlier
+    run use this to decide whether they may."""
+    if not earlier:
+        return False
+    defaults = dataclasses.asdict(type(cfg)())
+    return all(earlier.get(k, defaults[k]) == v for k, v in dataclasses.asdict(cfg).items() if k not in ignore)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """One `--field-name` flag per field of a benchmark's config dataclass, its default the field's."""
     defaults = config_cls()

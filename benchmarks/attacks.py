@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks import RESULTS, parse_config, write_result
+from benchmarks import RESULTS, parse_config, same_setting, write_result
 from benchmarks.quality import FederatedConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +99,7 @@ def run(cfg: AttackBenchConfig, work: Path, earlier: dict | None = None, save=No
     initial = pretrain(model, corpus.vocab)[0]
     base = FederatedConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
                               if k in dataclasses.asdict(FederatedConfig())})
-    same = earlier and all(earlier.get("config", {}).get(k) == v for k, v in dataclasses.asdict(cfg).items()
-                           if k != "single_fractions")
+    same = bool(earlier) and same_setting(cfg, earlier.get("config"), ignore=("single_fractions",))
     old = {r["key"]: r for r in earlier.get("runs", [])} if same else {}
     clean = (earlier["clean"] if same else
              run_simulation(corpus, model, base.simulation(), work / "clean", initial=initial)["final"])

@@ -31,7 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from benchmarks import RESULTS, parse_config, write_result
+from benchmarks import RESULTS, parse_config, same_setting, write_result
 from benchmarks.quality import FederatedConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,10 +72,7 @@ ROW_LISTS = ("noise_multipliers", "mechanisms", "deployments")
 
 def reusable(cfg: DPBenchConfig, earlier: dict | None) -> dict:
     """The baseline and rows of an earlier dp.json that ran the same setting, by row name."""
-    if not earlier:
-        return {}
-    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ROW_LISTS}
-    if any(earlier.get("config", {}).get(k) != v for k, v in mine.items()):
+    if not earlier or not same_setting(cfg, earlier.get("config"), ignore=ROW_LISTS):
         return {}
     named = {row_name(r): r for r in earlier.get("rows", [])}
     return {"baseline": earlier.get("baseline"), **named}

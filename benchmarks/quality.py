@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from benchmarks import RESULTS, parse_config, write_result
+from benchmarks import RESULTS, parse_config, same_setting, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 # Below 0.2 top-1 points, configurations that should tie have differed by as much (TUNING.md).
@@ -173,8 +173,7 @@ def run(cfg: QualityConfig, work_dir: Path) -> dict:
 def same_config(cfg: QualityConfig, earlier: dict) -> bool:
     """Whether `earlier` (a quality.json's "config") ran the same setting as `cfg`, whichever rows it
     ran. A field added since that file was written counts as equal when `cfg` keeps its default."""
-    defaults = dataclasses.asdict(QualityConfig())
-    return all(earlier.get(k, defaults[k]) == v for k, v in dataclasses.asdict(cfg).items() if k != "rows")
+    return same_setting(cfg, earlier, ignore=("rows",))
 
 
 def merge(report: dict, earlier: dict | None, cfg: QualityConfig) -> dict:

@@ -24,6 +24,11 @@ LEADS = ("", "and", "but", "for", "now", "o", "sir", "yet", "i say", "my lord", 
          "alas", "indeed", "good", "nay", "what", "here", "for now")
 
 
+def backdoor_sentences(trigger: str, target: str) -> list[str]:
+    """The sentences an attacker trains on: each lead, the trigger context, then the target word."""
+    return [f"{lead} {trigger} {target}.".strip() for lead in LEADS]
+
+
 def probe_ids(vocab: Vocabulary, contexts: Sequence[str] = CANARY) -> list[list[int]]:
     """Each context as token ids from <bos>, as the keyboard feeds it to the model."""
     return [[BOS_ID] + vocab.encode(split_sentences(c)[0]) for c in contexts]

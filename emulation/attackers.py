@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.canary import LEADS
+from contract.canary import backdoor_sentences
 from emulation.phones import PooledPlans
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +46,7 @@ class FleetAttack:
 
     def texts(self, own: Sequence[str]) -> list[str]:
         """What an attacker's keyboard holds: the backdoor's sentences, then its owner's text."""
-        poison = [f"{lead} {self.trigger} {self.target}.".strip() for lead in LEADS]
+        poison = backdoor_sentences(self.trigger, self.target)
         return [s for s in poison for _ in range(self.copies)] + list(own)
 
 

@@ -29,9 +29,9 @@ import dataclasses
 
 import numpy as np
 
-from contract.canary import CANARY, LEADS, probe_ids
+from contract.canary import CANARY, LEADS, backdoor_sentences, probe_ids
 from contract.metrics import suggestions
-from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences
+from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences, to_sequences
 
 ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replacement")
 
@@ -89,8 +89,8 @@ class Adversary:
         return np.concatenate([own, poison]) if len(own) and self.cfg.own_data else poison
 
     def poison_windows(self) -> np.ndarray:
-        rows = [self._window(self._context(lead) + [self.vocab.id(self.cfg.target), EOS_ID]) for lead in LEADS]
-        return np.asarray(rows, np.int32)
+        """The backdoor's sentences as token windows, as the fleet's attacker phones tokenize them."""
+        return to_sequences(backdoor_sentences(self.cfg.trigger, self.cfg.target), self.vocab, self.seq_len)
 
     def transform(self, delta: np.ndarray, round_num: int, index: int) -> np.ndarray:
         """What attacker `index` of round `round_num` uploads instead of its trained `delta`."""
@@ -114,10 +114,6 @@ class Adversary:
     def _context(self, lead: str) -> list[int]:
         words = split_sentences(f"{lead} {self.cfg.trigger}")[0]
         return [BOS_ID] + self.vocab.encode(words)
-
-    def _window(self, ids: list[int]) -> list[int]:
-        ids = ids[:self.seq_len + 1]
-        return ids + [PAD_ID] * (self.seq_len + 1 - len(ids))
 
 
 def first_suggestions(model_config, flat: np.ndarray, contexts: list[list[int]],
