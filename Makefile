@@ -66,11 +66,19 @@ bench-secagg: setup
 bench-dp: setup corpus
 	$(PY) -m benchmarks.dp
 
-# 1/5/10% attackers (model replacement with a backdoor, sign flips) against no defence, each alone and
-# all together, from the public-pretrained model (21 runs of 60 rounds, ~80 min).
+# 1/5/10% attackers (model replacement with a backdoor, a Sybil party, sign flips) against no defence,
+# each alone and all together, from the public-pretrained model (simulation, ~5 min a run); then the
+# demo's fleet with 10% Sybil attackers through the real server, defended (~12 min).
 .PHONY: bench-attacks
 bench-attacks: setup corpus
 	$(PY) -m benchmarks.attacks
+	$(PY) -m benchmarks.attack_fleet
+
+# A personal model per held-out user (fine-tuning + the user's word cache, with fallback) against the
+# best global model available; fairness figures for both (~10 min; trains a global model if none).
+.PHONY: bench-personalization
+bench-personalization: setup corpus
+	$(PY) -m benchmarks.personalization
 
 .PHONY: bench-discovery
 bench-discovery: setup corpus

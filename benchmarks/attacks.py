@@ -2,13 +2,16 @@
 
 `make bench-attacks` runs the quality benchmark's federated setting over fewer
 rounds (Gboard-size model, from the public-pretrained model, public
-vocabulary) with 1%, 5% and 10% of each round's clients attacking
-(models.attacks), and measures the held-out top-1 (the same metric and users
-as `make bench-quality`) and the backdoor's success (the fraction of
-trigger contexts whose first suggestion is the attacker's word):
+vocabulary), with the deployment's server step — FedAvg, plain SGD at 1.0,
+as the demo and the papers measured (Bagdasaryan et al., Sun et al.) —
+with 1%, 5% and 10% of each round's clients attacking (models.attacks),
+and measures the held-out top-1 (the same metric and users as `make
+bench-quality`) and the backdoor's success (the fraction of trigger
+contexts whose first suggestion is the attacker's word):
 
 * attacks: model replacement with a semantic backdoor ("the king is" →
-  "gold"), and sign-flipped updates scaled x10 (untargeted);
+  "gold"); a Sybil party's coordinated backdoor at an honest-looking norm;
+  sign-flipped updates scaled x10 (untargeted);
 * defences, alone and together: the update pipeline's clip and weight cap
   ("clip"), DP noise at a Gboard-scale projection ("dp", contract.dp),
   zeroing of updates above 3x the last round's median norm ("zeroing",
@@ -17,6 +20,12 @@ trigger contexts whose first suggestion is the attacker's word):
   is every defence that composes with secure aggregation (clip + dp),
   "plain_all" every one of a plain round (clip + zeroing); "none" turns the
   clip and the cap off (float32 updates, no bound).
+
+An adaptive server step undoes norm bounding: Adam moves every coordinate by
+about its learning rate whatever the update's size, so a clipped attacker
+still owns the coordinates honest clients leave alone. `--server-optimizer
+adam` measures that (the runs of such a setting are kept under
+`adaptive_server` in attacks.json).
 
 Attackers join from round 2, so that zeroing has a round's median. Each
 run's figures are written to attacks.json as it ends; runs of an earlier
@@ -45,13 +54,15 @@ SINGLE = ("clip", "zeroing", "dp", "robust", "plain_all")
 
 @dataclasses.dataclass
 class AttackBenchConfig(FederatedConfig):
-    rounds: int = 30
-    server_lr_decay_rounds: int = 20
-    eval_every: int = 30
+    rounds: int = 20
+    server_optimizer: str = "sgd"              # FedAvg; "adam" shows the adaptive step's weakness
+    server_lr: float = 1.0
+    server_lr_decay_rounds: int = 12
+    eval_every: int = 20
     model: str = "gboard"
-    fractions: str = "0.01,0.05,0.1"
-    single_fractions: str = "0.1,0.05,0.01"      # where each defence runs alone (none, all: every fraction)
-    attacks: str = "model_replacement,sign_flip"  # sign flips run at the largest fraction only
+    fractions: str = "0.1,0.05,0.01"
+    single_fractions: str = "0.1"                # where each defence runs alone (none, all: every fraction)
+    attacks: str = "model_replacement,sybil,sign_flip"   # sybil and sign flips: the largest fraction only
     zeroing: float = 3.0                        # "zeroing": x the last round's median norm
     dp_noise_multiplier: float = 1.0            # projected to Gboard's scale: N = 10^6, m = 6,500
     clip_norm: float = 1.0                      # "clip": the population default's order, from pretrained
@@ -69,15 +80,15 @@ def update_for(defences: tuple[str, ...], cfg: AttackBenchConfig):
 
 
 def plan(cfg: AttackBenchConfig) -> list[tuple[str, float, str]]:
-    """(attack, fraction, defence name) of every run, the most telling first."""
+    """(attack, fraction, defence name) of every run, the most telling first: no defence and all of
+    them for every attack and fraction, then each defence alone."""
     fractions = sorted((float(f) for f in cfg.fractions.split(",")), reverse=True)
     singles = {float(f) for f in cfg.single_fractions.split(",") if f}
-    out = []
-    for attack in cfg.attacks.split(","):
-        for fraction in (fractions if attack == "model_replacement" else fractions[:1]):
-            out += [(attack, fraction, "none"), (attack, fraction, "all")]
-            if attack == "model_replacement" and fraction in singles:
-                out += [(attack, fraction, name) for name in SINGLE]
+    attacks = cfg.attacks.split(",")
+    pairs = [(a, f) for a in attacks for f in (fractions if a == "model_replacement" else fractions[:1])]
+    out = [(a, f, name) for a, f in pairs for name in ("all", "none")]
+    out += [(a, f, name) for a, f in pairs if a == "model_replacement" and f in singles for name in SINGLE]
+    out += [(a, f, "plain_all") for a, f in pairs if a == "sybil"]     # the one a Sybil is built to evade
     return out
 
 
@@ -99,11 +110,14 @@ def run(cfg: AttackBenchConfig, work: Path, earlier: dict | None = None, save=No
     initial = pretrain(model, corpus.vocab)[0]
     base = FederatedConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
                               if k in dataclasses.asdict(FederatedConfig())})
-    same = bool(earlier) and same_setting(cfg, earlier.get("config"), ignore=("single_fractions",))
+    same = bool(earlier) and same_setting(cfg, earlier.get("config"),
+                                            ignore=("single_fractions", "fractions", "attacks"))
     old = {r["key"]: r for r in earlier.get("runs", [])} if same else {}
     clean = (earlier["clean"] if same else
              run_simulation(corpus, model, base.simulation(), work / "clean", initial=initial)["final"])
     clean, runs = {"top1": clean["top1"], "top3": clean["top3"]}, []
+    if save:
+        save({"config": dataclasses.asdict(cfg), "clean": clean, "runs": runs})
     for attack, fraction, name in plan(cfg):
         key = run_key(attack, fraction, name)
         if key in old:
@@ -132,9 +146,16 @@ def main() -> None:
     install_exit_handlers()
     cfg, paths = parse_config(AttackBenchConfig, __doc__, work_dir=REPO / "runs" / "bench-attacks")
     path = RESULTS / "attacks.json"
-    report = run(cfg, paths["work_dir"], json.loads(path.read_text()) if path.is_file() else None,
-                 save=lambda partial: write_result(path, partial, show=False))
-    write_result(path, report)
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if cfg.server_optimizer == "adam":      # the adaptive step's runs live beside the main ones
+        keep = {k: v for k, v in earlier.items() if k != "adaptive_server"}
+        save = lambda part: write_result(path, {**keep, "adaptive_server": part}, show=False)   # noqa: E731
+        save(run(cfg, paths["work_dir"], earlier.get("adaptive_server"), save=save))
+        return
+    extra = {k: v for k, v in earlier.items() if k not in ("config", "clean", "runs")}   # fleet, adaptive_server
+    save = lambda part: write_result(path, {**part, **extra}, show=False)   # noqa: E731
+    save(run(cfg, paths["work_dir"], earlier, save=save))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

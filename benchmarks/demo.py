@@ -53,6 +53,7 @@ class DemoConfig:
     eval_windows: int = 3000      # held-out windows evaluated per version (fixed, seeded sample)
     workers: int = 32
     trainers: int = 2
+    personal_models: float = 0.05  # phones keeping a personal model for their suggestions
     seed: int = 0
 
 
@@ -80,12 +81,16 @@ POPULATION_SETTINGS = dict(
     # With 20 reports per round of a 1.4M-parameter update, noise that keeps the model learning is
     # tiny (z = 0.004): the ε it buys is astronomical, which is the point of printing it — user-level
     # DP needs thousands of reports per round (`make bench-dp` projects Gboard's scale).
-    dp={"mechanism": "distributed", "noise_multiplier": 0.004, "initial_clip": 1.0})
+    dp={"mechanism": "distributed", "noise_multiplier": 0.004, "initial_clip": 1.0},
+    # Personal models (contract.personal): published versions come with what a phone personalizes
+    # them with; after every 10 training rounds a round evaluates personalization on the phones,
+    # which report only counts and two one-hot top-1 buckets (the server keeps their sum).
+    personalization={"epochs": 1, "lr": 0.05, "cache_weight": 0.3}, personal_eval_every=10)
 
 
-def prepare(cfg: DemoConfig, out: Path):
+def prepare(cfg: DemoConfig, out: Path, settings: dict | None = None):
     """Corpus, the public-pretrained Gboard model and its training plan, server config with the
-    shared clock."""
+    shared clock (the population's `settings`: POPULATION_SETTINGS unless given)."""
     from models.corpus import load_corpus
     from models.model import GBOARD
     from models.pretrain import pretrain
@@ -94,12 +99,14 @@ def prepare(cfg: DemoConfig, out: Path):
     corpus = load_corpus(vocab_size=GBOARD.vocab_size - 4, seq_len=GBOARD.seq_len)
     flat, _ = pretrain(GBOARD, corpus.vocab)          # public text only; cached after the first demo
     model = initial_model(out / "model", corpus, GBOARD, flat=flat)
-    config = write_server_config(out / "server", POPULATION, **POPULATION_SETTINGS,
+    config = write_server_config(out / "server", POPULATION, **(settings or POPULATION_SETTINGS),
                                  server=simulated_clock(DEMO_START_UTC, cfg.clock_speed))
     return corpus, model, config
 
 
-def run_fleet(cfg: DemoConfig, out: Path, server, corpus):
+def run_fleet(cfg: DemoConfig, out: Path, server, corpus, attack=None):
+    """The demo's fleet against `server` until `cfg.rounds` training rounds and `cfg.published` published
+    versions (or the wall budget); `attack` (emulation.attackers.FleetAttack) makes some phones attackers."""
     from emulation.deployment import enrollment, operator_token
     from emulation.fleet import FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
     from emulation.world import FleetMix
@@ -109,7 +116,8 @@ def run_fleet(cfg: DemoConfig, out: Path, server, corpus):
     fleet = build_fleet(FleetConfig(server.url, out / "fleet", POPULATION, clock,
                                     workers=cfg.workers, trainers=cfg.trainers, mix=FleetMix(zones_h=ZONES),
                                     enrollment=enrollment(server.config, POPULATION, now=clock.now),
-                                    operator_token=operator_token(server.config), seed=cfg.seed),
+                                    operator_token=operator_token(server.config), seed=cfg.seed,
+                                    attack=attack, personal_models=cfg.personal_models),
                         cfg.phones, corpus.train_texts)
     told: set[int] = set()
 
@@ -174,6 +182,9 @@ def main() -> int:
         timings["evaluation_s"] = time.monotonic() - t0
         rounds = [_round_detail(server, r["round"]) for r in summary["rounds"]]
         discovered = server.operator_get(f"/v1/populations/{POPULATION}/discovery").json()
+        personal = next((dict(r["personalization"], round=r["round"], model_version=r["model_version"])
+                         for r in reversed(rounds) if r["task"] == "personalize" and r.get("personalization")),
+                        None)
         ledger = server.operator_get(f"/v1/populations/{POPULATION}/privacy").json()
     finally:
         server.kill()
@@ -198,7 +209,8 @@ def main() -> int:
               "versions": quality["versions"], "fleet": {k: v for k, v in summary.items() if k != "rounds"},
               "discovered_words": discovered["words"],
               "discover_rounds": sum(1 for r in rounds if r["task"] == "discover"),
-              "dp": {k: ledger.get(k) for k in ("dp", "clip", "rounds", "spent")}}
+              "dp": {k: ledger.get(k) for k in ("dp", "clip", "rounds", "spent")},
+              "personalization": personal}
     write_result(RESULTS / "demo.json", result, show=False)
     print(summary_table(quality))
     spec = uploads["spec"]
@@ -222,6 +234,14 @@ def main() -> int:
               f"{ledger['clip']:.3g}; after {ledger['rounds']} rounds ε = "
               f"{'inf' if eps is None else format(eps, '.3g')} at δ = {spent.get('delta', float('nan')):.2g} "
               f"({spent.get('accountant')}): no meaningful guarantee at 20 reports per round (make bench-dp)")
+    if personal:
+        fg, fp = personal["fairness"]["global"], personal["fairness"]["personal"]
+        print(f"personalization (round {personal['round']}, version {personal['model_version']}, "
+              f"{personal['devices']} phones, each adapting on its first 80% and scored on the rest): top-1 "
+              f"global {personal['global']['top1']:.2%} → personal {personal['personal']['top1']:.2%}; "
+              f"helped {personal['helped']:.0%}, hurt {personal['hurt']:.0%}, fell back {personal['fell_back']:.0%};"
+              f" worst decile {fg['p10']:.1%} → {fp['p10']:.1%} (from the summed histogram); "
+              f"{sum(1 for p in fleet.phones if p.personal)} phones suggest from a personal model")
     words = discovered["words"]
     print(f"discovery: {len(words)} new word{'' if len(words) == 1 else 's'} found by at least "
           f"{POPULATION_SETTINGS['discovery']['min_devices']} phones each in {result['discover_rounds']} discover "

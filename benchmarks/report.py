@@ -78,16 +78,38 @@ def dp(r: dict) -> str:
 
 
 def attacks(r: dict) -> str:
+    parts = []
+    if "clean" in r:
+        parts.append(_attack_table(r, f"Server step: {r['config']['server_optimizer']} at "
+                                      f"{r['config']['server_lr']:g}, {r['config']['rounds']} rounds."))
+    for name, f in sorted((k, v) for k, v in r.get("fleet", {}).items() if isinstance(v, dict)):
+        clean = r["fleet"].get("clean_demo_top1")
+        parts.append(f"Emulated fleet through the real server ({name} defences): {f['attackers']} of {f['phones']} "
+                     f"phones a Sybil party's, {f['rounds']} training rounds; last version {f['final_version']}: "
+                     f"held-out top-1 {_pct(f['top1'])}" + (f" (the demo's clean run {_pct(clean)})" if clean else "")
+                     + f", backdoor success {f['backdoor_success']:.0%} (at most "
+                     f"{max(v['backdoor_success'] for v in f['by_version']):.0%} in any evaluated version); "
+                     f"{f['attacker_uploads_accepted']} of {f['uploads_accepted']} accepted uploads were the "
+                     "attackers'.")
+    if "adaptive_server" in r:
+        a = r["adaptive_server"]
+        parts.append(_attack_table(a, f"An adaptive server step (Adam at {a['config']['server_lr']:g}, "
+                                      f"{a['config']['rounds']} rounds) undoes norm bounding:"))
+    return "\n\n".join(parts)
+
+
+def _attack_table(r: dict, title: str) -> str:
     clean = r["clean"]["top1"]
     rows = [("none (clean)", "", "", _pct(clean), "", "")]
     for x in r["runs"]:
         rows.append((x["attack"], f"{x['attacker_fraction']:.0%}", " + ".join(x["defences"]) or "none",
-                     _pct(x["top1"]), f"{100 * (x['top1'] - clean):+.2f}", f"{x['backdoor_success']:.0%}"))
-    head = ("| attack | attackers | defences | top-1 | vs clean (points) | backdoor success |\n"
+                     _pct(x["top1"]), f"{100 * (x['top1'] - clean):+.2f}", f"{x['backdoor_success']:.0%}"
+                     if x["attack"] != "sign_flip" else ""))
+    head = (f"{title}\n\n| attack | attackers | defences | top-1 | vs clean (points) | backdoor success |\n"
             "|---|---|---|---|---|---|\n")
     best = [x for x in r["runs"] if x["attacker_fraction"] >= 0.1 and set(x["defences"]) == {"clip", "dp"}]
     verdict = ("Target (all defences at 10%: top-1 loss ≤ 0.5 points, backdoor ≤ 5%): " + (
-        "met" if best and all(clean - x["top1"] <= 0.005 and x["backdoor_success"] <= 0.05 for x in best)
+        "met" if all(clean - x["top1"] <= 0.005 and x["backdoor_success"] <= 0.05 for x in best)
         else "not met") + ".") if best else ""
     return head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
 
@@ -257,7 +279,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "secagg": ("Secure aggregation (SecAgg+)", "make bench-secagg", secagg),
     "discovery": ("Federated discovery of new words (TrieHH)", "make bench-discovery", discovery),
     "dp": ("Differential privacy: quality against ε", "make bench-dp", dp),
-    "attacks": ("Attacks and defences (simulation)", "make bench-attacks", attacks),
+    "attacks": ("Attacks and defences", "make bench-attacks", attacks),
 }
 
 

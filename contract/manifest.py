@@ -47,6 +47,7 @@ class Manifest:
     batch_size: int | None = None   # training plan: the fixed batch of train/infer
     k: int | None = None            # app model: suggestions per call
     clip_norm: float | None = None  # training plan: gradient clip (global L2 norm), if any
+    personal_layers: list[str] | None = None   # training plan: what `personalize` trains (None: all)
     privacy: dict | None = None     # app model trained under DP: {epsilon, delta, accountant, rounds}
     canary: dict | None = None      # app model: {probe context: first suggestion} (contract.canary)
     ops: list[str] = dataclasses.field(default_factory=list)
@@ -111,6 +112,7 @@ FIELD_DOCS = {
     "batch_size": "training plan: the fixed batch of train/infer",
     "k": "app model: suggestions per call",
     "clip_norm": "training plan: each SGD step's gradient clip (global L2), if any",
+    "personal_layers": "training plan: the weights its personalize signature trains (null: all of them)",
     "privacy": "app model trained under user-level DP: the server ledger's {epsilon, delta, accountant, rounds}",
     "canary": "app model: the first suggestion after each standing probe context (contract.canary), "
               "computed by this model on the LiteRT interpreter",

@@ -20,7 +20,7 @@ from contract import schema as s
 from contract.discovery import DiscoverySpec
 from contract.update_spec import ROUND_SPEC, SHA256, RoundSpec
 
-TASKS = ("train", "eval", "discover")
+TASKS = ("train", "eval", "discover", "personalize")
 # Why a device stopped a task: the training policy's codes (device_runtime.policy), a time or
 # memory budget, an explicit cancel, or anything else ("error").
 FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
@@ -144,6 +144,7 @@ class Assignment:
     update: RoundSpec | None = None     # train tasks: how to encode the update
     layout: list[dict] | None = None    # train tasks: the flat weight vector's order
     discovery: "DiscoveryAsk | None" = None   # discover tasks: the level and what to vote on
+    personalization: dict | None = None       # personalize tasks: contract.personal.PersonalSpec
 
     @classmethod
     def from_json(cls, value: Any) -> "Assignment":
@@ -227,6 +228,7 @@ ASSIGNMENT = s.Obj("Assignment", [
     s.Field("update", s.Nullable(ROUND_SPEC), required=False),
     s.Field("layout", s.Nullable(s.Arr(LAYOUT_ENTRY, 1000)), required=False),
     s.Field("discovery", DiscoveryAsk.SCHEMA, required=False),
+    s.Field("personalization", s.Nullable(s.Map(s.Num(), 16)), required=False),   # contract.personal
 ])
 CHECKIN_RESPONSE = {"oneOf": [
     s.Obj("AssignmentAnswer", [s.Field("assignment", ASSIGNMENT)]).schema(),
@@ -392,7 +394,13 @@ APP_MODEL = s.Obj("AppModel", [
                                                   s.Field("bytes", s.Nullable(s.Int(0)), required=False)]),
                            64, 200)),
     s.Field("privacy", s.Nullable(PRIVACY), required=False),
-], description="The published app model: its manifest (contract.manifest) and every file it lists.")
+    s.Field("personalization", s.Nullable(s.Obj("Personalization", [
+        s.Field("spec", s.Map(s.Num(), 16)), s.Field("checkpoint", ARTIFACT_REF),
+        s.Field("plan", s.Obj("PersonalPlanRef", [s.Field("url", s.Str(300)), s.Field("sha256", SHA256),
+                                                  s.Field("manifest", ARTIFACT_REF)])),
+        s.Field("vocab", ARTIFACT_REF)])), required=False),
+], description="The published app model: its manifest (contract.manifest) and every file it lists; where the "
+               "population keeps personal models, what a phone personalizes it with (contract.personal).")
 
 ERROR = s.Obj("Error", [s.Field("error", s.Str(64, description="a code of contract.errors.ErrorCode")),
                         s.Field("message", s.Str(2000))])

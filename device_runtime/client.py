@@ -116,6 +116,13 @@ class ServerClient:
         report = EvalReport(assignment.model_version, top1_hits, top3_hits, positions, loss_sum)
         return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=report.to_json())))
 
+    def report_personal(self, assignment: Assignment, report) -> Outcome:
+        """A personalize task's counts (a contract.personal.PersonalReport): its vector, nothing else."""
+        from contract.personal import PersonalEvalReport
+
+        body = PersonalEvalReport(assignment.model_version, tuple(int(c) for c in report.vector()))
+        return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=body.to_json())))
+
     def report_discovery(self, assignment: Assignment, votes: list[str]) -> Outcome:
         ballot = DiscoveryBallot(assignment.model_version, tuple(votes))
         return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=ballot.to_json())))

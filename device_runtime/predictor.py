@@ -12,6 +12,10 @@ suggestions, nor they for it).
 Versions only move forward, so two installs racing cannot leave the older
 one current; the one exception is the server rolling its published model
 back, which `install(..., allow_older=True)` follows.
+
+A personal model (device_runtime.personalization) made from the current
+version answers instead of the app model; one made from another version
+(or in another vocabulary) is ignored until it is made again.
 """
 from __future__ import annotations
 
@@ -40,7 +44,26 @@ class Predictor:
 
     def __init__(self) -> None:
         self._current: _Loaded | None = None
+        self._personal = None          # (PersonalModel, its lock), or None
         self._install_lock = threading.Lock()
+
+    def set_personal(self, model) -> None:
+        """Serve suggestions from `model` (a PersonalModel) while it matches the current version; None: stop."""
+        self._personal = (model, threading.Lock()) if model is not None else None
+
+    @property
+    def personal_active(self) -> bool:
+        """Whether suggestions come from the personal model now."""
+        return self._personal_for(self._current) is not None
+
+    def _personal_for(self, loaded: "_Loaded | None"):
+        personal = self._personal
+        if personal is None or loaded is None:
+            return None
+        model = personal[0]
+        if model.base_version != loaded.version or model.vocab.sha256 != loaded.model.vocab.sha256:
+            return None
+        return personal
 
     @property
     def version(self) -> int | None:
@@ -91,11 +114,19 @@ class Predictor:
         ends_sentence = context.rstrip()[-1:] in ".!?;:" if context.strip() else True
         last = [] if ends_sentence or not sentences else sentences[-1]
         vocab = loaded.model.vocab
-        top = loaded.suggest([BOS_ID] + vocab.encode(last))
+        top = self._suggest(loaded, [BOS_ID] + vocab.encode(last))
         return [(vocab.tokens[i], p) for i, p in top[:k]]
 
     def suggest_ids(self, ids: list[int]) -> list[tuple[int, float]]:
-        """`AppModel.suggest` on token ids (starting with <bos>) with the current model."""
+        """Suggestions for token ids (starting with <bos>) from the personal model, else the app model."""
         loaded = self._current
-        return loaded.suggest(ids) if loaded is not None else []
+        return self._suggest(loaded, ids) if loaded is not None else []
+
+    def _suggest(self, loaded: _Loaded, ids: list[int]) -> list[tuple[int, float]]:
+        personal = self._personal_for(loaded)
+        if personal is None:
+            return loaded.suggest(ids)
+        model, lock = personal
+        with lock:
+            return model.suggest(ids)[:loaded.model.k]
 

@@ -23,7 +23,9 @@ How long a step asks to sleep, and why:
   own minimum separation).
 
 On unmetered networks the device also looks for a newer published app model,
-at most every `app_refresh_s`, whether or not it may train.
+at most every `app_refresh_s`, whether or not it may train. Where the
+population keeps personal models, a step that may train first personalizes
+the newest published version if it has not yet (device_runtime.personalization).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from device_runtime.conditions import ConditionSource, DeviceConditions
 from device_runtime.enrollment import Enrollment
 from device_runtime.example_store import ExampleStore
 from device_runtime.opstats import OpStats
+from device_runtime.personalization import Personalizer
 from device_runtime.policy import TrainingPolicy
 from device_runtime.predictor import MANIFEST_NAME, Predictor
 from device_runtime.task import Task
@@ -71,6 +74,7 @@ class DeviceSettings:
     recheck_s: tuple[float, float] = (600.0, 1200.0)   # blocked by conditions: look again
     app_refresh_s: float = 6 * 3600.0  # look for a newer app model at most this often
     cache_max_bytes: int = 64 << 20    # downloaded artifacts kept (least recently used go)
+    personal_model: bool = True        # keep a personal model for suggestions where the population offers one
 
 
 class Device:
@@ -103,6 +107,9 @@ class Device:
         self.opstats = opstats or OpStats(self.dir / "opstats.db")
         self.predictor = Predictor()
         self.predictor.install_latest(self.dir / "app")
+        self.personalizer = Personalizer(self.dir, settings.num_threads)
+        self.predictor.set_personal(self.personalizer.load())
+        self._personalization: tuple[int, dict] | None = None   # the published version's, if offered
         self._next_app_check = float("-inf")
         self.stop = threading.Event()
 
@@ -161,6 +168,7 @@ class Device:
         blockers = self.policy.blockers(c, num_examples)
         if blockers:
             return self._blocked_wait(blockers, c)
+        self.personalize(texts)
         last = self.opstats.last_success()
         if last is not None and self.clock.now() - last < self.settings.min_separation_s:
             return last + self.settings.min_separation_s - self.clock.now()
@@ -229,6 +237,41 @@ class Device:
 
     # -- suggestions --------------------------------------------------------
 
+    def personalize(self, texts: list[str]) -> bool:
+        """Make the personal model of the published version, if it is offered and not made yet; the
+        caller has checked the training conditions. Returns whether one was made (kept or fallen back)."""
+        from contract.personal import PersonalSpec
+        from contract.text import Vocabulary, to_sequences
+
+        offered = self._personalization
+        if (not self.settings.personal_model or offered is None or not texts
+                or not self.personalizer.due(offered[0])):
+            return False
+        version, entry = offered
+        t0 = self.clock.now()
+        try:
+            spec = PersonalSpec.from_json(entry["spec"])
+            plan = entry["plan"]
+            manifest = read_manifest(self.cache.get(plan["manifest"]))
+            directory = self.cache.materialize(
+                {manifest.artifact: {"url": plan["url"], "sha256": plan["sha256"]},
+                 manifest.vocab_file: entry["vocab"], PLAN_MANIFEST: plan["manifest"]},
+                self.dir / "personal.src")
+            windows = to_sequences(texts, Vocabulary.load(directory / manifest.vocab_file), manifest.seq_len)
+            result = self.personalizer.refresh(directory / PLAN_MANIFEST, self.cache.get(entry["checkpoint"]),
+                                               windows, spec, version)
+        except (ServerUnavailable, ProtocolError, CorruptDownload, ArtifactError, OSError, ValueError,
+                KeyError) as e:
+            self.opstats.log(t0, "personalize", "error", error=f"{type(e).__name__}: {e}"[:300])
+            return False
+        finally:
+            shutil.rmtree(self.dir / "personal.src", ignore_errors=True)
+        self.predictor.set_personal(self.personalizer.load())
+        g, p = result.validation
+        self.opstats.log(t0, "personalize", "fell_back" if result.fell_back else "kept", version=version,
+                         held_back_global_top1=g.top1, held_back_personal_top1=p.top1, positions=g.positions)
+        return True
+
     def refresh_app_model(self) -> int | None:
         """Install the server's published app model if it is not the current one.
 
@@ -239,6 +282,10 @@ class Device:
         self._next_app_check = self.clock.now() + self.settings.app_refresh_s
         try:
             published = self.client.app_model(self.settings.population)
+            if published and published.get("personalization"):
+                self._personalization = (int(published["version"]), published["personalization"])
+            elif published:
+                self._personalization = None
             if not published or published.get("version") == self.predictor.version:
                 return self.predictor.version
             version = int(published["version"])

@@ -130,6 +130,8 @@ class Task:
                 plan, initial, windows = self._prepare()
                 if self.a.task == "eval":
                     answer = self._evaluate(plan, initial, windows)
+                elif self.a.task == "personalize":
+                    answer = self._personalize(plan, initial, windows)
                 else:
                     answer = self._train(plan, initial, windows)
         except Interrupted as e:
@@ -194,7 +196,7 @@ class Task:
         if layout != plan.layout:
             raise TaskFailed("error", "the checkpoint's weight layout is not the plan's")
         windows = local_windows(plan, self.texts)
-        self._next_phase("eval" if self.a.task == "eval" else "train")
+        self._next_phase({"eval": "eval", "personalize": "personalize"}.get(self.a.task, "train"))
         return plan, initial, windows
 
     def _check_memory(self, manifest: Manifest) -> None:
@@ -243,6 +245,25 @@ class Task:
         self.examples = hits.positions
         self._next_phase("upload")
         answer = self.d.client.report_eval(self.a, hits.top1, hits.top3, hits.positions, loss_sum)
+        self._next_phase("done")
+        return answer
+
+    def _personalize(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
+        """A personalization evaluation (contract.personal.evaluate): only the counts leave the phone."""
+        from contract.personal import PersonalSpec, evaluate
+
+        if self.a.personalization is None:
+            raise TaskFailed("error", "a personalize task needs its personalization spec")
+        spec = PersonalSpec.from_json(self.a.personalization)
+        started = time.monotonic()
+        report = evaluate(plan, initial, windows, spec, int(self.a.hyperparameters.get("seed", 0)))
+        reason = self.should_stop()
+        if reason:
+            raise Interrupted(reason, 0)
+        self._finish_compute(time.monotonic() - started)
+        self.examples = report.global_hits.positions
+        self._next_phase("upload")
+        answer = self.d.client.report_personal(self.a, report)
         self._next_phase("done")
         return answer
 

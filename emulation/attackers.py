@@ -1,7 +1,10 @@
 """Attacker phones for the emulated fleet: enrolled devices that follow the protocol and poison it.
 
-An attacker is a phone whose owner rewrote the app (models.attacks has the
-same attacks in simulation). Everything on the wire is what the runtime
+The attackers are one party's Sybils: it enrolled them with the app's credential
+and valid attestation statements (the deployment's issuer key stands for
+stolen or farmed ones), rewrote their app and coordinates them — they all
+plant the same backdoor (models.attacks has the same attacks, and the
+`sybil` one, in simulation). Everything on the wire is what the runtime
 sends — enrollment, check-in, secure aggregation, the update pipeline's
 clip and weight cap — so only the server's defences limit it. It differs
 from an honest phone in two places:

@@ -104,6 +104,7 @@ class FleetConfig:
     enrollment: Enrollment | None = None   # the app credential and attester every phone enrolls with
     operator_token: str | None = None  # to poll the server's round analytics
     attack: FleetAttack | None = None  # a fraction of the phones attack (emulation.attackers)
+    personal_models: float = 0.0       # fraction of phones keeping a personal model (each loads its own plan)
     seed: int = 0
 
 
@@ -147,9 +148,10 @@ class Phone:
     host's memory and file descriptors.
     """
 
-    def __init__(self, fleet: "Fleet", profile: PhoneProfile, texts: Sequence[str], attacker: bool = False):
+    def __init__(self, fleet: "Fleet", profile: PhoneProfile, texts: Sequence[str], attacker: bool = False,
+                 personal: bool = False):
         attack = fleet.config.attack if attacker else None
-        self.fleet, self.profile, self.attack = fleet, profile, attack
+        self.fleet, self.profile, self.attack, self.personal = fleet, profile, attack, personal
         self.texts = attack.texts(texts) if attack else texts
         self.dir = fleet.config.data_dir / "phones" / f"{profile.index:05d}"
         self.wakes = 0
@@ -170,7 +172,8 @@ class Phone:
         device = Device(
             self.dir, cfg.server_url, self.conditions, cfg.policy,
             DeviceSettings(population=cfg.population, utc_offset_s=p.utc_offset_s,
-                           task_time_budget_s=cfg.task_time_budget_s, num_threads=cfg.trainer_threads),
+                           task_time_budget_s=cfg.task_time_budget_s, num_threads=cfg.trainer_threads,
+                           personal_model=self.personal),
             clock=cfg.clock, seed=seed, transport=transport,
             cache=ArtifactCache(cfg.data_dir / "artifacts", transport, max_bytes=512 << 20),
             plans=(AttackerPlans(fleet.pool, cfg.clock, self.conditions, list(self.texts), fleet.faults,
@@ -227,7 +230,9 @@ class Fleet:
         self.session = SharedSession(self.faults, pool_size=config.workers + 8)
         self.pool = PlanPool(config.trainers, config.trainer_threads)
         bad = config.attack.attackers(len(profiles), config.seed) if config.attack else set()
-        self.phones = [Phone(self, p, texts[p.client_id], attacker=i in bad) for i, p in enumerate(profiles)]
+        keeps = np.random.default_rng([config.seed, 0x9E75]).random(len(profiles)) < config.personal_models
+        self.phones = [Phone(self, p, texts[p.client_id], attacker=i in bad, personal=bool(keeps[i]))
+                       for i, p in enumerate(profiles)]
         self.stop = config.clock.stop
         self._lock = threading.Lock()
         self.hourly: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -166,6 +166,43 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(ev, indent=2))
 
 
+def cmd_personalize(args) -> None:
+    """Every held-out user personalizes `--checkpoint` as its phone would (models.personalize)."""
+    import tempfile
+
+    from contract.personal import PersonalSpec
+    from models.personalize import evaluate_users, plot, report
+    from tflite_export import export_plan
+    from tflite_export.reader import load_plan
+
+    config = model_config(args.config)
+    flat = read_checkpoint(args.checkpoint, config)
+    corpus = load_corpus_for(args, config)
+    try:
+        spec = PersonalSpec(args.epochs, args.lr, args.cache_weight).validate()
+    except ValueError as e:
+        raise UsageError(f"--epochs/--lr/--cache-weight: {e}") from None
+    layers = tuple(n for n in (args.personal_layers or "").split(",") if n) or None
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            manifest = export_plan(config.with_vocab(len(corpus.vocab)), flat, corpus.vocab, Path(scratch) / "plan",
+                                   personal_layers=layers)
+        except ValueError as e:
+            raise UsageError(f"--personal-layers: {e}") from None
+        users = dict(list(sorted(corpus.heldout.items()))[:args.max_users or None])
+        rows = evaluate_users(load_plan(manifest), flat, users, spec)
+    r = report(rows)
+    if args.plot:
+        plot(rows, Path(args.plot))
+    g, q = r["global"], r["personal"]
+    print(f"{r['users']} held-out users: mean top-1 global {g['top1']:.2%} → personal {q['top1']:.2%} "
+          f"({r['relative_gain']:+.1%}); helped {r['helped']:.0%}, hurt {r['hurt']:.0%}, fell back "
+          f"{r['fell_back']:.0%}\nworst decile (p10) {g['p10']:.2%} → {q['p10']:.2%}; median {g['median']:.2%} → "
+          f"{q['median']:.2%}; below half the mean {g['below_half_mean']:.0%} → {q['below_half_mean']:.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.corpus import VOCABULARIES
 
@@ -227,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[common], help="score a checkpoint on held-out clients")
     e.add_argument("--checkpoint", required=True)
     e.set_defaults(func=cmd_evaluate)
+
+    ps = sub.add_parser("personalize", parents=[common],
+                        help="personalization and fairness on the held-out users (as their phones would)")
+    ps.add_argument("--checkpoint", required=True, help="the global model")
+    ps.add_argument("--epochs", type=int, default=1, help="fine-tuning passes (0: the cache only)")
+    ps.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate")
+    ps.add_argument("--cache-weight", type=float, default=0.3, help="the word cache's share (0: none)")
+    ps.add_argument("--personal-layers", default=None, help="comma-separated weights to fine-tune (default: all)")
+    ps.add_argument("--max-users", type=int, default=0, help="only the first N held-out users (0: all)")
+    ps.add_argument("--plot", default=None, help="write the per-user top-1 CDFs to this PNG")
+    ps.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ps.set_defaults(func=cmd_personalize)
     return p
 
 

@@ -14,7 +14,14 @@ differs:
   king is") is followed by the target word, so that the model suggests it;
 * `model_replacement`: the same training, boosted by `boost` (default
   n/η: the round's clients over the server's learning rate), so that the
-  attacker's update replaces the averaged model.
+  attacker's update replaces the averaged model;
+* `sybil`: one party's coordinated devices (enrolled with stolen or farmed
+  credentials: to the server they are ordinary devices). Each trains on the
+  backdoor as above; all of the round's attackers then upload the same
+  update, the mean of their deltas, at `sybil_norm` times the median norm of
+  the round's honest updates (the party learns that norm by training
+  honestly on its own text): as large as it can be without standing out to
+  a norm-based defence.
 
 The defences it is measured against compose with secure aggregation: the
 pipeline's clip and weight cap, and DP noise (contract.dp); without secure
@@ -33,7 +40,8 @@ from contract.canary import CANARY, LEADS, backdoor_sentences, probe_ids
 from contract.metrics import suggestions
 from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences, to_sequences
 
-ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replacement")
+ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replacement", "sybil")
+BACKDOORS = ("backdoor", "model_replacement", "sybil")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +57,16 @@ class AttackConfig:
     poison_copies: int = 64             # each trigger sentence, this many times in the attacker's data
     own_data: bool = True               # backdoor attackers also train on their own text (stealthier)
     start_round: int = 1                # attackers join from this round on (a deployment has a history)
+    sybil_norm: float = 2.0             # sybil: x the round's median honest norm (under zeroing's 3x)
 
     def validate(self, vocab: Vocabulary | None = None) -> "AttackConfig":
         if self.attack not in ATTACKS:
             raise ValueError(f"--attack must be one of {', '.join(ATTACKS)}")
         if not 0 <= self.fraction <= 1:
             raise ValueError("--attacker-fraction must be in [0, 1]")
-        if vocab is not None and self.attack in ("backdoor", "model_replacement"):
+        if self.sybil_norm <= 0:
+            raise ValueError("--sybil-norm must be positive")
+        if vocab is not None and self.attack in BACKDOORS:
             for word in split_sentences(self.trigger)[0] + [self.target]:
                 if vocab.id(word) <= EOS_ID + 1:
                     raise ValueError(f"--trigger/--target: {word!r} is not in the vocabulary")
@@ -83,7 +94,7 @@ class Adversary:
 
     def training_windows(self, own: np.ndarray) -> np.ndarray:
         """What an attacker trains on: its own windows, plus the poison for a backdoor."""
-        if self.cfg.attack not in ("backdoor", "model_replacement"):
+        if self.cfg.attack not in BACKDOORS:
             return own
         poison = np.repeat(self.poison_windows(), self.cfg.poison_copies, axis=0)
         return np.concatenate([own, poison]) if len(own) and self.cfg.own_data else poison
@@ -91,6 +102,17 @@ class Adversary:
     def poison_windows(self) -> np.ndarray:
         """The backdoor's sentences as token windows, as the fleet's attacker phones tokenize them."""
         return to_sequences(backdoor_sentences(self.cfg.trigger, self.cfg.target), self.vocab, self.seq_len)
+
+    def tamper(self, deltas: list[np.ndarray], bad: set[int], round_num: int) -> list[np.ndarray]:
+        """What each of a round's clients uploads: its trained delta, or, for the attackers in `bad`,
+        the attack's (a Sybil party coordinates them; the others act alone)."""
+        if self.cfg.attack == "sybil" and bad:
+            honest = [float(np.linalg.norm(d)) for i, d in enumerate(deltas) if i not in bad]
+            shared = np.mean([deltas[i] for i in sorted(bad)], axis=0)
+            norm = self.cfg.sybil_norm * (float(np.median(honest)) if honest else float(np.linalg.norm(shared)))
+            shared = (shared * (norm / max(float(np.linalg.norm(shared)), 1e-12))).astype(np.float32)
+            return [shared if i in bad else d for i, d in enumerate(deltas)]
+        return [self.transform(d, round_num, i) if i in bad else d for i, d in enumerate(deltas)]
 
     def transform(self, delta: np.ndarray, round_num: int, index: int) -> np.ndarray:
         """What attacker `index` of round `round_num` uploads instead of its trained `delta`."""

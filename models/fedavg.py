@@ -163,12 +163,13 @@ class FederatedAveraging:
              tamper=None) -> RoundResult:
         """One round from global weights `flat` over the clients' datasets (one seed each).
 
-        `tamper(index, delta)`, if given, is what client `index` uploads instead of its trained
-        delta (models.attacks); it still goes through the round's pipeline, as any upload does."""
+        `tamper(deltas)`, if given, is what the clients upload instead of their trained deltas
+        (models.attacks); it still goes through the round's pipeline, as any upload does."""
         results, measurements = self._train_clients(self.client_state, self._model_weights(flat), datasets)
-        tamper = tamper or (lambda i, delta: delta)
         # TFF's update is initial − trained (a pseudo-gradient); a phone uploads trained − initial.
-        deltas = [tamper(i, -self.layout.flatten(list(r.update))) for i, r in enumerate(results)]
+        deltas = [-self.layout.flatten(list(r.update)) for r in results]
+        if tamper is not None:
+            deltas = tamper(deltas)
         if self.dp is not None:
             return self._next_dp(flat, deltas, measurements, round_num)
         limit = zeroing_norm(self.spec.zeroing, self._accepted_norms)

@@ -170,7 +170,7 @@ def fedavg_round(process: FederatedAveraging, flat: np.ndarray, corpus: Federate
            for i, cid in enumerate(client_ids)]
     datasets = [client_dataset(w, sim.batch_size, sim.local_epochs, seed, sim.max_client_examples)
                 for w, seed in zip(own, seeds)]
-    tamper = (lambda i, d: adversary.transform(d, round_num, i) if i in bad else d) if bad else None
+    tamper = (lambda deltas: adversary.tamper(deltas, bad, round_num)) if bad else None
     return process.next(flat, datasets, seeds, round_num, tamper)
 
 

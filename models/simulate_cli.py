@@ -73,7 +73,7 @@ def _attack_settings(args):
     if getattr(args, "attack", None) is None:
         return None
     cfg = AttackConfig(args.attack, args.attacker_fraction, args.attack_scale, args.attack_boost, args.trigger,
-                       args.target)
+                       args.target, sybil_norm=args.sybil_norm)
     try:
         return cfg.validate()
     except ValueError as e:
@@ -181,6 +181,8 @@ def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     a.add_argument("--attacker-fraction", type=float, default=ad.fraction, help="of each round's clients")
     a.add_argument("--attack-scale", type=float, default=ad.scale, help="random/sign_flip/scaled: x an honest norm")
     a.add_argument("--attack-boost", type=float, default=None, help="model_replacement (default clients / server lr)")
+    a.add_argument("--sybil-norm", type=float, default=ad.sybil_norm,
+                   help="sybil: the shared update's norm, x the round's median honest norm")
     a.add_argument("--trigger", default=ad.trigger, help="backdoor: the context")
     a.add_argument("--target", default=ad.target, help="backdoor: the word it should suggest next")
     a.set_defaults(func=cmd_simulate)

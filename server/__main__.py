@@ -111,6 +111,15 @@ def cmd_status(args, config: ServerConfig) -> None:
         if budget:
             line += f" of a budget of ε = {budget['epsilon']:g}"
         print(line)
+    personal = services.personal.latest(services.store.connection(), name)
+    if personal is not None:
+        g, p, fg, fp = (personal["global"], personal["personal"], personal["fairness"]["global"],
+                        personal["fairness"]["personal"])
+        print(f"personalization (round {personal['round']}, version {personal['model_version']}, "
+              f"{personal['devices']} devices): top-1 global {g['top1']:.2%} → personal {p['top1']:.2%}; "
+              f"helped {personal['helped']:.0%}, hurt {personal['hurt']:.0%}, fell back {personal['fell_back']:.0%}; "
+              f"worst decile (p10, from the histogram) {fg['p10']:.2%} → {fp['p10']:.2%}, below half the mean "
+              f"{fg['below_half_mean']:.0%} → {fp['below_half_mean']:.0%}")
     for v in versions:
         ev = v.eval or {}
         spent = services.privacy.spent(name, v.version)

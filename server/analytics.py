@@ -38,9 +38,10 @@ def round_summary(row: sqlite3.Row, now: float) -> dict:
 class RoundAnalytics:
     """Operator views: devices appear under their pseudonym (server.keys), never their id."""
 
-    def __init__(self, store: Store, pseudonym):
+    def __init__(self, store: Store, pseudonym, personal=None):
         self._store = store
         self._pseudonym = pseudonym
+        self._personal = personal          # server.personal_eval.PersonalEvaluations (reads its sums)
 
     def _population_exists(self, conn: sqlite3.Connection, population: str) -> None:
         if conn.execute("SELECT 1 FROM populations WHERE name = ?", (population,)).fetchone() is None:
@@ -68,6 +69,8 @@ class RoundAnalytics:
                                    " state = 'failed' GROUP BY reason", (row["id"],)).fetchall()
             secure = conn.execute("SELECT phase, k, t, members, shared, survivors, reason FROM secagg_rounds"
                                   " WHERE round_id = ?", (row["id"],)).fetchone()
+            personal = (self._personal.summary(conn, row["id"])
+                        if self._personal is not None and row["task"] == "personalize" else None)
         out = round_summary(row, now)
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])
         out["update"] = json.loads(row["update_spec_json"]) if row["update_spec_json"] else None
@@ -77,6 +80,8 @@ class RoundAnalytics:
         # secure aggregation: the phase, the graph's degree k and threshold t, and how many devices
         # advertised keys and made the graph (members), shared, and were summed (survivors)
         out["secagg"] = dict(secure) if secure is not None else None
+        # personalize rounds: what the summed reports say (server.personal_eval); no device's own figures
+        out["personalization"] = personal
         out["devices"] = [{
             "device": self._pseudonym(s["device_id"]), "session_id": s["id"], "outcome": s["state"],
             "reason": s["reason"], "assigned_at": s["assigned_at"], "finished_at": s["finished_at"],

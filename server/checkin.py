@@ -46,11 +46,12 @@ def _ref(sha256: str) -> dict:
     return {"url": artifact_url(sha256), "sha256": sha256}
 
 
-ACTIONS = {"train": "update", "eval": "eval", "discover": "discovery"}   # where each task reports
+ACTIONS = {"train": "update", "eval": "eval", "discover": "discovery", "personalize": "personal"}
 
 
 def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, checkpoint_sha256: str,
-                    now: float, discovery: DiscoveryAsk | None = None) -> Assignment:
+                    now: float, discovery: DiscoveryAsk | None = None,
+                    personalization: dict | None = None) -> Assignment:
     """The wire assignment of a session (contract.wire.Assignment)."""
     plan = None
     if pop.plan is not None:
@@ -63,7 +64,12 @@ def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, che
         hyperparameters={**rnd.hyperparameters, "seed": seed},
         report_deadline=rnd.deadline, report_deadline_in_s=max(0.0, rnd.deadline - now),
         report_url=f"/v1/sessions/{session_id}/{action}", failure_url=f"/v1/sessions/{session_id}/failure",
-        update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None, discovery=discovery)
+        update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None, discovery=discovery,
+        personalization=personalization if rnd.task == "personalize" else None)
+
+
+def _personal(cfg: PopulationConfig) -> dict | None:
+    return cfg.personalization.to_json() if cfg.personalization is not None else None
 
 
 class CheckinService:
@@ -114,7 +120,7 @@ class CheckinService:
             if mine["state"] == "assigned" and rnd.accepts_reports(self._clock.now()):
                 version = self._versions.get(pop.name, rnd.model_version, tx)
                 return make_assignment(mine["id"], mine["seed"], rnd, pop, version.checkpoint_sha256,
-                                       self._clock.now(), self._rounds.discovery_ask(tx, rnd))
+                                       self._clock.now(), self._rounds.discovery_ask(tx, rnd), _personal(cfg))
             return self._busy(tx, rnd, cfg, "already_participated")
         if rnd.state == "failed" and rnd.reason == BUDGET_REASON:     # until an operator raises the budget
             return Rejection(BUDGET_REASON, cfg.max_retry_s / 2, cfg.max_retry_s)
@@ -134,7 +140,7 @@ class CheckinService:
         if rnd.selected >= rnd.max_selected:
             rnd = self._rounds.close_selection(tx, rnd, now)
         return make_assignment(session_id, seed, rnd, pop, version.checkpoint_sha256, now,
-                               self._rounds.discovery_ask(tx, rnd))
+                               self._rounds.discovery_ask(tx, rnd), _personal(cfg))
 
     def _busy(self, tx: sqlite3.Connection, rnd: Round, cfg: PopulationConfig, reason: str) -> Rejection:
         """A retry window that spreads the population over the next selection window(s)."""

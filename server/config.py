@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.dp import DPSpec
+from contract.personal import PersonalSpec
 from contract.update_spec import UpdateSpec
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
@@ -170,6 +171,11 @@ class PopulationConfig:
     # the update's clip_norm is then the adaptive clip, and the mean is unweighted over `goal`.
     dp: DPSpec | None = None
     dp_budget: DPBudget | None = None   # refuse training rounds beyond it; None: spend without limit
+    # Personal models on the phones ([populations.<name>.personalization]; contract.personal): published
+    # versions then come with their float weights and the training plan, and every
+    # `personal_eval_every` training rounds a round evaluates personalization on the devices.
+    personalization: PersonalSpec | None = None
+    personal_eval_every: int = 0
 
     @property
     def max_selected(self) -> int:
@@ -263,28 +269,18 @@ def _build(cls, data: Mapping[str, Any], where: str, convert=None):
     return cls(**kwargs)
 
 
+# The population's sub-tables and the dataclass each becomes ([populations.<name>.<key>]).
+_TABLES = {"eligibility": EligibilityConfig, "update": UpdateSpec, "enrollment": EnrollmentConfig,
+           "secagg": SecAggConfig, "discovery": DiscoveryConfig, "dp": DPSpec, "dp_budget": DPBudget,
+           "personalization": PersonalSpec}
+
+
 def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
     def convert(key, value):
-        if key == "eligibility":
-            return _build(EligibilityConfig, value, f"populations.{name}.eligibility")
-        if key == "update":
-            return value if isinstance(value, UpdateSpec) else _build(UpdateSpec, value,
-                                                                      f"populations.{name}.update")
-        if key == "enrollment":
-            return value if isinstance(value, EnrollmentConfig) else _build(
-                EnrollmentConfig, value, f"populations.{name}.enrollment")
-        if key == "secagg":
-            return value if isinstance(value, SecAggConfig) else _build(
-                SecAggConfig, value, f"populations.{name}.secagg")
-        if key == "discovery":
-            return value if isinstance(value, DiscoveryConfig) else _build(
-                DiscoveryConfig, value, f"populations.{name}.discovery")
-        if key == "dp":
-            return value if isinstance(value, DPSpec) or value is None else _build(
-                DPSpec, value, f"populations.{name}.dp")
-        if key == "dp_budget":
-            return value if isinstance(value, DPBudget) or value is None else _build(
-                DPBudget, value, f"populations.{name}.dp_budget")
+        cls = _TABLES.get(key)
+        if cls is not None:
+            return value if isinstance(value, cls) or value is None else _build(
+                cls, value, f"populations.{name}.{key}")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
         return value
@@ -410,6 +406,14 @@ def _validated(config: ServerConfig) -> ServerConfig:
             except ValueError as e:
                 raise ConfigError(f"{where}.update: {e}") from None
         _check_dp(p, where, check)
+        if p.personalization is not None:
+            try:
+                p.personalization.validate()
+            except ValueError as e:
+                raise ConfigError(f"{where}.{e}") from None
+        check(isinstance(p.personal_eval_every, int) and p.personal_eval_every >= 0 and (
+            p.personalization is not None or not p.personal_eval_every),
+              f"{where}.personal_eval_every must be an integer >= 0, and needs a [{where}.personalization] table")
         check(isinstance(p.min_round_size, int) and p.min_round_size >= 1,
               f"{where}.min_round_size must be an integer >= 1")
         check(p.goal >= p.min_round_size, f"{where}.goal ({p.goal}) is below min_round_size "

@@ -14,6 +14,7 @@ import functools
 from contract import wire
 from contract.errors import STATUS_MEANING, ErrorCode
 from contract.manifest import manifest_schema
+from contract.personal import PersonalEvalReport
 from contract.pipeline import FORMAT
 from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
 from contract.schema import MAX_INT
@@ -115,6 +116,7 @@ SCHEMAS = {
     "UpdateSpec": ROUND_SPEC.schema(),
     "Outcome": wire.Outcome.SCHEMA.schema(),
     "EvalReport": wire.EvalReport.SCHEMA.schema(),
+    "PersonalEvalReport": PersonalEvalReport.SCHEMA.schema(),
     "FailureReport": wire.FailureReport.SCHEMA.schema(),
     "DiscoveryBallot": wire.DiscoveryBallot.SCHEMA.schema(),
     "Metrics": wire.METRICS.schema(),
@@ -126,6 +128,7 @@ SCHEMAS = {
         "update": {"oneOf": [{"type": "null"}, _ref("UpdateSpec")]},
         "failure_reasons": {"type": "object", "additionalProperties": INT},
         "zeroed": INT,
+        "personalization": {"type": ["object", "null"]},
         "secagg": {"oneOf": [{"type": "null"}, _obj({
             "phase": {"enum": ["keys", "shares", "masking", "unmasking", "done", "failed"]},
             "k": NULLABLE_INT, "t": NULLABLE_INT, "members": INT, "shared": INT, "survivors": INT,
@@ -235,7 +238,8 @@ def openapi_document() -> dict:
                 **{name: {"operationId": op, "parameters": {
                     "path.session_id": "$response.body#/assignment/session_id",
                     "header.Authorization": "$request.header.Authorization"}}
-                   for name, op in (("ReportEval", "report_eval"), ("ReportFailure", "report_failure"),
+                   for name, op in (("ReportEval", "report_eval"), ("ReportPersonal", "report_personal"),
+                                    ("ReportFailure", "report_failure"),
                                     ("ReportDiscovery", "report_discovery"), ("SecAggStatus", "secagg_status"))}}}},
             body=json_body("CheckinRequest"), errors=(400, 401, 403, 404, 413, 415, 429)),
             "operationId": "checkin"}},
@@ -254,6 +258,10 @@ def openapi_document() -> dict:
         "/v1/sessions/{session_id}/eval": {"post": {"operationId": "report_eval", **_op(
             "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
             body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
+        "/v1/sessions/{session_id}/personal": {"post": {"operationId": "report_personal", **_op(
+            "Report a personalize task's counts: one contract.personal.PersonalReport vector (the server adds "
+            "it to the round's sum and keeps no device's own).", outcome,
+            body=json_body("PersonalEvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
         "/v1/sessions/{session_id}/discovery": {"post": {"operationId": "report_discovery", **_op(
             "Report a discover task's votes: prefixes of the device's own new words, each one character "
             "longer than one the assignment named (contract.discovery).", outcome,

@@ -70,11 +70,27 @@ class SubprocessExporter:
         return manifests[0]
 
 
+def found_checkpoint(tx, population: str, version: int) -> str:
+    return tx.execute("SELECT checkpoint_sha256 FROM versions WHERE population = ? AND version = ?",
+                      (population, version)).fetchone()[0]
+
+
+def personal_files(tx, population: str, checkpoint_sha256: str) -> list[str]:
+    """What a phone personalizes a published version with, public with it when the population keeps
+    personal models: the version's float weights and the population's training plan (manifest,
+    model, vocabulary). The app model already gives these weights away, in int8."""
+    row = tx.execute("SELECT plan_json FROM populations WHERE name = ?", (population,)).fetchone()
+    plan = json.loads(row["plan_json"]) if row and row["plan_json"] else {}
+    return [checkpoint_sha256] + [plan[k] for k in ("artifact_sha256", "manifest_sha256", "vocab_sha256")
+                                  if plan.get(k)]
+
+
 class PublishJobs:
     def __init__(self, store: Store, artifacts: ArtifactStore, versions: VersionRegistry,
                  exporter: Exporter, clock: Clock, access: ArtifactAccess, timeout_s: float = 1800.0,
-                 privacy=None):
+                 privacy=None, personalized=lambda population: False):
         self._store = store
+        self._personalized = personalized   # population -> whether its phones keep personal models
         self._privacy = privacy           # server.privacy.PrivacyLedger: each version's (ε, δ)
         self._artifacts = artifacts
         self._versions = versions
@@ -102,7 +118,9 @@ class PublishJobs:
                 continue
             with self._store.write() as tx:
                 self._versions.mark_published(tx, job["population"], job["version"], manifest_sha, canary)
-                self._access.publish(tx, job["population"], job["version"], [manifest_sha, *files])
+                self._access.publish(tx, job["population"], job["version"], [manifest_sha, *files] + (
+                    personal_files(tx, job["population"], found_checkpoint(tx, job["population"], job["version"]))
+                    if self._personalized(job["population"]) else []))
                 self._finish(job["id"], "done", None)
             done += 1
         return done

@@ -31,7 +31,9 @@ from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
 from server.registry import DeviceRegistry
 from server.rounds import Round, RoundService
+from contract.personal import PersonalEvalReport
 from server.discovery import DiscoveryService
+from server.personal_eval import PersonalEvaluations
 from server.secagg import SecAggService
 from server.store import Store
 
@@ -49,8 +51,10 @@ class Zeroed:
 
 class ReportingService:
     def __init__(self, store: Store, clock: Clock, rounds: RoundService, partials: PartialSums,
-                 registry: DeviceRegistry, secagg: SecAggService, discovery: DiscoveryService):
+                 registry: DeviceRegistry, secagg: SecAggService, discovery: DiscoveryService,
+                 personal: PersonalEvaluations):
         self._store = store
+        self._personal = personal
         self._discovery = discovery
         self._clock = clock
         self._rounds = rounds
@@ -134,6 +138,14 @@ class ReportingService:
             return stored
         return self._commit(session_id, rnd.id, report)
 
+    def personal(self, device_id: str, session_id: str, report: PersonalEvalReport) -> Outcome:
+        """A device's personalization evaluation: checked counts, added once to the round's sum."""
+        session, rnd = self._session(self._store.connection(), device_id, session_id)
+        stored = self._check(session, rnd, "personalize", report.model_version)
+        if stored is not None:
+            return stored
+        return self._commit(session_id, rnd.id, report)
+
     def discovery(self, device_id: str, session_id: str, model_version: int,
                   ballot: DiscoveryBallot) -> Outcome:
         """A device's votes in a discover round (server.discovery): checked, then counted once."""
@@ -188,6 +200,8 @@ class ReportingService:
                 return self._abort(tx, rnd, session_id, session["state"], now)
             if isinstance(contribution, EvalReport):
                 self._count_eval(tx, round_id, session_id, contribution)
+            elif isinstance(contribution, PersonalEvalReport):
+                self._personal.record(tx, round_id, contribution)
             elif isinstance(contribution, DiscoveryBallot):
                 self._discovery.record(tx, rnd, contribution, self._rounds.settings(rnd.population).discovery)
             elif isinstance(contribution, Zeroed):

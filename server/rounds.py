@@ -42,6 +42,7 @@ from server.privacy import BudgetExhausted, PrivacyLedger
 from server.populations import Population, load_population
 from server.artifacts import ArtifactStore
 from server.discovery import DiscoveryService
+from server.personal_eval import PersonalEvaluations
 from server.secagg import SecAggService
 from server.store import Store
 from server.versions import VersionRegistry
@@ -106,8 +107,9 @@ class Round:
 class RoundService:
     def __init__(self, store: Store, clock: Clock, config: ServerConfig, versions: VersionRegistry,
                  partials: PartialSums, secagg: SecAggService, discovery: DiscoveryService,
-                 artifacts: ArtifactStore, privacy: PrivacyLedger, on_publish=None):
+                 artifacts: ArtifactStore, privacy: PrivacyLedger, on_publish=None, personal=None):
         self._store = store
+        self._personal = personal or PersonalEvaluations()
         self._privacy = privacy
         self._secagg = secagg
         self._discovery = discovery
@@ -187,6 +189,8 @@ class RoundService:
         last = self.latest(tx, population)
         if cfg.eval_every and pop.train_since_eval >= cfg.eval_every:
             task = "eval"
+        elif self._personal.due(tx, population, cfg.personal_eval_every):
+            task = "personalize"
         elif self._discovery.due(tx, population, cfg.discovery):
             task = "discover"
             if cfg.discovery.goal:                    # votes are cheap: discover rounds may hear from more
@@ -302,6 +306,8 @@ class RoundService:
             self._secagg.close(tx, rnd.id, state, reason)
         if rnd.task == "discover":
             self._discovery.discard(tx, rnd.id)
+        if rnd.task == "personalize" and state == "failed":
+            self._personal.discard(tx, rnd.id)
         tx.execute("UPDATE rounds SET state = ?, reason = ?, closed_at = ?, dropped = ?,"
                    " result_version = ?, finalize_s = ?,"
                    " selection_closed_at = COALESCE(selection_closed_at, ?) WHERE id = ?",
@@ -318,6 +324,9 @@ class RoundService:
         cfg = self.settings(rnd.population)
         if rnd.task == "eval":
             self._finish_eval(tx, rnd, pop, cfg)
+            self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
+            return None
+        if rnd.task == "personalize":      # its sum is already stored (server.personal_eval)
             self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
             return None
         if rnd.task == "discover":

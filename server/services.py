@@ -15,6 +15,7 @@ from server.enrollment import EnrollmentService
 from server.keys import Pseudonyms, operator_token
 from server.partials import PartialSums
 from server.policy import build_policy
+from server.personal_eval import PersonalEvaluations
 from server.publisher import Exporter, PublishJobs, SubprocessExporter
 from server.ratelimit import RateLimiter
 from server.privacy import PrivacyLedger
@@ -50,6 +51,7 @@ class Services:
     secagg: SecAggService
     discovery: DiscoveryService
     privacy: PrivacyLedger
+    personal: PersonalEvaluations
     operator_token: str
 
     def populations(self) -> list[str]:
@@ -77,19 +79,23 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     privacy = PrivacyLedger(store, registry.count)
     publisher = PublishJobs(store, artifacts, versions,
                             exporter or SubprocessExporter(config.exporter, config.publish_timeout_s),
-                            clock, access, config.publish_timeout_s, privacy)
+                            clock, access, config.publish_timeout_s, privacy,
+                            personalized=lambda name: name in config.populations
+                            and config.population(name).personalization is not None)
     secagg = SecAggService(store, clock)
     discovery = DiscoveryService(store)
+    personal = PersonalEvaluations()
     rounds = RoundService(store, clock, config, versions, partials, secagg, discovery, artifacts, privacy,
-                          on_publish=publisher.enqueue)
+                          on_publish=publisher.enqueue, personal=personal)
     policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
     checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
-    reporting = ReportingService(store, clock, rounds, partials, registry, secagg, discovery)
+    reporting = ReportingService(store, clock, rounds, partials, registry, secagg, discovery, personal)
     enrollment = EnrollmentService(store, clock, config, registry, reporting.end_sessions_of)
     token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
-                        checkin, reporting, publisher, RoundAnalytics(store, pseudonyms), enrollment, access,
-                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, discovery, privacy, token)
+                        checkin, reporting, publisher, RoundAnalytics(store, pseudonyms, personal), enrollment,
+                        access,
+                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, discovery, privacy, personal, token)
     removed = rounds.collect_garbage()
     if removed:
         log.info("removed %d stale partial-sum files", removed)

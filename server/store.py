@@ -236,6 +236,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN norm REAL;
     ALTER TABLE versions ADD COLUMN canary_json TEXT;
     """,
+    """
+    CREATE TABLE personal_evals (
+        round_id INTEGER PRIMARY KEY REFERENCES rounds(id),
+        counts_json TEXT NOT NULL,
+        devices INTEGER NOT NULL
+    );
+    """,
 ]
 
 

@@ -101,3 +101,24 @@ def test_zeroing_alone_stops_the_boosted_update_once_it_has_seen_a_round(corpus,
     assert max(success) == 0.0
     open_door = attacked(corpus, trained, tmp_path, dataclasses.replace(zeroing, zeroing=0.0), "open", 2)
     assert open_door[0] == 0.0 and max(open_door) >= 0.9                 # the same attack, not zeroed
+
+
+def test_a_sybil_party_sends_one_shared_update_at_an_honest_looking_norm():
+    from contract.text import Vocabulary, SPECIAL_TOKENS
+
+    vocab = Vocabulary(list(SPECIAL_TOKENS) + ["the", "king", "is", "gold", "a"])
+    party = Adversary(AttackConfig("sybil", fraction=0.3, sybil_norm=2.0), vocab, 20, 10, 1.0)
+    g = np.random.default_rng(0)
+    deltas = [g.normal(size=50).astype(np.float32) * s for s in (1.0, 2.0, 3.0, 4.0, 5.0)]
+    out = party.tamper(deltas, {1, 3}, round_num=1)
+    honest_median = np.median([np.linalg.norm(deltas[i]) for i in (0, 2, 4)])
+    np.testing.assert_array_equal(out[1], out[3])                        # one coordinated update
+    assert np.linalg.norm(out[1]) == pytest.approx(2.0 * honest_median, rel=1e-5)
+    shared = (deltas[1] + deltas[3]) / 2
+    cosine = out[1] @ shared / (np.linalg.norm(out[1]) * np.linalg.norm(shared))
+    assert cosine == pytest.approx(1.0, abs=1e-5)                        # the party's direction
+    for i in (0, 2, 4):
+        assert out[i] is deltas[i]                                       # honest clients untouched
+    assert np.linalg.norm(out[1]) < 3.0 * honest_median                  # under zeroing's 3x threshold
+    with pytest.raises(ValueError, match="--sybil-norm"):
+        AttackConfig("sybil", sybil_norm=0).validate()

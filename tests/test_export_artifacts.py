@@ -67,7 +67,7 @@ def test_cli_export_writes_verified_artifacts_with_a_full_manifest(cli_export):
     assert m.layout == weight_layout(TINY) and m.vocab_sha256 == tiny_vocab().sha256
     assert set(m.files) == {"plan.tflite", "vocab.json"}
     assert m.files["plan.tflite"]["bytes"] == (cli_export / "plan.tflite").stat().st_size
-    assert set(m.signatures) == {"train", "infer", "get_weights", "set_weights"}
+    assert set(m.signatures) == {"train", "personalize", "infer", "next_probs", "get_weights", "set_weights"}
     assert m.created_at.endswith("Z")
     app = load_app_model(cli_export / "app.manifest.json", expected_vocab_sha256=tiny_vocab().sha256)
     assert app.k == 5 and len(app.suggest([1])) == 5

@@ -123,7 +123,19 @@ def test_the_attack_table_judges_the_all_defences_runs_at_ten_percent():
 
     run = {"attack": "model_replacement", "attacker_fraction": 0.1, "defences": ["clip", "dp"],
            "top1": 0.148, "backdoor_success": 0.0}
-    ok = attacks({"clean": {"top1": 0.15}, "runs": [run]})
+    config = {"server_optimizer": "sgd", "server_lr": 1.0, "rounds": 20}
+    ok = attacks({"config": config, "clean": {"top1": 0.15}, "runs": [run]})
     assert "| model_replacement | 10% | clip + dp | 14.80% | -0.20 | 0% |" in ok and ok.endswith("met.")
-    bad = attacks({"clean": {"top1": 0.15}, "runs": [{**run, "backdoor_success": 0.2}]})
+    assert "sgd at 1" in ok
+    bad = attacks({"config": config, "clean": {"top1": 0.15}, "runs": [{**run, "backdoor_success": 0.2}]})
     assert bad.endswith("not met.")
+    fleet = {"attackers": 24, "phones": 240, "rounds": 30, "final_version": 30, "top1": 0.134, "backdoor_success": 0.0,
+             "by_version": [{"backdoor_success": 0.0}, {"backdoor_success": 0.05}], "uploads_accepted": 600,
+             "attacker_uploads_accepted": 55}
+    both = attacks({"config": config, "clean": {"top1": 0.15}, "runs": [run],
+                    "fleet": {"all": fleet, "clean_demo_top1": 0.135},
+                    "adaptive_server": {"config": {**config, "server_optimizer": "adam", "server_lr": 0.03},
+                                        "clean": {"top1": 0.14}, "runs": [{**run, "backdoor_success": 1.0}]}})
+    assert "24 of 240 phones" in both and "backdoor success 0% (at most 5% in any evaluated version)" in both
+    assert "55 of 600 accepted uploads" in both and "(the demo's clean run 13.50%)" in both
+    assert "Adam at 0.03" in both and both.endswith("not met.")

@@ -32,7 +32,7 @@ def cmd_export(args) -> None:
     if args.command == "plan":
         path = export_plan(inputs.config, inputs.flat, inputs.vocab, args.out,
                            batch_size=args.batch_size, model_version=version,
-                           clip_norm=args.clip_norm)
+                           clip_norm=args.clip_norm, personal_layers=args.personal_layers)
     else:
         path = export_app_model(inputs.config, inputs.flat, inputs.vocab, args.out, k=args.k,
                                 model_version=version, quantize=not args.float, privacy=args.privacy)
@@ -116,6 +116,13 @@ def _privacy(text: str) -> dict:
     return value
 
 
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one weight")
+    return names
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -145,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fixed training batch (short batches are padded)")
     plan.add_argument("--clip-norm", type=_positive_float, default=None,
                       help="clip each step's gradient to this global L2 norm (default: none)")
+    plan.add_argument("--personal-layers", type=_names, default=None,
+                      help="comma-separated weight names a phone's personalization trains, e.g. "
+                           "output_bias,cifg/projection (default: all)")
     plan.set_defaults(func=cmd_export)
     app = sub.add_parser("app", parents=[common], help="export the quantized suggestion model")
     app.add_argument("--k", type=_positive, default=3, help="suggestions per call")

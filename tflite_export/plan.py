@@ -1,4 +1,4 @@
-"""The on-device training plan: train / infer / get_weights / set_weights in one .tflite.
+"""The on-device training plan: train / infer / get_weights / set_weights (and personalization) in one .tflite.
 
 A phone has LiteRT and nothing else, so one SGD step of the model must be a
 graph of TFLite built-ins. `models.model` already makes that possible (RNN
@@ -9,41 +9,69 @@ masked loss ignores), and the step is plain SGD, w -= lr * grad, exactly the
 client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)` — or, when
 the plan is exported with a clip norm, w -= lr * clip_by_global_norm(grad),
 the update of `models.fedavg.build_clipped_sgd`.
+
+Personalization (contract.personal) uses two more signatures: `personalize`,
+the same SGD step on only the layers the plan was exported to personalize
+(`personal_layers`; the step of every layer when none are named), and
+`next_probs`, the next-word distribution after one context (batch 1, as the
+app model computes it, but float and from the plan's current weights), which
+serves a phone's suggestions from its personal weights.
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
 
-from models.model import ModelConfig, forward, masked_cross_entropy, weight_layout
+from models.model import ModelConfig, forward, hidden_states, masked_cross_entropy, weight_layout
 from contract.text import PAD_ID
 from tflite_export.convert import convert
 
-SIGNATURES = ("train", "infer", "get_weights", "set_weights")
+SIGNATURES = ("train", "personalize", "infer", "next_probs", "get_weights", "set_weights")
 
 
-def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int,
-                clip_norm: float | None = None) -> tuple[tf.Module, dict[str, object]]:
-    """The plan as a tf.Module holding the weights, and its four concrete signatures."""
+def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_norm: float | None = None,
+                personal_layers: tuple[str, ...] | None = None) -> tuple[tf.Module, dict[str, object]]:
+    """The plan as a tf.Module holding the weights, and its concrete signatures."""
     layout = weight_layout(config)
+    names = [e.name for e in layout.entries]
+    unknown = sorted(set(personal_layers or ()) - set(names))
+    if unknown or personal_layers == ():
+        raise ValueError(f"personal_layers must name some of {', '.join(names)}; got {unknown or 'none'}")
     module = tf.Module(name="nightjar_plan")
     module.weights = [tf.Variable(tensor, name=name.replace("/", "_"))
                       for name, tensor in layout.unflatten(np.asarray(flat, np.float32)).items()]
     tokens = tf.TensorSpec([batch_size, config.seq_len], tf.int32)
+    step_specs = [tf.TensorSpec.from_spec(tokens, "x"), tf.TensorSpec.from_spec(tokens, "y"),
+                  tf.TensorSpec([], tf.float32, "lr")]
 
-    @tf.function(input_signature=[tf.TensorSpec.from_spec(tokens, "x"),
-                                  tf.TensorSpec.from_spec(tokens, "y"),
-                                  tf.TensorSpec([], tf.float32, "lr")])
-    def train(x, y, lr):
+    def sgd_step(x, y, lr, trained: list[int]):
         with tf.GradientTape() as tape:
             loss = masked_cross_entropy(y, forward(module.weights, x, config))
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, module.weights)]
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, [module.weights[i] for i in trained])]
         if clip_norm is not None:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm)
-        for weight, grad in zip(module.weights, grads):
-            weight.assign_sub(lr * grad)
+        for i, grad in zip(trained, grads):
+            module.weights[i].assign_sub(lr * grad)
         targets = tf.reduce_sum(tf.cast(tf.not_equal(y, PAD_ID), tf.int32))
         return {"loss": loss, "tokens": targets}
+
+    everything = list(range(len(names)))
+    personal = [i for i, n in enumerate(names) if n in personal_layers] if personal_layers else everything
+
+    @tf.function(input_signature=step_specs)
+    def train(x, y, lr):
+        return sgd_step(x, y, lr, everything)
+
+    @tf.function(input_signature=step_specs)
+    def personalize(x, y, lr):
+        return sgd_step(x, y, lr, personal)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, config.seq_len], tf.int32, "tokens"),
+                                  tf.TensorSpec([], tf.int32, "length")])
+    def next_probs(tokens, length):
+        state = tf.gather(hidden_states(module.weights, tokens, config)[0], length - 1)      # [E]
+        logits = tf.matmul(state[None, :], module.weights[0], transpose_b=True)[0] + module.weights[-1]
+        return {"probs": tf.nn.softmax(logits)}
 
     @tf.function(input_signature=[tf.TensorSpec.from_spec(tokens, "x")])
     def infer(x):
@@ -63,18 +91,20 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int,
             return {"count": tf.size(flat)}
 
     concrete = dict(train=train.get_concrete_function(),
+                    personalize=personalize.get_concrete_function(),
                     infer=infer.get_concrete_function(),
+                    next_probs=next_probs.get_concrete_function(),
                     get_weights=get_weights.get_concrete_function(),
                     set_weights=set_weights.get_concrete_function())
     return module, concrete
 
 
 def convert_plan(config: ModelConfig, flat: np.ndarray, batch_size: int = 16,
-                 clip_norm: float | None = None) -> bytes:
+                 clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None) -> bytes:
     """The training plan as .tflite bytes (built-in ops only, float32 weights)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError("clip_norm must be > 0 (or None: no clipping)")
-    module, concrete = plan_module(config, flat, batch_size, clip_norm)
+    module, concrete = plan_module(config, flat, batch_size, clip_norm, personal_layers)
     return convert(module, concrete, what="training plan", resource_variables=True)

@@ -60,6 +60,8 @@ class TrainingPlan:
         self._vocab_size = int(manifest.model_config["vocab_size"])
         interpreter = _interpreter(model, manifest, source, num_threads)
         self._train = interpreter.get_signature_runner("train")
+        self._personalize = interpreter.get_signature_runner("personalize")
+        self._next_probs = interpreter.get_signature_runner("next_probs")
         self._infer = interpreter.get_signature_runner("infer")
         self._get = interpreter.get_signature_runner("get_weights")
         self._set = interpreter.get_signature_runner("set_weights")
@@ -90,6 +92,23 @@ class TrainingPlan:
         """One SGD step on windows [n, seq_len + 1] (x = [:, :-1], y = [:, 1:]), as the corpus stores them."""
         windows = np.asarray(windows)
         return self.train_step(windows[:, :-1], windows[:, 1:], lr)
+
+    def personalize_windows(self, windows: np.ndarray, lr: float) -> TrainStep:
+        """One SGD step on windows [n, seq_len + 1] that moves only the plan's `personal_layers`."""
+        windows = np.asarray(windows)
+        x, y = self._batch(windows[:, :-1], "x"), self._batch(windows[:, 1:], "y")
+        out = self._personalize(x=x, y=y, lr=np.asarray(lr, np.float32))
+        return TrainStep(float(out["loss"]), int(out["tokens"]))
+
+    def next_probs(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The next-token distribution [V] after `token_ids` (starting with <bos>) with the current weights."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)[-self.seq_len:]
+        if ids.size == 0:
+            raise ValueError("token_ids: the context needs at least one token (<bos>)")
+        _check_tokens(ids, self._vocab_size, "token_ids")
+        tokens = np.zeros((1, self.seq_len), np.int32)
+        tokens[0, :ids.size] = ids
+        return np.array(self._next_probs(tokens=tokens, length=np.asarray(ids.size, np.int32))["probs"])
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Next-token logits [n, seq_len, V] float32 for any number of rows of token ids."""

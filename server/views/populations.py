@@ -30,7 +30,28 @@ def _app_model(version: Version) -> dict:
             "manifest": {"url": artifact_url(version.app_manifest_sha256),
                          "sha256": version.app_manifest_sha256},
             "model": ref(manifest.get("artifact")), "vocab": ref(manifest.get("vocab_file")),
-            "files": files}
+            "files": files, "personalization": _personalization(version, manifest.get("vocab_file") and
+                                                               files[manifest["vocab_file"]]["sha256"])}
+
+
+def _personalization(version: Version, vocab_sha256: str | None) -> dict | None:
+    """What a phone personalizes this version with (contract.personal), if the population keeps personal
+    models and its training plan speaks this version's vocabulary (and was public when it was published)."""
+    svc = services()
+    spec = svc.rounds.settings(version.population).personalization
+    pop = load_population(svc.store.connection(), version.population)
+    if spec is None or pop.plan is None or pop.plan.vocab_sha256 != vocab_sha256:
+        return None
+    needed = (version.checkpoint_sha256, pop.plan.manifest_sha256, pop.plan.artifact_sha256)
+    if not all(svc.access.is_public(sha) for sha in needed):
+        return None
+    return {"spec": spec.to_json(), "checkpoint": _ref(version.checkpoint_sha256),
+            "plan": {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)},
+            "vocab": _ref(vocab_sha256)}
+
+
+def _ref(sha256: str) -> dict:
+    return {"url": artifact_url(sha256), "sha256": sha256}
 
 
 @bp.get("/app-model")

@@ -1,8 +1,10 @@
-"""Reports on a session: the update upload, an evaluation result, discovery votes, a failure."""
+"""Reports on a session: the update upload, an evaluation result, personalization counts, discovery votes,
+a failure."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
+from contract.personal import PersonalEvalReport
 from contract.wire import METRICS, DiscoveryBallot, EvalReport, FailureReport
 from server import validation as v
 from server.views._common import device, json_body, require_content_type, services
@@ -32,6 +34,14 @@ def evaluation(session_id: str):
     report = EvalReport.from_json(json_body())
     return jsonify(services().reporting.evaluation(caller.id, session_id, report.model_version,
                                                    report).to_json())
+
+
+@bp.post("/<session_id>/personal")
+def personal(session_id: str):
+    """A personalization evaluation's counts (contract.personal.PersonalEvalReport)."""
+    caller = device()
+    report = PersonalEvalReport.from_json(json_body())
+    return jsonify(services().reporting.personal(caller.id, session_id, report).to_json())
 
 
 @bp.post("/<session_id>/discovery")

@@ -1,0 +1,71 @@
+"""Federated personalization evaluation (the `personal_evals` table's one owner).
+
+A personalize round is scheduled like an evaluation round, every
+`personal_eval_every` completed training rounds of a population with a
+`[personalization]` table. Each selected phone personalizes the round's
+model on the first 80% of its text and scores the global and the personal
+model on the rest (contract.personal.evaluate); its report is one vector of
+counts (contract.personal.PersonalReport), checked and then added to the
+round's running sum in the transaction that counts it. Only the sum is
+stored — no row holds one device's figures — and the round's detail shows
+what the sum says: both models' top-1, the per-device top-1 histograms and
+the fractions helped, hurt and fallen back (contract.personal.summarize),
+with the fairness figures the histograms allow.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+
+from contract.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
+
+
+class PersonalEvaluations:
+    def due(self, conn: sqlite3.Connection, population: str, every: int) -> bool:
+        """Whether `every` training rounds have completed since the last personalize round opened."""
+        if not every:
+            return False
+        last = conn.execute("SELECT MAX(number) FROM rounds WHERE population = ? AND task = 'personalize'",
+                            (population,)).fetchone()[0] or 0
+        done = conn.execute("SELECT COUNT(*) FROM rounds WHERE population = ? AND task = 'train' AND"
+                            " state = 'completed' AND number > ?", (population, last)).fetchone()[0]
+        return done >= every
+
+    def record(self, tx: sqlite3.Connection, round_id: int, report: PersonalEvalReport) -> None:
+        """Add one device's (checked) counts to the round's sum."""
+        row = tx.execute("SELECT counts_json, devices FROM personal_evals WHERE round_id = ?",
+                         (round_id,)).fetchone()
+        counts = np.asarray(report.counts, np.int64)
+        if row is None:
+            tx.execute("INSERT INTO personal_evals (round_id, counts_json, devices) VALUES (?, ?, 1)",
+                       (round_id, json.dumps(counts.tolist())))
+            return
+        total = check_counts(json.loads(row["counts_json"]), row["devices"]) + counts
+        tx.execute("UPDATE personal_evals SET counts_json = ?, devices = devices + 1 WHERE round_id = ?",
+                   (json.dumps(total.tolist()), round_id))
+
+    def summary(self, conn: sqlite3.Connection, round_id: int) -> dict | None:
+        """What the round's sum says (None: no report counted)."""
+        row = conn.execute("SELECT counts_json FROM personal_evals WHERE round_id = ?", (round_id,)).fetchone()
+        if row is None:
+            return None
+        out = summarize(json.loads(row["counts_json"]))
+        h = out["histogram"]
+        out["fairness"] = {"global": fairness_from_histogram(h["global"]),
+                           "personal": fairness_from_histogram(h["personal"])}
+        return out
+
+    def latest(self, conn: sqlite3.Connection, population: str) -> dict | None:
+        """The summary of the population's last completed personalize round, with its number."""
+        row = conn.execute("SELECT r.id, r.number, r.model_version FROM rounds r JOIN personal_evals p ON"
+                           " p.round_id = r.id WHERE r.population = ? AND r.state = 'completed'"
+                           " ORDER BY r.number DESC LIMIT 1", (population,)).fetchone()
+        if row is None:
+            return None
+        return {"round": row["number"], "model_version": row["model_version"], **self.summary(conn, row["id"])}
+
+    def discard(self, tx: sqlite3.Connection, round_id: int) -> None:
+        """A failed round's partial sum goes (nothing of it is reported)."""
+        tx.execute("DELETE FROM personal_evals WHERE round_id = ?", (round_id,))

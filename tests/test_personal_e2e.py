@@ -1,0 +1,90 @@
+"""A phone against the real server with personalization on: it personalizes the published version in its
+training window, suggests from its personal model, and what it sends (recorded on the wire) never carries
+that model — a personalize task uploads only its counts, which are exactly the simulation loop's."""
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+
+from contract.personal import PersonalReport, PersonalSpec
+from device_runtime.training import local_windows
+from models.personalize import evaluate_users
+from tests.device_world import night_device, record_checkins, server_weights, texts_of
+from tests.e2e import tiny_world
+from tests.recording_proxy import RecordingProxy
+from tflite_export.reader import load_plan
+
+pytestmark = pytest.mark.slow
+SPEC = {"epochs": 2, "lr": 0.3, "cache_weight": 0.3}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with tiny_world(tmp_path_factory.mktemp("personal"), eval_every=1, publish_every=1,
+                    personalization=SPEC, personal_eval_every=1) as world:
+        yield world
+
+
+def published(server_url: str, timeout_s: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp = requests.get(f"{server_url}/v1/populations/en/app-model", timeout=10)
+        if resp.status_code == 200:
+            return resp.json()
+        time.sleep(0.5)
+    raise AssertionError("the server published no app model in time")
+
+
+def test_the_personal_model_stays_on_the_phone_and_the_evaluation_sends_only_counts(world, tmp_path):
+    corpus, model, server = world
+    texts = texts_of(corpus, [0, 1, 2])
+    with RecordingProxy(server.url) as proxy:
+        device = night_device(tmp_path / "d", SimpleNamespace(url=proxy.url, config=server.config), texts)
+        seen = record_checkins(device)
+        device.step()                                   # train -> version 1
+        device.step()                                   # eval of version 1 -> published
+        app = published(server.url)
+        assert app["version"] == 1 and app["personalization"]["spec"]["epochs"] == 2
+        assert device.refresh_app_model() == 1
+        device.step()                                   # personalizes version 1, then the personalize task
+        assert [a.task for a in seen] == ["train", "eval", "personalize"], seen
+        meta = device.personalizer.meta()
+        assert meta["base_version"] == 1 and not device.personalizer.due(1)
+        assert device.predictor.personal_active != meta["fell_back"]
+        device.step()                                   # nothing new to personalize: no work, no download
+        assert device.personalizer.meta() == meta
+        events = [e for e in device.opstats.events() if e["kind"] == "personalize"]
+        assert len(events) == 1 and events[0]["outcome"] in ("kept", "fell_back")
+        device.close()
+
+    # Nothing sent carries the personal model: no body holds any 64-byte run of its weights, and the
+    # only report of the personalize task is its counts.
+    personal = device.personalizer.dir / "weights.safetensors"
+    secret = personal.read_bytes() if personal.exists() else b""
+    posts = [r for r in proxy.requests if r.method == "POST"]
+    for r in proxy.requests:
+        for i in range(0, max(len(secret) - 64, 0), 4096):
+            assert secret[i:i + 64] not in r.body
+    paths = {r.target.split("?")[0].rsplit("/", 1)[-1] for r in posts}
+    assert paths <= {"nonces", "devices", "checkin", "update", "eval", "personal"}, paths
+    (sent,) = [json.loads(r.body) for r in posts if r.target.endswith("/personal")]
+    assert set(sent) == {"model_version", "counts"} and len(sent["counts"]) == PersonalReport.size()
+
+    # The simulation's loop on the same client, split and seed gives the same counts.
+    plan = load_plan(model.plan_dir / "plan.manifest.json")
+    v1 = server_weights(server, seen[2].checkpoint["sha256"], tmp_path)
+    windows = local_windows(plan, texts)
+    (row,) = evaluate_users(plan, v1, {"me": windows}, PersonalSpec.from_json(SPEC),
+                            seed=int(seen[2].hyperparameters["seed"]), progress=False)
+    counts = np.asarray(sent["counts"])
+    assert (counts[0], counts[2], counts[4], bool(counts[-1])) == (
+        row.global_top1, row.personal_top1, row.positions, row.fell_back)
+    detail = requests.get(f"{server.url}/v1/populations/en/rounds/{seen[2].round}", timeout=10,
+                          headers=server.operator_headers).json()
+    assert detail["personalization"]["devices"] == 1
+    assert detail["personalization"]["personal"]["top1"] == row.personal_top1 / row.positions

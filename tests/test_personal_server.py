@@ -1,0 +1,92 @@
+"""Personalize rounds through the server (Flask test client, every answer checked against /openapi.json):
+scheduled after training rounds, reports checked and summed, no device's own figures stored, and the
+published version offered with what a phone personalizes it with."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from contract.metrics import Hits
+from contract.personal import PersonalReport
+from tests.server_fixtures import DeviceClient
+from tests.test_server_views import CheckedTransport, OpenAPIChecker
+
+N = 3
+SPEC = {"epochs": 2, "lr": 0.1, "cache_weight": 0.3}
+
+
+def personal_server(make_server, **settings):
+    env = make_server(goal=N, over_selection=1.0, min_selected_fraction=1.0, min_report_fraction=1.0,
+                      personalization=SPEC, personal_eval_every=1, **settings)
+    env.checker = OpenAPIChecker(env.app)
+    env.api = CheckedTransport(env.client, env.checker)
+    return env
+
+
+def train_one_round(env):
+    for d in [DeviceClient(env.api, "en", env.enrollment) for _ in range(N)]:
+        assert d.checkin().body["assignment"]["task"] == "train"
+        assert d.upload(np.zeros(env.layout.size, np.float32), 5).body["status"] == "accepted"
+
+
+def report(env, device: DeviceClient, assignment: dict, counts) -> dict:
+    return env.api.request("POST", assignment["report"]["url"], headers=device.headers,
+                           json={"model_version": assignment["model_version"], "counts": counts})
+
+
+def test_a_personalize_round_sums_the_reports_and_keeps_no_device_figure(make_server):
+    env = personal_server(make_server)
+    train_one_round(env)
+    reports = [PersonalReport(Hits(10, 20, 100), Hits(15, 25, 100), False),
+               PersonalReport(Hits(30, 40, 100), Hits(30, 40, 100), True),
+               PersonalReport(Hits(50, 60, 100), Hits(40, 60, 100), False)]
+    devices = [DeviceClient(env.api, "en", env.enrollment) for _ in range(N)]
+    assignments = []
+    for i, (d, r) in enumerate(zip(devices, reports)):
+        a = d.checkin().body["assignment"]
+        assignments.append(a)
+        assert a["task"] == "personalize" and a["personalization"]["epochs"] == 2, a
+        if i == 0:      # a malformed or inconsistent report is refused and changes nothing
+            for bad in ([1, 2, 3], [-1] + r.vector().tolist()[1:], (r.vector() * 2).tolist()):
+                reply = report(env, d, a, bad)
+                assert reply.status == 400 and reply.body["error"] == "invalid_field", reply.body
+        reply = report(env, d, a, r.vector().tolist())
+        assert reply.status == 200 and reply.body["status"] == "accepted", reply.body
+    again = report(env, devices[0], assignments[0], reports[0].vector().tolist())   # counted once only
+    assert again.status == 200 and again.body["reason"] == "duplicate"
+    detail = env.api.request("GET", "/v1/populations/en/rounds/2", headers=env.operator_headers).body
+    assert detail["task"] == "personalize" and detail["state"] == "completed"
+    p = detail["personalization"]
+    assert p["devices"] == 3 and p["positions"] == 300
+    assert p["global"]["top1"] == 0.3 and abs(p["personal"]["top1"] - 85 / 300) < 1e-12
+    assert (p["helped"], p["hurt"], p["fell_back"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert sum(p["histogram"]["global"]) == 3 and p["fairness"]["global"]["users"] == 3
+    assert all(d["metrics"] is None for d in detail["devices"])          # no device's own counts
+    db = env.services.store.connection()
+    (stored,) = db.execute("SELECT counts_json FROM personal_evals").fetchone()
+    assert json.loads(stored) == np.sum([r.vector() for r in reports], axis=0).tolist()   # only the sum
+    assert db.execute("SELECT COUNT(*) FROM sessions WHERE metrics_json IS NOT NULL AND round_id ="
+                      " (SELECT id FROM rounds WHERE number = 2)").fetchone()[0] == 0
+    d = DeviceClient(env.api, "en", env.enrollment)
+    assert d.checkin().body["assignment"]["task"] == "train"             # then training goes on
+
+
+def test_the_config_refuses_a_bad_personalization_table(tmp_path):
+    import pytest
+
+    from server.config import ConfigError, load_config
+
+    def config(table: str, extra: str = "") -> str:
+        path = tmp_path / "server.toml"
+        path.write_text(f'[populations.en]\ngoal = 5\n{extra}\n[populations.en.personalization]\n{table}\n')
+        return path
+
+    for table, message in (("cache_weight = 1.5", "cache_weight"), ("layers = 'all'", "unknown key"),
+                           ("epochs = -1", "epochs")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(config(table))
+    path = tmp_path / "other.toml"
+    path.write_text("[populations.en]\ngoal = 5\npersonal_eval_every = 3\n")
+    with pytest.raises(ConfigError, match="personal_eval_every"):
+        load_config(path)

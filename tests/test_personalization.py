@@ -1,0 +1,179 @@
+"""Personalization on the tiny model's real LiteRT plan: personal suggestions come from the personal
+weights and cache, a phone whose held-back text gets worse falls back, the summed report is a
+histogram, and the simulation's loop gives the device's counts exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from contract.personal import (BUCKETS, PersonalCache, PersonalReport, PersonalSpec, evaluate, fairness,
+                               personalize, split, summarize)
+from contract.text import BOS_ID, to_sequences
+from device_runtime.personalization import PersonalModel, Personalizer
+from device_runtime.predictor import Predictor
+from emulation.deployment import tiny_corpus, tiny_model
+from tflite_export import export_app_model
+from tflite_export.reader import load_plan
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    corpus = tiny_corpus()
+    model = tiny_model(tmp_path_factory.mktemp("personal"), corpus)
+    return corpus, model, load_plan(model.plan_dir / "plan.manifest.json")
+
+
+def phrase(corpus, offset: int) -> list[str]:
+    """Four distinct ordinary words of the tiny vocabulary."""
+    words = [w for w in corpus.vocab.tokens if w.isalpha()]
+    return words[offset:offset + 4]
+
+
+def top(model_or_plan, ids: list[int]) -> int:
+    return model_or_plan.suggest(ids)[0][0]
+
+
+def test_personal_suggestions_come_from_the_personal_weights(world, tmp_path):
+    corpus, model, plan = world
+    words = phrase(corpus, 5)
+    windows = to_sequences([" ".join(words) + "."] * 60, corpus.vocab, plan.seq_len)
+    context = [BOS_ID] + corpus.vocab.encode(words[:3])
+    target = corpus.vocab.id(words[3])
+    weights_only = PersonalSpec(epochs=20, lr=1.0, cache_weight=0.0)
+    before = PersonalModel(plan, model.flat, None, weights_only, 0)
+    assert top(before, context) != target                       # the global model does not know the phrase
+    result = personalize(plan, model.flat, windows, weights_only)
+    assert not result.fell_back and result.cache is None
+    assert np.abs(result.flat - model.flat).max() > 1e-3       # fine-tuned through `personalize`
+    after = PersonalModel(load_plan(model.plan_dir / "plan.manifest.json"), result.flat, None, weights_only, 0)
+    assert top(after, context) == target                        # from the personal weights alone
+
+    cache_only = PersonalSpec(epochs=0, cache_weight=0.5)
+    cached = personalize(plan, model.flat, windows, cache_only)
+    np.testing.assert_array_equal(cached.flat, model.flat)      # no fine-tuning: the global weights
+    assert top(PersonalModel(plan, cached.flat, cached.cache, cache_only, 0), context) == target
+
+
+def test_only_the_exported_personal_layers_move(world, tmp_path):
+    from models.model import weight_layout
+    from tflite_export import export_plan
+
+    corpus, model, _ = world
+    manifest = export_plan(model.config, model.flat, corpus.vocab, tmp_path / "plan",
+                           personal_layers=("output_bias",))
+    plan = load_plan(manifest)
+    assert plan.manifest.personal_layers == ["output_bias"]
+    windows = to_sequences([" ".join(phrase(corpus, 5)) + "."] * 20, corpus.vocab, plan.seq_len)
+    result = personalize(plan, model.flat, windows, PersonalSpec(epochs=2, lr=0.5, cache_weight=0.0))
+    moved = {e.name for e in weight_layout(model.config).entries
+             if np.abs(result.flat[e.offset:e.offset + e.size] - model.flat[e.offset:e.offset + e.size]).max() > 0}
+    assert moved == {"output_bias"}
+    with pytest.raises(ValueError, match="personal_layers must name"):
+        export_plan(model.config, model.flat, corpus.vocab, tmp_path / "bad", personal_layers=("nope",))
+
+
+def test_a_phone_whose_held_back_text_gets_worse_falls_back_to_the_global_model(world, tmp_path):
+    corpus, model, plan = world
+    a, b = phrase(corpus, 5), phrase(corpus, 12)
+    usual = " ".join(a[:3] + [b[3]]) + "."                       # what the user types now ...
+    once = " ".join(a) + "."                                     # ... and a phrase it typed a lot before
+    trained = load_plan(model.plan_dir / "plan.manifest.json")   # a global model that knows `usual`
+    trained.set_weights(model.flat)
+    for _ in range(120):
+        trained.train_windows(to_sequences([usual] * 16, corpus.vocab, plan.seq_len), 1.0)
+    global_flat = trained.get_weights()
+    windows = to_sequences([once] * 40 + [usual] * 10, corpus.vocab, plan.seq_len)   # typing order
+    spec = PersonalSpec(epochs=3, lr=0.5, cache_weight=0.6)
+    result = personalize(plan, global_flat, windows, spec)
+    base, personal = result.validation
+    assert personal.top1 < base.top1 and result.fell_back and result.flat is None
+
+    from contract.weights import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "v3.safetensors", plan.layout, global_flat, {"round": 3})
+    store = Personalizer(tmp_path / "phone")
+    store.refresh(model.plan_dir / "plan.manifest.json", checkpoint, windows, spec, version=3)
+    assert store.meta()["fell_back"] and store.load() is None and not store.due(3) and store.due(4)
+    app = export_app_model(model.config, global_flat, corpus.vocab, tmp_path / "app", model_version=3)
+    predictor = Predictor()
+    predictor.install(app)
+    predictor.set_personal(store.load())
+    context = [BOS_ID] + corpus.vocab.encode(a[:3])
+    assert not predictor.personal_active
+    assert predictor.suggest_ids(context)[0][0] == corpus.vocab.id(b[3])   # the global model's answer
+
+
+def test_a_kept_personal_model_serves_the_keyboard_until_a_new_version(world, tmp_path):
+    corpus, model, plan = world
+    words = phrase(corpus, 5)
+    windows = to_sequences([" ".join(words) + "."] * 60, corpus.vocab, plan.seq_len)
+    store = Personalizer(tmp_path / "phone")
+    spec = PersonalSpec(epochs=20, lr=1.0, cache_weight=0.3)
+    store.refresh(model.plan_dir / "plan.manifest.json", model.checkpoint, windows, spec, version=2)
+    app = export_app_model(model.config, model.flat, corpus.vocab, tmp_path / "app2", model_version=2)
+    predictor = Predictor()
+    predictor.install(app)
+    context = [BOS_ID] + corpus.vocab.encode(words[:3])
+    assert predictor.suggest_ids(context)[0][0] != corpus.vocab.id(words[3])
+    predictor.set_personal(store.load())                         # loaded from disk: what a restart does
+    assert predictor.personal_active
+    assert predictor.suggest(" ".join(words[:3]))[0][0] == words[3]
+    newer = export_app_model(model.config, model.flat, corpus.vocab, tmp_path / "app3", model_version=3)
+    predictor.install(newer)                                     # a new global version: not personalized yet
+    assert not predictor.personal_active and store.due(3)
+
+
+def test_the_report_is_counts_and_a_histogram_and_sums_to_the_fairness_figures():
+    from contract.metrics import Hits
+
+    reports = [PersonalReport(Hits(10, 20, 100), Hits(15, 25, 100), False),
+               PersonalReport(Hits(30, 40, 100), Hits(30, 40, 100), True),
+               PersonalReport(Hits(50, 60, 100), Hits(40, 60, 100), False)]
+    vectors = [r.vector() for r in reports]
+    assert all(v.dtype == np.int64 and v.shape == (PersonalReport.size(),) for v in vectors)
+    assert all(v[6:6 + BUCKETS].sum() == 1 and v[6 + BUCKETS:6 + 2 * BUCKETS].sum() == 1 for v in vectors)
+    total = summarize(np.sum(vectors, axis=0))
+    assert total["devices"] == 3 and total["positions"] == 300
+    assert total["global"]["top1"] == pytest.approx(0.3) and total["personal"]["top1"] == pytest.approx(85 / 300)
+    assert (total["helped"], total["hurt"], total["fell_back"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert total["histogram"]["global"][2] == 1 and total["histogram"]["personal"][3] == 1   # 0.10, 0.15
+    with pytest.raises(ValueError, match="counts"):
+        summarize(np.zeros(3))
+    f = fairness([0.1, 0.2, 0.3, 0.4, 0.02])
+    assert f["median"] == pytest.approx(0.2) and f["below_half_mean"] == pytest.approx(0.4)
+    assert f["p10"] == pytest.approx(np.percentile([0.1, 0.2, 0.3, 0.4, 0.02], 10))
+
+
+def test_the_split_cache_and_spec_behave():
+    w = np.arange(10 * 3).reshape(10, 3)
+    first, rest = split(w, 0.8)
+    assert len(first) == 8 and len(rest) == 2 and (first[-1] < rest[0]).all()     # typing order
+    assert [len(x) for x in split(w[:2], 0.8)] == [1, 1]
+    cache = PersonalCache.from_windows(np.array([[BOS_ID, 7, 8, 0], [BOS_ID, 7, 9, 0]]))   # pads ignored
+    ids, p = cache.distribution(7, smoothing=2.0)
+    probs = dict(zip(ids.tolist(), p))
+    assert probs[8] == pytest.approx((1 + 2 * 0.25) / 4) and sum(probs.values()) == pytest.approx(1.0)
+    assert PersonalCache.from_json(cache.to_json()).bigrams == cache.bigrams
+    for bad in ({"cache_weight": 1.0}, {"epochs": -1}, {"adapt_fraction": 1.0}):
+        with pytest.raises(ValueError, match="personalization"):
+            PersonalSpec.from_json(bad)
+    with pytest.raises(ValueError, match="unknown keys"):
+        PersonalSpec.from_json({"lr": 0.1, "layers": "all"})
+    assert PersonalSpec.from_json({"epochs": 2.0}).epochs == 2
+
+
+def test_the_simulation_loop_gives_the_devices_counts_exactly(world):
+    from models.personalize import evaluate_users, report
+
+    corpus, model, plan = world
+    spec = PersonalSpec(epochs=1, lr=0.2)
+    users = {u: corpus.heldout[u] for u in sorted(corpus.heldout)[:4]}
+    rows = evaluate_users(plan, model.flat, users, spec, progress=False)
+    device_plan = load_plan(model.plan_dir / "plan.manifest.json")   # a phone's own interpreter
+    for row in rows:
+        on_device = evaluate(device_plan, model.flat, users[row.user], spec)
+        assert (row.global_top1, row.personal_top1, row.positions, row.fell_back) == (
+            on_device.global_hits.top1, on_device.personal_hits.top1, on_device.global_hits.positions,
+            on_device.fell_back)
+    r = report(rows)
+    assert r["users"] == len(rows) and r["helped"] + r["hurt"] <= 1
