@@ -85,7 +85,7 @@ POPULATION_SETTINGS = dict(
     # Personal models (contract.personal): published versions come with what a phone personalizes
     # them with; after every 10 training rounds a round evaluates personalization on the phones,
     # which report only counts and two one-hot top-1 buckets (the server keeps their sum).
-    personalization={"epochs": 1, "lr": 0.05, "cache_weight": 0.3}, personal_eval_every=10)
+    personalization={"epochs": 1, "lr": 0.05, "cache_weight": 0.1}, personal_eval_every=10)
 
 
 def prepare(cfg: DemoConfig, out: Path, settings: dict | None = None):

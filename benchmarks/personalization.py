@@ -39,9 +39,10 @@ QUALITY_MODEL = REPO / "runs" / "bench-quality" / "federated_pretrained" / "fina
 class PersonalizationBench:
     epochs: int = 1                 # contract.personal.PersonalSpec of the main row
     lr: float = 0.05
-    cache_weight: float = 0.3
-    cache_smoothing: float = 2.0
-    personal_layers: str = ""       # comma-separated plan weights personalization trains ("": all)
+    cache_weight: float = 0.1
+    cache_smoothing: float = 1.0
+    fallback_nats: float = 2.0
+    personal_layers: str = "output_bias"   # comma-separated plan weights personalization trains ("": all)
     variants: bool = True           # also fine-tuning only and the cache only
     global_rounds: int = 60         # the fallback global model's federated rounds from pretraining
     checkpoint: str = ""            # a global model to start from ("": the best available)
@@ -66,25 +67,42 @@ def global_model(cfg: PersonalizationBench, corpus, model, work: Path) -> tuple[
     return load_checkpoint(path)[1], f"{path} ({cfg.global_rounds} federated rounds from public pretraining)"
 
 
-def latency(plan_manifest: Path, flat: np.ndarray, windows: np.ndarray, spec, n: int) -> dict:
-    """Suggestion latency of a personal model (PersonalModel.suggest) on real contexts, ms."""
-    from contract.personal import PersonalCache
-    from device_runtime.personalization import PersonalModel
-    from tflite_export.reader import load_plan
-
+def latency(model, app, windows: np.ndarray, n: int) -> dict:
+    """Suggestion latency of a personal model (PersonalModel.suggest, beside the app model `app`) on real
+    contexts, ms."""
     from contract.text import PAD_ID
 
-    model = PersonalModel(load_plan(plan_manifest), flat, PersonalCache.from_windows(windows), spec, 0)
     rows = [w[w != PAD_ID] for w in windows]
     contexts = [list(r[:1 + i % max(len(r) - 1, 1)]) for i, r in ((i, rows[i % len(rows)]) for i in range(n))]
     for c in contexts[:10]:
-        model.suggest(c)
+        model.suggest(c, app)
     times = []
     for c in contexts:
         t0 = time.perf_counter()
-        model.suggest(c)
+        model.suggest(c, app)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"p50": float(np.median(times)), "p99": float(np.percentile(times, 99)), "contexts": len(times)}
+    return {"p50": float(np.median(times)), "p99": float(np.percentile(times, 99)), "contexts": len(times),
+            "mode": model.mode}
+
+
+def latencies(manifest: Path, flat: np.ndarray, vocab, windows: np.ndarray, spec, n: int, work: Path) -> dict:
+    """p50/p99 of personal suggestions both ways: the quantized app model + personal bias + cache, and the
+    float plan with every layer personalized + cache."""
+    from contract.personal import PersonalCache, personalize
+    from device_runtime.personalization import personal_model
+    from models.model import GBOARD
+    from tflite_export import export_app_model, export_plan
+    from tflite_export.reader import load_app_model, load_plan
+
+    app = load_app_model(export_app_model(GBOARD, flat, vocab, work / "app"))
+    cache = PersonalCache.from_windows(windows)
+    out = {}
+    for name, layers in (("app_model_bias_and_cache", ("output_bias",)), ("plan_all_layers_and_cache", None)):
+        plan = load_plan(export_plan(GBOARD, flat, vocab, work / f"plan-{name}", personal_layers=layers))
+        tuned = personalize(plan, flat, windows, dataclasses.replace(spec, epochs=max(spec.epochs, 1)))
+        weights = tuned.flat if tuned.flat is not None else flat
+        out[name] = latency(personal_model(plan, weights, flat, cache, spec, 0), app, windows, n)
+    return out
 
 
 def main() -> None:
@@ -104,7 +122,8 @@ def main() -> None:
     layers = tuple(n for n in cfg.personal_layers.split(",") if n) or None
     manifest = export_plan(GBOARD, flat, corpus.vocab, work / "plan", personal_layers=layers)
     plan = load_plan(manifest)
-    main_spec = PersonalSpec(cfg.epochs, cfg.lr, cfg.cache_weight, cfg.cache_smoothing).validate()
+    main_spec = PersonalSpec(cfg.epochs, cfg.lr, cfg.cache_weight, cfg.cache_smoothing,
+                             cfg.fallback_nats).validate()
     specs = {"both": main_spec}
     if cfg.variants:
         specs["finetune_only"] = dataclasses.replace(main_spec, cache_weight=0.0)
@@ -127,8 +146,9 @@ def main() -> None:
     personalize(plan, flat, corpus.heldout[median_user][:int(0.8 * len(corpus.heldout[median_user]))], main_spec,
                 cfg.seed)
     finetune_s = time.monotonic() - t0
-    lat = latency(manifest, flat, np.concatenate([corpus.heldout[u] for u in sorted(corpus.heldout)][:20]),
-                  main_spec, cfg.latency_contexts)
+    lat = latencies(manifest, flat, corpus.vocab, corpus.heldout[median_user], main_spec, cfg.latency_contexts, work)
+    main_lat = lat["app_model_bias_and_cache" if layers == ("output_bias",) or not main_spec.epochs
+                   else "plan_all_layers_and_cache"]
     main = results["both"]
     out = {"users": main["users"],
            "global": {k: main["global"][k] for k in ("top1", "p10", "median", "below_half_mean", "micro_top1")},
@@ -136,7 +156,7 @@ def main() -> None:
            "relative_gain": main["relative_gain"], "helped": main["helped"], "hurt": main["hurt"],
            "fell_back": main["fell_back"], "finetune_s_median_user": finetune_s,
            "median_user_windows": len(corpus.heldout[median_user]),
-           "suggest_ms_p50": lat["p50"], "suggest_ms_p99": lat["p99"],
+           "suggest_ms_p50": main_lat["p50"], "suggest_ms_p99": main_lat["p99"], "suggest_ms": lat,
            "spec": dataclasses.asdict(main_spec), "personal_layers": list(layers) if layers else "all",
            "global_model": source, "variants": results, "config": dataclasses.asdict(cfg)}
     write_result(RESULTS / "personalization.json", out)

@@ -114,6 +114,26 @@ def _attack_table(r: dict, title: str) -> str:
     return head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
 
 
+def personalization(r: dict) -> str:
+    rows = [("global", r["global"]), ("personal (after fallback)", r["personal"])]
+    head = ("| model | mean top-1 | median | worst decile (p10) | below half the mean |\n"
+            "|---|---|---|---|---|\n")
+    table = head + "\n".join(f"| {name} | {_pct(x['top1'])} | {_pct(x['median'])} | {_pct(x['p10'])} | "
+                             f"{x['below_half_mean']:.1%} |" for name, x in rows)
+    variants = "\n".join(f"| {name} | {_pct(v['global']['top1'])} → {_pct(v['personal']['top1'])} | "
+                          f"{v['relative_gain']:+.1%} | {v['helped']:.0%} | {v['hurt']:.0%} | {v['fell_back']:.0%} |"
+                          for name, v in r.get("variants", {}).items())
+    met = (r["relative_gain"] >= 0.05 and r["personal"]["p10"] >= r["global"]["p10"] and r["hurt"] < 0.10)
+    return (f"{r['users']} held-out users, global model: {r['global_model']}.\n\n{table}\n\n"
+            f"Relative gain {r['relative_gain']:+.1%}; helped {r['helped']:.0%}, hurt {r['hurt']:.0%}, fell back "
+            f"{r['fell_back']:.0%}. Personalization on the median user ({r['median_user_windows']} windows): "
+            f"{r['finetune_s_median_user']:.2f} s; a personal suggestion p50 {r['suggest_ms_p50']:.2f} ms "
+            f"(p99 {r['suggest_ms_p99']:.2f} ms).\n\n| variant | mean top-1 | relative gain | helped | hurt | fell back |"
+            f"\n|---|---|---|---|---|---|\n{variants}\n\nTarget (gain ≥ 5%, p10 not below the global model's, "
+            f"< 10% of users hurt): {'met' if met else 'not met'}; goal (gain ≥ 10%): "
+            f"{'met' if r['relative_gain'] >= 0.10 else 'not met'}. Plot: `benchmarks/results/personalization.png`.")
+
+
 def export(r: dict) -> str:
     return _table([("plan size", f"{r['plan_bytes']:,} B ({r.get('plan_to_float_weights', 0):.2f}× the float weights)"),
                    ("app model size (dynamic-range quantized)", f"{r['app_model_bytes']:,} B"),
@@ -280,6 +300,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "discovery": ("Federated discovery of new words (TrieHH)", "make bench-discovery", discovery),
     "dp": ("Differential privacy: quality against ε", "make bench-dp", dp),
     "attacks": ("Attacks and defences", "make bench-attacks", attacks),
+    "personalization": ("Personalization and fairness", "make bench-personalization", personalization),
 }
 
 

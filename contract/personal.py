@@ -17,7 +17,8 @@ Judging it: the phone's text, in the order it was typed, is split at
 `adapt_fraction` (the first part adapts, the rest scores — Wang et al.
 2019). Within the adapt part, the last `validation_fraction` is held back:
 the model adapted on the rest is compared with the global model there, and
-if it is worse the phone falls back to the global model (`decide`).
+if it loses top-1 hits there, or more than `fallback_nats` of log-likelihood,
+the phone falls back to the global model (`decide`).
 
 What a federated personalization evaluation reports (`PersonalReport`) is a
 vector of counts: hits of both models, positions, and one-hot buckets of
@@ -45,8 +46,9 @@ class PersonalSpec:
 
     epochs: int = 1                # fine-tuning passes over the adapt windows (0: the cache only)
     lr: float = 0.05               # fine-tuning SGD learning rate (small: the global model is a good start)
-    cache_weight: float = 0.3      # λ: the cache's share of the mixture (0: no cache)
-    cache_smoothing: float = 2.0   # κ: how fast a previous word's bigrams take over from the unigrams
+    cache_weight: float = 0.1      # λ: the cache's share of the mixture (0: no cache)
+    cache_smoothing: float = 1.0   # κ: how fast a previous word's bigrams take over from the unigrams
+    fallback_nats: float = 2.0     # held back: the log-likelihood the personal model may lose (with no top-1 loss)
     adapt_fraction: float = 0.8    # evaluation: the first 80% of the windows adapt, the last 20% score
     validation_fraction: float = 0.2   # of the adapt part, held back to decide whether to fall back
     max_windows: int = 512         # the most recent windows a phone adapts on (bounds the work)
@@ -55,6 +57,7 @@ class PersonalSpec:
         checks = [(self.epochs >= 0, "epochs must be >= 0"), (self.lr >= 0, "lr must be >= 0"),
                   (0 <= self.cache_weight < 1, "cache_weight must be in [0, 1)"),
                   (self.cache_smoothing > 0, "cache_smoothing must be > 0"),
+                  (self.fallback_nats >= 0, "fallback_nats must be >= 0"),
                   (0 < self.adapt_fraction < 1, "adapt_fraction must be in (0, 1)"),
                   (0 < self.validation_fraction < 1, "validation_fraction must be in (0, 1)"),
                   (self.max_windows >= 1, "max_windows must be >= 1")]
@@ -153,6 +156,12 @@ def window_hits(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | 
                 spec: PersonalSpec) -> Hits:
     """contract.metrics hits of the model's `logits` [n, L, V] on `windows` [n, L + 1], mixed with
     `cache` (None: the model alone)."""
+    return window_scores(logits, windows, cache, spec)[0]
+
+
+def window_scores(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | None,
+                  spec: PersonalSpec) -> tuple[Hits, float]:
+    """The hits and Σ log p(target) over the non-pad positions (an oov target counts its own probability)."""
     windows = np.asarray(windows)
     x, y = windows[:, :-1], windows[:, 1:]
     mask = y != PAD_ID
@@ -161,12 +170,15 @@ def window_hits(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | 
         probs = np.stack([mix(p, int(v), cache, spec) for p, v in zip(probs, x[mask])]) if len(probs) else probs
     top = suggestions(probs, k=3) if len(probs) else np.zeros((0, 3), np.int64)
     match = top == y[mask][:, None]
-    return Hits(int(match[:, 0].sum()), int(match.any(axis=1).sum()), int(mask.sum()))
+    loglik = float(np.log(np.maximum(probs[np.arange(len(probs)), y[mask]], 1e-300)).sum()) if len(probs) else 0.0
+    return Hits(int(match[:, 0].sum()), int(match.any(axis=1).sum()), int(mask.sum())), loglik
 
 
-def decide(global_hits: Hits, personal_hits: Hits) -> bool:
-    """Keep the personal model only if it is not worse than the global one on the held-back text."""
-    return personal_hits.top1 >= global_hits.top1
+def decide(base: tuple[Hits, float], personal: tuple[Hits, float], spec: PersonalSpec) -> bool:
+    """Keep the personal model only if, on the held-back text, it suggests the typed word at least as
+    often as the global model and its log-likelihood is at most `fallback_nats` below the global one's
+    (top-1 alone ties on most phones' few held-back words; the likelihood breaks those ties)."""
+    return personal[0].top1 >= base[0].top1 and personal[1] >= base[1] - spec.fallback_nats
 
 
 class PersonalPlan(Protocol):
@@ -208,12 +220,12 @@ def adapt(plan: PersonalPlan, global_flat: np.ndarray, windows: np.ndarray, spec
 
 
 def score(plan: PersonalPlan, flat: np.ndarray, cache: PersonalCache | None, windows: np.ndarray,
-          spec: PersonalSpec) -> Hits:
-    """Hits of weights `flat` (mixed with `cache`) on `windows`, computed by the plan."""
+          spec: PersonalSpec) -> tuple[Hits, float]:
+    """Hits and log-likelihood of weights `flat` (mixed with `cache`) on `windows`, computed by the plan."""
     if not len(windows):
-        return Hits()
+        return Hits(), 0.0
     plan.set_weights(flat)
-    return window_hits(plan.infer(np.asarray(windows)[:, :-1]), windows, cache, spec)
+    return window_scores(plan.infer(np.asarray(windows)[:, :-1]), windows, cache, spec)
 
 
 def personalize(plan: PersonalPlan, global_flat: np.ndarray, windows: np.ndarray, spec: PersonalSpec,
@@ -231,11 +243,11 @@ def personalize(plan: PersonalPlan, global_flat: np.ndarray, windows: np.ndarray
     flat, cache = adapt(plan, global_flat, fit, spec, seed)
     personal = score(plan, flat, cache, held, spec)
     base = score(plan, global_flat, None, held, spec)
-    if not base.positions or not decide(base, personal):
+    if not base[0].positions or not decide(base, personal, spec):
         plan.set_weights(global_flat)
-        return Personalized(None, None, True, (base, personal))
+        return Personalized(None, None, True, (base[0], personal[0]))
     flat, cache = adapt(plan, global_flat, windows, spec, seed)
-    return Personalized(flat, cache, False, (base, personal))
+    return Personalized(flat, cache, False, (base[0], personal[0]))
 
 
 def evaluate(plan: PersonalPlan, global_flat: np.ndarray, windows: np.ndarray, spec: PersonalSpec,
@@ -245,8 +257,8 @@ def evaluate(plan: PersonalPlan, global_flat: np.ndarray, windows: np.ndarray, s
     personal model, or the global one after a fallback) on the rest."""
     adapt_part, scored = split(np.asarray(windows), spec.adapt_fraction)
     chosen = personalize(plan, global_flat, adapt_part, spec, seed)
-    base = score(plan, global_flat, None, scored, spec)
-    mine = base if chosen.fell_back else score(plan, chosen.flat, chosen.cache, scored, spec)
+    base = score(plan, global_flat, None, scored, spec)[0]
+    mine = base if chosen.fell_back else score(plan, chosen.flat, chosen.cache, scored, spec)[0]
     plan.set_weights(global_flat)
     return PersonalReport(base, mine, chosen.fell_back)
 

@@ -12,8 +12,9 @@ place, so a crash leaves the old one or the new one). Nothing of it is ever
 sent: the only personalization figures that leave a phone are a
 personalization evaluation's summed counts (device_runtime.task).
 
-`PersonalModel.suggest` serves the keyboard from the personal weights
-through the plan's `next_probs` signature, mixed with the cache.
+`PersonalModel.suggest` serves the keyboard from the personal weights,
+mixed with the cache: through the app model's own distribution when only
+the output bias was personalized, else through the plan's `next_probs`.
 """
 from __future__ import annotations
 
@@ -30,27 +31,58 @@ from contract.personal import PersonalCache, PersonalSpec, Personalized, mix, pe
 from contract.weights import load_checkpoint, save_checkpoint
 from tflite_export.reader import TrainingPlan, load_plan
 
-WEIGHTS, CACHE, META = "weights.safetensors", "cache.json", "meta.json"
+WEIGHTS, BASE, CACHE, META = "weights.safetensors", "base.safetensors", "cache.json", "meta.json"
 
 
 class PersonalModel:
-    """Suggestions from personal weights (a plan interpreter of its own) and the user's cache."""
+    """Suggestions from personal weights and the user's cache.
 
-    def __init__(self, plan: TrainingPlan, flat: np.ndarray, cache: PersonalCache | None, spec: PersonalSpec,
-                 base_version: int, k: int = 3):
-        self.plan, self.cache, self.spec = plan, cache, spec
-        self.base_version, self.k = base_version, k
-        self.vocab = plan.vocab
-        plan.set_weights(flat)
+    Where personalization moved only the output bias (a plan exported with
+    `personal_layers = output_bias`, or no fine-tuning at all), the model
+    part is the keyboard's own quantized app model — its whole distribution
+    times exp(Δ bias), renormalized, which is exactly softmax(logits + Δ
+    bias) — so a personal suggestion costs what a global one does. Any other
+    layer moved, and the plan's `next_probs` computes it from the personal
+    weights (float, a plan interpreter of its own).
+    """
 
-    def probabilities(self, token_ids: Sequence[int]) -> np.ndarray:
-        """The personal next-word distribution [V] after `token_ids` (starting with <bos>)."""
-        return mix(self.plan.next_probs(token_ids), int(token_ids[-1]), self.cache, self.spec)
+    def __init__(self, cache: PersonalCache | None, spec: PersonalSpec, base_version: int, vocab,
+                 *, plan: TrainingPlan | None = None, bias_delta: np.ndarray | None = None, k: int = 3):
+        self.cache, self.spec, self.base_version, self.vocab, self.k = cache, spec, base_version, vocab, k
+        self.plan, self.bias_delta = plan, bias_delta
+        self.mode = "plan" if plan is not None else "app"
 
-    def suggest(self, token_ids: Sequence[int]) -> list[tuple[int, float]]:
+    def probabilities(self, token_ids: Sequence[int], app=None) -> np.ndarray:
+        """The personal next-word distribution [V] after `token_ids` (starting with <bos>); `app` is the
+        current app model (tflite_export.reader.AppModel), needed in the "app" mode."""
+        if self.plan is not None:
+            p = self.plan.next_probs(token_ids)
+        else:
+            p = np.asarray(app.probabilities(token_ids), np.float64)
+            if self.bias_delta is not None:
+                p = p * np.exp(self.bias_delta)
+                p /= p.sum()
+        return mix(p, int(token_ids[-1]), self.cache, self.spec)
+
+    def suggest(self, token_ids: Sequence[int], app=None) -> list[tuple[int, float]]:
         """The k best (id, probability), never pad/bos/oov, as AppModel.suggest answers."""
-        p = self.probabilities(token_ids)
+        p = self.probabilities(token_ids, app)
         return [(int(i), float(p[i])) for i in suggestions(p, self.k)]
+
+
+def personal_model(plan: TrainingPlan, flat: np.ndarray, global_flat: np.ndarray, cache: PersonalCache | None,
+                   spec: PersonalSpec, base_version: int, k: int = 3) -> PersonalModel:
+    """The PersonalModel of weights `flat` fine-tuned from `global_flat`: the "app" mode when only the output
+    bias moved, else the "plan" mode (`plan` is then set to `flat` and kept)."""
+    delta = np.asarray(flat, np.float64) - np.asarray(global_flat, np.float64)
+    bias = next(e for e in plan.layout.entries if e.name == "output_bias")
+    rest = np.concatenate([delta[:bias.offset], delta[bias.offset + bias.size:]])
+    if np.any(rest != 0):
+        plan.set_weights(flat)
+        return PersonalModel(cache, spec, base_version, plan.vocab, plan=plan, k=k)
+    bias_delta = delta[bias.offset:bias.offset + bias.size]
+    return PersonalModel(cache, spec, base_version, plan.vocab, bias_delta=bias_delta if bias_delta.any() else None,
+                         k=k)
 
 
 class Personalizer:
@@ -90,6 +122,7 @@ class Personalizer:
         if not result.fell_back:     # its own copy of the plan: the runtime keeps only the current one
             shutil.copytree(Path(plan_manifest).parent, scratch / "plan")
             save_checkpoint(scratch / WEIGHTS, plan.layout, result.flat, {"base_version": int(version)})
+            save_checkpoint(scratch / BASE, plan.layout, flat, {"base_version": int(version)})
             (scratch / CACHE).write_text(json.dumps(result.cache.to_json() if result.cache else None))
         (scratch / META).write_text(json.dumps(meta))
         old = self.dir.with_name("personal.old")
@@ -108,8 +141,10 @@ class Personalizer:
         try:
             plan = load_plan(self.dir / meta["plan"], num_threads=self.num_threads)
             _, flat, _ = load_checkpoint(self.dir / WEIGHTS)
+            _, base, _ = load_checkpoint(self.dir / BASE)
             cache_json = json.loads((self.dir / CACHE).read_text())
             cache = PersonalCache.from_json(cache_json) if cache_json else None
-            return PersonalModel(plan, flat, cache, PersonalSpec.from_json(meta["spec"]), meta["base_version"], k)
+            return personal_model(plan, flat, base, cache, PersonalSpec.from_json(meta["spec"]),
+                                  meta["base_version"], k)
         except (OSError, ValueError, KeyError):
             return None

@@ -127,6 +127,6 @@ class Predictor:
         if personal is None:
             return loaded.suggest(ids)
         model, lock = personal
-        with lock:
-            return model.suggest(ids)[:loaded.model.k]
+        with loaded.lock, lock:
+            return model.suggest(ids, loaded.model)[:loaded.model.k]
 

@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--checkpoint", required=True, help="the global model")
     ps.add_argument("--epochs", type=int, default=1, help="fine-tuning passes (0: the cache only)")
     ps.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate")
-    ps.add_argument("--cache-weight", type=float, default=0.3, help="the word cache's share (0: none)")
+    ps.add_argument("--cache-weight", type=float, default=0.1, help="the word cache's share (0: none)")
     ps.add_argument("--personal-layers", default=None, help="comma-separated weights to fine-tune (default: all)")
     ps.add_argument("--max-users", type=int, default=0, help="only the first N held-out users (0: all)")
     ps.add_argument("--plot", default=None, help="write the per-user top-1 CDFs to this PNG")

@@ -9,11 +9,11 @@ import pytest
 from contract.personal import (BUCKETS, PersonalCache, PersonalReport, PersonalSpec, evaluate, fairness,
                                personalize, split, summarize)
 from contract.text import BOS_ID, to_sequences
-from device_runtime.personalization import PersonalModel, Personalizer
+from device_runtime.personalization import PersonalModel, Personalizer, personal_model
 from device_runtime.predictor import Predictor
 from emulation.deployment import tiny_corpus, tiny_model
 from tflite_export import export_app_model
-from tflite_export.reader import load_plan
+from tflite_export.reader import load_app_model, load_plan
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def phrase(corpus, offset: int) -> list[str]:
     return words[offset:offset + 4]
 
 
-def top(model_or_plan, ids: list[int]) -> int:
-    return model_or_plan.suggest(ids)[0][0]
+def top(model: PersonalModel, ids: list[int], app=None) -> int:
+    return model.suggest(ids, app)[0][0]
 
 
 def test_personal_suggestions_come_from_the_personal_weights(world, tmp_path):
@@ -40,18 +40,20 @@ def test_personal_suggestions_come_from_the_personal_weights(world, tmp_path):
     context = [BOS_ID] + corpus.vocab.encode(words[:3])
     target = corpus.vocab.id(words[3])
     weights_only = PersonalSpec(epochs=20, lr=1.0, cache_weight=0.0)
-    before = PersonalModel(plan, model.flat, None, weights_only, 0)
-    assert top(before, context) != target                       # the global model does not know the phrase
+    app = load_app_model(export_app_model(model.config, model.flat, corpus.vocab, tmp_path / "app"))
+    assert app.suggest(context)[0][0] != target                 # the global model does not know the phrase
     result = personalize(plan, model.flat, windows, weights_only)
     assert not result.fell_back and result.cache is None
     assert np.abs(result.flat - model.flat).max() > 1e-3       # fine-tuned through `personalize`
-    after = PersonalModel(load_plan(model.plan_dir / "plan.manifest.json"), result.flat, None, weights_only, 0)
-    assert top(after, context) == target                        # from the personal weights alone
+    after = personal_model(load_plan(model.plan_dir / "plan.manifest.json"), result.flat, model.flat, None,
+                           weights_only, 0)
+    assert after.mode == "plan" and top(after, context) == target   # from the personal weights alone
 
     cache_only = PersonalSpec(epochs=0, cache_weight=0.5)
     cached = personalize(plan, model.flat, windows, cache_only)
     np.testing.assert_array_equal(cached.flat, model.flat)      # no fine-tuning: the global weights
-    assert top(PersonalModel(plan, cached.flat, cached.cache, cache_only, 0), context) == target
+    mine = personal_model(plan, cached.flat, model.flat, cached.cache, cache_only, 0)
+    assert mine.mode == "app" and top(mine, context, app) == target     # the app model + the cache
 
 
 def test_only_the_exported_personal_layers_move(world, tmp_path):
@@ -70,6 +72,14 @@ def test_only_the_exported_personal_layers_move(world, tmp_path):
     assert moved == {"output_bias"}
     with pytest.raises(ValueError, match="personal_layers must name"):
         export_plan(model.config, model.flat, corpus.vocab, tmp_path / "bad", personal_layers=("nope",))
+
+    # A bias-only personal model is served by the (here float) app model: exactly the plan's answer.
+    app = load_app_model(export_app_model(model.config, model.flat, corpus.vocab, tmp_path / "app", quantize=False))
+    mine = personal_model(plan, result.flat, model.flat, None, PersonalSpec(cache_weight=0.0), 0)
+    assert mine.mode == "app"
+    plan.set_weights(result.flat)
+    for ids in ([BOS_ID], [BOS_ID] + corpus.vocab.encode(phrase(corpus, 5)[:3])):
+        np.testing.assert_allclose(mine.probabilities(ids, app), plan.next_probs(ids), atol=1e-6)
 
 
 def test_a_phone_whose_held_back_text_gets_worse_falls_back_to_the_global_model(world, tmp_path):

@@ -139,3 +139,21 @@ def test_the_attack_table_judges_the_all_defences_runs_at_ten_percent():
     assert "24 of 240 phones" in both and "backdoor success 0% (at most 5% in any evaluated version)" in both
     assert "55 of 600 accepted uploads" in both and "(the demo's clean run 13.50%)" in both
     assert "Adam at 0.03" in both and both.endswith("not met.")
+
+
+def test_the_personalization_section_judges_gain_worst_decile_and_hurt():
+    from benchmarks.report import personalization
+
+    dist = {"top1": 0.15, "median": 0.14, "p10": 0.08, "below_half_mean": 0.05}
+    mine = {"top1": 0.165, "median": 0.16, "p10": 0.09, "below_half_mean": 0.03}
+    r = {"users": 226, "global_model": "m", "global": dist, "personal": mine, "relative_gain": 0.10,
+         "helped": 0.6, "hurt": 0.05, "fell_back": 0.1, "median_user_windows": 40, "finetune_s_median_user": 0.5,
+         "suggest_ms_p50": 1.2, "suggest_ms_p99": 3.0,
+         "variants": {"both": {"global": dist, "personal": mine, "relative_gain": 0.1, "helped": 0.6,
+                               "hurt": 0.05, "fell_back": 0.1}}}
+    text = personalization(r)
+    assert "| personal (after fallback) | 16.50% | 16.00% | 9.00% | 3.0% |" in text
+    assert "Target (gain ≥ 5%, p10 not below the global model's, < 10% of users hurt): met; goal (gain ≥ 10%): met" \
+        in text
+    assert "not met; goal" in personalization({**r, "hurt": 0.2})
+    assert "Target" in text and "not met" in personalization({**r, "personal": {**mine, "p10": 0.07}})

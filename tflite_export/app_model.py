@@ -3,7 +3,10 @@
 Input: `tokens` int32 [1, seq_len], the context left-aligned (starting with
 <bos>) and right-padded, and `length` int32 [], how many of them are real.
 Output: `ids` int32 [k] and `probs` float32 [k], the k most probable next
-tokens after position length-1, never pad/bos/oov. The RNN is causal and the
+tokens after position length-1, never pad/bos/oov. A second signature,
+`distribution`, takes the same inputs and returns the whole next-token
+distribution `probs` float32 [V]: what a personal model (its cache, a
+personal output bias) mixes in on the phone (device_runtime.personalization). The RNN is causal and the
 training model starts every window from zero state, so the padding after the
 context cannot change the answer: it is exactly the training model's
 distribution at that position.
@@ -24,6 +27,7 @@ from contract.text import NEVER_SUGGEST
 from tflite_export.convert import convert
 
 SIGNATURE = "suggest"
+DISTRIBUTION = "distribution"
 
 
 def _without_never_suggest(scores: tf.Tensor) -> tf.Tensor:
@@ -41,16 +45,24 @@ def app_module(config: ModelConfig, flat: np.ndarray, k: int) -> tuple[tf.Module
                weight_layout(config).unflatten(np.asarray(flat, np.float32)).values()]
     embedding, output_bias = weights[0], weights[-1]
 
-    @tf.function(input_signature=[tf.TensorSpec([1, config.seq_len], tf.int32, "tokens"),
-                                  tf.TensorSpec([], tf.int32, "length")])
-    def suggest(tokens, length):
+    inputs = [tf.TensorSpec([1, config.seq_len], tf.int32, "tokens"), tf.TensorSpec([], tf.int32, "length")]
+
+    def next_logits(tokens, length):
         state = tf.gather(hidden_states(weights, tokens, config)[0], length - 1)   # [E]
         # transpose_b: the embedding [V, E] is already a FULLY_CONNECTED weight [out, in].
-        logits = tf.matmul(state[None, :], embedding, transpose_b=True)[0] + output_bias
-        probs, ids = tf.math.top_k(_without_never_suggest(tf.nn.softmax(logits)), k=k)
+        return tf.matmul(state[None, :], embedding, transpose_b=True)[0] + output_bias
+
+    @tf.function(input_signature=inputs)
+    def suggest(tokens, length):
+        probs, ids = tf.math.top_k(_without_never_suggest(tf.nn.softmax(next_logits(tokens, length))), k=k)
         return {"ids": ids, "probs": probs}
 
-    return tf.Module(name="nightjar_app"), {SIGNATURE: suggest.get_concrete_function()}
+    @tf.function(input_signature=inputs)
+    def distribution(tokens, length):
+        return {"probs": tf.nn.softmax(next_logits(tokens, length))}
+
+    return tf.Module(name="nightjar_app"), {SIGNATURE: suggest.get_concrete_function(),
+                                            DISTRIBUTION: distribution.get_concrete_function()}
 
 
 def convert_app_model(config: ModelConfig, flat: np.ndarray, k: int = 3,

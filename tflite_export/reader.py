@@ -145,6 +145,7 @@ class AppModel:
         self._vocab_size = int(manifest.model_config["vocab_size"])
         interpreter = _interpreter(model, manifest, source, num_threads)
         self._suggest = interpreter.get_signature_runner("suggest")
+        self._distribution = interpreter.get_signature_runner("distribution")
         self._interpreter = interpreter
         self._tokens = np.zeros((1, self.seq_len), np.int32)
 
@@ -154,14 +155,21 @@ class AppModel:
         Probabilities are the model's softmax over the whole vocabulary; pad,
         bos and oov are never among the suggestions.
         """
+        out = self._suggest(**self._inputs(token_ids))
+        return [(int(i), float(p)) for i, p in zip(out["ids"], out["probs"])]
+
+    def probabilities(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The whole next-token distribution [V] after `token_ids` (pad/bos/oov included)."""
+        return np.array(self._distribution(**self._inputs(token_ids))["probs"])
+
+    def _inputs(self, token_ids: Sequence[int]) -> dict:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)[-self.seq_len:]
         if ids.size == 0:
             raise ValueError("token_ids: the context needs at least one token (<bos>)")
         _check_tokens(ids, self._vocab_size, "token_ids")
         self._tokens[:] = 0
         self._tokens[0, :ids.size] = ids
-        out = self._suggest(tokens=self._tokens, length=np.asarray(ids.size, np.int32))
-        return [(int(i), float(p)) for i, p in zip(out["ids"], out["probs"])]
+        return {"tokens": self._tokens, "length": np.asarray(ids.size, np.int32)}
 
 
 def load_plan(manifest_path: str | Path, expected_vocab_sha256: str | None = None,
