@@ -55,16 +55,21 @@ def global_model(cfg: PersonalizationBench, corpus, model, work: Path) -> tuple[
     from models.pretrain import pretrain
     from models.simulate import run_simulation
 
-    for path in ([Path(cfg.checkpoint)] if cfg.checkpoint else [QUALITY_MODEL, work / "global" / "final.safetensors"]):
+    cached = work / "global" / "final.safetensors"
+    for path in ([Path(cfg.checkpoint)] if cfg.checkpoint else [QUALITY_MODEL, cached]):
         if path.is_file():
-            return load_checkpoint(path)[1], str(path)
+            rounds = load_checkpoint(path)[2].get("round")
+            return load_checkpoint(path)[1], (f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}"
+                                              + (f" (round {rounds} of federated training from public pretraining)"
+                                                 if path == cached else ""))
     if cfg.checkpoint:
         raise SystemExit(f"error: --checkpoint: no file at {cfg.checkpoint}")
     sim = dataclasses.replace(FederatedConfig(), rounds=cfg.global_rounds, eval_every=cfg.global_rounds,
                               server_lr_decay_rounds=int(cfg.global_rounds * 0.7)).simulation()
     run_simulation(corpus, model, sim, work / "global", initial=pretrain(model, corpus.vocab)[0])
     path = work / "global" / "final.safetensors"
-    return load_checkpoint(path)[1], f"{path} ({cfg.global_rounds} federated rounds from public pretraining)"
+    return load_checkpoint(path)[1], (f"{path.relative_to(REPO)} (round {cfg.global_rounds} of federated "
+                                      "training from public pretraining)")
 
 
 def latency(model, app, windows: np.ndarray, n: int) -> dict:

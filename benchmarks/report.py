@@ -359,6 +359,20 @@ def headline(results: dict[str, dict]) -> str:
                      f"published; held-out top-1 {_pct(m['initial']['top1'])} → {_pct(m['final']['top1'])}, top-3 "
                      f"{_pct(m['initial']['top3'])} → {_pct(m['final']['top3'])}{_loss(m)} in "
                      f"{m['wall_s'] / 60:.0f} min | `make demo` |")
+    a = results.get("attacks")
+    if a and "clean" in a:
+        full = [x for x in a["runs"] if x["attacker_fraction"] >= 0.1 and set(x["defences"]) == {"clip", "dp"}]
+        if full:
+            worst = max(full, key=lambda x: (x["backdoor_success"], -x["top1"]))
+            lines.append(f"| attacks | 10% attackers, clip + DP: top-1 {_pct(worst['top1'])} (clean {_pct(a['clean']['top1'])}),"
+                         f" backdoor {max(x['backdoor_success'] for x in full):.0%} over {len(full)} attacks | "
+                         "`make bench-attacks` |")
+    pz = results.get("personalization")
+    if pz:
+        lines.append(f"| personalization | {pz['users']} held-out users: mean top-1 {_pct(pz['global']['top1'])} → "
+                     f"{_pct(pz['personal']['top1'])} ({pz['relative_gain']:+.1%}), {pz['hurt']:.0%} hurt, worst decile "
+                     f"{_pct(pz['global']['p10'])} → {_pct(pz['personal']['p10'])}; suggestion p50 "
+                     f"{pz['suggest_ms_p50']:.2f} ms | `make bench-personalization` |")
     lines.append("")
     lines.append("Details and the machine: [benchmarks/REPORT.md](benchmarks/REPORT.md) (`make report`).")
     return "\n".join(lines)
