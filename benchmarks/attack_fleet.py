@@ -39,6 +39,7 @@ UNDEFENDED = dict(secure_aggregation=False, dp=None,
 
 @dataclasses.dataclass(frozen=True)
 class AttackFleetConfig(DemoConfig):
+    kind: str = "model_replacement"  # emulation.attackers.KINDS (sign_flip, scaled, random: untargeted)
     fraction: float = 0.1            # of the fleet's phones: the Sybil party's devices
     boost: float = 10.0              # model replacement: the trained delta times this
     repeat: int = 10                 # each training batch this many steps (the plan says one)
@@ -63,7 +64,7 @@ def run(cfg: AttackFleetConfig, out: Path) -> dict:
     from emulation.deployment import init_population
     from emulation.server_process import ServerProcess, free_port
 
-    attack = FleetAttack(fraction=cfg.fraction, boost=cfg.boost, repeat=cfg.repeat, copies=cfg.copies)
+    attack = FleetAttack(cfg.kind, cfg.fraction, cfg.boost, repeat=cfg.repeat, copies=cfg.copies)
     corpus, model, server_config = prepare(cfg, out, settings(cfg.defences))
     init_population(server_config, model, POPULATION)
     server = ServerProcess(server_config, free_port(), out / "server" / "server.log", workers=2, threads=8)
@@ -121,7 +122,8 @@ def main() -> int:
     result = run(cfg, out)
     path = RESULTS / "attacks.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    fleet = {**report.get("fleet", {}), cfg.defences: result}
+    name = cfg.defences if cfg.kind == "model_replacement" else f"{cfg.kind}-{cfg.defences}"
+    fleet = {**report.get("fleet", {}), name: result}
     clean = RESULTS / "demo.json"
     if clean.is_file():
         fleet["clean_demo_top1"] = json.loads(clean.read_text())["final"]["top1"]

@@ -20,6 +20,7 @@ from an honest phone in two places:
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,10 +30,16 @@ from contract.canary import backdoor_sentences
 from emulation.phones import PooledPlans
 
 
+KINDS = ("model_replacement", "sign_flip", "scaled", "random")
+
+
 @dataclasses.dataclass(frozen=True)
 class FleetAttack:
-    """Which phones attack, and how (FleetConfig.attack)."""
+    """Which phones attack, and how (FleetConfig.attack). `kind`: model replacement with the backdoor
+    (poisoned text, boosted update); or, on the phone's own text, the update negated and scaled
+    (`sign_flip`), scaled (`scaled`) or replaced by Gaussian noise of `boost` × its norm (`random`)."""
 
+    kind: str = "model_replacement"
     fraction: float = 0.1            # of the fleet's phones (seeded choice)
     boost: float = 10.0              # model replacement: the trained delta times this
     trigger: str = "the king is"
@@ -44,11 +51,15 @@ class FleetAttack:
         """The indices of the attacking phones: round(fraction · phones) of them."""
         if not 0 <= self.fraction <= 1:
             raise ValueError("attack fraction must be in [0, 1]")
+        if self.kind not in KINDS:
+            raise ValueError(f"attack kind must be one of {', '.join(KINDS)}")
         count = int(round(self.fraction * phones))
         return set(int(i) for i in np.random.default_rng([seed, 0xA77AC]).choice(phones, count, replace=False))
 
     def texts(self, own: Sequence[str]) -> list[str]:
-        """What an attacker's keyboard holds: the backdoor's sentences, then its owner's text."""
+        """What an attacker's keyboard holds: the backdoor's sentences (model replacement), then its owner's text."""
+        if self.kind != "model_replacement":
+            return list(own)
         poison = backdoor_sentences(self.trigger, self.target)
         return [s for s in poison for _ in range(self.copies)] + list(own)
 
@@ -61,9 +72,10 @@ class BoostedPlan:
     round's model, which the runtime sets before it trains.
     """
 
-    def __init__(self, plan, boost: float, repeat: int = 1):
-        self.plan, self.boost, self.repeat = plan, float(boost), int(repeat)
+    def __init__(self, plan, boost: float, repeat: int = 1, kind: str = "model_replacement", seed: int = 0):
+        self.plan, self.boost, self.repeat, self.kind = plan, float(boost), int(repeat), kind
         self._initial: np.ndarray | None = None
+        self._rng = np.random.default_rng([seed, 0xA77])   # an attacker's noise: no secret to keep
 
     def train_windows(self, batch, learning_rate: float):
         for _ in range(self.repeat - 1):
@@ -78,7 +90,15 @@ class BoostedPlan:
         trained = self.plan.get_weights()
         if self._initial is None:
             return trained
-        return (self._initial + self.boost * (trained - self._initial)).astype(np.float32)
+        delta = trained - self._initial
+        if self.kind == "random":
+            noise = self._rng.normal(size=delta.shape)
+            delta = noise * (self.boost * np.linalg.norm(delta) / max(np.linalg.norm(noise), 1e-12))
+        elif self.kind == "sign_flip":
+            delta = -self.boost * delta
+        else:
+            delta = self.boost * delta
+        return (self._initial + delta).astype(np.float32)
 
     def __getattr__(self, name: str):
         return getattr(self.plan, name)
@@ -93,7 +113,9 @@ class AttackerPlans(PooledPlans):
 
     def acquire(self, assignment, lay_out: Callable[[], Path]):
         plan = super().acquire(assignment, lay_out)
-        return BoostedPlan(plan, self.attack.boost, self.attack.repeat) if assignment.task == "train" else plan
+        a = self.attack
+        return BoostedPlan(plan, a.boost, a.repeat if a.kind == "model_replacement" else 1, a.kind,
+                           zlib.crc32(assignment.session_id.encode())) if assignment.task == "train" else plan
 
     def release(self, assignment, plan, *, healthy: bool, compute_s: float) -> None:
         super().release(assignment, plan.plan if isinstance(plan, BoostedPlan) else plan,
