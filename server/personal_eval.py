@@ -24,11 +24,12 @@ from contract.personal import PersonalEvalReport, check_counts, fairness_from_hi
 
 class PersonalEvaluations:
     def due(self, conn: sqlite3.Connection, population: str, every: int) -> bool:
-        """Whether `every` training rounds have completed since the last personalize round opened."""
+        """Whether `every` training rounds have completed since the last completed personalize round (a
+        failed one is tried again at once)."""
         if not every:
             return False
-        last = conn.execute("SELECT MAX(number) FROM rounds WHERE population = ? AND task = 'personalize'",
-                            (population,)).fetchone()[0] or 0
+        last = conn.execute("SELECT MAX(number) FROM rounds WHERE population = ? AND task = 'personalize' AND"
+                            " state = 'completed'", (population,)).fetchone()[0] or 0
         done = conn.execute("SELECT COUNT(*) FROM rounds WHERE population = ? AND task = 'train' AND"
                             " state = 'completed' AND number > ?", (population, last)).fetchone()[0]
         return done >= every

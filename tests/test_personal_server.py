@@ -72,6 +72,19 @@ def test_a_personalize_round_sums_the_reports_and_keeps_no_device_figure(make_se
     assert d.checkin().body["assignment"]["task"] == "train"             # then training goes on
 
 
+def test_a_failed_personalize_round_is_tried_again(make_server):
+    env = personal_server(make_server)
+    train_one_round(env)
+    d = DeviceClient(env.api, "en", env.enrollment)
+    assert d.checkin().body["assignment"]["task"] == "personalize"
+    env.clock.advance(400)                                               # past selection and deadline
+    env.services.tick()
+    rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
+    assert (rounds[0]["task"], rounds[0]["state"]) == ("personalize", "failed")
+    d2 = DeviceClient(env.api, "en", env.enrollment)
+    assert d2.checkin().body["assignment"]["task"] == "personalize"      # again, not after 1 more training round
+
+
 def test_the_config_refuses_a_bad_personalization_table(tmp_path):
     import pytest
 
