@@ -98,6 +98,10 @@ class PersonalCache:
     def __init__(self, unigrams: dict[int, int], bigrams: dict[int, dict[int, int]]):
         self.unigrams, self.bigrams = unigrams, bigrams
         self.total = sum(unigrams.values())
+        # made once: a suggestion then only adds its previous word's bigrams
+        self._ids = np.fromiter(unigrams, np.int64, len(unigrams))
+        self._counts = np.fromiter(unigrams.values(), np.float64, len(unigrams))
+        self._where = {w: i for i, w in enumerate(self._ids.tolist())}
 
     @classmethod
     def from_windows(cls, windows: np.ndarray) -> "PersonalCache":
@@ -116,14 +120,11 @@ class PersonalCache:
         """(ids, probabilities) of p_cache(· | prev); empty for an empty cache."""
         if not self.total:
             return np.zeros(0, np.int64), np.zeros(0)
-        ids = np.fromiter(self.unigrams, np.int64, len(self.unigrams))
-        p = np.fromiter(self.unigrams.values(), np.float64, len(ids)) * (smoothing / self.total)
+        p = self._counts * (smoothing / self.total)
         row = self.bigrams.get(int(prev), {})
-        if row:
-            where = {w: i for i, w in enumerate(ids.tolist())}
-            for w, c in row.items():
-                p[where[w]] += c
-        return ids, p / (sum(row.values()) + smoothing)
+        for w, c in row.items():
+            p[self._where[w]] += c
+        return self._ids, p / (sum(row.values()) + smoothing)
 
     def to_json(self) -> dict:
         return {"unigrams": {str(k): v for k, v in self.unigrams.items()},
@@ -152,16 +153,11 @@ def mix(probs: np.ndarray, prev: int, cache: PersonalCache | None, spec: Persona
     return out
 
 
-def window_hits(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | None,
-                spec: PersonalSpec) -> Hits:
-    """contract.metrics hits of the model's `logits` [n, L, V] on `windows` [n, L + 1], mixed with
-    `cache` (None: the model alone)."""
-    return window_scores(logits, windows, cache, spec)[0]
-
-
 def window_scores(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | None,
                   spec: PersonalSpec) -> tuple[Hits, float]:
-    """The hits and Σ log p(target) over the non-pad positions (an oov target counts its own probability)."""
+    """contract.metrics hits of the model's `logits` [n, L, V] on `windows` [n, L + 1], mixed with `cache`
+    (None: the model alone), and Σ log p(target) over the non-pad positions (an oov target counts its own
+    probability)."""
     windows = np.asarray(windows)
     x, y = windows[:, :-1], windows[:, 1:]
     mask = y != PAD_ID

@@ -31,7 +31,7 @@ from contract.personal import PersonalCache, PersonalSpec, Personalized, mix, pe
 from contract.weights import load_checkpoint, save_checkpoint
 from tflite_export.reader import TrainingPlan, load_plan
 
-WEIGHTS, BASE, CACHE, META = "weights.safetensors", "base.safetensors", "cache.json", "meta.json"
+WEIGHTS, BIAS, CACHE, META = "weights.safetensors", "bias_delta.npy", "cache.json", "meta.json"
 
 
 class PersonalModel:
@@ -46,9 +46,10 @@ class PersonalModel:
     weights (float, a plan interpreter of its own).
     """
 
-    def __init__(self, cache: PersonalCache | None, spec: PersonalSpec, base_version: int, vocab,
+    def __init__(self, cache: PersonalCache | None, spec: PersonalSpec, base_version: int, vocab_sha256: str,
                  *, plan: TrainingPlan | None = None, bias_delta: np.ndarray | None = None, k: int = 3):
-        self.cache, self.spec, self.base_version, self.vocab, self.k = cache, spec, base_version, vocab, k
+        self.cache, self.spec, self.base_version, self.k = cache, spec, base_version, k
+        self.vocab_sha256 = vocab_sha256      # the vocabulary it speaks: the app model's must be the same
         self.plan, self.bias_delta = plan, bias_delta
         self.mode = "plan" if plan is not None else "app"
 
@@ -70,18 +71,24 @@ class PersonalModel:
         return [(int(i), float(p[i])) for i in suggestions(p, self.k)]
 
 
+def bias_delta(layout, flat: np.ndarray, global_flat: np.ndarray) -> np.ndarray | None:
+    """How far personalization moved the output bias, if nothing else moved (None: other layers did)."""
+    delta = np.asarray(flat, np.float64) - np.asarray(global_flat, np.float64)
+    bias = next(e for e in layout.entries if e.name == "output_bias")
+    if np.any(delta[:bias.offset]) or np.any(delta[bias.offset + bias.size:]):
+        return None
+    return delta[bias.offset:bias.offset + bias.size]
+
+
 def personal_model(plan: TrainingPlan, flat: np.ndarray, global_flat: np.ndarray, cache: PersonalCache | None,
                    spec: PersonalSpec, base_version: int, k: int = 3) -> PersonalModel:
     """The PersonalModel of weights `flat` fine-tuned from `global_flat`: the "app" mode when only the output
     bias moved, else the "plan" mode (`plan` is then set to `flat` and kept)."""
-    delta = np.asarray(flat, np.float64) - np.asarray(global_flat, np.float64)
-    bias = next(e for e in plan.layout.entries if e.name == "output_bias")
-    rest = np.concatenate([delta[:bias.offset], delta[bias.offset + bias.size:]])
-    if np.any(rest != 0):
+    delta = bias_delta(plan.layout, flat, global_flat)
+    if delta is None:
         plan.set_weights(flat)
-        return PersonalModel(cache, spec, base_version, plan.vocab, plan=plan, k=k)
-    bias_delta = delta[bias.offset:bias.offset + bias.size]
-    return PersonalModel(cache, spec, base_version, plan.vocab, bias_delta=bias_delta if bias_delta.any() else None,
+        return PersonalModel(cache, spec, base_version, plan.vocab.sha256, plan=plan, k=k)
+    return PersonalModel(cache, spec, base_version, plan.vocab.sha256, bias_delta=delta if delta.any() else None,
                          k=k)
 
 
@@ -91,13 +98,16 @@ class Personalizer:
     def __init__(self, data_dir: str | Path, num_threads: int | None = 1):
         self.dir = Path(data_dir) / "personal"
         self.num_threads = num_threads
+        self._meta: dict | None = None      # read once: `due` runs at every step of the runtime
 
     def meta(self) -> dict | None:
         """What the stored personal model was made from (None: none is stored)."""
-        try:
-            return json.loads((self.dir / META).read_text())
-        except (OSError, ValueError):
-            return None
+        if self._meta is None:
+            try:
+                self._meta = json.loads((self.dir / META).read_text())
+            except (OSError, ValueError):
+                return None
+        return self._meta
 
     def due(self, version: int) -> bool:
         """Whether global version `version` has not been personalized yet (kept or fallen back)."""
@@ -112,17 +122,21 @@ class Personalizer:
         t0 = time.monotonic()
         result = personalize(plan, flat, windows, spec, seed)
         g, p = result.validation
+        delta = None if result.fell_back else bias_delta(plan.layout, result.flat, flat)
         meta = {"base_version": int(version), "fell_back": result.fell_back, "spec": spec.to_json(),
-                "plan": f"plan/{Path(plan_manifest).name}", "seconds": time.monotonic() - t0,
-                "windows": int(len(windows)),
+                "mode": None if result.fell_back else ("plan" if delta is None else "app"),
+                "vocab_sha256": plan.vocab.sha256, "plan": f"plan/{Path(plan_manifest).name}",
+                "seconds": time.monotonic() - t0, "windows": int(len(windows)),
                 "validation": {"global_top1": g.top1, "personal_top1": p.top1, "positions": g.positions}}
         scratch = self.dir.with_name("personal.tmp")
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        if not result.fell_back:     # its own copy of the plan: the runtime keeps only the current one
+        if meta["mode"] == "plan":   # its own copy of the plan: the runtime keeps only the current one
             shutil.copytree(Path(plan_manifest).parent, scratch / "plan")
             save_checkpoint(scratch / WEIGHTS, plan.layout, result.flat, {"base_version": int(version)})
-            save_checkpoint(scratch / BASE, plan.layout, flat, {"base_version": int(version)})
+        elif meta["mode"] == "app":  # the app model serves it: only the bias it moved is kept
+            np.save(scratch / BIAS, delta)
+        if not result.fell_back:
             (scratch / CACHE).write_text(json.dumps(result.cache.to_json() if result.cache else None))
         (scratch / META).write_text(json.dumps(meta))
         old = self.dir.with_name("personal.old")
@@ -131,6 +145,7 @@ class Personalizer:
             self.dir.rename(old)
         scratch.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
+        self._meta = meta
         return result
 
     def load(self, k: int = 3) -> PersonalModel | None:
@@ -139,12 +154,14 @@ class Personalizer:
         if meta is None or meta.get("fell_back"):
             return None
         try:
-            plan = load_plan(self.dir / meta["plan"], num_threads=self.num_threads)
-            _, flat, _ = load_checkpoint(self.dir / WEIGHTS)
-            _, base, _ = load_checkpoint(self.dir / BASE)
             cache_json = json.loads((self.dir / CACHE).read_text())
             cache = PersonalCache.from_json(cache_json) if cache_json else None
-            return personal_model(plan, flat, base, cache, PersonalSpec.from_json(meta["spec"]),
-                                  meta["base_version"], k)
+            spec, version, vocab = PersonalSpec.from_json(meta["spec"]), meta["base_version"], meta["vocab_sha256"]
+            if meta["mode"] == "app":
+                delta = np.load(self.dir / BIAS)
+                return PersonalModel(cache, spec, version, vocab, bias_delta=delta if delta.any() else None, k=k)
+            plan = load_plan(self.dir / meta["plan"], num_threads=self.num_threads)
+            plan.set_weights(load_checkpoint(self.dir / WEIGHTS)[1])
+            return PersonalModel(cache, spec, version, vocab, plan=plan, k=k)
         except (OSError, ValueError, KeyError):
             return None

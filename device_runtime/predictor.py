@@ -61,7 +61,7 @@ class Predictor:
         if personal is None or loaded is None:
             return None
         model = personal[0]
-        if model.base_version != loaded.version or model.vocab.sha256 != loaded.model.vocab.sha256:
+        if model.base_version != loaded.version or model.vocab_sha256 != loaded.model.vocab.sha256:
             return None
         return personal
 

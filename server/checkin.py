@@ -42,7 +42,8 @@ def artifact_url(sha256: str) -> str:
     return f"/v1/artifacts/{sha256}"
 
 
-def _ref(sha256: str) -> dict:
+def artifact_ref(sha256: str) -> dict:
+    """The wire's {url, sha256} of a stored artifact."""
     return {"url": artifact_url(sha256), "sha256": sha256}
 
 
@@ -55,12 +56,12 @@ def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, che
     """The wire assignment of a session (contract.wire.Assignment)."""
     plan = None
     if pop.plan is not None:
-        plan = {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)}
+        plan = {**artifact_ref(pop.plan.artifact_sha256), "manifest": artifact_ref(pop.plan.manifest_sha256)}
     action = ACTIONS[rnd.task]
     return Assignment(
         session_id=session_id, task=rnd.task, population=pop.name, round=rnd.number,
-        model_version=rnd.model_version, plan=plan, checkpoint=_ref(checkpoint_sha256),
-        vocab=_ref(pop.vocab_sha256) if pop.vocab_sha256 else None,
+        model_version=rnd.model_version, plan=plan, checkpoint=artifact_ref(checkpoint_sha256),
+        vocab=artifact_ref(pop.vocab_sha256) if pop.vocab_sha256 else None,
         hyperparameters={**rnd.hyperparameters, "seed": seed},
         report_deadline=rnd.deadline, report_deadline_in_s=max(0.0, rnd.deadline - now),
         report_url=f"/v1/sessions/{session_id}/{action}", failure_url=f"/v1/sessions/{session_id}/failure",

@@ -70,11 +70,6 @@ class SubprocessExporter:
         return manifests[0]
 
 
-def found_checkpoint(tx, population: str, version: int) -> str:
-    return tx.execute("SELECT checkpoint_sha256 FROM versions WHERE population = ? AND version = ?",
-                      (population, version)).fetchone()[0]
-
-
 def personal_files(tx, population: str, checkpoint_sha256: str) -> list[str]:
     """What a phone personalizes a published version with, public with it when the population keeps
     personal models: the version's float weights and the population's training plan (manifest,
@@ -119,7 +114,8 @@ class PublishJobs:
             with self._store.write() as tx:
                 self._versions.mark_published(tx, job["population"], job["version"], manifest_sha, canary)
                 self._access.publish(tx, job["population"], job["version"], [manifest_sha, *files] + (
-                    personal_files(tx, job["population"], found_checkpoint(tx, job["population"], job["version"]))
+                    personal_files(tx, job["population"],
+                                   self._versions.get(job["population"], job["version"]).checkpoint_sha256)
                     if self._personalized(job["population"]) else []))
                 self._finish(job["id"], "done", None)
             done += 1

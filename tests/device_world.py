@@ -107,3 +107,14 @@ def direct_delta(plan_dir: Path, initial: np.ndarray, texts: list[str], assignme
 def task_events(device: Device) -> list[dict]:
     """The device's task outcomes, newest first."""
     return [e for e in device.opstats.events() if e["kind"] == "task"]
+
+
+def wait_for_app_model(server_url: str, timeout_s: float = 300.0) -> dict:
+    """The population "en"'s published app model, once the server has published one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp = requests.get(f"{server_url}/v1/populations/en/app-model", timeout=10)
+        if resp.status_code == 200:
+            return resp.json()
+        time.sleep(0.5)
+    raise AssertionError("the server published no app model in time")

@@ -2,7 +2,6 @@
 counts are the plan's own, and the published app model (real exporter subprocess) reaches it."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import requests
@@ -10,7 +9,7 @@ import requests
 from device_runtime.runtime import Device
 from device_runtime.training import local_windows
 from contract.metrics import count_hits
-from tests.device_world import (night_device, record_checkins, round_detail, server_weights,
+from tests.device_world import (wait_for_app_model, night_device, record_checkins, round_detail, server_weights,
                                 task_events, texts_of)
 from tests.e2e import tiny_world
 from tflite_export.reader import load_plan
@@ -22,16 +21,6 @@ pytestmark = pytest.mark.slow
 def world(tmp_path_factory):
     with tiny_world(tmp_path_factory.mktemp("eval_publish"), eval_every=1, publish_every=1) as world:
         yield world
-
-
-def wait_for_app_model(server_url: str, timeout_s: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        resp = requests.get(f"{server_url}/v1/populations/en/app-model", timeout=10)
-        if resp.status_code == 200:
-            return resp.json()
-        time.sleep(0.5)
-    raise AssertionError("the server published no app model in time")
 
 
 def test_evaluation_task_then_the_published_app_model(world, tmp_path):

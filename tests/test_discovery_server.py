@@ -2,26 +2,15 @@
 /openapi.json): one level per round, votes checked against the trie, counts gone at the close."""
 from __future__ import annotations
 
-import numpy as np
-
 from tests.server_fixtures import DeviceClient
-from tests.test_server_views import CheckedTransport, OpenAPIChecker
+from tests.test_server_views import checked_server, train_one_round
 
 N = 4
 
 
 def discovering_server(make_server, **discovery):
-    env = make_server(goal=N, over_selection=1.0, min_selected_fraction=1.0, min_report_fraction=0.5,
-                      discovery={"every": 1, "min_devices": 3, "votes_per_device": 2, **discovery})
-    env.checker = OpenAPIChecker(env.app)
-    env.api = CheckedTransport(env.client, env.checker)
-    return env
-
-
-def train_one_round(env):
-    for d in [DeviceClient(env.api, "en", env.enrollment) for _ in range(N)]:
-        assert d.checkin().body["assignment"]["task"] == "train"
-        assert d.upload(np.zeros(env.layout.size, np.float32), 5).body["status"] == "accepted"
+    return checked_server(make_server, goal=N, over_selection=1.0, min_selected_fraction=1.0, min_report_fraction=0.5,
+                          discovery={"every": 1, "min_devices": 3, "votes_per_device": 2, **discovery})
 
 
 def vote(env, ballots: list[list[str]]) -> list[dict]:
@@ -45,7 +34,7 @@ def summary(env) -> dict:
 
 def test_a_pass_goes_level_by_level_and_keeps_only_what_min_devices_voted_for(make_server):
     env = discovering_server(make_server)
-    train_one_round(env)
+    train_one_round(env, N)
     asks = vote(env, [["h", "z"], ["h"], ["h", "q"], ["h", "z"]])        # z: 2 votes < 3
     assert asks[0]["level"] == 1 and asks[0]["prefixes"] == [""] and asks[0]["min_devices"] == 3
     assert summary(env) == {"pass": 1, "level": 2, "words": []}
@@ -63,7 +52,7 @@ def test_a_pass_goes_level_by_level_and_keeps_only_what_min_devices_voted_for(ma
 
 def test_ballots_off_the_trie_are_422_and_change_nothing(make_server):
     env = discovering_server(make_server)
-    train_one_round(env)
+    train_one_round(env, N)
     summary(env)
     d = DeviceClient(env.api, "en", env.enrollment)
     a = d.checkin().body["assignment"]
@@ -89,7 +78,7 @@ def test_ballots_off_the_trie_are_422_and_change_nothing(make_server):
 
 def test_discover_rounds_can_hear_from_more_devices_than_training_rounds(make_server):
     env = discovering_server(make_server, goal=2 * N)
-    train_one_round(env)
+    train_one_round(env, N)
     vote(env, [["h"]] * (2 * N))                               # all 8 selected and counted in one level
     rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
     assert (rounds[0]["task"], rounds[0]["reported"], rounds[1]["reported"]) == ("discover", 2 * N, N)

@@ -4,7 +4,6 @@ that model — a personalize task uploads only its counts, which are exactly the
 from __future__ import annotations
 
 import json
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +13,7 @@ import requests
 from contract.personal import PersonalReport, PersonalSpec
 from device_runtime.training import local_windows
 from models.personalize import evaluate_users
-from tests.device_world import night_device, record_checkins, server_weights, texts_of
+from tests.device_world import wait_for_app_model, night_device, record_checkins, server_weights, texts_of
 from tests.e2e import tiny_world
 from tests.recording_proxy import RecordingProxy
 from tflite_export.reader import load_plan
@@ -30,16 +29,6 @@ def world(tmp_path_factory):
         yield world
 
 
-def published(server_url: str, timeout_s: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        resp = requests.get(f"{server_url}/v1/populations/en/app-model", timeout=10)
-        if resp.status_code == 200:
-            return resp.json()
-        time.sleep(0.5)
-    raise AssertionError("the server published no app model in time")
-
-
 def test_the_personal_model_stays_on_the_phone_and_the_evaluation_sends_only_counts(world, tmp_path):
     corpus, model, server = world
     texts = texts_of(corpus, [0, 1, 2])
@@ -48,7 +37,7 @@ def test_the_personal_model_stays_on_the_phone_and_the_evaluation_sends_only_cou
         seen = record_checkins(device)
         device.step()                                   # train -> version 1
         device.step()                                   # eval of version 1 -> published
-        app = published(server.url)
+        app = wait_for_app_model(server.url)
         assert app["version"] == 1 and app["personalization"]["spec"]["epochs"] == 2
         assert device.refresh_app_model() == 1
         device.step()                                   # personalizes version 1, then the personalize task
@@ -64,8 +53,9 @@ def test_the_personal_model_stays_on_the_phone_and_the_evaluation_sends_only_cou
 
     # Nothing sent carries the personal model: no body holds any 64-byte run of its weights, and the
     # only report of the personalize task is its counts.
-    personal = device.personalizer.dir / "weights.safetensors"
-    secret = personal.read_bytes() if personal.exists() else b""
+    stored = [device.personalizer.dir / name for name in ("weights.safetensors", "bias_delta.npy")]
+    secret = b"".join(path.read_bytes() for path in stored if path.exists())
+    assert not meta["fell_back"] and len(secret) > 1000        # this phone kept a personal model
     posts = [r for r in proxy.requests if r.method == "POST"]
     for r in proxy.requests:
         for i in range(0, max(len(secret) - 64, 0), 4096):

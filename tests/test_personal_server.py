@@ -10,24 +10,15 @@ import numpy as np
 from contract.metrics import Hits
 from contract.personal import PersonalReport
 from tests.server_fixtures import DeviceClient
-from tests.test_server_views import CheckedTransport, OpenAPIChecker
+from tests.test_server_views import checked_server, train_one_round
 
 N = 3
 SPEC = {"epochs": 2, "lr": 0.1, "cache_weight": 0.3}
 
 
 def personal_server(make_server, **settings):
-    env = make_server(goal=N, over_selection=1.0, min_selected_fraction=1.0, min_report_fraction=1.0,
-                      personalization=SPEC, personal_eval_every=1, **settings)
-    env.checker = OpenAPIChecker(env.app)
-    env.api = CheckedTransport(env.client, env.checker)
-    return env
-
-
-def train_one_round(env):
-    for d in [DeviceClient(env.api, "en", env.enrollment) for _ in range(N)]:
-        assert d.checkin().body["assignment"]["task"] == "train"
-        assert d.upload(np.zeros(env.layout.size, np.float32), 5).body["status"] == "accepted"
+    return checked_server(make_server, goal=N, over_selection=1.0, min_selected_fraction=1.0, min_report_fraction=1.0,
+                          personalization=SPEC, personal_eval_every=1, **settings)
 
 
 def report(env, device: DeviceClient, assignment: dict, counts) -> dict:
@@ -37,7 +28,7 @@ def report(env, device: DeviceClient, assignment: dict, counts) -> dict:
 
 def test_a_personalize_round_sums_the_reports_and_keeps_no_device_figure(make_server):
     env = personal_server(make_server)
-    train_one_round(env)
+    train_one_round(env, N)
     reports = [PersonalReport(Hits(10, 20, 100), Hits(15, 25, 100), False),
                PersonalReport(Hits(30, 40, 100), Hits(30, 40, 100), True),
                PersonalReport(Hits(50, 60, 100), Hits(40, 60, 100), False)]
@@ -74,7 +65,7 @@ def test_a_personalize_round_sums_the_reports_and_keeps_no_device_figure(make_se
 
 def test_a_failed_personalize_round_is_tried_again(make_server):
     env = personal_server(make_server)
-    train_one_round(env)
+    train_one_round(env, N)
     d = DeviceClient(env.api, "en", env.enrollment)
     assert d.checkin().body["assignment"]["task"] == "personalize"
     env.clock.advance(400)                                               # past selection and deadline

@@ -81,6 +81,16 @@ def test_only_the_exported_personal_layers_move(world, tmp_path):
     for ids in ([BOS_ID], [BOS_ID] + corpus.vocab.encode(phrase(corpus, 5)[:3])):
         np.testing.assert_allclose(mine.probabilities(ids, app), plan.next_probs(ids), atol=1e-6)
 
+    # Stored on the phone, such a model keeps only the bias it moved, and loads without a plan.
+    store = Personalizer(tmp_path / "phone")
+    spec = PersonalSpec(epochs=2, lr=0.5, cache_weight=0.0, fallback_nats=1e9)
+    store.refresh(manifest, model.checkpoint, windows, spec, version=1)
+    loaded = Personalizer(tmp_path / "phone").load()
+    assert store.meta()["mode"] == "app" and loaded.mode == "app" and loaded.plan is None
+    assert not (store.dir / "weights.safetensors").exists() and (store.dir / "bias_delta.npy").exists()
+    ids = [BOS_ID] + corpus.vocab.encode(phrase(corpus, 5)[:3])
+    np.testing.assert_allclose(loaded.probabilities(ids, app), mine.probabilities(ids, app), atol=1e-6)
+
 
 def test_a_phone_whose_held_back_text_gets_worse_falls_back_to_the_global_model(world, tmp_path):
     corpus, model, plan = world

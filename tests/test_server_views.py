@@ -66,6 +66,23 @@ class OpenAPIChecker:
             assert content_type == "application/octet-stream"
 
 
+def checked_server(make_server, **population):
+    """make_server(**population) with `env.api`: every request and answer checked against /openapi.json."""
+    env = make_server(**population)
+    env.checker = OpenAPIChecker(env.app)
+    env.api = CheckedTransport(env.client, env.checker)
+    return env
+
+
+def train_one_round(env, devices: int) -> None:
+    """`devices` new devices check in to a training round and each uploads a zero update."""
+    from tests.server_fixtures import DeviceClient
+
+    for d in [DeviceClient(env.api, "en", env.enrollment) for _ in range(devices)]:
+        assert d.checkin().body["assignment"]["task"] == "train"
+        assert d.upload(np.zeros(env.layout.size, np.float32), 5).body["status"] == "accepted"
+
+
 class CheckedTransport(FlaskTransport):
     def __init__(self, client, checker: OpenAPIChecker):
         super().__init__(client)

@@ -7,7 +7,7 @@ from flask import Blueprint, jsonify, request
 
 from server import validation as v
 from server.validation import MAX_INT
-from server.checkin import artifact_url
+from server.checkin import artifact_ref, artifact_url
 from server.populations import load_population
 from server.versions import Version
 from server.views._common import require_operator, services
@@ -45,13 +45,9 @@ def _personalization(version: Version, vocab_sha256: str | None) -> dict | None:
     needed = (version.checkpoint_sha256, pop.plan.manifest_sha256, pop.plan.artifact_sha256)
     if not all(svc.access.is_public(sha) for sha in needed):
         return None
-    return {"spec": spec.to_json(), "checkpoint": _ref(version.checkpoint_sha256),
-            "plan": {**_ref(pop.plan.artifact_sha256), "manifest": _ref(pop.plan.manifest_sha256)},
-            "vocab": _ref(vocab_sha256)}
-
-
-def _ref(sha256: str) -> dict:
-    return {"url": artifact_url(sha256), "sha256": sha256}
+    return {"spec": spec.to_json(), "checkpoint": artifact_ref(version.checkpoint_sha256),
+            "plan": {**artifact_ref(pop.plan.artifact_sha256), "manifest": artifact_ref(pop.plan.manifest_sha256)},
+            "vocab": artifact_ref(vocab_sha256)}
 
 
 @bp.get("/app-model")
