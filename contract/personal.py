@@ -308,30 +308,44 @@ def check_counts(counts: np.ndarray | list[int], devices: int = 1) -> np.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class PersonalEvalReport:
-    """The body a personalize task posts (`/v1/sessions/<id>/personal`): one PersonalReport vector."""
+    """The body a personalize task posts (`/v1/sessions/<id>/personal`): one PersonalReport vector.
+
+    `masked`: under secure aggregation the vector is the device's counts plus its SecAgg+ masks,
+    modulo 2^32 (contract.secagg.DeviceSecAgg.mask), so the server can check only the round's
+    unmasked sum (check_counts with `devices` = the survivors), never one device's report."""
 
     model_version: int
     counts: tuple[int, ...]
+    masked: bool = False
 
     SCHEMA = sc.Obj("PersonalEvalReport", [
         sc.Field("model_version", sc.Int(0)),
         sc.Field("counts", sc.Arr(sc.Int(0), 64, description="contract.personal.PersonalReport.vector()")),
+        sc.Field("masked", sc.Bool(), required=False, default=False),
     ], description="hits of the global and the personal model, positions, two one-hot top-1 buckets, "
-                   "helped / hurt / fell back")
+                   "helped / hurt / fell back; masked (uint32 words) under secure aggregation")
 
     @classmethod
     def from_json(cls, value) -> "PersonalEvalReport":
         from contract.errors import ErrorCode, ProtocolError
 
         parsed = cls.SCHEMA.parse(value)
+        counts, masked = parsed["counts"], parsed["masked"]
         try:
-            counts = check_counts(parsed["counts"])
+            if masked:
+                if len(counts) != PersonalReport.size() or max(counts, default=0) >= 2**32:
+                    raise ValueError(f"a masked report is {PersonalReport.size()} words < 2^32")
+            else:
+                counts = check_counts(counts)
         except ValueError as e:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"counts: {e}") from None
-        return cls(parsed["model_version"], tuple(int(c) for c in counts))
+        return cls(parsed["model_version"], tuple(int(c) for c in counts), masked)
 
     def to_json(self) -> dict:
-        return {"model_version": self.model_version, "counts": list(self.counts)}
+        out = {"model_version": self.model_version, "counts": list(self.counts)}
+        if self.masked:
+            out["masked"] = True
+        return out
 
 
 def summarize(total: np.ndarray) -> dict:

@@ -116,11 +116,16 @@ class ServerClient:
         report = EvalReport(assignment.model_version, top1_hits, top3_hits, positions, loss_sum)
         return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=report.to_json())))
 
-    def report_personal(self, assignment: Assignment, report) -> Outcome:
-        """A personalize task's counts (a contract.personal.PersonalReport): its vector, nothing else."""
+    def report_personal(self, assignment: Assignment, report,
+                        masker: Callable[[np.ndarray], np.ndarray] | None = None) -> Outcome:
+        """A personalize task's counts (a contract.personal.PersonalReport): its vector, nothing else;
+        under secure aggregation masked by `masker` (contract.secagg.DeviceSecAgg.mask)."""
         from contract.personal import PersonalEvalReport
 
-        body = PersonalEvalReport(assignment.model_version, tuple(int(c) for c in report.vector()))
+        counts = np.asarray(report.vector(), np.int64)
+        if masker is not None:
+            counts = masker(counts.astype(np.uint32))
+        body = PersonalEvalReport(assignment.model_version, tuple(int(c) for c in counts), masker is not None)
         return Outcome.from_json(_json(self.t.request("POST", assignment.report_url, json=body.to_json())))
 
     def report_discovery(self, assignment: Assignment, votes: list[str]) -> Outcome:

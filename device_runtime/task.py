@@ -114,7 +114,7 @@ class Task:
         self._plan: TrainingPlan | None = None   # held from prepare until the compute is done
         secure = assignment.update is not None and assignment.update.spec.secure_aggregation
         self.secagg = SecureAggregation(device.client, assignment, device.clock, self.should_stop) \
-            if secure and assignment.task == "train" else None
+            if secure and assignment.task in ("train", "personalize") else None
 
     def run(self) -> str:
         """Run the task and report it; returns the outcome logged (see the module docstring)."""
@@ -262,8 +262,12 @@ class Task:
             raise Interrupted(reason, 0)
         self._finish_compute(time.monotonic() - started)
         self.examples = report.global_hits.positions
+        masker = None
+        if self.secagg is not None:      # the counts travel masked, like a training update
+            self._next_phase("secagg_wait")
+            masker = self.secagg.masker()
         self._next_phase("upload")
-        answer = self.d.client.report_personal(self.a, report)
+        answer = self.d.client.report_personal(self.a, report, masker)
         self._next_phase("done")
         return answer
 

@@ -69,8 +69,10 @@ class RoundAnalytics:
                                    " state = 'failed' GROUP BY reason", (row["id"],)).fetchall()
             secure = conn.execute("SELECT phase, k, t, members, shared, survivors, reason FROM secagg_rounds"
                                   " WHERE round_id = ?", (row["id"],)).fetchone()
+            # a secure round's sum means something only once unmasked, when it completes
             personal = (self._personal.summary(conn, row["id"])
-                        if self._personal is not None and row["task"] == "personalize" else None)
+                        if self._personal is not None and row["task"] == "personalize"
+                        and (secure is None or row["state"] == "completed") else None)
         out = round_summary(row, now)
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])
         out["update"] = json.loads(row["update_spec_json"]) if row["update_spec_json"] else None

@@ -7,8 +7,10 @@ model on the first 80% of its text and scores the global and the personal
 model on the rest (contract.personal.evaluate); its report is one vector of
 counts (contract.personal.PersonalReport), checked and then added to the
 round's running sum in the transaction that counts it. Only the sum is
-stored — no row holds one device's figures — and the round's detail shows
-what the sum says: both models' top-1, the per-device top-1 histograms and
+stored — no row holds one device's figures. Under secure aggregation the
+reports arrive masked (contract.secagg), the sum is kept modulo 2^32 and
+unmasked when the round completes, and only that sum is checked. The
+round's detail shows what the sum says: both models' top-1, the per-device top-1 histograms and
 the fractions helped, hurt and fallen back (contract.personal.summarize),
 with the fairness figures the histograms allow.
 """
@@ -20,6 +22,8 @@ import sqlite3
 import numpy as np
 
 from contract.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
+
+MODULUS = 2**32          # the SecAgg+ masks' ring (contract.secagg)
 
 
 class PersonalEvaluations:
@@ -35,7 +39,8 @@ class PersonalEvaluations:
         return done >= every
 
     def record(self, tx: sqlite3.Connection, round_id: int, report: PersonalEvalReport) -> None:
-        """Add one device's (checked) counts to the round's sum."""
+        """Add one device's counts to the round's sum: checked ones as integers, masked ones (secure
+        aggregation) modulo 2^32, to be unmasked when the round completes (`unmasked`)."""
         row = tx.execute("SELECT counts_json, devices FROM personal_evals WHERE round_id = ?",
                          (round_id,)).fetchone()
         counts = np.asarray(report.counts, np.int64)
@@ -43,9 +48,25 @@ class PersonalEvaluations:
             tx.execute("INSERT INTO personal_evals (round_id, counts_json, devices) VALUES (?, ?, 1)",
                        (round_id, json.dumps(counts.tolist())))
             return
-        total = check_counts(json.loads(row["counts_json"]), row["devices"]) + counts
+        stored = np.asarray(json.loads(row["counts_json"]), np.int64)
+        if report.masked:
+            total = (stored + counts) % MODULUS
+        else:
+            total = check_counts(stored, row["devices"]) + counts
         tx.execute("UPDATE personal_evals SET counts_json = ?, devices = devices + 1 WHERE round_id = ?",
                    (json.dumps(total.tolist()), round_id))
+
+    def masked_sum(self, conn: sqlite3.Connection, round_id: int) -> np.ndarray | None:
+        """A secure round's sum of masked reports (uint32 words), None if nothing was counted."""
+        row = conn.execute("SELECT counts_json FROM personal_evals WHERE round_id = ?", (round_id,)).fetchone()
+        return None if row is None else np.asarray(json.loads(row["counts_json"]), np.int64).astype(np.uint32)
+
+    def unmasked(self, tx: sqlite3.Connection, round_id: int, plain: np.ndarray, survivors: int) -> None:
+        """Replace a secure round's masked sum by its unmasked one, checked as the sum of `survivors`
+        reports (ValueError if it is not one: a device sent counts no honest device could)."""
+        total = check_counts([int(x) for x in np.asarray(plain, np.int64)], survivors)
+        tx.execute("UPDATE personal_evals SET counts_json = ?, devices = ? WHERE round_id = ?",
+                   (json.dumps(total.tolist()), survivors, round_id))
 
     def summary(self, conn: sqlite3.Connection, round_id: int) -> dict | None:
         """What the round's sum says (None: no report counted)."""

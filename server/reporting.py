@@ -139,11 +139,17 @@ class ReportingService:
         return self._commit(session_id, rnd.id, report)
 
     def personal(self, device_id: str, session_id: str, report: PersonalEvalReport) -> Outcome:
-        """A device's personalization evaluation: checked counts, added once to the round's sum."""
-        session, rnd = self._session(self._store.connection(), device_id, session_id)
+        """A device's personalization evaluation: checked (or masked) counts, added once to the round's sum."""
+        conn = self._store.connection()
+        session, rnd = self._session(conn, device_id, session_id)
         stored = self._check(session, rnd, "personalize", report.model_version)
         if stored is not None:
             return stored
+        if report.masked != rnd.secure:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "this round's counts must be masked (secure aggregation)"
+                                if rnd.secure else "this round is not securely aggregated: send plain counts")
+        if rnd.secure and not self._secagg.check_upload(conn, session, rnd):   # 409: not now
+            return self._commit(session_id, rnd.id, None)
         return self._commit(session_id, rnd.id, report)
 
     def discovery(self, device_id: str, session_id: str, model_version: int,

@@ -207,6 +207,9 @@ class RoundService:
                  "max_examples": cfg.client_max_examples}
         number = (last.number if last else 0) + 1
         spec = None
+        if task == "personalize" and cfg.update.secure_aggregation:   # its counts travel masked too
+            spec = json.dumps(cfg.update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
+                                              rotation_seed(cfg.seed, number), cfg.max_selected).to_json())
         if task == "train":
             update, dp = cfg.update, None
             if cfg.dp is not None:
@@ -327,6 +330,10 @@ class RoundService:
             self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
             return None
         if rnd.task == "personalize":      # its sum is already stored (server.personal_eval)
+            if rnd.secure:
+                reason = self._unmask_personal(tx, rnd)
+                if reason:
+                    return self._fail(tx, rnd, now, reason)
             self._close(tx, rnd, now, "completed", None, None, time.perf_counter() - start)
             return None
         if rnd.task == "discover":
@@ -356,6 +363,22 @@ class RoundService:
         """Reports of the round that were counted but not added (contract.robust.zeroing_norm)."""
         return conn.execute("SELECT COUNT(*) FROM sessions WHERE round_id = ? AND state = 'accepted'"
                             " AND reason = 'zeroed'", (rnd.id,)).fetchone()[0]
+
+    def _unmask_personal(self, tx: sqlite3.Connection, rnd: Round) -> str | None:
+        """A secure personalize round's sum, unmasked and checked in place; a failure reason if not."""
+        masked = self._personal.masked_sum(tx, rnd.id)
+        if masked is None:
+            return "too_few_reports"
+        try:
+            plain, survivors = self._secagg.unmask(tx, rnd, masked)
+            self._personal.unmasked(tx, rnd.id, plain, survivors)
+        except SecAggError as e:
+            log.error("round %s/%d: unmasking failed: %s", rnd.population, rnd.number, e)
+            return "unmask_failed"
+        except ValueError as e:           # the sum of honest reports is always consistent
+            log.error("round %s/%d: the unmasked sum is not one of reports: %s", rnd.population, rnd.number, e)
+            return "implausible_sum"
+        return None
 
     def running_sum(self, tx: sqlite3.Connection, rnd: Round) -> IntegerSum:
         """The round's committed shards, merged (exact integers: any order gives the same sum)."""

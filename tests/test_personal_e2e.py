@@ -78,3 +78,41 @@ def test_the_personal_model_stays_on_the_phone_and_the_evaluation_sends_only_cou
                           headers=server.operator_headers).json()
     assert detail["personalization"]["devices"] == 1
     assert detail["personalization"]["personal"]["top1"] == row.personal_top1 / row.positions
+
+
+def test_under_secure_aggregation_phones_send_masked_counts_and_the_server_unmasks_only_their_sum(tmp_path):
+    """Emulated phones (the real runtime, LiteRT, the real server) in a secure population: the
+    personalize round runs SecAgg+, every /personal body is masked, and the server's unmasked sum is
+    exactly the sum of the plaintexts the phones masked (recorded on the test's side)."""
+    from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
+    from tests.e2e import NIGHT_UTC, run_fleet
+    from tests.test_secagg_fleet import SECURE, masked_key, recorded_plaintexts
+
+    corpus = tiny_corpus()
+    model = tiny_model(tmp_path / "model", corpus)
+    server = start_server(tmp_path / "server", model, **dict(SECURE, goal=5), personalization=SPEC,
+                          personal_eval_every=1, server=simulated_clock(NIGHT_UTC, 240.0))
+    try:
+        with recorded_plaintexts() as masked_from, RecordingProxy(server.url) as proxy:
+            run = run_fleet(tmp_path / "fleet", server, corpus, phones=24, rounds=2, url=proxy.url,
+                            max_wall_s=300)
+    finally:
+        server.kill()
+    (d,) = [d for d in run.details if d["task"] == "personalize" and d["state"] == "completed"][:1]
+    assert d["secagg"]["phase"] == "done" and d["secagg"]["survivors"] == d["reported"] >= 3, d["secagg"]
+    sessions = {dev["session_id"] for dev in d["devices"] if dev["outcome"] == "accepted"}
+    sent = {r.target.split("/")[3]: json.loads(r.body) for r in proxy.requests
+            if r.method == "POST" and r.target.endswith("/personal")}
+    assert sessions <= set(sent)
+    total = np.zeros(PersonalReport.size(), np.int64)
+    for sid in sessions:
+        body = sent[sid]
+        assert body["masked"] is True and set(body) == {"model_version", "counts", "masked"}
+        words = np.asarray(body["counts"], np.int64).astype(np.uint32)
+        plain = masked_from[masked_key(words)].astype(np.int64)       # what the phone gave its masker
+        assert not np.array_equal(words, plain)
+        total += plain
+    p = d["personalization"]
+    assert (p["devices"], p["positions"]) == (len(sessions), int(total[4]))
+    assert abs(p["global"]["top1"] - total[0] / total[4]) < 1e-12
+    assert abs(p["personal"]["top1"] - total[2] / total[4]) < 1e-12

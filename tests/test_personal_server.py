@@ -94,3 +94,60 @@ def test_the_config_refuses_a_bad_personalization_table(tmp_path):
     path.write_text("[populations.en]\ngoal = 5\npersonal_eval_every = 3\n")
     with pytest.raises(ConfigError, match="personal_eval_every"):
         load_config(path)
+
+
+def test_under_secure_aggregation_the_counts_travel_masked_and_only_their_sum_is_unmasked(make_server):
+    """A personalize round of a secure population runs SecAgg+ like a training round: each device's
+    vector reaches the server masked (it is not the device's counts), a plain one is refused, a
+    device that drops after sharing is masked out, and the unmasked sum is exactly the survivors'."""
+    from contract.secagg_wire import SecAggReveal, SecAggStatus
+    from tests.test_secagg_server import KEYS_WINDOW_S, check_in, play, secure_server
+
+    env = secure_server(make_server, checked=True, personalization=SPEC, personal_eval_every=1)
+    env.api = env.transport                                              # every answer checked against the spec
+    play(env, check_in(env), {})                                         # round 1: training
+    phones = check_in(env)
+    assert {p.assignment["task"] for p in phones} == {"personalize"}
+    for p in phones:
+        assert p.advertise().status == 200
+    env.clock.advance(KEYS_WINDOW_S + 1)
+    env.services.tick()
+    for p in phones:
+        assert p.share().status == 200
+    env.clock.advance(61)
+    env.services.tick()
+    rng = np.random.default_rng(3)
+    plain, sent = {}, []
+    for i, p in enumerate(phones[:-2]):                                  # the last two never report
+        positions = int(rng.integers(20, 200))
+        g1, p1 = (int(x) for x in rng.integers(0, positions // 2, 2))
+        counts = PersonalReport(Hits(g1, g1 + 5, positions), Hits(p1, p1 + 5, positions), bool(i % 3)).vector()
+        status = SecAggStatus.from_json(p.transport.request("GET", p._path(), headers=p.headers).body)
+        p.secrets.receive(status.inbox)
+        if i == 0:
+            refused = report(env, p, p.assignment, counts.tolist())      # plain counts: refused, not stored
+            assert refused.status == 400 and "masked" in refused.body["message"], refused.body
+        masked = p.secrets.mask(counts.astype(np.uint32)).astype(np.int64)
+        body = {"model_version": p.assignment["model_version"], "counts": masked.tolist(), "masked": True}
+        reply = env.transport.request("POST", p.assignment["report"]["url"], headers=p.headers, json=body)
+        assert reply.status == 200 and reply.body["status"] == "accepted", reply.body
+        plain[i], sent[len(sent):] = counts, [masked]
+        assert not np.array_equal(masked, counts)
+    env.clock.advance(300)                                               # to the deadline
+    env.services.tick()
+    for p in phones[:-2]:
+        status = SecAggStatus.from_json(p.transport.request("GET", p._path(), headers=p.headers).body)
+        if status.phase == "unmasking" and not status.done:
+            assert p.send("reveal", SecAggReveal(p.secrets.reveal(list(status.survivors),
+                                                                   list(status.dropped)))).status == 200
+    env.services.tick()
+    detail = env.api.request("GET", "/v1/populations/en/rounds/2", headers=env.operator_headers).body
+    assert (detail["task"], detail["state"]) == ("personalize", "completed"), detail
+    assert detail["secagg"]["survivors"] == len(plain) and detail["secagg"]["phase"] == "done"
+    total = np.sum(list(plain.values()), axis=0)
+    db = env.services.store.connection()
+    (stored,) = db.execute("SELECT counts_json FROM personal_evals").fetchone()
+    assert json.loads(stored) == total.tolist()                          # the survivors' sum, unmasked
+    assert detail["personalization"]["devices"] == len(plain)
+    assert detail["personalization"]["positions"] == int(total[4])
+    assert not any(np.array_equal(np.asarray(s) % 2**32, total) for s in sent)
