@@ -23,17 +23,24 @@ import numpy as np
 
 from contract.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
 
+RETRIES = 1               # a failed personalize round is tried again this often, at once
 MODULUS = 2**32          # the SecAgg+ masks' ring (contract.secagg)
 
 
 class PersonalEvaluations:
     def due(self, conn: sqlite3.Connection, population: str, every: int) -> bool:
-        """Whether `every` training rounds have completed since the last completed personalize round (a
-        failed one is tried again at once)."""
+        """Whether `every` training rounds have completed since the last personalize round that counts:
+        the last completed one, or the last one that failed on its retry (a failed round is tried again
+        once, at once; then training goes on, so a failing evaluation never stalls training)."""
         if not every:
             return False
-        last = conn.execute("SELECT MAX(number) FROM rounds WHERE population = ? AND task = 'personalize' AND"
-                            " state = 'completed'", (population,)).fetchone()[0] or 0
+        row = conn.execute("SELECT number, state, attempt FROM rounds WHERE population = ? AND"
+                           " task = 'personalize' ORDER BY number DESC LIMIT 1", (population,)).fetchone()
+        if row is not None and row["state"] == "failed" and row["attempt"] >= 1 + RETRIES:
+            last = row["number"]
+        else:
+            last = conn.execute("SELECT MAX(number) FROM rounds WHERE population = ? AND task = 'personalize'"
+                                " AND state = 'completed'", (population,)).fetchone()[0] or 0
         done = conn.execute("SELECT COUNT(*) FROM rounds WHERE population = ? AND task = 'train' AND"
                             " state = 'completed' AND number > ?", (population, last)).fetchone()[0]
         return done >= every

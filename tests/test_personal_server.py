@@ -74,6 +74,10 @@ def test_a_failed_personalize_round_is_tried_again(make_server):
     assert (rounds[0]["task"], rounds[0]["state"]) == ("personalize", "failed")
     d2 = DeviceClient(env.api, "en", env.enrollment)
     assert d2.checkin().body["assignment"]["task"] == "personalize"      # again, not after 1 more training round
+    env.clock.advance(400)
+    env.services.tick()
+    d3 = DeviceClient(env.api, "en", env.enrollment)
+    assert d3.checkin().body["assignment"]["task"] == "train"            # failed twice: training goes on
 
 
 def test_the_config_refuses_a_bad_personalization_table(tmp_path):
