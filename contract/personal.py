@@ -328,12 +328,13 @@ class PersonalEvalReport:
     @classmethod
     def from_json(cls, value) -> "PersonalEvalReport":
         from contract.errors import ErrorCode, ProtocolError
+        from contract.secagg import WORD_MODULUS
 
         parsed = cls.SCHEMA.parse(value)
         counts, masked = parsed["counts"], parsed["masked"]
         try:
             if masked:
-                if len(counts) != PersonalReport.size() or max(counts, default=0) >= 2**32:
+                if len(counts) != PersonalReport.size() or max(counts, default=0) >= WORD_MODULUS:
                     raise ValueError(f"a masked report is {PersonalReport.size()} words < 2^32")
             else:
                 counts = check_counts(counts)

@@ -55,6 +55,9 @@ CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT + 16       # + the GCM tag
 SELF, KEY = "self", "key"
 
 
+WORD_MODULUS = 2**32      # masks, masked vectors and their sums are uint32 words, modulo this
+
+
 class SecAggError(Exception):
     """A protocol rule would be broken (a device refuses), or a message does not check out."""
 

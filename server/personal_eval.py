@@ -22,9 +22,9 @@ import sqlite3
 import numpy as np
 
 from contract.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
+from contract.secagg import WORD_MODULUS
 
 RETRIES = 1               # a failed personalize round is tried again this often, at once
-MODULUS = 2**32          # the SecAgg+ masks' ring (contract.secagg)
 
 
 class PersonalEvaluations:
@@ -57,7 +57,7 @@ class PersonalEvaluations:
             return
         stored = np.asarray(json.loads(row["counts_json"]), np.int64)
         if report.masked:
-            total = (stored + counts) % MODULUS
+            total = (stored + counts) % WORD_MODULUS
         else:
             total = check_counts(stored, row["devices"]) + counts
         tx.execute("UPDATE personal_evals SET counts_json = ?, devices = devices + 1 WHERE round_id = ?",

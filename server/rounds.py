@@ -207,9 +207,12 @@ class RoundService:
                  "max_examples": cfg.client_max_examples}
         number = (last.number if last else 0) + 1
         spec = None
+
+        def bind(update, dp=None, limit: float = 0.0) -> str:
+            return json.dumps(update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
+                                          rotation_seed(cfg.seed, number), cfg.max_selected, dp, limit).to_json())
         if task == "personalize" and cfg.update.secure_aggregation:   # its counts travel masked too
-            spec = json.dumps(cfg.update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
-                                              rotation_seed(cfg.seed, number), cfg.max_selected).to_json())
+            spec = bind(cfg.update)
         if task == "train":
             update, dp = cfg.update, None
             if cfg.dp is not None:
@@ -220,9 +223,7 @@ class RoundService:
                 update = dataclasses.replace(update, clip_norm=bound.clip)
                 dp = bound.bound
             limit = zeroing_norm(update.zeroing, self._last_norms(tx, population)) if update.zeroing else 0.0
-            spec = json.dumps(update.bind(pop.layout.size, pop.layout.sha256, f"{population}/{number}",
-                                          rotation_seed(cfg.seed, number), cfg.max_selected, dp,
-                                          limit).to_json())
+            spec = bind(update, dp, limit)
         tx.execute(
             "INSERT INTO rounds (population, number, task, model_version, attempt, state, goal,"
             " max_selected, min_selected, min_reports, hyperparameters_json, opened_at,"

@@ -104,7 +104,6 @@ def test_under_secure_aggregation_the_counts_travel_masked_and_only_their_sum_is
     """A personalize round of a secure population runs SecAgg+ like a training round: each device's
     vector reaches the server masked (it is not the device's counts), a plain one is refused, a
     device that drops after sharing is masked out, and the unmasked sum is exactly the survivors'."""
-    from contract.secagg_wire import SecAggReveal, SecAggStatus
     from tests.test_secagg_server import KEYS_WINDOW_S, check_in, play, secure_server
 
     env = secure_server(make_server, checked=True, personalization=SPEC, personal_eval_every=1)
@@ -126,8 +125,7 @@ def test_under_secure_aggregation_the_counts_travel_masked_and_only_their_sum_is
         positions = int(rng.integers(20, 200))
         g1, p1 = (int(x) for x in rng.integers(0, positions // 2, 2))
         counts = PersonalReport(Hits(g1, g1 + 5, positions), Hits(p1, p1 + 5, positions), bool(i % 3)).vector()
-        status = SecAggStatus.from_json(p.transport.request("GET", p._path(), headers=p.headers).body)
-        p.secrets.receive(status.inbox)
+        p.secrets.receive(p.status().inbox)
         if i == 0:
             refused = report(env, p, p.assignment, counts.tolist())      # plain counts: refused, not stored
             assert refused.status == 400 and "masked" in refused.body["message"], refused.body
@@ -135,15 +133,14 @@ def test_under_secure_aggregation_the_counts_travel_masked_and_only_their_sum_is
         body = {"model_version": p.assignment["model_version"], "counts": masked.tolist(), "masked": True}
         reply = env.transport.request("POST", p.assignment["report"]["url"], headers=p.headers, json=body)
         assert reply.status == 200 and reply.body["status"] == "accepted", reply.body
-        plain[i], sent[len(sent):] = counts, [masked]
+        plain[i] = counts
+        sent.append(masked)
         assert not np.array_equal(masked, counts)
     env.clock.advance(300)                                               # to the deadline
     env.services.tick()
     for p in phones[:-2]:
-        status = SecAggStatus.from_json(p.transport.request("GET", p._path(), headers=p.headers).body)
-        if status.phase == "unmasking" and not status.done:
-            assert p.send("reveal", SecAggReveal(p.secrets.reveal(list(status.survivors),
-                                                                   list(status.dropped)))).status == 200
+        if not p.status().done:                                          # until t of each have come
+            assert p.reveal().status == 200
     env.services.tick()
     detail = env.api.request("GET", "/v1/populations/en/rounds/2", headers=env.operator_headers).body
     assert (detail["task"], detail["state"]) == ("personalize", "completed"), detail
