@@ -94,12 +94,14 @@ def test_a_flood_from_one_address_is_throttled_while_honest_devices_complete_a_r
         flooder.start()
         try:
             time.sleep(1.0)                                   # the flood is under way first
+            before_honest = counts.get("registrations", 0)
             devices = [DeviceClient(transport_from(server.url, f"127.0.0.{2 + i}"), "en",
                                     enrollment(config, "en")) for i in range(HONEST)]
             delta = np.full(devices[0].checkin().body["assignment"]["update"]["size"], 1e-3, np.float32)
             for d in devices[1:]:
                 assert "assignment" in d.checkin().body
             answers = [d.upload(delta, 10).body for d in devices]
+            during_honest = counts.get("registrations", 0) - before_honest
         finally:
             stop.set()
             flooder.join(timeout=30)
@@ -109,7 +111,9 @@ def test_a_flood_from_one_address_is_throttled_while_honest_devices_complete_a_r
     flood_requests = sum(v for k, v in counts.items() if isinstance(k, int))
     print(f"flood: {flood_requests} requests in {elapsed:.1f} s ({flood_requests / elapsed:.0f}/s): {counts}; "
           f"honest: {[a['status'] for a in answers].count('accepted')} of {HONEST} accepted")
-    assert counts["registrations"] / elapsed > 900               # the flood really ran
+    # The flood really ran: ten times the registration burst, and on throughout the honest round
+    # (its rate depends on the machine, so it is asserted against the limit, not against the clock).
+    assert counts["registrations"] > 10 * 60 and during_honest > 60
     # Past the per-address bursts (60 nonces, 60 registration attempts: the defaults), every request
     # of the flood was answered 429 with a Retry-After; its registrations, without a valid
     # attestation, were all refused.
