@@ -171,6 +171,8 @@ def main() -> int:
         print(f"[2/4] server on {server.url} (gunicorn, SQLite, {out / 'server' / 'state'}); "
               f"{cfg.phones} phones, simulated time x{cfg.clock_speed:.0f}", flush=True)
         server.start()
+        print(f"      watch it live: http://localhost:{server.port}/dashboard (sign in with the token in "
+              f"{out / 'server' / 'state' / 'private' / 'operator_token'})", flush=True)
         fleet, status, fleet_wall, sim0 = run_fleet(cfg, out, server, corpus)
         timings["fleet_s"] = fleet_wall
         summary = summarize(fleet, status, fleet_wall, sim0)

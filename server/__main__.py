@@ -69,6 +69,12 @@ def cmd_run(args, config: ServerConfig) -> None:
     bind = args.bind or config.bind
     workers = args.workers or config.workers
     threads = args.threads or config.threads
+    metrics_dir = _fresh_metrics_dir(config)
+
+    def child_exit(_server, worker):      # a dead worker's live gauges go (its counts stay)
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, str(metrics_dir))
 
     class NightjarServer(BaseApplication):
         def load_config(self):
@@ -77,7 +83,7 @@ def cmd_run(args, config: ServerConfig) -> None:
                                "worker_connections": 2000,
                                "timeout": 120, "graceful_timeout": 10, "keepalive": 30,
                                "loglevel": args.log_level, "errorlog": "-", "accesslog": None,
-                               "proc_name": "nightjar-server"}.items():
+                               "proc_name": "nightjar-server", "child_exit": child_exit}.items():
                 self.cfg.set(key, value)
 
         def load(self):
@@ -87,6 +93,22 @@ def cmd_run(args, config: ServerConfig) -> None:
 
     print(f"serving on http://{bind} ({workers} worker(s) x {threads} threads)", flush=True)
     NightjarServer().run()
+
+
+def _fresh_metrics_dir(config: ServerConfig) -> Path:
+    """An empty directory for this server's Prometheus files (multiprocess mode: server.metrics).
+
+    Set in the environment before any worker imports prometheus_client, so
+    every worker writes its counts there and /metrics adds them all up.
+    """
+    import os
+    import shutil
+
+    path = config.state_dir / "prometheus"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
 
 
 def cmd_status(args, config: ServerConfig) -> None:

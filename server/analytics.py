@@ -14,7 +14,7 @@ from server.errors import ErrorCode, ProtocolError
 from server.store import Store
 
 
-def _phases(row: sqlite3.Row, now: float) -> dict:
+def phases(row: sqlite3.Row, now: float) -> dict:
     selection_end = row["selection_closed_at"] or row["closed_at"] or now
     reporting = ((row["closed_at"] or now) - selection_end) if row["selection_closed_at"] else 0.0
     return {"selection_s": selection_end - row["opened_at"], "reporting_s": reporting,
@@ -31,7 +31,7 @@ def round_summary(row: sqlite3.Row, now: float) -> dict:
         "failed": row["failed"], "dropped": row["dropped"],
         "bytes_in": row["bytes_in"], "bytes_out": row["bytes_out"],
         "opened_at": row["opened_at"], "deadline": row["deadline"], "closed_at": row["closed_at"],
-        "phases": _phases(row, now),
+        "phases": phases(row, now),
     }
 
 
@@ -90,4 +90,42 @@ class RoundAnalytics:
             "num_examples": s["num_examples"], "bytes_in": s["bytes_in"], "bytes_out": s["bytes_out"],
             "metrics": json.loads(s["metrics_json"]) if s["metrics_json"] else None,
         } for s in sessions]
+        return out
+
+    def participation(self, population: str, since: float) -> dict[str, list[float]]:
+        """When devices were selected and when they reported (server clock), since `since`."""
+        with self._store.read() as conn:
+            self._population_exists(conn, population)
+            rows = conn.execute("SELECT s.assigned_at, s.finished_at, s.state FROM sessions s JOIN rounds r"
+                                " ON r.id = s.round_id WHERE r.population = ? AND s.assigned_at >= ?",
+                                (population, since)).fetchall()
+        return {"selected": [r["assigned_at"] for r in rows],
+                "reported": [r["finished_at"] for r in rows if r["state"] == "accepted" and r["finished_at"]]}
+
+    def health(self, population: str, limit: int = 30) -> list[dict]:
+        """Per training round: the update spec (bits, clip, zeroing limit), how many reports were at the
+        clip or zeroed, and secure aggregation's counts per phase. Norms are unknown under SecAgg."""
+        with self._store.read() as conn:
+            self._population_exists(conn, population)
+            rows = conn.execute("SELECT * FROM rounds WHERE population = ? AND task = 'train' AND"
+                                " update_spec_json IS NOT NULL ORDER BY number DESC LIMIT ?",
+                                (population, limit)).fetchall()
+            out = []
+            for row in reversed(rows):
+                spec = json.loads(row["update_spec_json"])
+                clip = spec.get("clip_norm")
+                norms = [r["norm"] for r in conn.execute(
+                    "SELECT norm FROM sessions WHERE round_id = ? AND state = 'accepted' AND norm IS NOT NULL"
+                    " AND (reason IS NULL OR reason != 'zeroed')", (row["id"],))]
+                zeroed = conn.execute("SELECT COUNT(*) FROM sessions WHERE round_id = ? AND state = 'accepted'"
+                                      " AND reason = 'zeroed'", (row["id"],)).fetchone()[0]
+                secure = conn.execute("SELECT phase, members, shared, survivors FROM secagg_rounds WHERE"
+                                      " round_id = ?", (row["id"],)).fetchone()
+                out.append({"round": row["number"], "state": row["state"], "reported": row["reported"],
+                            "bits": spec.get("bits"), "clip_norm": clip,
+                            "zeroing_limit": spec.get("zeroing_norm") or None,
+                            # a report whose norm reached 99.9% of the clip was (almost surely) scaled down to it
+                            "at_clip": sum(n >= 0.999 * clip for n in norms) if clip else None,
+                            "norms_known": len(norms), "zeroed": zeroed,
+                            "secagg": dict(secure) if secure is not None else None})
         return out

@@ -17,14 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
+from server import logs, metrics
 from server.clock import Clock
 from server.config import ServerConfig, load_config
 from server.errors import ErrorCode, ProtocolError
@@ -38,6 +42,13 @@ HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: Erro
               404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 408: ErrorCode.REQUEST_TIMEOUT,
               411: ErrorCode.LENGTH_REQUIRED, 413: ErrorCode.PAYLOAD_TOO_LARGE, 414: ErrorCode.URI_TOO_LONG,
               415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 431: ErrorCode.HEADERS_TOO_LARGE}
+
+
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a short token, else a fresh one (never echo arbitrary text)."""
+    if given and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given):
+        return given
+    return secrets.token_hex(8)
 
 
 def finite(value: Any) -> Any:
@@ -63,6 +74,7 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
     from server.views import blueprints
 
     cfg = load_config(config)
+    logs.configure(cfg.log_level)
     app = Flask("server")
     app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_upload_bytes
@@ -73,8 +85,25 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
 
     @app.before_request
     def _limit_json_bodies():
+        g.started = time.perf_counter()
+        g.request_id = _request_id(request.headers.get("X-Request-Id"))
         if request.endpoint not in UPLOAD_ENDPOINTS:
             request.max_content_length = cfg.max_json_bytes
+
+    @app.after_request
+    def _observe(response):
+        """Latency per endpoint (Prometheus) and one JSON log line per request (server.logs)."""
+        started = g.get("started")
+        if started is None:
+            return response
+        seconds = time.perf_counter() - started
+        endpoint = request.endpoint or "unmatched"     # a fixed set of names, never the raw path
+        metrics.observe_request(endpoint, request.method, seconds)
+        response.headers["X-Request-Id"] = g.request_id
+        logs.request({"event": "request", "request_id": g.request_id, "method": request.method,
+                      "endpoint": endpoint, "status": response.status_code, "latency_ms": round(seconds * 1e3, 3),
+                      "device": g.get("device"), "bytes_in": request.content_length or 0})
+        return response
 
     @app.errorhandler(ProtocolError)
     def _protocol_error(e: ProtocolError):

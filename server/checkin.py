@@ -26,6 +26,7 @@ import time
 from contract.batching import round_seed
 from contract.wire import Assignment, Conditions, DiscoveryAsk, Rejection
 from server.artifacts import ArtifactStore
+from server import telemetry
 from server.clock import Clock
 from server.config import PopulationConfig
 from server.policy import Context, EligibilityPolicy
@@ -98,6 +99,7 @@ class CheckinService:
         if failed:
             low, high = cfg.ineligible_retry_s
             wait = policy.wait_s(ctx)
+            telemetry.checkin(self._store, population, "ineligible")
             return Rejection("ineligible", max(low, wait), max(high, wait + high - low), tuple(failed))
         with self._store.read() as conn:   # most check-ins meet a full round: no write lock for those
             rnd = self._rounds.latest(conn, population)
@@ -105,6 +107,7 @@ class CheckinService:
                                                             or rnd.selected >= rnd.max_selected)
             if full and conn.execute("SELECT 1 FROM sessions WHERE round_id = ? AND device_id = ?",
                                      (rnd.id, device.id)).fetchone() is None:
+                telemetry.checkin(self._store, population, "round_full")
                 return self._busy(conn, rnd, cfg, "round_full")
         with self._store.write() as tx:
             result = self._select(tx, device, population, cfg)
@@ -119,13 +122,17 @@ class CheckinService:
                           (rnd.id, device.id)).fetchone()
         if mine is not None:
             if mine["state"] == "assigned" and rnd.accepts_reports(self._clock.now()):
+                telemetry.checkin(self._store, population, "resumed")
                 version = self._versions.get(pop.name, rnd.model_version, tx)
                 return make_assignment(mine["id"], mine["seed"], rnd, pop, version.checkpoint_sha256,
                                        self._clock.now(), self._rounds.discovery_ask(tx, rnd), _personal(cfg))
+            telemetry.checkin(self._store, population, "already_participated")
             return self._busy(tx, rnd, cfg, "already_participated")
         if rnd.state == "failed" and rnd.reason == BUDGET_REASON:     # until an operator raises the budget
+            telemetry.checkin(self._store, population, BUDGET_REASON)
             return Rejection(BUDGET_REASON, cfg.max_retry_s / 2, cfg.max_retry_s)
         if rnd.state != "selecting" or rnd.selected >= rnd.max_selected:
+            telemetry.checkin(self._store, population, "round_full")
             return self._busy(tx, rnd, cfg, "round_full")
         session_id = "s-" + secrets.token_hex(16)
         seed = round_seed(cfg.seed, rnd.number, rnd.selected)
@@ -137,6 +144,7 @@ class CheckinService:
                    (session_id, rnd.id, device.id, seed, now, bytes_out))
         tx.execute("UPDATE rounds SET selected = selected + 1, bytes_out = bytes_out + ? WHERE id = ?",
                    (bytes_out, rnd.id))
+        telemetry.selected(self._store, population, bytes_out)
         rnd = self._rounds.by_id(tx, rnd.id)
         if rnd.selected >= rnd.max_selected:
             rnd = self._rounds.close_selection(tx, rnd, now)

@@ -97,6 +97,7 @@ class RateLimits:
     artifact_per_address: tuple[float, float] = (20_000.0, 3600.0)
     secagg_per_device: tuple[float, float] = (2_000.0, 3600.0)      # secure aggregation's polls and answers
     secagg_per_address: tuple[float, float] = (200_000.0, 3600.0)
+    login_per_address: tuple[float, float] = (30.0, 600.0)          # dashboard sign-ins (guessing the token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +177,9 @@ class PopulationConfig:
     # `personal_eval_every` training rounds a round evaluates personalization on the devices.
     personalization: PersonalSpec | None = None
     personal_eval_every: int = 0
+    # Where the population's users live (IANA names, e.g. "Europe/Berlin"): the dashboard shows
+    # participation by local hour in each. The server never learns a device's own zone.
+    time_zones: tuple[str, ...] = ("UTC",)
 
     @property
     def max_selected(self) -> int:
@@ -208,6 +212,7 @@ class ServerConfig:
     operator_token: str | None = None          # operator endpoints need it as Bearer; default: the file's
     operator_token_file: Path | None = None    # default: <state_dir>/operator_token (made by `server init`)
     trust_forwarded_for: bool = False          # the client's address is X-Forwarded-For's last hop (a proxy)
+    log_level: str = "info"                    # JSON log lines (server.logs): debug, info, warning, error
     rate_limits: RateLimits = RateLimits()
     exporter: tuple[str, ...] | None = None    # command prefix; default: this python -m tflite_export
     # Simulated time (emulated fleets): now = clock_start + (time.time() - clock_epoch) * clock_speed.
@@ -283,6 +288,8 @@ def _population(name: str, data: Mapping[str, Any]) -> PopulationConfig:
                 cls, value, f"populations.{name}.{key}")
         if key == "ineligible_retry_s":
             return tuple(float(v) for v in value)
+        if key == "time_zones":
+            return (value,) if isinstance(value, str) else tuple(value)
         return value
 
     population = _build(PopulationConfig, data, f"populations.{name}", convert)
@@ -342,6 +349,15 @@ def _check_dp(p: PopulationConfig, where: str, check) -> None:
                         and 0 < b.delta < 1), f"{where}.dp_budget must be {{epsilon > 0, 0 < delta < 1}}")
 
 
+def _is_zone(name) -> bool:
+    import zoneinfo
+    try:
+        zoneinfo.ZoneInfo(name)
+        return True
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        return False
+
+
 def _validated(config: ServerConfig) -> ServerConfig:
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -350,6 +366,8 @@ def _validated(config: ServerConfig) -> ServerConfig:
     check(config.workers >= 1 and config.threads >= 1, "workers and threads must be >= 1")
     check(config.aggregation_shards >= 1, "aggregation_shards must be >= 1")
     check(config.clock_speed > 0, "clock_speed must be > 0")
+    from server.logs import LEVELS
+    check(config.log_level in LEVELS, f"log_level must be one of {', '.join(LEVELS)}")
     check(config.max_upload_bytes > 0 and config.max_json_bytes > 0, "body limits must be > 0")
     for f in dataclasses.fields(RateLimits):
         burst, per_s = getattr(config.rate_limits, f.name)
@@ -435,6 +453,8 @@ def _validated(config: ServerConfig) -> ServerConfig:
             check(value is None or (isinstance(value, str) and all(
                 part.isdigit() for part in value.split(".")) and 1 <= len(value.split(".")) <= 4),
                   f"{where}.eligibility.{key} must be dotted integers like '1.2.0'")
+        check(bool(p.time_zones) and all(_is_zone(z) for z in p.time_zones),
+              f"{where}.time_zones must be a list of IANA time zone names such as 'Europe/Berlin'")
         e = p.eligibility
         check(0.0 <= e.min_battery <= 1.0, f"{where}.eligibility.min_battery must be in [0, 1]")
         check(e.min_separation_s >= 0, f"{where}.eligibility.min_separation_s must be >= 0")

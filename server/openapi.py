@@ -311,6 +311,12 @@ def openapi_document() -> dict:
             auth="operator", errors=(401, 404))},
         "/openapi.json": {"get": _op("This document.", {"200": _json({"type": "object"}, "OpenAPI 3.1")},
                                      auth=None)},
+        "/metrics": {"get": _op(
+            "Operator: Prometheus metrics in the text format, summed over every gunicorn worker "
+            "(server.metrics): check-ins, uploads, failures, bytes, request latency, round phases, and gauges "
+            "of the open round's reports and the ε spent.",
+            {"200": {"description": "Prometheus text format 0.0.4",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}}, auth="operator", errors=(401,))},
         "/healthz": {"get": _op("Liveness.", {"200": _json(_obj({"status": {"const": "ok"}}), "ok")},
                                 auth=None)},
     }

@@ -26,6 +26,7 @@ import sqlite3
 from collections.abc import Mapping
 
 from contract.wire import DiscoveryBallot, EvalReport, Outcome
+from server import telemetry
 from server.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
@@ -183,6 +184,8 @@ class ReportingService:
             self._fail_session(tx, session, session["round_id"], "revoked")
 
     def _fail_session(self, tx: sqlite3.Connection, session: sqlite3.Row, round_id: int, reason: str) -> None:
+        population = tx.execute("SELECT population FROM rounds WHERE id = ?", (round_id,)).fetchone()[0]
+        telemetry.failure(self._store, population, reason)
         tx.execute("UPDATE sessions SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
                    (reason, self._clock.now(), session["id"]))
         tx.execute("UPDATE rounds SET failed = failed + 1, dropped = dropped - ? WHERE id = ?",
@@ -198,12 +201,14 @@ class ReportingService:
             session = tx.execute("SELECT state, reason FROM sessions WHERE id = ?",
                                  (session_id,)).fetchone()
             if session["state"] == "accepted":          # a concurrent duplicate won the race
+                telemetry.upload(self._store, population, rnd.task, "duplicate")
                 return Outcome("accepted", rnd.number, "duplicate")
             if session["state"] not in ("assigned", "dropped"):
                 return Outcome("aborted", rnd.number, session["reason"])
             closed = rnd.secure and not self._secagg.accepting(tx, rnd.id)   # the sum's set is fixed
             if contribution is None or closed or not rnd.accepts_reports(now) or session["state"] == "dropped":
                 return self._abort(tx, rnd, session_id, session["state"], now)
+            nbytes = 0
             if isinstance(contribution, EvalReport):
                 self._count_eval(tx, round_id, session_id, contribution)
             elif isinstance(contribution, PersonalEvalReport):
@@ -215,13 +220,16 @@ class ReportingService:
                            " WHERE id = ?", (contribution.norm, json.dumps(contribution.metrics),
                                              contribution.nbytes, session_id))
                 tx.execute("UPDATE rounds SET bytes_in = bytes_in + ? WHERE id = ?", (contribution.nbytes, round_id))
+                nbytes = contribution.nbytes
             else:
                 self._count_update(tx, round_id, session_id, *contribution)
+                nbytes = contribution[4]
             device = tx.execute("SELECT device_id FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
             self._registry.record_participation(tx, device, now)
             tx.execute("UPDATE sessions SET state = 'accepted', finished_at = ? WHERE id = ?",
                        (now, session_id))
             tx.execute("UPDATE rounds SET reported = reported + 1 WHERE id = ?", (round_id,))
+            telemetry.upload(self._store, population, rnd.task, "accepted", nbytes)
             rnd = self._rounds.by_id(tx, round_id)
         if rnd.reported >= rnd.goal or (rnd.state == "reporting" and rnd.outstanding <= 0):
             self._advance(population)
@@ -240,6 +248,7 @@ class ReportingService:
                    (reason, now, session_id))
         tx.execute("UPDATE rounds SET aborted = aborted + 1, dropped = dropped - ? WHERE id = ?",
                    (int(state == "dropped"), rnd.id))
+        telemetry.upload(self._store, rnd.population, rnd.task, reason)
         return Outcome("aborted", rnd.number, reason)
 
     def _count_update(self, tx: sqlite3.Connection, round_id: int, session_id: str, shard: int,

@@ -33,6 +33,8 @@ from contract.pipeline import IntegerSum, UpdatePipeline, running_sum
 from contract.robust import zeroing_norm
 from contract.secagg import SecAggError
 from contract.update_spec import RoundSpec, rotation_seed
+from server import telemetry
+from server.analytics import phases
 from server.clock import Clock
 from server.config import PopulationConfig, ServerConfig
 from server.errors import ErrorCode, ProtocolError
@@ -233,6 +235,7 @@ class RoundService:
              min(cfg.min_selected, cfg.max_selected), cfg.min_reports, json.dumps(hyper), now,
              now + cfg.selection_window_s, now + cfg.selection_window_s + cfg.reporting_window_s, spec))
         rnd = self.latest(tx, population)
+        telemetry.round_opened(self._store, population, number, task, rnd.model_version, attempt)
         if rnd.secure:
             self._secagg.open(tx, rnd.id)
         if task == "discover":
@@ -250,6 +253,7 @@ class RoundService:
                    " selection_ends_at, deadline, closed_at, selection_closed_at)"
                    " VALUES (?, ?, 'train', ?, 1, 'failed', ?, 0, 0, 0, 0, '{}', ?, ?, ?, ?, ?)",
                    (population, number, pop.current_version, BUDGET_REASON, now, now, now, now, now))
+        self._closed_telemetry(tx, self.latest(tx, population).id, "failed", BUDGET_REASON, 0, now)
         return self.latest(tx, population)
 
     def discovery_ask(self, conn: sqlite3.Connection, rnd: Round):
@@ -273,6 +277,7 @@ class RoundService:
                    (now, rnd.id))
         if rnd.secure:
             self._secagg.close_selection(tx, rnd.id, now, self.settings(rnd.population))
+        telemetry.selection_closed(self._store, rnd.population, rnd.number, rnd.task, rnd.selected)
         return self.by_id(tx, rnd.id)
 
     def cleanup(self) -> None:
@@ -316,6 +321,12 @@ class RoundService:
                    " result_version = ?, finalize_s = ?,"
                    " selection_closed_at = COALESCE(selection_closed_at, ?) WHERE id = ?",
                    (state, reason, now, dropped, result_version, finalize_s, now, rnd.id))
+        self._closed_telemetry(tx, rnd.id, state, reason, dropped, now)
+
+    def _closed_telemetry(self, tx: sqlite3.Connection, round_id: int, state: str, reason: str | None,
+                          dropped: int, now: float) -> None:
+        row = tx.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone()
+        telemetry.round_closed(self._store, row, state, reason, dropped, phases(row, now))
 
     def _fail(self, tx: sqlite3.Connection, rnd: Round, now: float, reason: str) -> None:
         log.info("round %s/%d failed: %s", rnd.population, rnd.number, reason)

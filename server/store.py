@@ -19,7 +19,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MIGRATIONS: list[str] = [
@@ -311,6 +311,7 @@ class Store:
             return
         conn.execute(begin)
         self._local.depth = 1
+        self._local.on_commit = []
         try:
             yield conn
             conn.execute("COMMIT")
@@ -320,6 +321,20 @@ class Store:
             raise
         finally:
             self._local.depth = 0
+            pending, self._local.on_commit = self._local.on_commit, []
+        for fn in pending:          # only reached after COMMIT
+            fn()
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once this thread's transaction commits (never if it rolls back; now if none is open).
+
+        Metrics and round-transition logs are emitted this way, so they count
+        exactly what the database recorded.
+        """
+        if getattr(self._local, "depth", 0):
+            self._local.on_commit.append(fn)
+        else:
+            fn()
 
     def close(self) -> None:
         """Close this thread's connection (other threads' close when their thread ends)."""

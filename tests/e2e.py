@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +39,13 @@ class FleetRun:
 
 
 def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones: int = 20,
-              rounds: int = 3, max_wall_s: float = 120.0, url: str | None = None, **config) -> FleetRun:
+              rounds: int = 3, max_wall_s: float = 120.0, url: str | None = None,
+              stop: threading.Event | None = None, **config) -> FleetRun:
     """Run `phones` phones (users = training clients) until `rounds` training rounds completed.
 
     The clock is the server's (read from its config); `url` lets the phones
-    reach the server through something else (the privacy test's proxy).
+    reach the server through something else (the privacy test's proxy); `stop`
+    ends the run early when set (a test running the fleet in the background).
     `config` overrides FleetConfig fields (faults, mix, keep_uploads, ...).
     """
     start, speed, epoch = read_server_clock(server.config)
@@ -55,7 +58,8 @@ def run_fleet(root: Path, server: ServerProcess, corpus: FederatedCorpus, phones
     fleet = build_fleet(fleet_config, phones, corpus.train_texts)
     t0, sim0 = time.monotonic(), fleet_config.clock.now()
     try:
-        status = fleet.run(lambda s: s.train_completed >= rounds, max_wall_s=max_wall_s,
+        status = fleet.run(lambda s: s.train_completed >= rounds or (stop is not None and stop.is_set()),
+                           max_wall_s=max_wall_s,
                            progress=False)
     finally:
         fleet.close()

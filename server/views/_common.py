@@ -4,7 +4,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, g, request
 
 from server import validation as v
 from server.errors import ErrorCode, ProtocolError
@@ -54,6 +54,7 @@ def limit(action: str, device_id: str | None = None) -> None:
 def device(action: str | None = None) -> Device:
     """The authenticated caller (401/403 otherwise), with `action`'s rate limits applied."""
     found = services().registry.authenticate(request.headers.get("Authorization"))
+    g.device = services().registry.pseudonym(found.id)      # for the request's log line (server.logs)
     if action is not None:
         limit(action, found.id)
     return found
