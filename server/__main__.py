@@ -39,10 +39,10 @@ def cmd_init(args, config: ServerConfig) -> None:
     from server.artifacts import ArtifactStore
     from server.keys import enrollment_material, operator_token
     from server.populations import register_population
-    from server.store import Store
+    from server.store import open_store
 
     name = _population(config, args.population)
-    store = Store(config.database, fsync=config.fsync)
+    store = open_store(config.database, fsync=config.fsync)
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
     pop = register_population(store, artifacts, config.make_clock(), name, Path(args.checkpoint),
                               Path(args.vocab) if args.vocab else None,
@@ -83,7 +83,10 @@ def cmd_run(args, config: ServerConfig) -> None:
                                "worker_connections": 2000,
                                "timeout": 120, "graceful_timeout": 10, "keepalive": 30,
                                "loglevel": args.log_level, "errorlog": "-", "accesslog": None,
-                               "proc_name": "nightjar-server", "child_exit": child_exit}.items():
+                               "proc_name": f"nightjar-server-{config.replica}", "child_exit": child_exit,
+                               # gunicorn's control socket is a fixed path under $HOME that every
+                               # new instance takes over and a killed one leaves behind; unused here
+                               "control_socket_disable": True}.items():
                 self.cfg.set(key, value)
 
         def load(self):
@@ -104,7 +107,7 @@ def _fresh_metrics_dir(config: ServerConfig) -> Path:
     import os
     import shutil
 
-    path = config.state_dir / "prometheus"
+    path = config.state_dir / "prometheus" / f"replica-{config.replica}"   # replicas may share state_dir
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)

@@ -44,6 +44,16 @@ HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: Erro
               415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 431: ErrorCode.HEADERS_TOO_LARGE}
 
 
+def _refuse_nul() -> None:
+    """No text the protocol carries contains U+0000: refuse it at the door (PostgreSQL could not
+    even compare it with a stored value, and no stored value holds one)."""
+    texts = [request.path, request.query_string.decode("latin-1"), request.headers.get("Authorization", ""),
+             request.headers.get("Cookie", "")]
+    if any("\x00" in t or "%00" in t for t in texts) or (
+            request.endpoint not in UPLOAD_ENDPOINTS and request.is_json and (b"\\u0000" in request.get_data() or b"\x00" in request.get_data())):
+        raise ProtocolError(ErrorCode.INVALID_FIELD, "text must not contain NUL (U+0000)")
+
+
 def _request_id(given: str | None) -> str:
     """The client's X-Request-Id when it is a short token, else a fresh one (never echo arbitrary text)."""
     if given and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", given):
@@ -89,6 +99,7 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
         g.request_id = _request_id(request.headers.get("X-Request-Id"))
         if request.endpoint not in UPLOAD_ENDPOINTS:
             request.max_content_length = cfg.max_json_bytes
+        _refuse_nul()
 
     @app.after_request
     def _observe(response):

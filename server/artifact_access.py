@@ -28,7 +28,8 @@ class ArtifactAccess:
 
     def publish(self, tx: sqlite3.Connection, population: str, version: int, hashes: list[str]) -> None:
         """Make a published app model's manifest and files public."""
-        tx.executemany("INSERT OR IGNORE INTO public_artifacts (sha256, population, version) VALUES (?, ?, ?)",
+        tx.executemany("INSERT INTO public_artifacts (sha256, population, version) VALUES (?, ?, ?)"
+                       " ON CONFLICT DO NOTHING",
                        [(sha, population, version) for sha in hashes])
 
     def is_public(self, sha256: str) -> bool:

@@ -197,7 +197,8 @@ class PopulationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    database: Path = Path("nightjar-state/nightjar.db")
+    # A SQLite file (the embedded default), or "postgresql://user@host:port/db" for several replicas.
+    database: Path | str = Path("nightjar-state/nightjar.db")
     artifact_dir: Path = Path("nightjar-state/artifacts")   # public, content-addressed
     state_dir: Path = Path("nightjar-state/private")        # partial sums, optimizer states
     bind: str = "127.0.0.1:8080"
@@ -205,7 +206,8 @@ class ServerConfig:
     threads: int = 8
     max_upload_bytes: int = 32 * 1024 * 1024   # an update body (Gboard's is 5.7 MB)
     max_json_bytes: int = 64 * 1024            # any other request body
-    aggregation_shards: int = 4                # concurrent writers of a round's running sum
+    aggregation_shards: int = 4                # concurrent writers of a round's running sum (per replica)
+    replica: int = 0                           # this replica's index when several share one PostgreSQL
     fsync: bool = False     # True: survive power loss too (fsync files, SQLite synchronous=FULL)
     tick_interval_s: float = 1.0               # background round ticker (0: requests only)
     publish_timeout_s: float = 1800.0          # a publish job older than this is retried
@@ -324,8 +326,10 @@ def _from_mapping(data: Mapping[str, Any], base: Path) -> ServerConfig:
         return value
 
     config = _build(ServerConfig, data, "config", convert)
+    from server.store import is_postgres_url
     return dataclasses.replace(config, **{k: base / Path(getattr(config, k)) for k in PATH_KEYS
-                                          if getattr(config, k) is not None})
+                                          if getattr(config, k) is not None
+                                          and not (k == "database" and is_postgres_url(config.database))})
 
 
 def _check_dp(p: PopulationConfig, where: str, check) -> None:
@@ -365,6 +369,10 @@ def _validated(config: ServerConfig) -> ServerConfig:
 
     check(config.workers >= 1 and config.threads >= 1, "workers and threads must be >= 1")
     check(config.aggregation_shards >= 1, "aggregation_shards must be >= 1")
+    check(isinstance(config.replica, int) and 0 <= config.replica < 1000, "replica must be an integer in [0, 1000)")
+    from server.store import is_postgres_url
+    check(config.replica == 0 or is_postgres_url(config.database),
+          "replica > 0 needs a shared PostgreSQL database (database = \"postgresql://...\")")
     check(config.clock_speed > 0, "clock_speed must be > 0")
     from server.logs import LEVELS
     check(config.log_level in LEVELS, f"log_level must be one of {', '.join(LEVELS)}")

@@ -51,7 +51,7 @@ class DiscoveryService:
 
     def count_training(self, tx: sqlite3.Connection, population: str) -> None:
         tx.execute("INSERT INTO discovery (population, train_since) VALUES (?, 1) ON CONFLICT (population)"
-                   " DO UPDATE SET train_since = train_since + 1", (population,))
+                   " DO UPDATE SET train_since = discovery.train_since + 1", (population,))
 
     def open(self, tx: sqlite3.Connection, population: str) -> None:
         """A discover round opens: start a pass unless one is running."""
@@ -67,7 +67,7 @@ class DiscoveryService:
         """Count one device's ballot (inside the session's commit); 422 for one off the trie."""
         votes = self.check(tx, rnd, ballot, cfg)
         tx.executemany("INSERT INTO discovery_votes (round_id, prefix, votes) VALUES (?, ?, 1)"
-                       " ON CONFLICT (round_id, prefix) DO UPDATE SET votes = votes + 1",
+                       " ON CONFLICT (round_id, prefix) DO UPDATE SET votes = discovery_votes.votes + 1",
                        [(rnd.id, p) for p in votes])
 
     def check(self, conn: sqlite3.Connection, rnd, ballot: DiscoveryBallot, cfg: DiscoveryConfig) -> list[str]:

@@ -7,13 +7,13 @@ r at generation g is the raw int64 file `<root>/<r>/<k>.<g>.i64`; the
 `partials` table says which generation of each shard is committed. Accepting
 an update (server.reporting) is:
 
-1. lease a shard: an exclusive `flock` on `<root>/<r>/<k>.lock`, which works
-   across threads and processes and is released by the kernel if the process
-   dies;
+1. lease a shard: an exclusive `flock` on `<root>/<r>/<k>.lock` (or, on
+   PostgreSQL, an advisory lock), which works across threads, processes and
+   replicas and is released if the holder dies;
 2. read the committed generation g (cached in memory when this process wrote
    and committed it), add the update's integers, write generation g+1 to a
    temporary file and rename it into place;
-3. in one SQLite transaction: check the session and round are still open, move
+3. in one database transaction: check the session and round are still open, move
    the shard's pointer to g+1, mark the session accepted, count it. COMMIT is
    the single point at which the update becomes part of the round.
 
@@ -28,7 +28,6 @@ sum whatever the order the updates arrived in.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
 import shutil
@@ -38,14 +37,21 @@ from pathlib import Path
 
 import numpy as np
 
+from server.store import FileLocks
+
 SUFFIX = ".i64"
 
 
 class PartialSums:
-    def __init__(self, root: str | Path, shards: int, fsync: bool = False):
+    def __init__(self, root: str | Path, shards: int, fsync: bool = False, locks=None, first_shard: int = 0):
+        """`locks` leases shards across processes (server.store's FileLocks or the PostgreSQL
+        backend's advisory locks); replica r of a deployment uses shards r*S .. r*S+S-1 and merges
+        every replica's at close (server.rounds.running_sum)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.shards = shards
+        self.first_shard = first_shard
+        self._locks = locks or FileLocks(self.root)
         self._fsync = fsync
         self._cache: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
         self._cache_lock = threading.Lock()
@@ -55,24 +61,19 @@ class PartialSums:
 
     @contextlib.contextmanager
     def lease(self, round_id: int) -> Iterator[int]:
-        """Exclusive use of one shard of a round: a free one if any, else wait for one."""
-        directory = self.root / str(round_id)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Exclusive use of one of this replica's shards of a round: a free one if any, else wait."""
+        (self.root / str(round_id)).mkdir(parents=True, exist_ok=True)
         start = random.randrange(self.shards)
-        order = [(start + i) % self.shards for i in range(self.shards)]
+        order = [self.first_shard + (start + i) % self.shards for i in range(self.shards)]
         for blocking in (False, True):
             for shard in order if not blocking else order[:1]:
-                fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                except BlockingIOError:
-                    os.close(fd)
+                handle = self._locks.acquire(round_id, shard, blocking)
+                if handle is None:
                     continue
                 try:
                     yield shard
                 finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
+                    self._locks.release(handle)
                 return
 
     def read(self, round_id: int, shard: int, generation: int, size: int) -> np.ndarray:
@@ -144,12 +145,10 @@ class PartialSums:
                 shutil.rmtree(directory, ignore_errors=True)
                 removed += 1
                 continue
-            for shard in range(self.shards):
-                fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
+            shards = {int(f.name.split(".")[0]) for f in directory.iterdir() if f.name.split(".")[0].isdigit()}
+            for shard in sorted(shards):
+                handle = self._locks.acquire(round_id, shard, blocking=False)
+                if handle is None:
                     continue
                 try:
                     keep = f"{shard}.{committed(round_id, shard)}{SUFFIX}"
@@ -158,6 +157,5 @@ class PartialSums:
                             f.unlink(missing_ok=True)
                             removed += 1
                 finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
+                    self._locks.release(handle)
         return removed

@@ -127,8 +127,10 @@ class PrivacyLedger:
                     cfg.goal, size, q, cfg.eligibility.min_separation_s, reports, clip, nxt, now))
         spent = epsilon(self.events(tx, population), delta_for(cfg, size))
         if version is not None:
-            tx.execute("INSERT OR REPLACE INTO dp_spent (population, version, epsilon, delta, accountant,"
-                       " rounds) VALUES (?, ?, ?, ?, ?, ?)", (population, version, spent.epsilon, spent.delta,
+            tx.execute("INSERT INTO dp_spent (population, version, epsilon, delta, accountant,"
+                       " rounds) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (population, version) DO UPDATE SET"
+                       " epsilon = excluded.epsilon, delta = excluded.delta, accountant = excluded.accountant,"
+                       " rounds = excluded.rounds", (population, version, spent.epsilon, spent.delta,
                                                               spent.accountant, spent.rounds))
         return spent
 

@@ -36,11 +36,16 @@ class RateLimited(ProtocolError):
 
 
 class RateLimiter:
-    def __init__(self, path: Path, clock: Clock):
+    def __init__(self, path: Path, clock: Clock, store=None):
+        """`store`: with PostgreSQL (several replicas) the buckets are the shared database's
+        `rate_buckets` table, taken from with one atomic statement per request."""
         self._path = Path(path)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._local = threading.local()
+        self._shared = store if store is not None and store.dialect == "postgresql" else None
+        if self._shared is not None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL,"
                          " updated_at REAL NOT NULL)")
@@ -62,6 +67,8 @@ class RateLimiter:
             return                                  # a limit of 0 turns it off
         rate = burst / per_s
         now = self._clock.now()
+        if self._shared is not None:
+            return self._take_shared(key, burst, rate, now, what)
         with self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -78,3 +85,25 @@ class RateLimiter:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    def _take_shared(self, key: str, burst: float, rate: float, now: float, what: str) -> None:
+        """The same bucket under its own row lock (never the database-wide write lock: a flood of
+        refused requests must not queue behind round transitions)."""
+        conn = self._shared.connection()
+        conn.execute("BEGIN")
+        try:
+            conn.execute("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?)"
+                         " ON CONFLICT (key) DO NOTHING", (key, burst, now))
+            row = conn.execute("SELECT tokens, updated_at FROM rate_buckets WHERE key = ? FOR UPDATE",
+                               (key,)).fetchone()
+            tokens = min(burst, row[0] + max(0.0, now - row[1]) * rate)
+            if tokens >= 1.0:
+                conn.execute("UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?",
+                             (tokens - 1.0, max(now, row[1]), key))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if tokens < 1.0:
+            raise RateLimited(what, math.ceil((1.0 - tokens) / rate))

@@ -205,8 +205,8 @@ class SecAggService:
             if given != wanted:
                 raise ProtocolError(ErrorCode.INVALID_KEYS, "reveal exactly the shares asked for: the self "
                                     "share of each surviving neighbour, the key share of each dropped one")
-            tx.executemany("INSERT OR IGNORE INTO secagg_reveals (round_id, owner, revealer, kind, share)"
-                           " VALUES (?, ?, ?, ?, ?)", [(rnd.id, o, member["node"], kind, share)
+            tx.executemany("INSERT INTO secagg_reveals (round_id, owner, revealer, kind, share)"
+                           " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", [(rnd.id, o, member["node"], kind, share)
                                                       for o, (kind, share) in reveal.shares.items()])
 
     def check_upload(self, conn: sqlite3.Connection, session: sqlite3.Row, rnd) -> bool:

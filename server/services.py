@@ -24,7 +24,7 @@ from server.reporting import ReportingService
 from server.rounds import RoundService
 from server.discovery import DiscoveryService
 from server.secagg import SecAggService
-from server.store import Store
+from server.store import Store, open_store
 from server.versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,12 @@ class Services:
 def build_services(config: ServerConfig, clock: Clock | None = None,
                    exporter: Exporter | None = None) -> Services:
     clock = clock or config.make_clock()
-    store = Store(config.database, fsync=config.fsync)
+    store = open_store(config.database, fsync=config.fsync)
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
     private = ArtifactStore(config.state_dir / "objects", fsync=config.fsync)
-    partials = PartialSums(config.state_dir / "partials", config.aggregation_shards, fsync=config.fsync)
+    root = config.state_dir / "partials"
+    partials = PartialSums(root, config.aggregation_shards, fsync=config.fsync, locks=store.shard_locks(root),
+                           first_shard=config.replica * config.aggregation_shards)
     pseudonyms = Pseudonyms(config.state_dir / "pseudonym.key")
     registry = DeviceRegistry(store, clock, pseudonyms)
     versions = VersionRegistry(store, artifacts, private, clock)
@@ -95,7 +97,7 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
                         checkin, reporting, publisher, RoundAnalytics(store, pseudonyms, personal), enrollment,
                         access,
-                        RateLimiter(config.state_dir / "ratelimit.db", clock), secagg, discovery, privacy, personal, token)
+                        RateLimiter(config.state_dir / "ratelimit.db", clock, store), secagg, discovery, privacy, personal, token)
     removed = rounds.collect_garbage()
     if removed:
         log.info("removed %d stale partial-sum files", removed)

@@ -60,8 +60,69 @@ def _leftover_processes(session) -> list:
 # exact. Tests of the quantized pipeline pass their own `update`.
 TEST_UPDATE = {"bits": 32, "clip_norm": 100.0, "max_weight": 1000}
 
+# --- backends (issue 20): the server's unit tests run on SQLite and on PostgreSQL ---
+
+# Modules whose make_server tests run twice, once per backend.
+BOTH_BACKENDS = {"test_server_rounds", "test_server_partials", "test_server_updates", "test_server_views",
+                 "test_server_restart", "test_server_publish", "test_server_optimizers", "test_enrollment",
+                 "test_secagg_server", "test_dp_server", "test_discovery_server", "test_personal_server",
+                 "test_backends"}
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames and metafunc.module.__name__.split(".")[-1] in BOTH_BACKENDS:
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the whole run (deploy.postgres); skipped, with the reason
+    shown, only where PostgreSQL cannot be installed or started."""
+    import socket
+
+    from deploy.postgres import PostgresUnavailable, temporary
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        server = temporary(port)
+    except PostgresUnavailable as e:
+        pytest.skip(f"PostgreSQL unavailable: {e}")
+    yield server
+    server.stop()
+    import shutil
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
 @pytest.fixture
-def make_server(tmp_path):
+def backend(request):
+    """"sqlite" (the default), or "postgresql" in the modules of BOTH_BACKENDS."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database(backend, request, tmp_path):
+    """A factory of fresh databases on the test's backend: `database(root)` → the config's `database`."""
+    made = []
+
+    def make(root):
+        if backend == "sqlite":
+            return str(root / "nightjar.db")
+        server = request.getfixturevalue("postgres_server")
+        name = f"t{os.getpid()}_{abs(hash((request.node.nodeid, len(made)))) % 10**10}"
+        made.append(name)
+        return server.create_database(name)
+
+    yield make
+    if made:
+        server = request.getfixturevalue("postgres_server")
+        for name in made:
+            server.drop_database(name)
+
+
+@pytest.fixture
+def make_server(tmp_path, database):
     """Factory: `make_server(**population_overrides)` → env with app, services, clock, exporter.
 
     The population "en" has the small test layout (tests.server_fixtures.SMALL_LAYOUT),
@@ -90,7 +151,7 @@ def make_server(tmp_path):
                     "eligibility": {"min_separation_s": 0.0, "min_free_memory_mb": 0},
                     "update": dict(TEST_UPDATE)}
         settings.update(population)
-        config = {"database": str(root / "nightjar.db"), "artifact_dir": str(root / "artifacts"),
+        config = {"database": database(root), "artifact_dir": str(root / "artifacts"),
                   "state_dir": str(root / "private"), "tick_interval_s": 0,
                   "populations": {name: settings}, **(server or {})}
         clock, exporter = ManualClock(), FakeExporter()
