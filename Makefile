@@ -42,6 +42,15 @@ test: setup corpus
 demo: setup corpus
 	$(PY) -m benchmarks.demo
 
+# Three replicas on one PostgreSQL behind nginx (deploy/: Debian's postgresql and nginx packages),
+# the population initialised with a tiny model; `make cluster-down` stops it.
+.PHONY: cluster cluster-down
+cluster: setup
+	$(PY) -m deploy up --dir cluster-state --config deploy/cluster.toml --replicas 3 --port 8080 --init-tiny
+
+cluster-down:
+	$(PY) -m deploy down --dir cluster-state
+
 bench-quality: setup corpus
 	$(PY) -m benchmarks.quality
 
