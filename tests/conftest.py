@@ -70,7 +70,11 @@ BOTH_BACKENDS = {"test_server_rounds", "test_server_partials", "test_server_upda
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames and metafunc.module.__name__.split(".")[-1] in BOTH_BACKENDS:
+    import inspect
+
+    compares = "postgres_server" in inspect.signature(metafunc.function).parameters   # uses both itself
+    if ("backend" in metafunc.fixturenames and not compares
+            and metafunc.module.__name__.split(".")[-1] in BOTH_BACKENDS):
         metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
 
 

@@ -1,0 +1,171 @@
+"""Issue 20: the two backends, several replicas on one database, and schema upgrades.
+
+The tests of this module run on SQLite and on PostgreSQL (tests/conftest.py
+BOTH_BACKENDS). A second replica is a second `Services` built from the same
+config (on PostgreSQL with its own replica index): another process on another
+host would share exactly the database and the state directory, nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+
+from contract.pipeline import UpdatePipeline
+from contract.wire import Conditions
+from server import metrics
+from server.config import load_config
+from server.services import build_services
+from tests.server_fixtures import ELIGIBLE
+from tests.test_server_views import dump_tables
+
+
+class Dev:
+    """A device that may talk to any replica (pace steering and sessions are shared state)."""
+
+    def __init__(self, services, population="en"):
+        reg = services.registry.register(population)
+        self.id, self.auth, self.population, self.assignment = reg.device_id, f"Bearer {reg.device_id}:{reg.secret}", \
+            population, None
+
+    def checkin(self, services):
+        device = services.registry.authenticate(self.auth)
+        result = services.checkin.checkin(device, self.population, Conditions.from_json(dict(ELIGIBLE)))
+        if hasattr(result, "session_id"):
+            self.assignment = result
+        return result
+
+    def upload(self, services, delta, num_examples=10):
+        a = self.assignment
+        encoded = UpdatePipeline(a.update).encode(delta, num_examples, a.hyperparameters["seed"])
+        return services.reporting.upload(self.id, a.session_id, encoded.body, a.model_version, encoded.weight, {})
+
+
+def second_replica(env, backend):
+    config = {**env.config, "replica": 1 if backend == "postgresql" else 0}
+    return build_services(load_config(config), clock=env.clock, exporter=env.exporter)
+
+
+def weights(services, population, version):
+    return np.array(services.versions.weights(services.versions.get(population, version)))
+
+
+def completed_transitions() -> float:
+    return sum(v for labels, v in metrics.totals("nightjar_round_transitions") if labels["state"] == "completed")
+
+
+def test_two_replicas_racing_to_close_a_round_make_one_version(make_server, backend):
+    env = make_server()
+    a, b = env.services, second_replica(env, backend)
+    rng = np.random.default_rng(0)
+    flat = env.flat
+    for number in (1, 2, 3):
+        devs = [Dev(a) for _ in range(3)]
+        for i, d in enumerate(devs):
+            assert hasattr(d.checkin(a if i % 2 else b), "session_id")     # either replica selects
+        env.clock.advance(61)
+        deltas = rng.normal(0, 0.01, (2, env.layout.size)).astype(np.float32)
+        assert devs[0].upload(a, deltas[0]).status == "accepted"             # one report through each
+        assert devs[1].upload(b, deltas[1]).status == "accepted"
+        env.clock.advance(300)                                               # deadline: both may close it
+        before = completed_transitions()
+        barrier = threading.Barrier(8)
+        errors = []
+
+        def close(services):
+            try:
+                barrier.wait()
+                services.rounds.advance(env.population)
+            except Exception as e:      # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=close, args=(s,)) for s in (a, b) * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert completed_transitions() - before == 1                          # closed exactly once
+        assert [v.version for v in a.versions.list(env.population)][0] == number
+        rows = a.store.connection().execute("SELECT number, state FROM rounds WHERE number = ?",
+                                            (number,)).fetchall()
+        assert [tuple(r) for r in rows] == [(number, "completed")]
+        flat = flat + deltas.mean(0)
+        np.testing.assert_allclose(weights(b, env.population, number), flat, rtol=1e-5, atol=1e-6)
+    b.store.close()
+
+
+def test_a_database_of_the_previous_schema_is_upgraded_with_all_its_data(make_server, backend, monkeypatch):
+    import server.store
+    from server.schema import MIGRATIONS
+
+    monkeypatch.setattr(server.store, "MIGRATIONS", MIGRATIONS[:-1])        # the previous release
+    env = make_server(goal=2, over_selection=1.0)
+    devs = [Dev(env.services) for _ in range(2)]
+    for d in devs:
+        d.checkin(env.services)
+    for d in devs:
+        d.upload(env.services, np.full(env.layout.size, 0.01, np.float32))
+    assert env.services.versions.list(env.population)[0].version == 1
+    old = dump_tables(env.services.store)
+    assert "rate_buckets" not in env.services.store.tables()
+    env.services.store.close()
+
+    monkeypatch.setattr(server.store, "MIGRATIONS", MIGRATIONS)              # the upgrade
+    upgraded = build_services(load_config(env.config), clock=env.clock, exporter=env.exporter)
+    assert "rate_buckets" in upgraded.store.tables()
+    assert dump_tables(upgraded.store) == old                                # every row kept
+    more = [Dev(upgraded) for _ in range(2)]
+    for d in more:
+        d.checkin(upgraded)
+    for d in more:
+        assert d.upload(upgraded, np.full(env.layout.size, 0.01, np.float32)).status == "accepted"
+    assert upgraded.versions.list(env.population)[0].version == 2           # and it goes on
+    upgraded.store.close()
+
+
+def _scripted_rounds(env) -> dict:
+    """Three training rounds with fixed updates, one device failing, one late: what they produced."""
+    svc = env.services
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        devs = [Dev(svc) for _ in range(4)]
+        for d in devs:
+            d.checkin(svc)
+        env.clock.advance(61)
+        deltas = rng.normal(0, 0.01, (4, env.layout.size)).astype(np.float32)
+        devs[0].upload(svc, deltas[0], 3)
+        devs[1].upload(svc, deltas[1], 9)
+        svc.reporting.failure(devs[2].id, devs[2].assignment.session_id, "unplugged")
+        env.clock.advance(300)
+        svc.tick()
+        devs[3].upload(svc, deltas[3])                                       # late
+    rounds = svc.analytics.list(env.population, env.clock.now(), limit=10)
+    keep = ("round", "task", "state", "reason", "selected", "reported", "aborted", "failed", "dropped",
+            "result_version", "bytes_in")
+    return {"rounds": [{k: r[k] for k in keep} for r in rounds],
+            "weights": [hashlib.sha256(weights(svc, env.population, v.version).tobytes()).hexdigest()
+                        for v in svc.versions.list(env.population)]}
+
+
+def test_sqlite_and_postgresql_give_identical_results_for_the_same_scripted_rounds(make_server, postgres_server):
+    on_sqlite = make_server()
+    on_postgres = make_server(server={"database": postgres_server.create_database("agree")})
+    assert on_sqlite.services.store.dialect == "sqlite" and on_postgres.services.store.dialect == "postgresql"
+    a, b = _scripted_rounds(on_sqlite), _scripted_rounds(on_postgres)
+    assert a["rounds"][0]["state"] == "completed" and len(set(a["weights"])) == 4
+    assert a == b
+    on_postgres.services.store.close()
+    postgres_server.drop_database("agree")
+
+
+@pytest.mark.parametrize("bad", ["replica = 2", "replica = -1"])
+def test_replica_index_is_checked(tmp_path, bad):
+    from server.config import ConfigError
+
+    path = tmp_path / "server.toml"
+    path.write_text(f'database = "x.db"\n{bad}\n')
+    with pytest.raises(ConfigError, match="replica"):
+        load_config(path)
