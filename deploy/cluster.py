@@ -43,11 +43,12 @@ def replica_config(base: Path, out: Path, url: str, replica: int) -> Path:
 
 class Cluster:
     def __init__(self, root: Path, base_config: Path, replicas: int = 3, port: int | None = None,
-                 pg_port: int | None = None, workers: int = 1, threads: int = 8, fsync: bool = True):
+                 pg_port: int | None = None, workers: int = 1, threads: int = 8, fsync: bool = True,
+                 pg_root: Path | None = None):
         self.root = Path(root)
         self.base_config = Path(base_config)
         self.port = port or free_port()
-        self.pg = PostgresServer(self.root / "postgres", pg_port or free_port(), fsync=fsync)
+        self.pg = PostgresServer(pg_root or self.root / "postgres", pg_port or free_port(), fsync=fsync)
         self.ports = [free_port() for _ in range(replicas)]
         self.workers, self.threads = workers, threads
         self.replicas: list[ServerProcess] = []

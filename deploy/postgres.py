@@ -71,9 +71,13 @@ class PostgresServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self._own()
         if not (self.data / "PG_VERSION").exists():
-            subprocess.run(self._as + [str(self.bin / "initdb"), "-D", str(self.data), "-U", USER,
-                                       "--auth=trust", "-E", "UTF8", "--no-instructions"],
-                           check=True, capture_output=True)
+            done = subprocess.run(self._as + [str(self.bin / "initdb"), "-D", str(self.data), "-U", USER,
+                                              "--auth=trust", "-E", "UTF8", "--no-instructions"],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise PostgresUnavailable(f"initdb failed in {self.data}: {done.stderr.strip()[-1000:]}"
+                                          + (" (the postgres user must be able to enter every directory above it)"
+                                             if self._as else ""))
         options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=300"
                    + ("" if self.fsync else " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
         done = subprocess.run(self._as + [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,

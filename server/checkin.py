@@ -26,7 +26,7 @@ import time
 from contract.batching import round_seed
 from contract.wire import Assignment, Conditions, DiscoveryAsk, Rejection
 from server.artifacts import ArtifactStore
-from server import telemetry
+from server import sessions, telemetry
 from server.clock import Clock
 from server.config import PopulationConfig
 from server.policy import Context, EligibilityPolicy
@@ -139,11 +139,8 @@ class CheckinService:
         version = self._versions.get(population, rnd.model_version, tx)
         bytes_out = self._artifact_bytes(version.checkpoint_sha256, pop)
         now = self._clock.now()
-        tx.execute("INSERT INTO sessions (id, round_id, device_id, seed, state, assigned_at, bytes_out)"
-                   " VALUES (?, ?, ?, ?, 'assigned', ?, ?)",
-                   (session_id, rnd.id, device.id, seed, now, bytes_out))
-        tx.execute("UPDATE rounds SET selected = selected + 1, bytes_out = bytes_out + ? WHERE id = ?",
-                   (bytes_out, rnd.id))
+        sessions.assign(tx, session_id, rnd.id, device.id, seed, now, bytes_out)
+        self._rounds.count(tx, rnd.id, selected=1, bytes_out=bytes_out)
         telemetry.selected(self._store, population, bytes_out)
         rnd = self._rounds.by_id(tx, rnd.id)
         if rnd.selected >= rnd.max_selected:

@@ -76,6 +76,24 @@ class PartialSums:
                     self._locks.release(handle)
                 return
 
+    @staticmethod
+    def commit(tx, round_id: int, shard: int, generation: int, weight: int) -> None:
+        """Step 3 above: move the shard's pointer from `generation` to `generation + 1` (inside the
+        report's transaction); the only writer of the `partials` table, with `drop`."""
+        moved = tx.execute("UPDATE partials SET generation = generation + 1, weight = weight + ?,"
+                           " count = count + 1 WHERE round_id = ? AND shard = ? AND generation = ?",
+                           (weight, round_id, shard, generation)).rowcount
+        if not moved:
+            if generation != 0:
+                raise RuntimeError(f"round {round_id} shard {shard} moved while leased")
+            tx.execute("INSERT INTO partials (round_id, shard, generation, weight, count)"
+                       " VALUES (?, ?, 1, ?, 1)", (round_id, shard, weight))
+
+    @staticmethod
+    def drop(tx, round_id: int) -> None:
+        """A closing round's pointers (its files go after COMMIT: remove_round)."""
+        tx.execute("DELETE FROM partials WHERE round_id = ?", (round_id,))
+
     def read(self, round_id: int, shard: int, generation: int, size: int) -> np.ndarray:
         """Generation `generation` of a shard (zeros for generation 0, which has no file)."""
         if generation == 0:

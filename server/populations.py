@@ -64,6 +64,21 @@ def set_vocabulary(tx: sqlite3.Connection, name: str, vocab_sha256: str, plan: P
                (vocab_sha256, json.dumps(dataclasses.asdict(plan)) if plan else None, name))
 
 
+def set_current(tx: sqlite3.Connection, name: str, version: int) -> None:
+    """A new version is the one devices train next; one more trained since the last evaluation."""
+    tx.execute("UPDATE populations SET current_version = ?, train_since_eval = train_since_eval + 1"
+               " WHERE name = ?", (version, name))
+
+
+def set_evaluated(tx: sqlite3.Connection, name: str) -> None:
+    tx.execute("UPDATE populations SET train_since_eval = 0 WHERE name = ?", (name,))
+
+
+def set_published(tx: sqlite3.Connection, name: str, version: int) -> None:
+    """The version apps download (a publish, or an operator's rollback)."""
+    tx.execute("UPDATE populations SET published_version = ? WHERE name = ?", (version, name))
+
+
 def store_plan(artifacts: ArtifactStore, manifest_path: Path, layout: WeightLayout) -> Plan:
     """Store an exported plan (its manifest and every file it lists), checking each hash."""
     try:
@@ -113,7 +128,7 @@ def register_population(store: Store, artifacts: ArtifactStore, clock: Clock, na
     `batch_size`: the configured client batch size, which must be the plan's (a
     TFLite plan trains fixed-size batches).
     """
-    from server.versions import save_version_checkpoint
+    from server.versions import add_initial_version, save_version_checkpoint
 
     try:
         layout, flat, meta = load_checkpoint(checkpoint)
@@ -139,7 +154,5 @@ def register_population(store: Store, artifacts: ArtifactStore, clock: Clock, na
             " current_version, created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
             (name, json.dumps(layout.to_json()), json.dumps(model_config) if model_config else None,
              json.dumps(dataclasses.asdict(plan)) if plan else None, vocab_sha, now))
-        tx.execute("INSERT INTO versions (population, version, checkpoint_sha256, created_at, train_json,"
-                   " vocab_sha256) VALUES (?, 0, ?, ?, ?, ?)",
-                   (name, checkpoint_sha, now, json.dumps({"source": "initial checkpoint"}), vocab_sha))
+        add_initial_version(tx, name, checkpoint_sha, now, vocab_sha)
         return load_population(tx, name)

@@ -20,13 +20,12 @@ marks the session accepted).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sqlite3
 from collections.abc import Mapping
 
 from contract.wire import DiscoveryBallot, EvalReport, Outcome
-from server import telemetry
+from server import sessions, telemetry
 from server.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
@@ -186,10 +185,8 @@ class ReportingService:
     def _fail_session(self, tx: sqlite3.Connection, session: sqlite3.Row, round_id: int, reason: str) -> None:
         population = tx.execute("SELECT population FROM rounds WHERE id = ?", (round_id,)).fetchone()[0]
         telemetry.failure(self._store, population, reason)
-        tx.execute("UPDATE sessions SET state = 'failed', reason = ?, finished_at = ? WHERE id = ?",
-                   (reason, self._clock.now(), session["id"]))
-        tx.execute("UPDATE rounds SET failed = failed + 1, dropped = dropped - ? WHERE id = ?",
-                   (int(session["state"] == "dropped"), round_id))
+        sessions.finish(tx, session["id"], "failed", reason, self._clock.now())
+        self._rounds.count(tx, round_id, failed=1, dropped=-int(session["state"] == "dropped"))
 
     def _commit(self, session_id: str, round_id: int, contribution) -> Outcome:
         """The one transaction in which a report is counted (or the session aborted)."""
@@ -216,19 +213,17 @@ class ReportingService:
             elif isinstance(contribution, DiscoveryBallot):
                 self._discovery.record(tx, rnd, contribution, self._rounds.settings(rnd.population).discovery)
             elif isinstance(contribution, Zeroed):
-                tx.execute("UPDATE sessions SET reason = 'zeroed', norm = ?, metrics_json = ?, bytes_in = ?"
-                           " WHERE id = ?", (contribution.norm, json.dumps(contribution.metrics),
-                                             contribution.nbytes, session_id))
-                tx.execute("UPDATE rounds SET bytes_in = bytes_in + ? WHERE id = ?", (contribution.nbytes, round_id))
+                sessions.record_report(tx, session_id, None, contribution.metrics, contribution.nbytes,
+                                       contribution.norm, zeroed=True)
+                self._rounds.count(tx, round_id, bytes_in=contribution.nbytes)
                 nbytes = contribution.nbytes
             else:
                 self._count_update(tx, round_id, session_id, *contribution)
                 nbytes = contribution[4]
             device = tx.execute("SELECT device_id FROM sessions WHERE id = ?", (session_id,)).fetchone()[0]
             self._registry.record_participation(tx, device, now)
-            tx.execute("UPDATE sessions SET state = 'accepted', finished_at = ? WHERE id = ?",
-                       (now, session_id))
-            tx.execute("UPDATE rounds SET reported = reported + 1 WHERE id = ?", (round_id,))
+            sessions.finish(tx, session_id, "accepted", None, now)
+            self._rounds.count(tx, round_id, reported=1)
             telemetry.upload(self._store, population, rnd.task, "accepted", nbytes)
             rnd = self._rounds.by_id(tx, round_id)
         if rnd.reported >= rnd.goal or (rnd.state == "reporting" and rnd.outstanding <= 0):
@@ -244,43 +239,23 @@ class ReportingService:
             reason = "round_closed"
         else:
             reason = "goal_reached"
-        tx.execute("UPDATE sessions SET state = 'aborted', reason = ?, finished_at = ? WHERE id = ?",
-                   (reason, now, session_id))
-        tx.execute("UPDATE rounds SET aborted = aborted + 1, dropped = dropped - ? WHERE id = ?",
-                   (int(state == "dropped"), rnd.id))
+        sessions.finish(tx, session_id, "aborted", reason, now)
+        self._rounds.count(tx, rnd.id, aborted=1, dropped=-int(state == "dropped"))
         telemetry.upload(self._store, rnd.population, rnd.task, reason)
         return Outcome("aborted", rnd.number, reason)
 
     def _count_update(self, tx: sqlite3.Connection, round_id: int, session_id: str, shard: int,
                       generation: int, weight: int, metrics: dict, nbytes: int, norm: float) -> None:
-        moved = tx.execute("UPDATE partials SET generation = generation + 1, weight = weight + ?,"
-                           " count = count + 1 WHERE round_id = ? AND shard = ? AND generation = ?",
-                           (weight, round_id, shard, generation)).rowcount
-        if not moved:
-            if generation != 0:
-                raise RuntimeError(f"round {round_id} shard {shard} moved while leased")
-            tx.execute("INSERT INTO partials (round_id, shard, generation, weight, count)"
-                       " VALUES (?, ?, 1, ?, 1)", (round_id, shard, weight))
-        sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?",
-                                     (round_id,)).fetchone()[0])
-        for name, value in metrics.items():
-            s, w = sums.get(name, (0.0, 0.0))
-            sums[name] = (s + weight * value, w + weight)
-        tx.execute("UPDATE rounds SET weight_sum = weight_sum + ?, bytes_in = bytes_in + ?,"
-                   " metric_sums_json = ? WHERE id = ?", (weight, nbytes, json.dumps(sums), round_id))
-        tx.execute("UPDATE sessions SET num_examples = ?, metrics_json = ?, bytes_in = ?, norm = ? WHERE id = ?",
-                   (int(weight), json.dumps(metrics), nbytes, norm or None, session_id))   # masked: unknown (0)
+        self._partials.commit(tx, round_id, shard, generation, weight)
+        self._rounds.add_metrics(tx, round_id, metrics, weight)
+        self._rounds.count(tx, round_id, weight_sum=weight, bytes_in=nbytes)
+        sessions.record_report(tx, session_id, int(weight), metrics, nbytes, norm or None)   # masked: unknown (0)
 
     def _count_eval(self, tx: sqlite3.Connection, round_id: int, session_id: str,
                     report: EvalReport) -> None:
-        sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?",
-                                     (round_id,)).fetchone()[0])
         counts = {k: v for k, v in report.to_json().items() if k != "model_version"}
-        for name, value in counts.items():
-            sums[name] = sums.get(name, 0) + value
-        tx.execute("UPDATE rounds SET metric_sums_json = ? WHERE id = ?", (json.dumps(sums), round_id))
-        tx.execute("UPDATE sessions SET num_examples = ?, metrics_json = ? WHERE id = ?",
-                   (report.positions, json.dumps(counts), session_id))
+        self._rounds.add_metrics(tx, round_id, counts)
+        sessions.record_report(tx, session_id, report.positions, counts)
 
     def _advance(self, population: str) -> None:
         """Close the round if this report completed it; a failure here must not undo the report."""

@@ -33,7 +33,7 @@ from contract.pipeline import IntegerSum, UpdatePipeline, running_sum
 from contract.robust import zeroing_norm
 from contract.secagg import SecAggError
 from contract.update_spec import RoundSpec, rotation_seed
-from server import telemetry
+from server import sessions, telemetry
 from server.analytics import phases
 from server.clock import Clock
 from server.config import PopulationConfig, ServerConfig
@@ -146,6 +146,27 @@ class RoundService:
 
     def by_id(self, conn: sqlite3.Connection, round_id: int) -> Round:
         return Round.from_row(conn.execute("SELECT * FROM rounds WHERE id = ?", (round_id,)).fetchone())
+
+    COUNTERS = ("selected", "reported", "aborted", "failed", "dropped", "bytes_in", "bytes_out", "weight_sum")
+
+    @classmethod
+    def count(cls, tx: sqlite3.Connection, round_id: int, **deltas: float) -> None:
+        """Move a round's counters (selected=1, dropped=-1, bytes_in=n, ...): the only writer of them."""
+        assert set(deltas) <= set(cls.COUNTERS), deltas
+        tx.execute(f"UPDATE rounds SET {', '.join(f'{k} = {k} + ?' for k in deltas)} WHERE id = ?",
+                   (*deltas.values(), round_id))
+
+    @staticmethod
+    def add_metrics(tx: sqlite3.Connection, round_id: int, values: dict, weight: float | None = None) -> None:
+        """Add a report's metrics to the round's sums: weighted (sum, weight) pairs, or plain counts."""
+        sums = json.loads(tx.execute("SELECT metric_sums_json FROM rounds WHERE id = ?", (round_id,)).fetchone()[0])
+        for name, value in values.items():
+            if weight is None:
+                sums[name] = sums.get(name, 0) + value
+            else:
+                s, w = sums.get(name, (0.0, 0.0))
+                sums[name] = (s + weight * value, w + weight)
+        tx.execute("UPDATE rounds SET metric_sums_json = ? WHERE id = ?", (json.dumps(sums), round_id))
 
     def advance(self, population: str) -> Round | None:
         """Apply due transitions in a transaction of its own; returns the open round, if any."""
@@ -307,10 +328,8 @@ class RoundService:
     def _close(self, tx: sqlite3.Connection, rnd: Round, now: float, state: str, reason: str | None,
                result_version: int | None = None, finalize_s: float | None = None) -> None:
         self._closed.ids = getattr(self._closed, "ids", set()) | {rnd.id}
-        dropped = tx.execute("UPDATE sessions SET state = 'dropped', reason = 'no_report_before_close',"
-                             " finished_at = ? WHERE round_id = ? AND state = 'assigned'",
-                             (now, rnd.id)).rowcount
-        tx.execute("DELETE FROM partials WHERE round_id = ?", (rnd.id,))   # its files go after COMMIT
+        dropped = sessions.drop_unreported(tx, rnd.id, now)
+        self._partials.drop(tx, rnd.id)                                    # its files go after COMMIT
         if rnd.secure:
             self._secagg.close(tx, rnd.id, state, reason)
         if rnd.task == "discover":

@@ -28,6 +28,7 @@ import numpy as np
 
 from contract.canary import changed
 from contract.weights import WeightLayout, load_checkpoint, save_checkpoint
+from server import populations
 from server.artifacts import ArtifactStore
 from server.clock import Clock
 from server.errors import ErrorCode, ProtocolError
@@ -71,6 +72,14 @@ class Version:
                 "train": self.train, "eval": self.eval, "published_at": self.published_at,
                 "app_manifest_sha256": self.app_manifest_sha256, "vocab_sha256": self.vocab_sha256,
                 "canary": self.canary}
+
+
+def add_initial_version(tx: sqlite3.Connection, population: str, checkpoint_sha256: str, now: float,
+                        vocab_sha256: str | None) -> None:
+    """Version 0 of a population being registered (server.populations)."""
+    tx.execute("INSERT INTO versions (population, version, checkpoint_sha256, created_at, train_json,"
+               " vocab_sha256) VALUES (?, 0, ?, ?, ?, ?)",
+               (population, checkpoint_sha256, now, json.dumps({"source": "initial checkpoint"}), vocab_sha256))
 
 
 def save_version_checkpoint(artifacts: ArtifactStore, layout: WeightLayout, flat: np.ndarray,
@@ -147,8 +156,7 @@ class VersionRegistry:
             " optimizer_sha256, created_at, train_json, vocab_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (population, version, parent, round_number, checkpoint_sha, optimizer_sha,
              self._clock.now(), json.dumps(train), vocab_sha256))
-        tx.execute("UPDATE populations SET current_version = ?, train_since_eval = train_since_eval + 1"
-                   " WHERE name = ?", (version, population))
+        populations.set_current(tx, population, version)
         return self.get(population, version, tx)
 
     def record_eval(self, tx: sqlite3.Connection, population: str, version: int, result: dict,
@@ -156,7 +164,7 @@ class VersionRegistry:
         """Attach an evaluation to a version; True if it should now be published."""
         tx.execute("UPDATE versions SET eval_json = ? WHERE population = ? AND version = ?",
                    (json.dumps(result), population, version))
-        tx.execute("UPDATE populations SET train_since_eval = 0 WHERE name = ?", (population,))
+        populations.set_evaluated(tx, population)
         published = tx.execute("SELECT published_version FROM populations WHERE name = ?",
                                (population,)).fetchone()[0]
         if publish_every <= 0 or result.get("positions", 0) <= 0:
@@ -183,7 +191,7 @@ class VersionRegistry:
                    " WHERE population = ? AND version = ?",
                    (manifest_sha256, self._clock.now(), json.dumps(record) if record else None,
                     population, version))
-        tx.execute("UPDATE populations SET published_version = ? WHERE name = ?", (version, population))
+        populations.set_published(tx, population, version)
 
     def published(self, population: str, version: int | None = None) -> Version:
         """The version apps should use (or a given exported version)."""
@@ -226,6 +234,5 @@ class VersionRegistry:
             if target.app_manifest_sha256 is None:
                 raise ProtocolError(ErrorCode.CONFLICT,
                                     f"version {to_version} of {population!r} was never exported for apps")
-            tx.execute("UPDATE populations SET published_version = ? WHERE name = ?",
-                       (to_version, population))
+            populations.set_published(tx, population, to_version)
             return target
