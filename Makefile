@@ -102,6 +102,11 @@ fuzz: setup
 bench-server: setup
 	$(PY) -m benchmarks.server
 
+# Open-loop check-ins, 8-bit ingest and replica loss: SQLite x1, PostgreSQL x1/x2/x3 behind nginx (~10 min).
+.PHONY: bench-scale
+bench-scale: setup
+	$(PY) -m benchmarks.scale
+
 # One phone's task with the Gboard-size plan against the real server: download/train/upload split.
 .PHONY: bench-device
 bench-device: setup corpus

@@ -169,6 +169,20 @@ def server(r: dict) -> str:
                      ("gunicorn workers", r["workers"])])
 
 
+def scale(r: dict) -> str:
+    rows = "\n".join(f"| {name} | {b['max_rate_p99_100ms']:,} /s | {b['p50_ms_at_500']} / {b['p99_ms_at_500']} ms | "
+                     f"{b['ingest_updates_per_s']:.1f} /s | {b['rss_mb_per_replica']:.0f} MB |"
+                     for name, b in r["backends"].items())
+    return ("| backend × replicas | highest open-loop check-in rate with p99 ≤ 100 ms | p50 / p99 at 500 /s | "
+            "8-bit Gboard updates ingested | peak RSS per replica |\n|---|---|---|---|---|\n" + rows +
+            f"\n\nA replica SIGKILLed mid-round (3 replicas): uploads accepted again through nginx after "
+            f"{r['replica_kill_recovery_s']} s, the round completed {r['round_completed_after_kill_s']} s after the "
+            f"kill with every update counted once. {r['workers_per_replica']} gunicorn workers × "
+            f"{r['threads_per_worker']} threads per replica; load generator, nginx, PostgreSQL and every replica "
+            f"share this machine's {r['cores']} cores, so more replicas cannot be faster here: size a deployment "
+            "from the per-replica figures (Bonawitz et al. 2019: about 10k devices connected at a time).")
+
+
 def compression(r: dict) -> str:
     from benchmarks.compression import table
 
@@ -294,6 +308,7 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "compression": ("Update compression: 32, 8 and 4 bits", "make bench-compression", compression),
     "export": ("LiteRT plan and app model (Gboard config)", "make bench-export", export),
     "server": ("Server under load (gunicorn, loopback)", "make bench-server", server),
+    "scale": ("Replicas on PostgreSQL behind nginx", "make bench-scale", scale),
     "device": ("One phone's task, Gboard-size plan", "make bench-device", device),
     "fleet": ("Emulated fleet at scale", "make bench-fleet", fleet),
     "demo": ("The demo: the whole system end to end", "make demo", demo),

@@ -169,7 +169,9 @@ async def assign_all(port: int, auths: list[str], population: str) -> list[tuple
 
 
 async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[tuple[bytes, int]],
-                      parallel: int) -> dict:
+                      parallel: int, accepted_at: list[float] | None = None) -> dict:
+    """Every session's upload; a 5xx or a dropped connection (a replica killed behind the load
+    balancer) is retried as a phone would. `accepted_at` collects the times of the acceptances."""
     queue = list(enumerate(sessions))
     statuses: dict[str, int] = {}
 
@@ -178,11 +180,23 @@ async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[t
         while queue:
             i, (auth, sid) = queue.pop()
             body, weight = bodies[i % len(bodies)]
-            status, answer = await conn.request(
-                "POST", f"/v1/sessions/{sid}/update?model_version=0&num_examples={weight}", body,
-                f"Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n")
-            key = json.loads(answer).get("status", f"http {status}")
+            status, answer = 0, b"{}"
+            for _ in range(50):
+                try:
+                    status, answer = await conn.request(
+                        "POST", f"/v1/sessions/{sid}/update?model_version=0&num_examples={weight}", body,
+                        f"Authorization: {auth}\r\nContent-Type: application/octet-stream\r\n")
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    conn.close()
+                    conn = await Conn(port).open()
+                    continue
+                if status < 500:
+                    break
+                await asyncio.sleep(0.2)
+            key = json.loads(answer).get("status", f"http {status}") if status < 500 else f"http {status}"
             statuses[key] = statuses.get(key, 0) + 1
+            if key == "accepted" and accepted_at is not None:
+                accepted_at.append(time.perf_counter())
         conn.close()
 
     t0 = time.perf_counter()
@@ -232,7 +246,14 @@ class PeakRSS(threading.Thread):
 SPECS = {"f32": {"bits": 32}, "q8": {"bits": 8}}   # the ingest populations' update specs
 
 
-def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
+def write_setup(work: Path, cfg: BenchConfig, database: str | None = None) -> tuple[Path, int]:
+    """The benchmark's config (its SQLite file, or `database`) with its populations initialised."""
+    path, size, populations = write_config(work, cfg, database)
+    init_populations(path, populations, work / "init.safetensors")
+    return path, size
+
+
+def write_config(work: Path, cfg: BenchConfig, database: str | None = None) -> tuple[Path, int, list[str]]:
     from contract.weights import save_checkpoint
     from models.model import GBOARD, weight_layout
     from server.config import RateLimits
@@ -249,16 +270,19 @@ def write_setup(work: Path, cfg: BenchConfig) -> tuple[Path, int]:
     for name, spec in SPECS.items():
         populations[f"ingest-{name}"] = {"goal": cfg.reports, "over_selection": 1.0, **common,
                                          "eligibility": {"min_separation_s": 0.0}, "update": spec}
-    config = {"database": str(work / "state/nightjar.db"), "artifact_dir": str(work / "state/artifacts"),
+    config = {"database": database or str(work / "state/nightjar.db"), "artifact_dir": str(work / "state/artifacts"),
               "state_dir": str(work / "state/private"), "tick_interval_s": 1.0,
               "aggregation_shards": cfg.threads, "populations": populations, "rate_limits": limits}
     path = work / "server.json"
     path.write_text(json.dumps(config))
+    return path, layout.size, list(populations)
+
+
+def init_populations(config: Path, populations: list[str], checkpoint: Path) -> None:
     for population in populations:
-        subprocess.run([sys.executable, "-m", "server", "init", "--config", str(path),
-                        "--population", population, "--checkpoint", str(work / "init.safetensors")],
+        subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
+                        "--population", population, "--checkpoint", str(checkpoint)],
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return path, layout.size
 
 
 def encoded_bodies(assignment: dict, size: int, count: int) -> tuple[object, list[tuple[bytes, int]]]:

@@ -87,23 +87,15 @@ class RateLimiter:
                 raise
 
     def _take_shared(self, key: str, burst: float, rate: float, now: float, what: str) -> None:
-        """The same bucket under its own row lock (never the database-wide write lock: a flood of
-        refused requests must not queue behind round transitions)."""
-        conn = self._shared.connection()
-        conn.execute("BEGIN")
-        try:
-            conn.execute("INSERT INTO rate_buckets (key, tokens, updated_at) VALUES (?, ?, ?)"
-                         " ON CONFLICT (key) DO NOTHING", (key, burst, now))
-            row = conn.execute("SELECT tokens, updated_at FROM rate_buckets WHERE key = ? FOR UPDATE",
-                               (key,)).fetchone()
-            tokens = min(burst, row[0] + max(0.0, now - row[1]) * rate)
-            if tokens >= 1.0:
-                conn.execute("UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE key = ?",
-                             (tokens - 1.0, max(now, row[1]), key))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        if tokens < 1.0:
-            raise RateLimited(what, math.ceil((1.0 - tokens) / rate))
+        """One statement under the bucket's row lock (never the database-wide write lock: a flood of
+        refused requests must not queue behind round transitions): refill, take a token if there is
+        one, and say whether it did."""
+        refill = "LEAST(?, b.tokens + GREATEST(0, ? - b.updated_at) * ?)"
+        row = self._shared.connection().execute(
+            "INSERT INTO rate_buckets AS b (key, tokens, updated_at, taken) VALUES (?, ?, ?, 1)"
+            f" ON CONFLICT (key) DO UPDATE SET tokens = CASE WHEN {refill} >= 1 THEN {refill} - 1 ELSE {refill} END,"
+            f" taken = CASE WHEN {refill} >= 1 THEN 1 ELSE 0 END, updated_at = GREATEST(b.updated_at, ?)"
+            " RETURNING tokens, taken",
+            (key, burst - 1.0, now, *(burst, now, rate) * 4, now)).fetchone()
+        if not row["taken"]:
+            raise RateLimited(what, math.ceil((1.0 - row["tokens"]) / rate))

@@ -242,7 +242,8 @@ MIGRATIONS.append("""
     CREATE TABLE rate_buckets (
         key TEXT PRIMARY KEY,
         tokens REAL NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        taken INTEGER NOT NULL
     );
     """)
 

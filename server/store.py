@@ -216,5 +216,5 @@ def open_store(database: str | Path, fsync: bool = False) -> Store:
     """The store a config's `database` names: a PostgreSQL URL, or a SQLite file path."""
     if is_postgres_url(database):
         from server.store_pg import PostgresStore
-        return PostgresStore(str(database))
+        return PostgresStore(str(database), fsync=fsync)
     return SqliteStore(database, fsync=fsync)

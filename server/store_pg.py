@@ -12,6 +12,9 @@ explicit BEGIN/COMMIT so that nesting and commit hooks behave as with SQLite.
   transitions are decided under it, so each happens once, whichever replica
   sees it first; there is no favoured replica and no timer.
 * **Reads** that need a snapshot run in REPEATABLE READ.
+* **Durability** follows the config's `fsync`, as with SQLite: off, a commit
+  survives a killed process but not a power loss (`synchronous_commit = off`);
+  on, every commit waits for the WAL to reach the disk.
 * **Shard leases** (server.partials) are session advisory locks on the two-key
   space (round id, shard), which never meets WRITE_LOCK's one-key space.
 * **SQL** is written once in SQLite's dialect; `?` placeholders become `%s`
@@ -55,10 +58,10 @@ def _row_class(names: tuple[str, ...]) -> type[Row]:
 
 
 def _row_factory(cursor):
-    if cursor.description is None:
+    result = cursor.pgresult          # its field names directly: cursor.description builds objects per call
+    if result is None or not result.nfields:
         return tuple
-    cls = _row_class(tuple(c.name for c in cursor.description))
-    return lambda values: cls(values)
+    return _row_class(tuple(result.fname(i).decode() for i in range(result.nfields)))
 
 
 class _Numeric(Loader):
@@ -72,10 +75,11 @@ _QUOTED = re.compile(r"('(?:[^']|'')*')")
 
 @functools.lru_cache(maxsize=1024)
 def translate(sql: str) -> str:
-    """SQLite-dialect SQL as psycopg's: `?` → `%s` and a literal `%` → `%%`, outside quoted strings."""
+    """SQLite-dialect SQL with parameters as psycopg's: every literal `%` → `%%` (psycopg reads them
+    even inside quotes), and `?` → `%s` outside quoted strings."""
     parts = _QUOTED.split(sql)
-    for i in range(0, len(parts), 2):
-        parts[i] = parts[i].replace("%", "%%").replace("?", "%s")
+    for i in range(len(parts)):
+        parts[i] = parts[i].replace("%", "%%") if i % 2 else parts[i].replace("%", "%%").replace("?", "%s")
     return "".join(parts)
 
 
@@ -86,7 +90,9 @@ class Connection:
         self.raw = raw
 
     def execute(self, sql: str, params=()) -> psycopg.Cursor:
-        return self.raw.execute(translate(sql), tuple(params) if params else None)
+        if not params:           # no parameters: psycopg reads the text as it is
+            return self.raw.execute(sql)
+        return self.raw.execute(translate(sql), tuple(params))
 
     def executemany(self, sql: str, rows) -> psycopg.Cursor:
         cursor = self.raw.cursor()
@@ -122,9 +128,10 @@ class AdvisoryLocks:
 class PostgresStore(Store):
     dialect = "postgresql"
 
-    def __init__(self, url: str, connect_timeout_s: float = 10.0):
+    def __init__(self, url: str, fsync: bool = False, connect_timeout_s: float = 10.0):
         super().__init__()
         self.url = url
+        self._fsync = fsync
         self._timeout = connect_timeout_s
         self._migrate(self._version, self._set_version, postgres_ddl)
 
@@ -135,6 +142,8 @@ class PostgresStore(Store):
         raw = psycopg.connect(self.url, autocommit=True, row_factory=_row_factory,
                               connect_timeout=max(1, int(self._timeout)))
         raw.adapters.register_loader("numeric", _Numeric)
+        if not self._fsync:      # as SQLite's synchronous=NORMAL: survives a killed process, not power loss
+            raw.execute("SET synchronous_commit TO off")
         return Connection(raw)
 
     def _begin(self, conn: Connection, write: bool) -> None:

@@ -169,3 +169,41 @@ def test_replica_index_is_checked(tmp_path, bad):
     path.write_text(f'database = "x.db"\n{bad}\n')
     with pytest.raises(ConfigError, match="replica"):
         load_config(path)
+
+
+def test_sqlite_dialect_is_translated_outside_quoted_strings_only():
+    from server.store_pg import translate
+
+    assert translate("SELECT a FROM t WHERE b = ? AND c = '?%' AND d LIKE 'x%'") == \
+        "SELECT a FROM t WHERE b = %s AND c = '?%%' AND d LIKE 'x%%'"
+    assert translate("SELECT 5 % 2, ?") == "SELECT 5 %% 2, %s"
+
+
+def test_percent_and_question_marks_reach_postgresql_as_written(postgres_server):
+    from server.store_pg import PostgresStore
+
+    store = PostgresStore(postgres_server.create_database("quote"))
+    try:
+        conn = store.connection()
+        assert tuple(conn.execute("SELECT '?%', 7 % 4, ?", (1,)).fetchone()) == ("?%", 3, 1)
+        assert conn.execute("SELECT '50%'").fetchone()[0] == "50%"
+    finally:
+        store.close()
+        postgres_server.drop_database("quote")
+
+
+def test_postgres_rows_read_like_sqlite_rows(postgres_server):
+    from server.store_pg import PostgresStore
+
+    store = PostgresStore(postgres_server.create_database("rows"))
+    try:
+        row = store.connection().execute("SELECT 1 AS a, 'x' AS b, SUM(v) AS s FROM (VALUES (2), (3)) AS t(v)").fetchone()
+        assert (row["a"], row[1], row["s"], row.keys()) == (1, "x", 5, ["a", "b", "s"])
+        assert isinstance(row["s"], int)                        # NUMERIC of a sum of integers, as SQLite gives
+        with pytest.raises(RuntimeError, match="read snapshot"):
+            with store.read():
+                with store.write():
+                    pass
+    finally:
+        store.close()
+        postgres_server.drop_database("rows")
