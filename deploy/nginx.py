@@ -46,6 +46,11 @@ http {{
     access_log off;
 {temp}
     client_max_body_size {max_body_mb}m;
+    # uploads and downloads stream through, never to a temporary file (whose directory nginx's
+    # unprivileged workers may not be able to reach)
+    proxy_request_buffering off;
+    client_body_buffer_size 1m;
+    proxy_max_temp_file_size 0;
     upstream nightjar {{
 {servers}
         keepalive 64;

@@ -147,9 +147,8 @@ class PostgresStore(Store):
         return Connection(raw)
 
     def _begin(self, conn: Connection, write: bool) -> None:
-        if write:
-            conn.execute("BEGIN")
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+        if write:                # one round trip: both statements in one simple query
+            conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
         else:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
 
