@@ -93,6 +93,9 @@ def postgres_server():
         server = temporary(port)
     except PostgresUnavailable as e:
         pytest.skip(f"PostgreSQL unavailable: {e}")
+    from server.store_pg import PostgresStore
+
+    PostgresStore(server.create_database("migrated")).close()   # the schema once; tests copy it
     yield server
     server.stop()
     import shutil
@@ -116,7 +119,7 @@ def database(backend, request, tmp_path):
         server = request.getfixturevalue("postgres_server")
         name = f"t{os.getpid()}_{abs(hash((request.node.nodeid, len(made)))) % 10**10}"
         made.append(name)
-        return server.create_database(name)
+        return server.create_database(name, template="migrated")
 
     yield make
     if made:

@@ -97,12 +97,14 @@ def test_two_replicas_racing_to_close_a_round_make_one_version(make_server, back
     b.store.close()
 
 
-def test_a_database_of_the_previous_schema_is_upgraded_with_all_its_data(make_server, backend, monkeypatch):
+def test_a_database_of_the_previous_schema_is_upgraded_with_all_its_data(make_server, backend, monkeypatch, request):
     import server.store
     from server.schema import MIGRATIONS
 
     monkeypatch.setattr(server.store, "MIGRATIONS", MIGRATIONS[:-1])        # the previous release
-    env = make_server(goal=2, over_selection=1.0)
+    empty = {"database": request.getfixturevalue("postgres_server").create_database("upgrade")} \
+        if backend == "postgresql" else None                                 # not the migrated template
+    env = make_server(server=empty, goal=2, over_selection=1.0)
     devs = [Dev(env.services) for _ in range(2)]
     for d in devs:
         d.checkin(env.services)

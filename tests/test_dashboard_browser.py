@@ -189,6 +189,6 @@ def test_metrics_summed_over_the_workers_equal_the_round_analytics(live):
     assert {k[1]: v for k, v in totals.items() if k[0] == "nightjar_session_failures_total"} == reasons
     assert total("nightjar_received_bytes_total") == sum(r["bytes_in"] for r in rounds)
     assert total("nightjar_sent_bytes_total") == sum(r["bytes_out"] for r in rounds)
-    workers = {p.name.split("_")[-1] for p in (Path(server.config).parent / "state" / "private" / "prometheus")
+    workers = {p.name.split("_")[-1] for p in (Path(server.config).parent / "state" / "private" / "prometheus" / "replica-0")
                .glob("counter_*.db")}
     assert len(workers) >= 2, workers          # both workers counted, and their counts were added up
