@@ -25,8 +25,7 @@ import requests
 from deploy import nginx
 from deploy.postgres import PostgresServer
 from emulation.server_process import ServerProcess, free_port
-
-PATH_KEYS = ("database", "artifact_dir", "state_dir", "operator_token_file")
+from server.config import PATH_KEYS
 
 
 def replica_config(base: Path, out: Path, url: str, replica: int) -> Path:

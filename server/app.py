@@ -49,8 +49,8 @@ def _refuse_nul() -> None:
     even compare it with a stored value, and no stored value holds one)."""
     texts = [request.path, request.query_string.decode("latin-1"), request.headers.get("Authorization", ""),
              request.headers.get("Cookie", "")]
-    if any("\x00" in t or "%00" in t for t in texts) or (
-            request.endpoint not in UPLOAD_ENDPOINTS and request.is_json and (b"\\u0000" in request.get_data() or b"\x00" in request.get_data())):
+    body = request.get_data() if request.endpoint not in UPLOAD_ENDPOINTS and request.is_json else b""
+    if any("\x00" in t or "%00" in t for t in texts) or b"\\u0000" in body or b"\x00" in body:
         raise ProtocolError(ErrorCode.INVALID_FIELD, "text must not contain NUL (U+0000)")
 
 

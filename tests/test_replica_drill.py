@@ -108,7 +108,9 @@ def drill(tmp_path_factory):
 
 
 def cluster_state_dir(cluster):
-    return __import__("server.config", fromlist=["load_config"]).load_config(cluster.config(0)).state_dir
+    from server.config import load_config
+
+    return load_config(cluster.config(0)).state_dir
 
 
 def cluster_rounds(cluster) -> list[tuple]:
