@@ -96,7 +96,7 @@ def run(cfg: AttackFleetConfig, out: Path) -> dict:
 
 def backdoor_by_version(model_config, vocab, scratch: Path, attack, versions: list[dict]) -> list[dict]:
     """Backdoor success and held-out top-1 of every evaluated version (checkpoints in `scratch`)."""
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
     from models.attacks import Adversary, AttackConfig, backdoor_success
 
     adversary = Adversary(AttackConfig("backdoor", trigger=attack.trigger, target=attack.target), vocab,

@@ -13,9 +13,9 @@ contexts whose first suggestion is the attacker's word):
   "gold"); a Sybil party's coordinated backdoor at an honest-looking norm;
   sign-flipped updates scaled x10 (untargeted);
 * defences, alone and together: the update pipeline's clip and weight cap
-  ("clip"), DP noise at a Gboard-scale projection ("dp", contract.dp),
+  ("clip"), DP noise at a Gboard-scale projection ("dp", contract.dp.noise),
   zeroing of updates above 3x the last round's median norm ("zeroing",
-  contract.robust; plain rounds only) and a coordinate-wise trimmed mean
+  contract.update.robust; plain rounds only) and a coordinate-wise trimmed mean
   ("robust"; neither combines with secure aggregation nor with DP); "all"
   is every defence that composes with secure aggregation (clip + dp),
   "plain_all" every one of a plain round (clip + zeroing); "none" turns the
@@ -69,7 +69,7 @@ class AttackBenchConfig(FederatedConfig):
 
 
 def update_for(defences: tuple[str, ...], cfg: AttackBenchConfig):
-    from contract.update_spec import UpdateSpec
+    from contract.update.spec import UpdateSpec
 
     zeroing = cfg.zeroing if "zeroing" in defences else 0.0
     if "robust" in defences:
@@ -98,7 +98,7 @@ def run_key(attack: str, fraction: float, name: str) -> str:
 
 def run(cfg: AttackBenchConfig, work: Path, earlier: dict | None = None, save=None) -> dict:
     """The clean run and every planned one; `save(report)` after each, so a stopped run keeps its figures."""
-    from contract.dp import DPSpec
+    from contract.dp.noise import DPSpec
     from models.attacks import AttackConfig
     from models.corpus import load_corpus
     from models.model import CONFIGS

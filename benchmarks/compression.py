@@ -5,9 +5,9 @@
 rounds), from the same seed, once per update spec — float32, 8 bits, and
 4 bits with the Hadamard rotation; the clip and the weight cap are the
 population defaults in all three, so only the bits differ — and reports for
-each the held-out top-1 and top-3 (`contract.metrics`, every held-out window),
+each the held-out top-1 and top-3 (`contract.model.metrics`, every held-out window),
 the upload per device and round (the encoded body's bytes, as a phone sends
-it), and the time a device spends encoding (`contract.pipeline`, on this CPU).
+it), and the time a device spends encoding (`contract.update.pipeline`, on this CPU).
 It then reruns the server benchmark's ingest measurement (benchmarks.server:
 1 round of HTTP uploads to the real server under gunicorn) with float32 and
 8-bit updates, in the same run. Results: `benchmarks/results/compression.json`
@@ -45,7 +45,7 @@ class CompressionConfig(FederatedConfig):
 
 def simulate(cfg: CompressionConfig, corpus, name: str, work: Path, reuse: bool = False) -> dict:
     """One variant's run (or, with `reuse`, the finished run already in `work` with this very config)."""
-    from contract.update_spec import UpdateSpec
+    from contract.update.spec import UpdateSpec
     from models.model import GBOARD
     from models.simulate import run_simulation
 

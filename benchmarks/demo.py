@@ -14,7 +14,7 @@
 5. rounds until enough have completed and at least two app-model versions
    are published, with a pass of federated discovery of new words after
    every 15 training rounds; then the held-out quality of every evaluated and
-   published version (`models.central.evaluate`, `contract.metrics`), a
+   published version (`models.central.evaluate`, `contract.model.metrics`), a
    summary, two PNGs and `benchmarks/results/demo.json`;
 6. every process it started is stopped, and that is checked.
 
@@ -76,13 +76,13 @@ POPULATION_SETTINGS = dict(
     # After every 15 training rounds, a pass of discover rounds (one per letter) finds the words that
     # at least 5 phones typed and the public vocabulary lacks; they join a new version's free slots.
     discovery={"every": 15, "min_devices": 5, "max_word_length": 10, "votes_per_device": 100},
-    # Distributed DP under secure aggregation (contract/dp.py, server/README.md): each phone adds its
+    # Distributed DP under secure aggregation (contract/dp/noise.py, server/README.md): each phone adds its
     # share of discrete Gaussian noise before masking, and the ledger gives every version its ε.
     # With 20 reports per round of a 1.4M-parameter update, noise that keeps the model learning is
     # tiny (z = 0.004): the ε it buys is astronomical, which is the point of printing it — user-level
     # DP needs thousands of reports per round (`make bench-dp` projects Gboard's scale).
     dp={"mechanism": "distributed", "noise_multiplier": 0.004, "initial_clip": 1.0},
-    # Personal models (contract.personal): published versions come with what a phone personalizes
+    # Personal models (contract.tasks.personal): published versions come with what a phone personalizes
     # them with; after every 10 training rounds a round evaluates personalization on the phones,
     # which report only counts and two one-hot top-1 buckets (the server keeps their sum).
     personalization={"epochs": 1, "lr": 0.05, "cache_weight": 0.1}, personal_eval_every=10)

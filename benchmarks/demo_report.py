@@ -1,6 +1,6 @@
 """The demo's results: held-out quality of the server's model versions, a table, two PNGs.
 
-Quality is measured the one way every Nightjar number is (`contract.metrics`
+Quality is measured the one way every Nightjar number is (`contract.model.metrics`
 through `models.central.evaluate`), on a fixed, seeded sample of the windows
 of the held-out clients — people whose text no phone in the fleet typed.
 """
@@ -16,7 +16,7 @@ import numpy as np
 def heldout_sample(corpus, n: int, seed: int, vocab=None) -> np.ndarray:
     """`n` windows drawn without replacement (seeded) from all held-out clients' windows, encoded
     with `vocab` (default: the corpus'): the same positions whatever the vocabulary."""
-    from contract.text import to_sequences
+    from contract.model.text import to_sequences
 
     if vocab is None:
         windows = np.concatenate([corpus.heldout[c] for c in sorted(corpus.heldout)])
@@ -33,9 +33,9 @@ def evaluate_versions(server, status, model, corpus, n_windows: int,
     """Held-out metrics of the initial version, every `every`-th version, every published one
     and the last one; checkpoints are fetched from `server` (an emulation ServerProcess) by hash,
     as the operator (unpublished ones are not public)."""
-    from contract.text import Vocabulary
+    from contract.model.text import Vocabulary
     from models.central import evaluate
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
 
     windows = heldout_sample(corpus, n_windows, seed)
     by_vocab = {corpus.vocab.sha256: windows}      # a version with discovered words: its own vocabulary
@@ -69,7 +69,7 @@ def evaluate_versions(server, status, model, corpus, n_windows: int,
 
 def summary_table(quality: dict) -> str:
     lines = [f"held-out quality ({quality['windows']:,} windows sampled from the {quality['clients']} "
-             f"held-out clients; contract.metrics):",
+             f"held-out clients; contract.model.metrics):",
              f"{'version':>8} {'top-1':>7} {'top-3':>7} {'loss':>6}  {'on-device eval top-3':>20}  "
              f"{'ε (DP)':>9}  published"]
     for q in quality["versions"]:

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def estimate_mib(plan_dir: Path, texts: int) -> float:
     from device_runtime.task import estimated_task_memory_mb
-    from contract.manifest import read_manifest
+    from contract.artifacts.manifest import read_manifest
 
     return estimated_task_memory_mb(read_manifest(plan_dir / "plan.manifest.json"), texts, 1)
 

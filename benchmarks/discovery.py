@@ -1,6 +1,6 @@
 """Discovery benchmark: how well federated TrieHH finds the users' new words, at several `min_devices`.
 
-`make bench-discovery` runs the discovery protocol (contract.discovery, as
+`make bench-discovery` runs the discovery protocol (contract.tasks.discovery, as
 the phones and the server run it) in simulation over the 905 training users
 of the federated corpus, under the public vocabulary, and writes
 `benchmarks/results/discovery.json`:
@@ -37,7 +37,7 @@ class DiscoveryBenchConfig:
 
 
 def main() -> int:
-    from contract.discovery import DiscoverySpec
+    from contract.tasks.discovery import DiscoverySpec
     from models.corpus import load_corpus
     from models.discovery import DiscoveryConfig, device_words, run_discovery, score, true_top
     from models.model import GBOARD

@@ -80,7 +80,7 @@ def reusable(cfg: DPBenchConfig, earlier: dict | None) -> dict:
 
 def run(cfg: DPBenchConfig, work: Path, earlier: dict | None = None, save=None) -> dict:
     """Baseline and every row; `save(report)` after each row, so a stopped run keeps what it did."""
-    from contract.dp import DPSpec
+    from contract.dp.noise import DPSpec
     from models.corpus import load_corpus
     from models.model import GBOARD
     from models.pretrain import pretrain

@@ -45,7 +45,7 @@ def find_checkpoint(config) -> Path | None:
     that has its vocabulary beside it (or in its parent directory), as an export needs."""
     import dataclasses
 
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
 
     found = []
     for path in (REPO / "runs").glob("**/*.safetensors"):
@@ -88,7 +88,7 @@ def warm_up(config, train: np.ndarray, steps: int, seed: int = 0) -> np.ndarray:
 def float_top1(config, flat: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """The float Keras model's top-1 suggestion at every position of `windows` [n, T]."""
     from models.central import set_flat_weights
-    from contract.metrics import suggestions
+    from contract.model.metrics import suggestions
     from models.model import build_keras_model
 
     model = build_keras_model(config)
@@ -110,7 +110,7 @@ def agreement(app, windows: np.ndarray, reference: np.ndarray) -> tuple[float, i
 
 
 def app_hits(app, windows: np.ndarray) -> dict:
-    """Held-out top-1/top-3 of the quantized app model itself, position by position (contract.metrics'
+    """Held-out top-1/top-3 of the quantized app model itself, position by position (contract.model.metrics'
     definition: every non-pad target counts; <oov> and the specials are never suggested)."""
     top1 = top3 = positions = 0
     for row in windows:

@@ -6,7 +6,7 @@ quality benchmark's federated model from public pretraining
 federated run from the same start (cached under the work directory) — and
 exports its Gboard-size LiteRT training plan. Then, for each of the 226
 held-out users, exactly what a phone's personalization evaluation does
-(models.personalize → contract.personal.evaluate): the first 80% of the
+(models.personalize → contract.tasks.personal.evaluate): the first 80% of the
 user's windows adapt (fine-tuning through the plan's `personalize`
 signature and the user's word cache; the adapt part's last 20% decides
 whether to fall back to the global model), the last 20% score.
@@ -37,7 +37,7 @@ QUALITY_MODEL = REPO / "runs" / "bench-quality" / "federated_pretrained" / "fina
 
 @dataclasses.dataclass
 class PersonalizationBench:
-    epochs: int = 1                 # contract.personal.PersonalSpec of the main row
+    epochs: int = 1                 # contract.tasks.personal.PersonalSpec of the main row
     lr: float = 0.05
     cache_weight: float = 0.1
     cache_smoothing: float = 1.0
@@ -51,7 +51,7 @@ class PersonalizationBench:
 
 
 def global_model(cfg: PersonalizationBench, corpus, model, work: Path) -> tuple[np.ndarray, str]:
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
     from models.pretrain import pretrain
     from models.simulate import run_simulation
 
@@ -75,7 +75,7 @@ def global_model(cfg: PersonalizationBench, corpus, model, work: Path) -> tuple[
 def latency(model, app, windows: np.ndarray, n: int) -> dict:
     """Suggestion latency of a personal model (PersonalModel.suggest, beside the app model `app`) on real
     contexts, ms."""
-    from contract.text import PAD_ID
+    from contract.model.text import PAD_ID
 
     rows = [w[w != PAD_ID] for w in windows]
     contexts = [list(r[:1 + i % max(len(r) - 1, 1)]) for i, r in ((i, rows[i % len(rows)]) for i in range(n))]
@@ -93,7 +93,7 @@ def latency(model, app, windows: np.ndarray, n: int) -> dict:
 def latencies(manifest: Path, flat: np.ndarray, vocab, windows: np.ndarray, spec, n: int, work: Path) -> dict:
     """p50/p99 of personal suggestions both ways: the quantized app model + personal bias + cache, and the
     float plan with every layer personalized + cache."""
-    from contract.personal import PersonalCache, personalize
+    from contract.tasks.personal import PersonalCache, personalize
     from device_runtime.personalization import personal_model
     from models.model import GBOARD
     from tflite_export import export_app_model, export_plan
@@ -111,7 +111,7 @@ def latencies(manifest: Path, flat: np.ndarray, vocab, windows: np.ndarray, spec
 
 
 def main() -> None:
-    from contract.personal import PersonalSpec, personalize
+    from contract.tasks.personal import PersonalSpec, personalize
     from models.corpus import load_corpus
     from models.model import GBOARD
     from models.personalize import evaluate_users, plot, report

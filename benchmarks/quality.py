@@ -4,7 +4,7 @@
 rounds than production) and writes `benchmarks/results/quality.json`,
 `benchmarks/results/quality.png` (the federated-from-pretrained run's
 curves) and the table between the `quality` markers of README.md. Every row
-is scored by `contract.metrics` on the same held-out users' windows:
+is scored by `contract.model.metrics` on the same held-out users' windows:
 
 * the baselines measured before the public corpus, on a vocabulary built
   from the training users' text: the n-gram, the central CIFG, the
@@ -87,9 +87,9 @@ class QualityConfig(FederatedConfig):
 def run(cfg: QualityConfig, work_dir: Path) -> dict:
     """Every row of `cfg.rows` on the same held-out users (module docstring). `merge` adds the rows
     an earlier run of the same configuration measured."""
-    from contract.discovery import DiscoverySpec
-    from contract.text import OOV_ID
-    from contract.weights import copy_token_rows
+    from contract.tasks.discovery import DiscoverySpec
+    from contract.model.text import OOV_ID
+    from contract.model.weights import copy_token_rows
     from models.central import evaluate, train_central
     from models.corpus import load_corpus
     from models.discovery import DiscoveryConfig, device_words, run_discovery

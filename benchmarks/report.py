@@ -290,7 +290,7 @@ def discovery(r: dict) -> str:
     o, d = r["oov_rate"], r["dp"]
     dp = (f"ε = {d['epsilon']:.1f}, δ = {d['delta']:.1e}: {d['found']} words found" if d["epsilon"] is not None
           else "no (ε, δ) applies")
-    return (f"TrieHH over the {r['devices']} training users in simulation (contract.discovery, as phones and server "
+    return (f"TrieHH over the {r['devices']} training users in simulation (contract.tasks.discovery, as phones and server "
             f"run it), {r['votes_per_device']} votes per device per level, {r['passes']} passes; precision and "
             f"recall of the first {r['top_k']:,} words found against the users' true top {r['top_k']:,} "
             f"out-of-vocabulary words by number of devices.\n\n| min_devices | words found | precision | recall | "

@@ -3,7 +3,7 @@
 `make bench-secagg` writes `benchmarks/results/secagg.json`:
 
 * **in process, 100 and 1000 devices per round**: every device runs the real
-  cryptography of contract.secagg on a Gboard-size update (1,422,638
+  cryptography of contract.secagg.masking on a Gboard-size update (1,422,638
   weights): advertise, share (Shamir, X25519, HKDF, AES-GCM), mask (AES-CTR
   keystreams of the full 256-bit secrets), reveal. The k-regular graph and t
   are the server's defaults (`default_degree`, `threshold`). The masked
@@ -22,7 +22,7 @@
 
 Per-device CPU is thread CPU time of one device's calls; the server's unmask
 time is wall time. Wire sizes in process are the compact JSON of the phase
-messages (contract.secagg_wire) and the masked body.
+messages (contract.secagg.messages) and the masked body.
 """
 from __future__ import annotations
 
@@ -85,18 +85,18 @@ def gboard_size() -> tuple[int, str]:
 
 def plain_upload_bytes(bits: int, size: int, sha: str, delta: np.ndarray) -> int:
     """The same update's upload without secure aggregation: 8 bits, rotated, as under it."""
-    from contract.pipeline import UpdatePipeline
-    from contract.update_spec import UpdateSpec
+    from contract.update.pipeline import UpdatePipeline
+    from contract.update.spec import UpdateSpec
 
     return len(UpdatePipeline(UpdateSpec(bits=bits, rotation=True).bind(size, sha, "bench/plain", 7)).encode(delta, 50, 1).body)
 
 
 def inprocess(n: int, cfg: SecAggBenchConfig, size: int, sha: str) -> dict:
     """One round of n devices through every phase in this process (module docstring)."""
-    from contract.pipeline import Contribution, UpdatePipeline, running_sum
-    from contract.secagg import DeviceSecAgg, Member, Neighbour, default_degree, neighbour_graph, threshold, unmask
-    from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
-    from contract.update_spec import UpdateSpec
+    from contract.update.pipeline import Contribution, UpdatePipeline, running_sum
+    from contract.secagg.masking import DeviceSecAgg, Member, Neighbour, default_degree, neighbour_graph, threshold, unmask
+    from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+    from contract.update.spec import UpdateSpec
 
     spec = UpdateSpec(bits=cfg.bits, rotation=True, secure_aggregation=True).bind(size, sha, f"bench/{n}", 7, cohort_max=n)
     pipeline, domain = UpdatePipeline(spec), spec.fingerprint.encode()
@@ -183,7 +183,7 @@ def http_setup(work: Path, cfg: SecAggBenchConfig) -> tuple[Path, np.ndarray]:
     import subprocess
     import sys
 
-    from contract.weights import save_checkpoint
+    from contract.model.weights import save_checkpoint
     from models.model import GBOARD, weight_layout
     from server.config import RateLimits
 
@@ -211,9 +211,9 @@ class HttpDevice:
     """One device's phases over one keep-alive connection, counting the bodies it sends and receives."""
 
     def __init__(self, conn, auth: str, assignment: dict):
-        from contract.pipeline import UpdatePipeline
-        from contract.secagg import DeviceSecAgg
-        from contract.update_spec import RoundSpec
+        from contract.update.pipeline import UpdatePipeline
+        from contract.secagg.masking import DeviceSecAgg
+        from contract.update.spec import RoundSpec
 
         self.conn, self.auth, self.a = conn, auth, assignment
         self.pipeline = UpdatePipeline(RoundSpec.from_json(assignment["update"]))
@@ -240,7 +240,7 @@ class HttpDevice:
         return json.loads(answer)
 
     async def wait(self, phase: str):
-        from contract.secagg_wire import SecAggStatus
+        from contract.secagg.messages import SecAggStatus
 
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -259,8 +259,8 @@ class HttpDevice:
 
 
 async def http_round(port: int, auths: list[str], population: str, cfg: SecAggBenchConfig, operator: dict) -> dict:
-    from contract.pipeline import Contribution, running_sum
-    from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares
+    from contract.update.pipeline import Contribution, running_sum
+    from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares
     from benchmarks.server import Conn, assign_all
 
     sessions = await assign_all(port, auths, population)
@@ -323,7 +323,7 @@ def over_http(cfg: SecAggBenchConfig) -> dict:
     import requests
 
     from benchmarks.server import register
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
     from emulation.deployment import enrollment
     from emulation.server_process import ServerProcess, free_port
 

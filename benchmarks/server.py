@@ -8,7 +8,7 @@
   rejections with a retry window — the normal mix of a large population);
 * updates ingested per second for the Gboard-size model (1,422,638 weights)
   over one 1000-report round per update spec — float32 (5.7 MB per upload)
-  and 8 bits (1.43 MB), encoded by contract.pipeline as a phone encodes them —
+  and 8 bits (1.43 MB), encoded by contract.update.pipeline as a phone encodes them —
   the last report completing the round (the exact integer sum, the server
   optimizer, a new version), which is then checked against the pipeline's
   own mean of the same bodies;
@@ -206,7 +206,7 @@ async def ingest_load(port: int, sessions: list[tuple[str, str]], bodies: list[t
 
 
 def inprocess_ceiling(pipeline, bodies: list[tuple[bytes, int]], n: int) -> float:
-    from contract.pipeline import IntegerSum
+    from contract.update.pipeline import IntegerSum
 
     total = IntegerSum(pipeline.count)
     t0 = time.perf_counter()
@@ -254,7 +254,7 @@ def write_setup(work: Path, cfg: BenchConfig, database: str | None = None) -> tu
 
 
 def write_config(work: Path, cfg: BenchConfig, database: str | None = None) -> tuple[Path, int, list[str]]:
-    from contract.weights import save_checkpoint
+    from contract.model.weights import save_checkpoint
     from models.model import GBOARD, weight_layout
     from server.config import RateLimits
 
@@ -287,8 +287,8 @@ def init_populations(config: Path, populations: list[str], checkpoint: Path) -> 
 
 def encoded_bodies(assignment: dict, size: int, count: int) -> tuple[object, list[tuple[bytes, int]]]:
     """`count` phone-like updates encoded with the round's spec: (pipeline, [(body, weight)])."""
-    from contract.pipeline import UpdatePipeline
-    from contract.update_spec import RoundSpec
+    from contract.update.pipeline import UpdatePipeline
+    from contract.update.spec import RoundSpec
 
     pipeline = UpdatePipeline(RoundSpec.from_json(assignment["update"]))
     rng = np.random.default_rng(1)
@@ -304,8 +304,8 @@ def check_aggregate(port: int, work: Path, population: str, pipeline, bodies: li
     """The round's new version must be init + the pipeline's mean of exactly the bodies sent."""
     import requests
 
-    from contract.pipeline import aggregate
-    from contract.weights import load_checkpoint
+    from contract.update.pipeline import aggregate
+    from contract.model.weights import load_checkpoint
 
     base = f"http://127.0.0.1:{port}/v1/populations/{population}"
     newest = requests.get(f"{base}/versions", headers=operator_headers, timeout=30).json()["versions"][0]

@@ -1,15 +1,24 @@
 """What the phone, the server and the simulation agree on, defined once. TensorFlow- and Flask-free.
 
-Every module here is imported by at least two of `device_runtime/` (the
-phone), `server/` (the coordinator) and `models/` (training and simulation),
-so a change to the protocol is a change in one place:
+Every module here is used by at least two of `device_runtime/` (the phone),
+`server/` (the coordinator) and `models/` (training and simulation), so a
+change to the protocol is a change in one place. Grouped by what they are about:
 
-* `weights`  — the flat weight layout and checkpoints (safetensors);
-* `text`     — tokenization and the vocabulary;
-* `batching` — the order a client visits its examples in a round;
-* `metrics`  — top-1 / top-3, the metric every number is reported in;
-* `manifest`, `artifacts` — the manifest beside every exported model, and
-  the errors of an artifact that cannot be trusted.
+* `protocol/`  — the wire: every message and its limits (`wire`), the typed JSON
+  behind them and the OpenAPI document (`schema`), error codes (`errors`),
+  attestation statements (`attestation`);
+* `update/`    — a model update from phone to running sum: the round's spec
+  (`spec`), the pipeline and its stages (clip, weight, rotate, quantize, pack),
+  robust aggregation;
+* `secagg/`    — secure aggregation: masking and unmasking, Shamir sharing, its messages;
+* `dp/`        — differential privacy: DP-FedAvg's settings, adaptive clip and noise;
+* `tasks/`     — the task kinds (train, eval, personalize, discover) and what the
+  personalize and discover kinds' two halves share;
+* `model/`     — the model's data: weight layout and checkpoints, text and vocabulary,
+  batching order, the metric, the canary;
+* `artifacts/` — the manifest beside every exported file, and untrusted-artifact errors;
+* `clock`      — one `Clock` protocol (real, scaled for a fleet, manual for tests);
+* `cli`        — one command-line convention for every `python -m <package>`.
 
-The package imports nothing at load time.
+The package and its groups import nothing at load time.
 """

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contract.errors import ProtocolError
-from contract.pipeline import UpdatePipeline
-from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
-from contract.wire import (Assignment, Conditions, DiscoveryBallot, EvalReport, FailureReport, Nonce, Outcome, Registration,
+from contract.protocol.errors import ProtocolError
+from contract.update.pipeline import UpdatePipeline
+from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+from contract.protocol.wire import (Assignment, Conditions, DiscoveryBallot, EvalReport, FailureReport, Nonce, Outcome, Registration,
                            Rejection)
 from device_runtime.transport import Transport
 
@@ -82,7 +82,7 @@ class ServerClient:
 
     def upload(self, assignment: Assignment, delta: np.ndarray, num_examples: int,
                metrics: dict[str, float], masker: Callable[[np.ndarray], np.ndarray] | None = None) -> Outcome:
-        """Encode the update as the round's spec says (contract.pipeline) and POST it. Under secure
+        """Encode the update as the round's spec says (contract.update.pipeline) and POST it. Under secure
         aggregation `masker` masks it, and neither the weight nor the metrics go up in the clear."""
         if assignment.update is None:
             raise ProtocolError("invalid_field", "the training assignment has no update spec")
@@ -118,9 +118,9 @@ class ServerClient:
 
     def report_personal(self, assignment: Assignment, report,
                         masker: Callable[[np.ndarray], np.ndarray] | None = None) -> Outcome:
-        """A personalize task's counts (a contract.personal.PersonalReport): its vector, nothing else;
-        under secure aggregation masked by `masker` (contract.secagg.DeviceSecAgg.mask)."""
-        from contract.personal import PersonalEvalReport
+        """A personalize task's counts (a contract.tasks.personal.PersonalReport): its vector, nothing else;
+        under secure aggregation masked by `masker` (contract.secagg.masking.DeviceSecAgg.mask)."""
+        from contract.tasks.personal import PersonalEvalReport
 
         counts = np.asarray(report.vector(), np.int64)
         if masker is not None:
@@ -134,7 +134,7 @@ class ServerClient:
 
     def app_model(self, population: str) -> dict | None:
         """The latest published app model's description, or None if none is published."""
-        from contract.wire import APP_MODEL
+        from contract.protocol.wire import APP_MODEL
 
         resp = self.t.request("GET", f"/v1/populations/{population}/app-model")
         if resp.status_code == 404:

@@ -3,7 +3,7 @@
 The phone takes the words of its stored text that its vocabulary (the
 assignment's) maps to `<oov>`, and votes for up to `votes_per_device` of
 their prefixes that extend what the server published by one character,
-drawn from the OS CSPRNG (contract.discovery.vote). Nothing else of the text
+drawn from the OS CSPRNG (contract.tasks.discovery.vote). Nothing else of the text
 goes anywhere: a vote is a prefix the server asked about plus one character.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable
 
-from contract.discovery import candidates, vote
-from contract.text import Vocabulary, split_sentences
-from contract.wire import DiscoveryAsk
+from contract.tasks.discovery import candidates, vote
+from contract.model.text import Vocabulary, split_sentences
+from contract.protocol.wire import DiscoveryAsk
 
 
 def votes(ask: DiscoveryAsk, texts: Iterable[str], vocab: Vocabulary) -> list[str]:

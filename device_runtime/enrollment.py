@@ -23,7 +23,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from contract.attestation import GENUINE, Attestation, AttestationStatement, b64decode, sign
+from contract.protocol.attestation import GENUINE, Attestation, AttestationStatement, b64decode, sign
 
 
 class Attester(Protocol):

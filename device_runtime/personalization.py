@@ -5,7 +5,7 @@ When the published app model says its population keeps personal models
 the training plan), the runtime calls `Personalizer.refresh` during a step
 in which the policy would let it train — the same window, charging and idle
 — and again whenever a newer global version is published. `refresh`
-fine-tunes and counts the cache (contract.personal.personalize), decides
+fine-tunes and counts the cache (contract.tasks.personal.personalize), decides
 whether to fall back to the global model, and stores the result under
 `<data dir>/personal/` (written to a scratch directory and renamed into
 place, so a crash leaves the old one or the new one). Nothing of it is ever
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.metrics import suggestions
-from contract.personal import PersonalCache, PersonalSpec, Personalized, mix, personalize
-from contract.weights import load_checkpoint, save_checkpoint
+from contract.model.metrics import suggestions
+from contract.tasks.personal import PersonalCache, PersonalSpec, Personalized, mix, personalize
+from contract.model.weights import load_checkpoint, save_checkpoint
 from tflite_export.reader import TrainingPlan, load_plan
 
 WEIGHTS, BIAS, CACHE, META = "weights.safetensors", "bias_delta.npy", "cache.json", "meta.json"

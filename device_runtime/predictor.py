@@ -22,8 +22,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from contract.text import BOS_ID, split_sentences
-from contract.artifacts import ArtifactError
+from contract.model.text import BOS_ID, split_sentences
+from contract.artifacts.errors import ArtifactError
 from tflite_export.reader import AppModel, load_app_model
 
 MANIFEST_NAME = "app.manifest.json"

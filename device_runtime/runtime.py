@@ -38,10 +38,10 @@ import shutil
 import threading
 from pathlib import Path
 
-from contract.wire import Conditions
+from contract.protocol.wire import Conditions
 from device_runtime.client import (ArtifactCache, Assignment, CorruptDownload, ProtocolError,
                                    Rejection, ServerClient)
-from device_runtime.clock import Clock, RealClock, local_datetime
+from contract.clock import Clock, SystemClock, local_datetime
 from device_runtime.conditions import ConditionSource, DeviceConditions
 from device_runtime.enrollment import Enrollment
 from device_runtime.example_store import ExampleStore
@@ -51,9 +51,9 @@ from device_runtime.policy import TrainingPolicy
 from device_runtime.predictor import MANIFEST_NAME, Predictor
 from device_runtime.task import Task
 from device_runtime.transport import ServerUnavailable, Transport
-from contract.text import split_sentences
-from contract.artifacts import ArtifactError
-from contract.manifest import Manifest, read_manifest
+from contract.model.text import split_sentences
+from contract.artifacts.errors import ArtifactError
+from contract.artifacts.manifest import Manifest, read_manifest
 from device_runtime.plans import PlanHost, ResidentPlan, plan_key
 
 RUNTIME_VERSION = "1.0.0"
@@ -94,7 +94,7 @@ class Device:
                  enrollment: Enrollment | None = None):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.clock = clock or RealClock()
+        self.clock = clock or SystemClock()
         self.conditions, self.policy, self.settings = conditions, policy, settings
         self.enrollment = enrollment
         self.rng = random.Random(seed)
@@ -240,8 +240,8 @@ class Device:
     def personalize(self, texts: list[str]) -> bool:
         """Make the personal model of the published version, if it is offered and not made yet; the
         caller has checked the training conditions. Returns whether one was made (kept or fallen back)."""
-        from contract.personal import PersonalSpec
-        from contract.text import Vocabulary, to_sequences
+        from contract.tasks.personal import PersonalSpec
+        from contract.model.text import Vocabulary, to_sequences
 
         offered = self._personalization
         if (not self.settings.personal_model or offered is None or not texts

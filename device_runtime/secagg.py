@@ -9,7 +9,7 @@ the masking phase, which lasts until the report deadline. Between phases the pho
 server's status says, checking its training conditions and the task's time
 budget before each poll: a failing condition ends its part like any
 interruption (the round carries on without it). The cryptography and the
-rules (never both shares of one neighbour) are contract.secagg.DeviceSecAgg's;
+rules (never both shares of one neighbour) are contract.secagg.masking.DeviceSecAgg's;
 its secrets live in memory for this task only.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from contract.secagg import DeviceSecAgg
-from contract.secagg_wire import PHASES, SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+from contract.secagg.masking import DeviceSecAgg
+from contract.secagg.messages import PHASES, SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
 
 if TYPE_CHECKING:
     from device_runtime.client import Assignment, ServerClient
-    from device_runtime.clock import Clock
+    from contract.clock import Clock
 
 ORDER = {phase: i for i, phase in enumerate(PHASES[:5])}   # keys, shares, masking, unmasking, done
 

@@ -13,7 +13,7 @@ show where a task's time goes:
   the checkpoint is read and the stored text tokenized with the plan's
   vocabulary;
 * train (FedAvg's client step, `training.train_locally`) or eval (top-1/top-3
-  hits as `contract.metrics` defines them, and the summed loss), or, for a
+  hits as `contract.model.metrics` defines them, and the summed loss), or, for a
   discover task, only the vocabulary and the votes (device_runtime.discovery);
 * upload: the delta or the counts.
 
@@ -43,18 +43,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from contract.wire import Outcome
-from contract.secagg import SecAggError
+from contract.protocol.wire import Outcome
+from contract.secagg.masking import SecAggError
 from device_runtime.client import Assignment, CorruptDownload, ProtocolError
 from device_runtime.discovery import votes
 from device_runtime.secagg import SecAggLeft, SecureAggregation
 from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
 from device_runtime.transport import ServerUnavailable
-from contract.metrics import Hits, count_hits
-from contract.text import PAD_ID, Vocabulary, split_sentences
-from contract.weights import load_checkpoint
-from contract.artifacts import ArtifactError
-from contract.manifest import Manifest
+from contract.model.metrics import Hits, count_hits
+from contract.model.text import PAD_ID, Vocabulary, split_sentences
+from contract.model.weights import load_checkpoint
+from contract.artifacts.errors import ArtifactError
+from contract.artifacts.manifest import Manifest
 from tflite_export.reader import TrainingPlan
 
 if TYPE_CHECKING:
@@ -249,8 +249,8 @@ class Task:
         return answer
 
     def _personalize(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
-        """A personalization evaluation (contract.personal.evaluate): only the counts leave the phone."""
-        from contract.personal import PersonalSpec, evaluate
+        """A personalization evaluation (contract.tasks.personal.evaluate): only the counts leave the phone."""
+        from contract.tasks.personal import PersonalSpec, evaluate
 
         if self.a.personalization is None:
             raise TaskFailed("error", "a personalize task needs its personalization spec")

@@ -2,7 +2,7 @@
 
 Given the server's weights and the task's hyperparameters, the device tokenizes
 its stored text with the plan's vocabulary, visits the windows in the order
-`contract.batching` defines for the task's seed (the order TFF's simulation uses
+`contract.model.batching` defines for the task's seed (the order TFF's simulation uses
 too), runs one SGD step per batch in LiteRT, and returns the weight delta and
 the number of examples it represents — FedAvg's client weight. Between every
 two batches it asks `should_stop`; a reason aborts the task at once, before
@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from contract.batching import client_batches
-from contract.text import to_sequences
+from contract.model.batching import client_batches
+from contract.model.text import to_sequences
 from tflite_export.reader import TrainingPlan
 
 
@@ -35,7 +35,7 @@ class Hyperparameters:
     epochs: int
     batch_size: int
     seed: int
-    max_examples: int | None = None   # cap on windows per epoch (see contract.batching)
+    max_examples: int | None = None   # cap on windows per epoch (see contract.model.batching)
 
 
 @dataclasses.dataclass

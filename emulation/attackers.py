@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.canary import backdoor_sentences
+from contract.model.canary import backdoor_sentences
 from emulation.phones import PooledPlans
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from models.corpus import FederatedCorpus, load_corpus_from_texts
 from models.model import TINY, ModelConfig
-from contract.weights import save_checkpoint
+from contract.model.weights import save_checkpoint
 from emulation.server_process import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def synthetic_play(n_roles: int = 8, speeches: int = 12, seed: int = 0) -> str:
 
 def tiny_corpus(plays: int = 3, free_slots: int = 0) -> FederatedCorpus:
     """Synthetic plays; their words make the vocabulary (tests only), with `free_slots` for discovery."""
-    from contract.text import Vocabulary
+    from contract.model.text import Vocabulary
 
     texts = {f"play{i}": synthetic_play(seed=i) for i in range(plays)}
     vocab = Vocabulary.build(texts.values(), TINY.vocab_size - 4 + free_slots, free_slots) if free_slots else None
@@ -105,7 +105,7 @@ def write_server_config(root: Path, population: str = "en", **settings) -> Path:
     lines += ["", f"[populations.{population}]"] + [f"{k} = {_toml(v)}" for k, v in pop.items()]
     lines += ["", f"[populations.{population}.eligibility]"]
     lines += [f"{k} = {_toml(v)}" for k, v in eligibility.items()]
-    if update is not None:   # contract.update_spec.UpdateSpec fields; default: the server's
+    if update is not None:   # contract.update.spec.UpdateSpec fields; default: the server's
         lines += ["", f"[populations.{population}.update]"]
         lines += [f"{k} = {_toml(v)}" for k, v in dict(update).items()]
     root.mkdir(parents=True, exist_ok=True)

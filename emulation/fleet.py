@@ -47,7 +47,7 @@ import requests
 from tqdm import tqdm
 
 from device_runtime.client import ArtifactCache
-from device_runtime.clock import ScaledClock, local_datetime
+from contract.clock import ScaledClock, local_datetime
 from device_runtime.enrollment import Enrollment
 from device_runtime.policy import TrainingPolicy
 from device_runtime.runtime import Device, DeviceSettings
@@ -82,8 +82,8 @@ def read_server_clock(path: Path) -> tuple[float, float, float]:
 
 def shared_clock(start: float, speed: float, epoch: float,
                  stop: threading.Event | None = None) -> ScaledClock:
-    """The device-side twin of the server's clock: start + (time.time() − epoch) × speed."""
-    return ScaledClock(start + (time.time() - epoch) * speed, speed, stop)
+    """The device-side twin of the server's clock (contract.clock.ScaledClock, the same three numbers)."""
+    return ScaledClock(start, speed, epoch, stop)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ authentication instead of all stopping at a 401:
 
 The hooks read their settings from the NIGHTJAR_FUZZ environment variable
 (JSON: base URL, population, operator token, enrollment material, device
-credentials). Of Nightjar they import only `contract.attestation`, which
+credentials). Of Nightjar they import only `contract.protocol.attestation`, which
 needs nothing but `cryptography`: schemathesis runs in a venv of its own
 (TFF pins typing-extensions 4.5, schemathesis needs a newer one).
 """
@@ -32,7 +32,7 @@ import urllib.request
 import schemathesis
 
 # TF- and numpy-free: the fuzz venv imports it as it is (PYTHONPATH is the repository).
-from contract.attestation import GENUINE, AttestationStatement, b64decode, sign
+from contract.protocol.attestation import GENUINE, AttestationStatement, b64decode, sign
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SETTINGS = json.loads(os.environ.get("NIGHTJAR_FUZZ", "{}"))

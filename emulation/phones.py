@@ -33,8 +33,8 @@ from requests.adapters import HTTPAdapter
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from contract.batching import epoch_orders
-from contract.packing import pack
+from contract.model.batching import epoch_orders
+from contract.update.packing import pack
 from device_runtime.client import Assignment
 from device_runtime.opstats import OpStats
 from device_runtime.plans import plan_key
@@ -81,7 +81,7 @@ class SharedSession:
 def tamper(kind: str, params: dict, body: bytes) -> tuple[dict, bytes]:
     """An upload altered as an attacker on the phone would (emulation.world.TAMPERING).
 
-    Works on the encoded update itself (contract.pipeline's wire format), so
+    Works on the encoded update itself (contract.update.pipeline's wire format), so
     it needs no model: the weight claimed, or the codes, scales or values are
     rewritten in place.
     """

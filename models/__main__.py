@@ -48,7 +48,7 @@ def cmd_pretrain(args) -> None:
     """The CIFG trained centrally on the public text only: the initial model of federated training."""
     import numpy as np
 
-    from contract.weights import save_checkpoint
+    from contract.model.weights import save_checkpoint
     from models.central import evaluate
     from models.model import weight_layout
     from models.pretrain import PretrainConfig, cache_path, pretrain
@@ -79,7 +79,7 @@ def cmd_pretrain(args) -> None:
 def cmd_central(args) -> None:
     from models.central import train_central
     from models.model import weight_layout
-    from contract.weights import save_checkpoint
+    from contract.model.weights import save_checkpoint
 
     config = model_config(args.config)
     corpus = load_corpus_for(args, config)
@@ -103,7 +103,7 @@ def cmd_central(args) -> None:
 
 def cmd_discover(args) -> None:
     """Federated discovery of the training users' new words, in simulation; the grown vocabulary."""
-    from contract.discovery import DiscoverySpec
+    from contract.tasks.discovery import DiscoverySpec
     from models.discovery import DiscoveryConfig, device_words, run_discovery, score, true_top
     from models.public_corpus import oov_rate
 
@@ -143,7 +143,7 @@ def cmd_ngram(args) -> None:
     corpus = load_corpus_for(args, config)
     t0 = time.monotonic()
     if args.train_on == "public":
-        from contract.text import to_sequences
+        from contract.model.text import to_sequences
         from models.public_corpus import load_verses
 
         train = [to_sequences(load_verses(args.data), corpus.vocab, config.seq_len)]
@@ -170,7 +170,7 @@ def cmd_personalize(args) -> None:
     """Every held-out user personalizes `--checkpoint` as its phone would (models.personalize)."""
     import tempfile
 
-    from contract.personal import PersonalSpec
+    from contract.tasks.personal import PersonalSpec
     from models.personalize import evaluate_users, plot, report
     from tflite_export import export_plan
     from tflite_export.reader import load_plan
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", default="runs/pretrained")
     pt.set_defaults(func=cmd_pretrain)
 
-    from contract.discovery import DiscoverySpec
+    from contract.tasks.discovery import DiscoverySpec
 
     ds = DiscoverySpec()
     dv = sub.add_parser("discover", parents=[common], help="federated discovery of new words (simulation)")

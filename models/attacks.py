@@ -24,8 +24,8 @@ differs:
   a norm-based defence.
 
 The defences it is measured against compose with secure aggregation: the
-pipeline's clip and weight cap, and DP noise (contract.dp); without secure
-aggregation, robust aggregation (contract.robust) too. `backdoor_success` is the fraction of trigger contexts
+pipeline's clip and weight cap, and DP noise (contract.dp.noise); without secure
+aggregation, robust aggregation (contract.update.robust) too. `backdoor_success` is the fraction of trigger contexts
 whose first suggestion is the target word; `canary` reports the first
 suggestion of fixed probe contexts on any version, so an operator can see a
 backdoor appear without knowing the attack.
@@ -36,9 +36,9 @@ import dataclasses
 
 import numpy as np
 
-from contract.canary import CANARY, LEADS, backdoor_sentences, probe_ids
-from contract.metrics import suggestions
-from contract.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences, to_sequences
+from contract.model.canary import CANARY, LEADS, backdoor_sentences, probe_ids
+from contract.model.metrics import suggestions
+from contract.model.text import BOS_ID, EOS_ID, PAD_ID, Vocabulary, split_sentences, to_sequences
 
 ATTACKS = ("none", "random", "sign_flip", "scaled", "backdoor", "model_replacement", "sybil")
 BACKDOORS = ("backdoor", "model_replacement", "sybil")
@@ -164,7 +164,7 @@ def backdoor_success(model_config, flat: np.ndarray, adversary: Adversary) -> fl
 
 
 def canary(model_config, flat: np.ndarray, vocab: Vocabulary) -> dict[str, str]:
-    """The first suggestion after each of the fixed contract.canary contexts (what an operator watches)."""
+    """The first suggestion after each of the fixed contract.model.canary contexts (what an operator watches)."""
     contexts = probe_ids(vocab)
     top = first_suggestions(model_config, flat, contexts, len(vocab))
     return {c: vocab.decode([int(t)])[0] for c, t in zip(CANARY, top)}

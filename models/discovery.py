@@ -1,7 +1,7 @@
-"""Federated discovery of new words in simulation: TrieHH (contract.discovery) over the training users.
+"""Federated discovery of new words in simulation: TrieHH (contract.tasks.discovery) over the training users.
 
 Each training user of the federated corpus is one device holding its own
-words; the protocol's two halves are contract.discovery's, the same code
+words; the protocol's two halves are contract.tasks.discovery's, the same code
 the phones and the server run. What a run is judged on is what the server
 could never compute in a deployment: the training users' true
 out-of-vocabulary words, ranked by how many devices typed each, against
@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 from tqdm import tqdm
 
-from contract.discovery import DiscoverySpec, Trie, candidates, privacy, vote
-from contract.text import Vocabulary, split_sentences
+from contract.tasks.discovery import DiscoverySpec, Trie, candidates, privacy, vote
+from contract.model.text import Vocabulary, split_sentences
 
 
 @dataclasses.dataclass(frozen=True)

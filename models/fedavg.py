@@ -4,9 +4,9 @@ A round here is the round a deployment runs, stage for stage:
 
 1. TFF's `build_model_delta_client_work` trains every sampled client on its
    windows (client SGD, optionally with each step's gradient clipped, in the
-   order `contract.batching` defines for the client's seed — the order a
+   order `contract.model.batching` defines for the client's seed — the order a
    phone uses) and returns each client's update and example count;
-2. each client's update goes through `contract.pipeline.UpdatePipeline` —
+2. each client's update goes through `contract.update.pipeline.UpdatePipeline` —
    the very code a phone encodes with and the server decodes with: weight
    cap, clip, optional rotation, quantization to the spec's bits with the
    client's seed, and the server's exact integer sum and decoding;
@@ -16,7 +16,7 @@ A round here is the round a deployment runs, stage for stage:
 Under user-level DP (`dp`) step 2 is TFF's own DP aggregator instead
 (`DifferentiallyPrivateFactory.gaussian_adaptive`: adaptive clip, Gaussian
 noise, the unweighted mean over the expected cohort), with the parameters a
-server round binds (contract.dp; tests/test_dp_parity.py checks the two agree).
+server round binds (contract.dp.noise; tests/test_dp_parity.py checks the two agree).
 
 Why not a `tff.aggregators` factory around the contract's NumPy code: TFF
 0.87 runs computations in its C++ `worker_binary`, which has no PyFunc
@@ -34,9 +34,9 @@ import time
 
 import numpy as np
 
-from contract.pipeline import UpdatePipeline, running_sum
-from contract.robust import zeroing_norm
-from contract.update_spec import UpdateSpec, rotation_seed
+from contract.update.pipeline import UpdatePipeline, running_sum
+from contract.update.robust import zeroing_norm
+from contract.update.spec import UpdateSpec, rotation_seed
 from models.model import ModelConfig, tff_model_fn, weight_layout
 
 
@@ -84,7 +84,7 @@ class DPAggregator:
 class DistributedDPAggregator:
     """Distributed DP as phones and server run it: the contract's pipeline under secure aggregation
     (8-bit grid, each client's discrete Gaussian share, the unclipped bit) with the masks left out
-    (they cancel in the sum), and contract.dp's adaptive clip on the noised count.
+    (they cancel in the sum), and contract.dp.noise's adaptive clip on the noised count.
 
     `deploy_reports` is a projection as in `DPAggregator`: the shares add up to the noise a
     deployment of that many reports would put on its mean.
@@ -108,7 +108,7 @@ class DistributedDPAggregator:
                            self.clients, ("distributed", zv * self.clip * self.scale, self.clients, sb * self.scale))
 
     def mean(self, deltas: list[np.ndarray], round_num: int = 0) -> tuple[np.ndarray, float]:
-        from contract.dp import adapt_clip
+        from contract.dp.noise import adapt_clip
 
         pipeline = UpdatePipeline(self.round_spec(round_num))
         total = np.zeros(pipeline.vector_size, np.int64)

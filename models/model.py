@@ -16,8 +16,8 @@ import dataclasses
 
 import tensorflow as tf
 
-from contract.text import NEVER_SUGGEST, PAD_ID
-from contract.weights import WeightLayout
+from contract.model.text import NEVER_SUGGEST, PAD_ID
+from contract.model.weights import WeightLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +147,11 @@ class MaskedCrossEntropy(tf.keras.losses.Loss):
 
 
 def suggestion_hits(targets: tf.Tensor, logits: tf.Tensor, k: int) -> tf.Tensor:
-    """1.0 where the target is among the top-k suggestions (see contract.metrics).
+    """1.0 where the target is among the top-k suggestions (see contract.model.metrics).
 
     Counts rather than sorts: the target is suggested iff it may be suggested
     and fewer than k suggestible words outrank it (a higher score, or an equal
-    score and a lower id — `contract.metrics.suggestions`' order). A `top_k`
+    score and a lower id — `contract.model.metrics.suggestions`' order). A `top_k`
     over the masked vocabulary gives the same answer but cost a fifth of a
     Gboard-size training step; this costs a few elementwise passes.
     """

@@ -2,7 +2,7 @@
 
 Gboard's federated next-word paper measures its LSTM against an n-gram model;
 this is Nightjar's equivalent, trained on the same windows as the LSTM
-(contract.text.to_sequences) and scored with the same metric (contract.metrics).
+(contract.model.text.to_sequences) and scored with the same metric (contract.model.metrics).
 
 The model is interpolated Kneser–Ney (Chen & Goodman 1998) with one discount
 per order::
@@ -38,8 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from contract.metrics import Hits, count_hits
-from contract.text import PAD_ID
+from contract.model.metrics import Hits, count_hits
+from contract.model.text import PAD_ID
 
 Windows = np.ndarray | Iterable[np.ndarray]
 
@@ -176,7 +176,7 @@ class KneserNeyTrigram:
         return self._probabilities(u, v).reshape(n, length, self.vocab_size)
 
     def evaluate(self, windows: Windows, chunk: int = 512, workers: int = 2) -> Hits:
-        """Top-1 / top-3 hits over all non-pad positions, by contract.metrics.count_hits.
+        """Top-1 / top-3 hits over all non-pad positions, by contract.model.metrics.count_hits.
 
         Positions are grouped by context so each distinct context's
         distribution is built once: scores go to count_hits as [R, 1, V]

@@ -3,14 +3,14 @@
 The project's own loop over clients (rather than TFF's
 `build_personalization_eval_computation`), because the phone's algorithm is
 the one to measure: each user's windows go, in typing order, through
-`contract.personal.evaluate` on the LiteRT training plan of the global
+`contract.tasks.personal.evaluate` on the LiteRT training plan of the global
 model — the same function, plan and arithmetic as a phone's personalization
 evaluation task — so simulation and device agree exactly. What comes out:
 
 * per user: hits of the global model and of what the phone would use
   (its personal model, or the global one after a fallback) on its last
   `1 − adapt_fraction` windows;
-* the fairness report of both (contract.personal.fairness): mean, median,
+* the fairness report of both (contract.tasks.personal.fairness): mean, median,
   10th percentile and the fraction of users below half the mean, from
   per-user top-1; and the fractions of users helped and hurt, and the mean
   relative gain;
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from contract.personal import PersonalSpec, evaluate, fairness
+from contract.tasks.personal import PersonalSpec, evaluate, fairness
 
 
 @dataclasses.dataclass
@@ -41,7 +41,7 @@ class UserResult:
 
 def evaluate_users(plan, global_flat: np.ndarray, users: dict[str, np.ndarray], spec: PersonalSpec,
                    seed: int = 0, progress: bool = True) -> list[UserResult]:
-    """contract.personal.evaluate for every user with at least two windows (a loaded LiteRT plan)."""
+    """contract.tasks.personal.evaluate for every user with at least two windows (a loaded LiteRT plan)."""
     rows = []
     for user in tqdm(sorted(users), desc="personalization", unit="user", disable=not progress):
         windows = users[user]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.text import Vocabulary, to_sequences
-from contract.weights import load_checkpoint, save_checkpoint
+from contract.model.text import Vocabulary, to_sequences
+from contract.model.weights import load_checkpoint, save_checkpoint
 from models.corpus import default_data_dir
 from models.model import ModelConfig, weight_layout
 from models.public_corpus import TEXT_SHA256, load_verses

@@ -2,14 +2,14 @@
 
 `run_simulation` runs federated averaging (models.fedavg) over the federated
 Shakespeare corpus: each round samples training clients, each client runs SGD
-over its own windows (in the order `contract.batching` defines, the same order a
+over its own windows (in the order `contract.model.batching` defines, the same order a
 phone uses), its update goes through the deployment's update pipeline
 (`SimulationConfig.update`: weight cap, clip, quantization, exact integer sum),
 and the server applies one of TFF's optimizers to the mean. It writes, under
 `out_dir`:
 
 * `metrics.jsonl` — one JSON object per round (and held-out evaluations);
-* `checkpoints/round_NNNN.safetensors` — global weights (see contract.weights);
+* `checkpoints/round_NNNN.safetensors` — global weights (see contract.model.weights);
 * `vocab.json` — the vocabulary the weights belong to;
 * `curves.png` — training loss and held-out top-1/top-3 per round;
 * `summary.json` — configuration, final metrics, wall time, and under DP the
@@ -32,10 +32,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from contract.batching import epoch_orders, round_seed
-from contract.dp import DPSpec
-from contract.update_spec import UpdateSpec
-from contract.weights import save_checkpoint
+from contract.model.batching import epoch_orders, round_seed
+from contract.dp.noise import DPSpec
+from contract.update.spec import UpdateSpec
+from contract.model.weights import save_checkpoint
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
 from models.attacks import Adversary, AttackConfig, backdoor_success, canary
@@ -88,7 +88,7 @@ def server_optimizer(name: str, learning_rate: float):
 
 def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
                    max_examples: int | None = None) -> tf.data.Dataset:
-    """(x, y) batches of one client in `contract.batching` order.
+    """(x, y) batches of one client in `contract.model.batching` order.
 
     Inputs and targets are sliced in NumPy: a `map` would add a traced
     function to every client's serialized dataset.

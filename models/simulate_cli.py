@@ -12,7 +12,7 @@ from models.cli_common import UsageError, load_corpus_for, model_config, read_ch
 
 
 def cmd_simulate(args) -> None:
-    from contract.update_spec import UpdateSpec
+    from contract.update.spec import UpdateSpec
     from models.simulate import SimulationConfig, run_simulation
 
     config = model_config(args.config)
@@ -82,7 +82,7 @@ def _attack_settings(args):
 
 def _dp_settings(args) -> dict:
     """SimulationConfig's DP fields from the --dp-* flags (none unless --dp-noise-multiplier is given)."""
-    from contract.dp import DPSpec
+    from contract.dp.noise import DPSpec
 
     if args.dp_noise_multiplier is None:
         if any(getattr(args, k) is not None for k in ("dp_deploy_reports", "dp_population", "dp_delta")):
@@ -111,9 +111,9 @@ def _dp_settings(args) -> dict:
 
 def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     """The `simulate` and `attack` subcommands on `sub` (an argparse subparsers object)."""
-    from contract.hadamard import BLOCK_SIZES
-    from contract.robust import AGGREGATORS
-    from contract.update_spec import BITS, WEIGHTINGS, UpdateSpec
+    from contract.update.hadamard import BLOCK_SIZES
+    from contract.update.robust import AGGREGATORS
+    from contract.update.spec import BITS, WEIGHTINGS, UpdateSpec
     from models.simulate import SERVER_OPTIMIZERS, SimulationConfig
 
     d = SimulationConfig()
@@ -153,7 +153,7 @@ def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--update-zeroing", type=float, default=u.zeroing,
                    help="zero an update whose norm is above this many times the last round's median (0: off)")
     s.add_argument("--init", help="start from this checkpoint instead of the seeded initial model")
-    from contract.dp import DPSpec
+    from contract.dp.noise import DPSpec
 
     dps = DPSpec()
     s.add_argument("--dp-noise-multiplier", type=float, default=None,

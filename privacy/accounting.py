@@ -100,13 +100,13 @@ def discrete_gaussian_sum_epsilon(sensitivity: float, sigma: float, n: int, dime
 
 def distributed_noise_multiplier(spec, reports: int) -> float:
     """The Gaussian noise multiplier equivalent to a distributed-DP round's noise with `reports` devices
-    summed (`spec`: its contract.update_spec.RoundSpec): values and the unclipped count together.
+    summed (`spec`: its contract.update.spec.RoundSpec): values and the unclipped count together.
 
     Each reported device added its share; fewer reports than planned mean less noise, and a
     smaller z. Sensitivities: the clip in grid steps (the device checks its codes' norm), and
     COUNT_SCALE/2 for the centered unclipped bit, as TFF's quantile estimate has it.
     """
-    from contract.update_spec import COUNT_SCALE
+    from contract.update.spec import COUNT_SCALE
 
     values = discrete_gaussian_sum_epsilon(spec.spec.clip_norm / spec.grid_step, spec.device_noise_units,
                                            reports, spec.padded)

@@ -77,7 +77,7 @@ class RoundAnalytics:
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])
         out["update"] = json.loads(row["update_spec_json"]) if row["update_spec_json"] else None
         out["failure_reasons"] = {r["reason"] or "unknown": r["n"] for r in reasons}
-        # counted but not added: their norm was above the round's zeroing_norm (contract.robust)
+        # counted but not added: their norm was above the round's zeroing_norm (contract.update.robust)
         out["zeroed"] = sum(s["state"] == "accepted" and s["reason"] == "zeroed" for s in sessions)
         # secure aggregation: the phase, the graph's degree k and threshold t, and how many devices
         # advertised keys and made the graph (members), shared, and were summed (survivors)

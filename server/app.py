@@ -29,7 +29,7 @@ from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from server import logs, metrics
-from server.clock import Clock
+from contract.clock import Clock
 from server.config import ServerConfig, load_config
 from server.errors import ErrorCode, ProtocolError
 from server.publisher import Exporter

@@ -23,11 +23,11 @@ import sqlite3
 import threading
 import time
 
-from contract.batching import round_seed
-from contract.wire import Assignment, Conditions, DiscoveryAsk, Rejection
+from contract.model.batching import round_seed
+from contract.protocol.wire import Assignment, Conditions, DiscoveryAsk, Rejection
 from server.artifacts import ArtifactStore
 from server import sessions, telemetry
-from server.clock import Clock
+from contract.clock import Clock
 from server.config import PopulationConfig
 from server.policy import Context, EligibilityPolicy
 from server.populations import Population, load_population
@@ -54,7 +54,7 @@ ACTIONS = {"train": "update", "eval": "eval", "discover": "discovery", "personal
 def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, checkpoint_sha256: str,
                     now: float, discovery: DiscoveryAsk | None = None,
                     personalization: dict | None = None) -> Assignment:
-    """The wire assignment of a session (contract.wire.Assignment)."""
+    """The wire assignment of a session (contract.protocol.wire.Assignment)."""
     plan = None
     if pop.plan is not None:
         plan = {**artifact_ref(pop.plan.artifact_sha256), "manifest": artifact_ref(pop.plan.manifest_sha256)}

@@ -17,7 +17,7 @@ Hard et al. 2018), an ineligible device retrying after 15 min +- 20%
     [populations.en-keyboard.eligibility]
     min_battery = 0.3
 
-    [populations.en-keyboard.update]      # contract.update_spec: 8-bit, clipped, capped by default
+    [populations.en-keyboard.update]      # contract.update.spec: 8-bit, clipped, capped by default
     bits = 8
     clip_norm = 5.0
 """
@@ -31,9 +31,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from contract.dp import DPSpec
-from contract.personal import PersonalSpec
-from contract.update_spec import UpdateSpec
+from contract.dp.noise import DPSpec
+from contract.tasks.personal import PersonalSpec
+from contract.update.spec import UpdateSpec
 
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 VERIFIERS = ("ed25519",)
@@ -104,7 +104,7 @@ class RateLimits:
 class SecAggConfig:
     """Secure aggregation's phases ([populations.<name>.secagg]; server.secagg runs them)."""
 
-    neighbours: int | None = None       # k; default contract.secagg.default_degree(n, max_dropout)
+    neighbours: int | None = None       # k; default contract.secagg.masking.default_degree(n, max_dropout)
     max_dropout: float = 0.3            # the default k survives this fraction leaving after the graph
     keys_window_s: float = 30.0         # from the selection's close: the last devices' keys
     shares_window_s: float = 60.0       # from the graph: devices exchange their shares
@@ -119,11 +119,11 @@ class DiscoveryConfig:
     goal: int = 0                       # reports a discover round wants (0: the population's goal)
     min_devices: int = 10               # no word typed by fewer devices is ever revealed
     max_word_length: int = 12
-    votes_per_device: int = 100         # 1: TrieHH's (ε, δ) analysis applies (contract.discovery)
+    votes_per_device: int = 100         # 1: TrieHH's (ε, δ) analysis applies (contract.tasks.discovery)
 
     @property
     def spec(self):
-        from contract.discovery import DiscoverySpec
+        from contract.tasks.discovery import DiscoverySpec
 
         return DiscoverySpec(self.min_devices, self.max_word_length, self.votes_per_device)
 
@@ -149,7 +149,7 @@ class PopulationConfig:
     client_lr: float = 0.5
     client_epochs: int = 1
     client_batch_size: int = 16         # must be the training plan's fixed batch size
-    client_max_examples: int | None = None   # windows per epoch per device (contract.batching cap)
+    client_max_examples: int | None = None   # windows per epoch per device (contract.model.batching cap)
     server_optimizer: str = "sgdm"
     server_lr: float = 1.0
     server_momentum: float = 0.9        # sgdm only
@@ -161,18 +161,18 @@ class PopulationConfig:
     seed: int = 0
     eligibility: EligibilityConfig = EligibilityConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
-    # How devices encode updates ([populations.<name>.update]; contract.update_spec). When
+    # How devices encode updates ([populations.<name>.update]; contract.update.spec). When
     # max_weight is not set, it is the default per epoch x client_epochs.
     update: UpdateSpec = UpdateSpec()
     # The server learns only the sum of a round's updates (server.secagg); implies the rotation.
     secure_aggregation: bool = False
     secagg: SecAggConfig = SecAggConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
-    # User-level DP-FedAvg with adaptive clipping ([populations.<name>.dp]; contract.dp, server.privacy):
+    # User-level DP-FedAvg with adaptive clipping ([populations.<name>.dp]; contract.dp.noise, server.privacy):
     # the update's clip_norm is then the adaptive clip, and the mean is unweighted over `goal`.
     dp: DPSpec | None = None
     dp_budget: DPBudget | None = None   # refuse training rounds beyond it; None: spend without limit
-    # Personal models on the phones ([populations.<name>.personalization]; contract.personal): published
+    # Personal models on the phones ([populations.<name>.personalization]; contract.tasks.personal): published
     # versions then come with their float weights and the training plan, and every
     # `personal_eval_every` training rounds a round evaluates personalization on the devices.
     personalization: PersonalSpec | None = None
@@ -232,7 +232,7 @@ class ServerConfig:
         return self.state_dir / f"enrollment-{population}.json"
 
     def make_clock(self):
-        from server.clock import ScaledClock, SystemClock
+        from contract.clock import ScaledClock, SystemClock
 
         if self.clock_speed == 1.0 and self.clock_start is None:
             return SystemClock()
@@ -451,7 +451,7 @@ def _validated(config: ServerConfig) -> ServerConfig:
             c in "0123456789abcdef" for c in n.app_credential_sha256)),
               f"{where}.enrollment.app_credential_sha256 must be 64 lowercase hex digits")
         if n.issuer_public_key is not None:
-            from contract.attestation import public_key_from_text
+            from contract.protocol.attestation import public_key_from_text
             try:
                 public_key_from_text(n.issuer_public_key)
             except ValueError as e:

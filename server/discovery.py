@@ -1,6 +1,6 @@
 """Federated discovery of new words over HTTP: discover rounds, one level of a TrieHH pass each.
 
-The protocol's halves are contract.discovery's; this module owns the
+The protocol's halves are contract.tasks.discovery's; this module owns the
 `discovery` and `discovery_votes` tables and never waits for a device. A
 population with `[populations.<p>.discovery] every = N` starts a pass after
 every N completed training rounds; RoundService then opens discover rounds,
@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from contract.discovery import Trie
-from contract.wire import DiscoveryAsk, DiscoveryBallot
+from contract.tasks.discovery import Trie
+from contract.protocol.wire import DiscoveryAsk, DiscoveryBallot
 from server.config import DiscoveryConfig
 from server.errors import ErrorCode, ProtocolError
 from server.store import Store

@@ -7,7 +7,7 @@ that pass SafetyNet / Play Integrity):
 1. `POST /v1/enrollment/nonces {population}` → a nonce: 32 random bytes from
    the OS CSPRNG, good for `nonce_ttl_s`, once. Only its hash is stored.
 2. The phone asks its platform's attestation service for a statement naming
-   the population and the nonce (contract.attestation), then
+   the population and the nonce (contract.protocol.attestation), then
    `POST /v1/devices {population, app_credential, attestation}`. The server
    checks the app credential (against its configured sha256), has the
    population's verifier check the statement (default: an Ed25519 signature
@@ -26,9 +26,9 @@ import hmac
 import secrets
 from typing import Protocol
 
-from contract.attestation import GENUINE, Attestation, AttestationStatement, public_key_from_text, verify
-from contract.wire import Nonce, Registration
-from server.clock import Clock
+from contract.protocol.attestation import GENUINE, Attestation, AttestationStatement, public_key_from_text, verify
+from contract.protocol.wire import Nonce, Registration
+from contract.clock import Clock
 from server.config import ServerConfig
 from server.errors import ErrorCode, ProtocolError
 from server.keys import credential_digest, enrollment_material

@@ -5,7 +5,7 @@
   (`pseudonym(device_id)`), so an operator can tell devices apart and revoke one
   without ever seeing a device's id;
 * `enrollment-<population>.json` — the population's app credential and the
-  development attestation issuer's key pair (contract.attestation), written by
+  development attestation issuer's key pair (contract.protocol.attestation), written by
   `python -m server init` when the config names none.
 
 Every secret is 32 bytes from the OS CSPRNG (`secrets`), written with mode
@@ -65,7 +65,7 @@ def enrollment_material(path: Path) -> dict:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-    from contract.attestation import b64encode, public_key_text
+    from contract.protocol.attestation import b64encode, public_key_text
 
     def make() -> str:
         key = Ed25519PrivateKey.generate()

@@ -1,9 +1,9 @@
 """The OpenAPI 3.1 description of every endpoint, served at /openapi.json.
 
 Request and response bodies of the device protocol are the contract's own
-schemas (contract.wire, contract.update_spec), the very objects the server
+schemas (contract.protocol.wire, contract.update.spec), the very objects the server
 checks requests with, so the document cannot drift from what the server
-enforces; the error codes come from contract.errors and the limits from the
+enforces; the error codes come from contract.protocol.errors and the limits from the
 config defaults. A test validates real responses against it (OpenAPI 3.1
 schemas are JSON Schema 2020-12) and checks every Flask route is in it.
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import functools
 
-from contract import wire
-from contract.errors import STATUS_MEANING, ErrorCode
-from contract.manifest import manifest_schema
-from contract.personal import PersonalEvalReport
-from contract.pipeline import FORMAT
-from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
-from contract.schema import MAX_INT
-from contract.update_spec import ROUND_SPEC
+from contract.protocol import wire
+from contract.protocol.errors import STATUS_MEANING, ErrorCode
+from contract.artifacts.manifest import manifest_schema
+from contract.tasks.personal import PersonalEvalReport
+from contract.update.pipeline import FORMAT
+from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+from contract.protocol.schema import MAX_INT
+from contract.update.spec import ROUND_SPEC
 from server.config import ServerConfig
 
 INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
@@ -142,7 +142,7 @@ SCHEMAS = {
 }
 
 UPLOAD_DOC = f"""The session's model update, encoded as the assignment's `update` spec says
-(contract.pipeline). The update is the trained weights minus the downloaded checkpoint's, as one
+(contract.update.pipeline). The update is the trained weights minus the downloaded checkpoint's, as one
 flat vector in the order of the assignment's `layout` (the checkpoint's tensors in layout order,
 each flattened row-major; not the alphabetical order safetensors stores them in). The device then:
 caps its weight at `max_weight` (or uses 1 for uniform weighting) and scales the update by
@@ -168,12 +168,12 @@ part of the round. "aborted": the round closed or has its reports; the device dr
 4xx error changes nothing; the device may upload a corrected update."""
 ENROLLMENT_DOC = """A device enrolls once per population. It asks for a nonce, has its platform's
 attestation service (Play Integrity, App Attest; a development issuer stands in) sign a statement
-naming the population and the nonce (contract/attestation.py: canonical JSON {app_id, issued_at,
+naming the population and the nonce (contract/protocol/attestation.py: canonical JSON {app_id, issued_at,
 nonce, population, verdict, version}, base64url, with an Ed25519 signature of those bytes), and sends
 it with the app's credential. The nonce works once and expires; the statement must come from the
 configured issuer and say MEETS_DEVICE_INTEGRITY. Both calls are rate-limited per address (429 with
 Retry-After)."""
-SECAGG_DOC = """Secure aggregation (SecAgg+, Bell et al. 2020; contract/secagg.py) when the
+SECAGG_DOC = """Secure aggregation (SecAgg+, Bell et al. 2020; contract/secagg/masking.py) when the
 assignment's update has `secure_aggregation`: the server learns only the sum of the round's updates.
 The device polls GET .../secagg, which names the session's phase and, when there is something to
 do, what it needs: keys (POST .../secagg/keys: two X25519 public keys and a SHA-256 commitment to a
@@ -256,15 +256,15 @@ def openapi_document() -> dict:
             errors=(400, 401, 403, 404, 409, 413, 415, 422, 429))}},
         **secagg_paths(),
         "/v1/sessions/{session_id}/eval": {"post": {"operationId": "report_eval", **_op(
-            "Report an evaluation task's summed counts (contract.metrics: hits and positions).", outcome,
+            "Report an evaluation task's summed counts (contract.model.metrics: hits and positions).", outcome,
             body=json_body("EvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
         "/v1/sessions/{session_id}/personal": {"post": {"operationId": "report_personal", **_op(
-            "Report a personalize task's counts: one contract.personal.PersonalReport vector (the server adds "
+            "Report a personalize task's counts: one contract.tasks.personal.PersonalReport vector (the server adds "
             "it to the round's sum and keeps no device's own).", outcome,
             body=json_body("PersonalEvalReport"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415))}},
         "/v1/sessions/{session_id}/discovery": {"post": {"operationId": "report_discovery", **_op(
             "Report a discover task's votes: prefixes of the device's own new words, each one character "
-            "longer than one the assignment named (contract.discovery).", outcome,
+            "longer than one the assignment named (contract.tasks.discovery).", outcome,
             body=json_body("DiscoveryBallot"), params=[SESSION], errors=(400, 401, 403, 404, 409, 413, 415, 422))}},
         "/v1/sessions/{session_id}/failure": {"post": {"operationId": "report_failure", **_op(
             "Report why the device stopped the task: a reason code, nothing else (no free text).", outcome,

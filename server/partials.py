@@ -1,6 +1,6 @@
 """The files behind a round's running sum: sharded, copy-on-write, durable.
 
-A round's sum of accepted contributions (contract.pipeline: exact int64
+A round's sum of accepted contributions (contract.update.pipeline: exact int64
 integers in the round's units) is split over S shards so that S uploads can be
 folded at once (by threads or by gunicorn worker processes). Shard k of round
 r at generation g is the raw int64 file `<root>/<r>/<k>.<g>.i64`; the

@@ -4,14 +4,14 @@ A personalize round is scheduled like an evaluation round, every
 `personal_eval_every` completed training rounds of a population with a
 `[personalization]` table. Each selected phone personalizes the round's
 model on the first 80% of its text and scores the global and the personal
-model on the rest (contract.personal.evaluate); its report is one vector of
-counts (contract.personal.PersonalReport), checked and then added to the
+model on the rest (contract.tasks.personal.evaluate); its report is one vector of
+counts (contract.tasks.personal.PersonalReport), checked and then added to the
 round's running sum in the transaction that counts it. Only the sum is
 stored — no row holds one device's figures. Under secure aggregation the
-reports arrive masked (contract.secagg), the sum is kept modulo 2^32 and
+reports arrive masked (contract.secagg.masking), the sum is kept modulo 2^32 and
 unmasked when the round completes, and only that sum is checked. The
 round's detail shows what the sum says: both models' top-1, the per-device top-1 histograms and
-the fractions helped, hurt and fallen back (contract.personal.summarize),
+the fractions helped, hurt and fallen back (contract.tasks.personal.summarize),
 with the fairness figures the histograms allow.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import sqlite3
 
 import numpy as np
 
-from contract.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
-from contract.secagg import WORD_MODULUS
+from contract.tasks.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
+from contract.secagg.masking import WORD_MODULUS
 
 RETRIES = 1               # a failed personalize round is tried again this often, at once
 

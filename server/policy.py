@@ -1,7 +1,7 @@
 """Eligibility: which device check-ins may take part in a population's rounds.
 
 A policy is a list of small named criteria, each a predicate over what the
-device says about itself (`contract.wire.Conditions`) and what the server knows
+device says about itself (`contract.protocol.wire.Conditions`) and what the server knows
 (`Context`: the time and the device's last accepted report). `failures()`
 names every criterion that failed, so a rejection can say why, and a
 deployment composes its own list instead of editing one big `if`.
@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from contract.wire import Conditions
+from contract.protocol.wire import Conditions
 from server.config import EligibilityConfig
 
 

@@ -14,9 +14,9 @@ import json
 import sqlite3
 from pathlib import Path
 
-from contract.weights import WeightLayout, load_checkpoint
+from contract.model.weights import WeightLayout, load_checkpoint
 from server.artifacts import ArtifactStore
-from server.clock import Clock
+from contract.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.store import Store
 

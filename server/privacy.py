@@ -2,7 +2,7 @@
 
 It owns the `dp_events` and `dp_spent` tables. A population with
 `[populations.<name>.dp]` trains every round under user-level DP
-(contract.dp):
+(contract.dp.noise):
 
 * `bind`, when a training round opens: the round's clip (the adaptive clip
   after the last recorded round, or the initial one), the noise's standard
@@ -27,7 +27,7 @@ import math
 import sqlite3
 import threading
 
-from contract.dp import adapt_clip
+from contract.dp.noise import adapt_clip
 from privacy.accounting import Event, Spent, distributed_noise_multiplier, epsilon
 from server.config import PopulationConfig
 from server.store import Store
@@ -59,7 +59,7 @@ class RoundDP:
 
     @property
     def bound(self) -> tuple:
-        """What contract.update_spec.UpdateSpec.bind takes as `dp`."""
+        """What contract.update.spec.UpdateSpec.bind takes as `dp`."""
         return (self.mechanism, self.stddev, self.denominator, self.count_stddev)
 
 
@@ -110,7 +110,7 @@ class PrivacyLedger:
                now: float) -> Spent:
         """Record a completed DP round (inside the caller's transaction); the (ε, δ) after it.
 
-        `round_spec` is the round's contract.update_spec.RoundSpec; under distributed DP its noise
+        `round_spec` is the round's contract.update.spec.RoundSpec; under distributed DP its noise
         multiplier is the one the `reports` devices that were summed actually added."""
         spec = cfg.dp
         size = self._population_size(population)

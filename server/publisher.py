@@ -23,7 +23,7 @@ from typing import Protocol
 
 from server.artifact_access import ArtifactAccess
 from server.artifacts import ArtifactStore
-from server.clock import Clock
+from contract.clock import Clock
 from server.store import Store
 from server.versions import VersionRegistry
 

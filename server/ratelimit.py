@@ -23,7 +23,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from server.clock import Clock
+from contract.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 
 

@@ -16,8 +16,8 @@ import hashlib
 import hmac
 import secrets
 
-from contract.wire import Registration
-from server.clock import Clock
+from contract.protocol.wire import Registration
+from contract.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.keys import Pseudonyms
 from server.store import Store

@@ -7,7 +7,7 @@ repeated upload gets the first answer again and is never counted twice.
 The answer is `accepted` (counted in the round), or `aborted` (the round has
 closed, passed its deadline or already has its goal of reports: the work is
 not needed). An update that cannot be used at all — wrong model version, or
-anything the round's update pipeline refuses (contract.pipeline: not its
+anything the round's update pipeline refuses (contract.update.pipeline: not its
 format, another round's spec, a wrong width or length, a bad scale, a value
 outside the grid, a norm above the clip, a weight above the cap) — raises a
 4xx ProtocolError and changes nothing, so the device may retry with a good one.
@@ -24,14 +24,14 @@ import logging
 import sqlite3
 from collections.abc import Mapping
 
-from contract.wire import DiscoveryBallot, EvalReport, Outcome
+from contract.protocol.wire import DiscoveryBallot, EvalReport, Outcome
 from server import sessions, telemetry
-from server.clock import Clock
+from contract.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.partials import PartialSums
 from server.registry import DeviceRegistry
 from server.rounds import Round, RoundService
-from contract.personal import PersonalEvalReport
+from contract.tasks.personal import PersonalEvalReport
 from server.discovery import DiscoveryService
 from server.personal_eval import PersonalEvaluations
 from server.secagg import SecAggService
@@ -107,7 +107,7 @@ class ReportingService:
         update = pipeline.accept(body, num_examples)      # 422 for anything the round cannot use
         if not open_ or not rnd.accepts_reports(self._clock.now()):
             return self._commit(session_id, rnd.id, None)
-        if update.zeroed:     # far above what honest devices sent (contract.robust.zeroing_norm)
+        if update.zeroed:     # far above what honest devices sent (contract.update.robust.zeroing_norm)
             return self._commit(session_id, rnd.id, Zeroed(update.norm, dict(metrics), len(body)))
         with self._partials.lease(rnd.id) as shard:
             part = conn.execute("SELECT generation, count FROM partials WHERE round_id = ? AND shard = ?",
@@ -164,7 +164,7 @@ class ReportingService:
         return self._commit(session_id, rnd.id, ballot)
 
     def failure(self, device_id: str, session_id: str, reason: str) -> Outcome:
-        """A device stopped its task; `reason` is a code (contract.wire.FAILURE_REASONS), never text."""
+        """A device stopped its task; `reason` is a code (contract.protocol.wire.FAILURE_REASONS), never text."""
         with self._store.write() as tx:
             session, rnd = self._session(tx, device_id, session_id)
             if session["state"] == "failed":

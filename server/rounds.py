@@ -29,13 +29,13 @@ import time
 
 import numpy as np
 
-from contract.pipeline import IntegerSum, UpdatePipeline, running_sum
-from contract.robust import zeroing_norm
-from contract.secagg import SecAggError
-from contract.update_spec import RoundSpec, rotation_seed
+from contract.update.pipeline import IntegerSum, UpdatePipeline, running_sum
+from contract.update.robust import zeroing_norm
+from contract.secagg.masking import SecAggError
+from contract.update.spec import RoundSpec, rotation_seed
 from server import sessions, telemetry
 from server.analytics import phases
-from server.clock import Clock
+from contract.clock import Clock
 from server.config import PopulationConfig, ServerConfig
 from server.errors import ErrorCode, ProtocolError
 from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
@@ -391,7 +391,7 @@ class RoundService:
 
     @staticmethod
     def zeroed(conn: sqlite3.Connection, rnd: Round) -> int:
-        """Reports of the round that were counted but not added (contract.robust.zeroing_norm)."""
+        """Reports of the round that were counted but not added (contract.update.robust.zeroing_norm)."""
         return conn.execute("SELECT COUNT(*) FROM sessions WHERE round_id = ? AND state = 'accepted'"
                             " AND reason = 'zeroed'", (rnd.id,)).fetchone()[0]
 

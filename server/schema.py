@@ -114,8 +114,8 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
-    # 2: each training round freezes its update spec (contract.update_spec.RoundSpec); running sums
-    # are exact integers (contract.pipeline), so their weights are integers too.
+    # 2: each training round freezes its update spec (contract.update.spec.RoundSpec); running sums
+    # are exact integers (contract.update.pipeline), so their weights are integers too.
     """
     ALTER TABLE rounds ADD COLUMN update_spec_json TEXT;
     """,

@@ -1,6 +1,6 @@
 """Secure aggregation over HTTP: the phases of a round whose updates the server cannot read.
 
-The cryptography is contract.secagg's; this module runs its phases against
+The cryptography is contract.secagg.masking's; this module runs its phases against
 the database (it owns the `secagg_*` tables) and never waits for a device:
 each call records what one device sent, and `tick` (run by RoundService
 inside its write transaction) moves a round on when the phase's devices
@@ -35,9 +35,9 @@ import sqlite3
 
 import numpy as np
 
-from contract import secagg as sa
-from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
-from server.clock import Clock
+from contract.secagg import masking as sa
+from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+from contract.clock import Clock
 from server.config import PopulationConfig
 from server.errors import ErrorCode, ProtocolError
 from server.store import Store
@@ -258,7 +258,7 @@ class SecAggService:
                    " WHERE round_id = ?", (k, sa.threshold(k), n, now + cfg.secagg.shares_window_s, round_id))
 
     def _prune(self, tx: sqlite3.Connection, round_id: int, t: int) -> set[int]:
-        """The masking set (contract.secagg.masking_set); the rest leave the round."""
+        """The masking set (contract.secagg.masking.masking_set); the rest leave the round."""
         rows = tx.execute("SELECT node, neighbours_json, state FROM secagg_members WHERE round_id = ?"
                           " AND node IS NOT NULL", (round_id,)).fetchall()
         cohort = sa.masking_set({r["node"]: set(json.loads(r["neighbours_json"])) for r in rows},

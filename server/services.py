@@ -9,7 +9,7 @@ from server.analytics import RoundAnalytics
 from server.artifact_access import ArtifactAccess
 from server.artifacts import ArtifactStore
 from server.checkin import CheckinService
-from server.clock import Clock
+from contract.clock import Clock
 from server.config import ServerConfig
 from server.enrollment import EnrollmentService
 from server.keys import Pseudonyms, operator_token

@@ -1,7 +1,7 @@
 """Typed reads of what a request carries outside a JSON body (the query string), and JSON itself.
 
-Bodies are checked against the protocol's own schemas (contract.wire,
-contract.schema); this module only decodes JSON safely and reads query
+Bodies are checked against the protocol's own schemas (contract.protocol.wire,
+contract.protocol.schema); this module only decodes JSON safely and reads query
 parameters with the same rules, so every value a client sends fails as a
 400 `ProtocolError`, never as a 500.
 """
@@ -11,8 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from contract.errors import ErrorCode, ProtocolError
-from contract.schema import MAX_INT, Int, Type
+from contract.protocol.errors import ErrorCode, ProtocolError
+from contract.protocol.schema import MAX_INT, Int, Type
 
 __all__ = ["MAX_INT", "parse_json", "query_int", "query_json"]
 _MISSING = object()

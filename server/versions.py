@@ -2,7 +2,7 @@
 
 Version 0 is the checkpoint a population was registered with; version n+1 is
 version n after one round's server step, with `parent = n` and the round that
-produced it. A checkpoint is a `contract.weights` safetensors file (metadata:
+produced it. A checkpoint is a `contract.model.weights` safetensors file (metadata:
 model_config, population, version, parent; "round" = the version, as in
 simulation checkpoints), stored by content hash; the server optimizer's state
 after that step is stored beside it in the private store, so training resumes
@@ -11,7 +11,7 @@ exactly after a restart.
 Publishing: when an evaluation round of version v completes, v becomes a
 publish candidate if at least `publish_every` versions separate it from the
 published one and its federated top-3 recall (the keyboard's metric, see
-contract.metrics) is not worse. The export itself runs later, out of the
+contract.model.metrics) is not worse. The export itself runs later, out of the
 request path (server.publisher). `rollback` points apps back at an earlier
 exported version.
 """
@@ -26,11 +26,11 @@ import threading
 
 import numpy as np
 
-from contract.canary import changed
-from contract.weights import WeightLayout, load_checkpoint, save_checkpoint
+from contract.model.canary import changed
+from contract.model.weights import WeightLayout, load_checkpoint, save_checkpoint
 from server import populations
 from server.artifacts import ArtifactStore
-from server.clock import Clock
+from contract.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.optimizers import State, state_from_bytes
 from server.store import Store
@@ -85,7 +85,7 @@ def add_initial_version(tx: sqlite3.Connection, population: str, checkpoint_sha2
 def save_version_checkpoint(artifacts: ArtifactStore, layout: WeightLayout, flat: np.ndarray,
                             population: str, version: int, parent: int | None,
                             model_config: dict | None) -> str:
-    """Write a version's checkpoint with `contract.weights.save_checkpoint`; returns its sha256."""
+    """Write a version's checkpoint with `contract.model.weights.save_checkpoint`; returns its sha256."""
     scratch = artifacts.scratch_dir()
     try:
         meta = {"round": version, "population": population, "version": version, "parent": parent}

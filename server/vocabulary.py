@@ -1,6 +1,6 @@
 """New words into the model: a version whose vocabulary's free slots hold the words discovery found.
 
-A public vocabulary keeps free slots (`<free:i>`, contract.text) so that new
+A public vocabulary keeps free slots (`<free:i>`, contract.model.text) so that new
 words change no tensor's shape. For each new word, every row of the model
 that belongs to a token — along each tensor axis as long as the vocabulary:
 the embedding row, the output layer's column and bias — starts as a copy of
@@ -20,9 +20,9 @@ import dataclasses
 import json
 import sqlite3
 
-from contract.manifest import file_record, utc_now
-from contract.text import OOV_ID, Vocabulary
-from contract.weights import copy_token_rows
+from contract.artifacts.manifest import file_record, utc_now
+from contract.model.text import OOV_ID, Vocabulary
+from contract.model.weights import copy_token_rows
 from server.artifacts import ArtifactStore
 from server.populations import Plan, Population, set_vocabulary
 from server.versions import VersionRegistry

@@ -13,7 +13,7 @@ import json
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from contract.errors import ErrorCode
+from contract.protocol.errors import ErrorCode
 
 _CODES = {400: ErrorCode.BAD_REQUEST, 403: ErrorCode.FORBIDDEN, 414: ErrorCode.URI_TOO_LONG,
           431: ErrorCode.HEADERS_TOO_LARGE}

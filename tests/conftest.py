@@ -141,7 +141,7 @@ def make_server(tmp_path, database):
     from types import SimpleNamespace
 
     from server import create_app
-    from server.clock import ManualClock
+    from contract.clock import ManualClock
     from server.populations import register_population
     from tests.server_fixtures import (FakeExporter, SMALL_LAYOUT, enrollment_for, write_checkpoint,
                                        write_plan_dir)

@@ -19,7 +19,7 @@ from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.training import Hyperparameters, local_windows, train_locally
 from emulation.deployment import enrollment
 from models.corpus import FederatedCorpus
-from contract.weights import load_checkpoint
+from contract.model.weights import load_checkpoint
 from tflite_export.reader import load_plan
 
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)

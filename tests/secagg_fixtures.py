@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract.secagg import DeviceSecAgg
-from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
+from contract.secagg.masking import DeviceSecAgg
+from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
 from tests.server_fixtures import DeviceClient, Reply
 
 
 class SecAggPhone(DeviceClient):
-    """DeviceClient plus the secure-aggregation phases, each one call (contract.secagg's crypto)."""
+    """DeviceClient plus the secure-aggregation phases, each one call (contract.secagg.masking's crypto)."""
 
     plaintext: np.ndarray | None = None
 

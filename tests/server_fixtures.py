@@ -21,9 +21,9 @@ from urllib.parse import urlencode
 import numpy as np
 import requests
 
-from contract.pipeline import UpdatePipeline
-from contract.update_spec import RoundSpec
-from contract.weights import WeightLayout, save_checkpoint
+from contract.update.pipeline import UpdatePipeline
+from contract.update.spec import RoundSpec
+from contract.model.weights import WeightLayout, save_checkpoint
 
 # A few hundred floats: fast, but with several tensors like the real layout.
 SMALL_LAYOUT = WeightLayout([("embedding", (16, 8)), ("dense/kernel", (8, 16)), ("dense/bias", (16,))])
@@ -76,7 +76,7 @@ class FakeExporter:
 
     def export_app_model(self, checkpoint: Path, vocab: Path | None, model_version: int,
                          out_dir: Path, privacy: dict | None = None) -> Path:
-        from contract.weights import load_checkpoint
+        from contract.model.weights import load_checkpoint
 
         self.calls.append((checkpoint, vocab, model_version))
         self.privacy = privacy

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from contract.update_spec import UpdateSpec
+from contract.update.spec import UpdateSpec
 from emulation.deployment import tiny_corpus
 from models.attacks import Adversary, AttackConfig, backdoor_success, first_suggestions
 from models.model import TINY
@@ -29,7 +29,7 @@ DEFENDED = UpdateSpec(bits=8, clip_norm=0.5, max_weight=32)     # the pipeline's
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     """8 clean rounds: model replacement assumes a model near convergence (Bagdasaryan et al.)."""
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
 
     out = tmp_path_factory.mktemp("clean")
     run_simulation(corpus, TINY, SimulationConfig(rounds=8, clients_per_round=4, local_epochs=2, batch_size=8,
@@ -52,7 +52,7 @@ def attacked(corpus, trained, tmp_path, update: UpdateSpec, name: str, start_rou
 
 
 def test_model_replacement_plants_the_backdoor_only_without_the_defences(corpus, trained, tmp_path):
-    from contract.weights import load_checkpoint
+    from contract.model.weights import load_checkpoint
 
     open_door = attacked(corpus, trained, tmp_path, OPEN, "undefended")
     defended = attacked(corpus, trained, tmp_path, DEFENDED, "defended")
@@ -66,7 +66,7 @@ def test_model_replacement_plants_the_backdoor_only_without_the_defences(corpus,
 
 
 def test_attackers_are_the_configured_fraction_of_each_round_on_average():
-    from contract.text import Vocabulary, SPECIAL_TOKENS
+    from contract.model.text import Vocabulary, SPECIAL_TOKENS
 
     vocab = Vocabulary(list(SPECIAL_TOKENS) + ["the", "king", "is", "gold", "a"])
     adversary = Adversary(AttackConfig("sign_flip", fraction=0.1), vocab, 20, 10, 1.0)
@@ -104,7 +104,7 @@ def test_zeroing_alone_stops_the_boosted_update_once_it_has_seen_a_round(corpus,
 
 
 def test_a_sybil_party_sends_one_shared_update_at_an_honest_looking_norm():
-    from contract.text import Vocabulary, SPECIAL_TOKENS
+    from contract.model.text import Vocabulary, SPECIAL_TOKENS
 
     vocab = Vocabulary(list(SPECIAL_TOKENS) + ["the", "king", "is", "gold", "a"])
     party = Adversary(AttackConfig("sybil", fraction=0.3, sybil_norm=2.0), vocab, 20, 10, 1.0)

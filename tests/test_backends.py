@@ -13,8 +13,8 @@ import threading
 import numpy as np
 import pytest
 
-from contract.pipeline import UpdatePipeline
-from contract.wire import Conditions
+from contract.update.pipeline import UpdatePipeline
+from contract.protocol.wire import Conditions
 from server import metrics
 from server.config import load_config
 from server.services import build_services

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract.canary import CANARY, changed
-from contract.text import SPECIAL_TOKENS, Vocabulary, split_sentences
+from contract.model.canary import CANARY, changed
+from contract.model.text import SPECIAL_TOKENS, Vocabulary, split_sentences
 
 
 def canary_vocab(size: int) -> Vocabulary:
@@ -13,7 +13,7 @@ def canary_vocab(size: int) -> Vocabulary:
 
 
 def test_the_exported_app_model_carries_the_canary_that_phones_will_see(tmp_path):
-    from contract.manifest import read_manifest
+    from contract.artifacts.manifest import read_manifest
     from device_runtime.predictor import Predictor
     from models.model import TINY, build_keras_model, weight_layout
     from tflite_export.export import export_app_model

@@ -16,7 +16,7 @@ from models import corpus
 from models.corpus import (CorpusError, FederatedCorpus, Speech, build_clients,
                            corpus_stats, format_stats, load_corpus_from_texts,
                            parse_play, split_clients, verify_tarball)
-from contract.text import SPECIAL_TOKENS, Vocabulary, to_sequences, words
+from contract.model.text import SPECIAL_TOKENS, Vocabulary, to_sequences, words
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

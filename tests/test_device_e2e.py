@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import requests
 
-from contract.pipeline import UpdatePipeline, aggregate
-from contract.update_spec import UpdateSpec
-from contract.wire import Conditions
+from contract.update.pipeline import UpdatePipeline, aggregate
+from contract.update.spec import UpdateSpec
+from contract.protocol.wire import Conditions
 from device_runtime.client import Assignment, Rejection, ServerClient
 from device_runtime.runtime import DeviceSettings
 from device_runtime.transport import Transport
@@ -208,7 +208,7 @@ def test_the_memory_estimate_covers_what_training_the_plan_really_takes(world):
     script = textwrap.dedent(f"""
         import numpy as np
         from device_runtime.task import estimated_task_memory_mb
-        from contract.manifest import read_manifest
+        from contract.artifacts.manifest import read_manifest
         from tflite_export.reader import load_plan
 
         def mib(field):

@@ -8,7 +8,7 @@ import requests
 
 from device_runtime.runtime import Device
 from device_runtime.training import local_windows
-from contract.metrics import count_hits
+from contract.model.metrics import count_hits
 from tests.device_world import (wait_for_app_model, night_device, record_checkins, round_detail, server_weights,
                                 task_events, texts_of)
 from tests.e2e import tiny_world
@@ -35,7 +35,7 @@ def test_evaluation_task_then_the_published_app_model(world, tmp_path):
     assert (event["outcome"], event["task"]) == ("completed", "eval"), event
     assert event["eval_s"] >= 0 and "train_s" not in event
 
-    # The counts are contract.metrics' own, for the plan with version 1's weights on the device's text.
+    # The counts are contract.model.metrics' own, for the plan with version 1's weights on the device's text.
     plan = load_plan(model.plan_dir / "plan.manifest.json")
     plan.set_weights(server_weights(server, seen[1].checkpoint["sha256"], tmp_path))
     windows = local_windows(plan, texts)

@@ -1,4 +1,4 @@
-"""Federated discovery of new words (contract.discovery, models.discovery): the threshold, what a
+"""Federated discovery of new words (contract.tasks.discovery, models.discovery): the threshold, what a
 device may send, and a run over synthetic devices with planted words."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from contract.discovery import END, DiscoverySpec, Trie, candidates, privacy, vote
-from contract.text import Vocabulary
+from contract.tasks.discovery import END, DiscoverySpec, Trie, candidates, privacy, vote
+from contract.model.text import Vocabulary
 from models.discovery import DiscoveryConfig, run_discovery, score, true_top
 
 VOCAB = Vocabulary.build(["the king is dead long live the king"], size=20, reserved=5)

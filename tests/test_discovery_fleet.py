@@ -9,7 +9,7 @@ import json
 import pytest
 import requests
 
-from contract.text import Vocabulary
+from contract.model.text import Vocabulary
 from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
 from emulation.world import FleetMix
 from tests.e2e import NIGHT_UTC, run_fleet

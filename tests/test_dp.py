@@ -1,4 +1,4 @@
-"""contract.dp and privacy.accounting: the clip, the noise and the ε, against their definitions."""
+"""contract.dp.noise and privacy.accounting: the clip, the noise and the ε, against their definitions."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from contract.dp import DPSpec, SecureRandom, adapt_clip, next_clip, noise_split
-from contract.pipeline import UpdatePipeline, running_sum
-from contract.update_spec import UpdateSpec
+from contract.dp.noise import DPSpec, SecureRandom, adapt_clip, next_clip, noise_split
+from contract.update.pipeline import UpdatePipeline, running_sum
+from contract.update.spec import UpdateSpec
 from privacy.accounting import Event, epsilon, would_exceed
 
 KEY = bytes(range(32))
@@ -102,7 +102,7 @@ def test_a_dp_round_is_the_clipped_sum_over_the_fixed_denominator_and_counts_the
 
 
 def test_under_secure_aggregation_the_unclipped_bit_is_masked_and_summed():
-    from contract.secagg import DeviceSecAgg  # noqa: F401  (the masks are exercised in test_secagg_*)
+    from contract.secagg.masking import DeviceSecAgg  # noqa: F401  (the masks are exercised in test_secagg_*)
 
     pipeline = dp_pipeline(secure=True, bits=8)
     assert pipeline.vector_size == pipeline.count + 2

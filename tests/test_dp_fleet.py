@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from contract.update_spec import RoundSpec
+from contract.update.spec import RoundSpec
 from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
 from tests.e2e import NIGHT_UTC, run_fleet
 from tests.recording_proxy import RecordingProxy

@@ -1,7 +1,7 @@
 """DP-FedAvg's clipping and adaptive clip, server (contract) against TFF's own aggregator.
 
 With z = 0 the server's round (the update pipeline with DP bound into the
-round's spec, then contract.dp.adapt_clip) and TFF's
+round's spec, then contract.dp.noise.adapt_clip) and TFF's
 `DifferentiallyPrivateFactory.gaussian_adaptive` see the same client updates
 for 20 rounds: the means and the clip estimates agree within 1e-6. The TFF
 noise split is TFF's function itself.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contract.dp import DPSpec, adapt_clip, noise_split
-from contract.pipeline import UpdatePipeline, running_sum
-from contract.update_spec import UpdateSpec
+from contract.dp.noise import DPSpec, adapt_clip, noise_split
+from contract.update.pipeline import UpdatePipeline, running_sum
+from contract.update.spec import UpdateSpec
 
 SIZE, CLIENTS, ROUNDS = 64, 8, 20
 

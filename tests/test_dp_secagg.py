@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from contract.stages import Context
+from contract.update.stages import Context
 from privacy.accounting import distributed_noise_multiplier
 from tests.test_secagg_server import N, check_in, play, round_info, secure_server, spy_unmask, version_weights
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from contract.dp import DPSpec, adapt_clip
+from contract.dp.noise import DPSpec, adapt_clip
 from privacy.accounting import Event, epsilon
 from tests.server_fixtures import DeviceClient, FlaskTransport
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from contract.attestation import GENUINE, AttestationStatement, sign
+from contract.protocol.attestation import GENUINE, AttestationStatement, sign
 from device_runtime.enrollment import Enrollment, KeyAttester
 from tests.server_fixtures import DeviceClient, FlaskTransport, enroll
 
@@ -64,7 +64,7 @@ def test_a_statement_without_a_genuine_verdict_or_an_expired_nonce_is_refused(ma
     env = make_server()
     api = FlaskTransport(env.client)
     key = Ed25519PrivateKey.from_private_bytes(   # the issuer's own key, signing a failing verdict
-        __import__("contract.attestation", fromlist=["b64decode"]).b64decode(json.loads(
+        __import__("contract.protocol.attestation", fromlist=["b64decode"]).b64decode(json.loads(
             env.services.config.enrollment_path("en").read_text())["issuer_private_key"], "key"))
     rooted = sign(AttestationStatement("en", nonce(api), "FAILS_DEVICE_INTEGRITY", "app", 0.0), key)
     assert enroll(api, "en", env.enrollment, attestation=rooted).body["error"] == "bad_attestation"

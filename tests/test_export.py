@@ -7,10 +7,10 @@ import tensorflow as tf
 
 from models.central import get_flat_weights, set_flat_weights
 from models.corpus import load_corpus_from_texts
-from contract.metrics import suggestions
+from contract.model.metrics import suggestions
 from models.model import (TINY, build_keras_model, forward, masked_cross_entropy, tff_model_fn,
                           weight_layout)
-from contract.text import NEVER_SUGGEST, PAD_ID, Vocabulary
+from contract.model.text import NEVER_SUGGEST, PAD_ID, Vocabulary
 from tflite_export.export import export_app_model, export_plan
 from tflite_export.modelinfo import constant_buffers, non_builtin_ops, operator_names
 from tflite_export.reader import load_app_model, load_plan

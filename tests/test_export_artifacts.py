@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from models.model import TINY, build_keras_model, weight_layout
-from contract.text import SPECIAL_TOKENS, Vocabulary
-from contract.weights import save_checkpoint
+from contract.model.text import SPECIAL_TOKENS, Vocabulary
+from contract.model.weights import save_checkpoint
 from tflite_export.__main__ import main
-from contract.artifacts import (ArtifactError, HashMismatch, MissingArtifact, SchemaMismatch,
+from contract.artifacts.errors import (ArtifactError, HashMismatch, MissingArtifact, SchemaMismatch,
                                 VocabularyMismatch)
 from tflite_export.errors import UnsupportedOpError
-from contract.manifest import SCHEMA_VERSION, read_manifest
+from contract.artifacts.manifest import SCHEMA_VERSION, read_manifest
 from tflite_export.reader import load_app_model, load_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_failed_export_leaves_the_output_directory_as_it_was(run_dir, cli_export
     assert main(["plan", "--checkpoint", ckpt, "--model-version", "9", "--out", str(copy_of)]) == 1
     assert "FlexStridedSliceGrad" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setattr("contract.manifest.Manifest.to_json", lambda self: 1 / 0)
+    monkeypatch.setattr("contract.artifacts.manifest.Manifest.to_json", lambda self: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["app", "--checkpoint", ckpt, "--model-version", "9", "--out", str(copy_of)])
     assert {p.name: p.read_bytes() for p in copy_of.iterdir()} == before

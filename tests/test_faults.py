@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 
-from contract.pipeline import UpdatePipeline, aggregate
-from contract.update_spec import RoundSpec
-from contract.weights import load_checkpoint
+from contract.update.pipeline import UpdatePipeline, aggregate
+from contract.update.spec import RoundSpec
+from contract.model.weights import load_checkpoint
 from emulation.deployment import simulated_clock, start_server, tiny_model
 from emulation.report import format_summary
 from emulation.world import TAMPERING, Faults

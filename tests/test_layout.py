@@ -68,8 +68,8 @@ def test_the_checks_see_imports_inside_functions():
 
 
 def test_contract_and_phone_runtime_load_without_tensorflow_or_flask():
-    modules = [f"{pkg}.{p.stem}" for pkg in ("contract", "privacy") for p in (REPO / pkg).glob("*.py")
-               if p.stem != "__init__"]
+    modules = [".".join(p.relative_to(REPO).with_suffix("").parts) for pkg in ("contract", "privacy")
+               for p in (REPO / pkg).rglob("*.py") if p.stem != "__init__"]
     modules += [f"device_runtime.{p.stem}" for p in (REPO / "device_runtime").glob("*.py")
                 if p.stem not in ("__init__", "__main__")]
     script = (f"import sys\nfor m in {modules!r}: __import__(m)\n"

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from contract.metrics import Hits, count_hits, suggestions
+from contract.model.metrics import Hits, count_hits, suggestions
 from models.model import (GBOARD, TINY, SuggestionRecall, build_keras_model,
                           masked_cross_entropy, parameter_count, suggestion_hits,
                           weight_layout)
-from contract.text import BOS_ID, EOS_ID, OOV_ID, PAD_ID
+from contract.model.text import BOS_ID, EOS_ID, OOV_ID, PAD_ID
 
 
 def test_gboard_config_has_about_1_4m_parameters():

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from contract.metrics import count_hits
+from contract.model.metrics import count_hits
 from models.ngram import KneserNeyTrigram
-from contract.text import BOS_ID, EOS_ID, OOV_ID, PAD_ID
+from contract.model.text import BOS_ID, EOS_ID, OOV_ID, PAD_ID
 
 A, B, C, D = 4, 5, 6, 7
 V = 8

@@ -4,7 +4,7 @@ One round through the real system — `python -m server run` (gunicorn,
 SQLite), phones running the LiteRT plan over HTTP — and the same round in
 simulation (models.fedavg: TFF's client work and server optimizer, the
 contract's update pipeline between) on the same clients' data, visited in
-the order each phone used (the seed the server gave it, `contract.batching`),
+the order each phone used (the seed the server gave it, `contract.model.batching`),
 with the same learning rate, epochs, batch size, per-epoch example cap and
 update spec: float32, and 8 bits with the Hadamard rotation, each rounded
 with the phone's own session seed and rotated with the round's seed. The
@@ -30,9 +30,9 @@ from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import Device, DeviceSettings
 from models.corpus import load_corpus
 from models.model import TINY
-from contract.text import to_sequences
-from contract.update_spec import UpdateSpec
-from contract.weights import load_checkpoint
+from contract.model.text import to_sequences
+from contract.update.spec import UpdateSpec
+from contract.model.weights import load_checkpoint
 from emulation.deployment import enrollment, initial_model, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]

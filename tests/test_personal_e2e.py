@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from contract.personal import PersonalReport, PersonalSpec
+from contract.tasks.personal import PersonalReport, PersonalSpec
 from device_runtime.training import local_windows
 from models.personalize import evaluate_users
 from tests.device_world import wait_for_app_model, night_device, record_checkins, server_weights, texts_of

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from contract.metrics import Hits
-from contract.personal import PersonalReport
+from contract.model.metrics import Hits
+from contract.tasks.personal import PersonalReport
 from tests.server_fixtures import DeviceClient
 from tests.test_server_views import checked_server, train_one_round
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contract.personal import (BUCKETS, PersonalCache, PersonalReport, PersonalSpec, evaluate, fairness,
+from contract.tasks.personal import (BUCKETS, PersonalCache, PersonalReport, PersonalSpec, evaluate, fairness,
                                personalize, split, summarize)
-from contract.text import BOS_ID, to_sequences
+from contract.model.text import BOS_ID, to_sequences
 from device_runtime.personalization import PersonalModel, Personalizer, personal_model
 from device_runtime.predictor import Predictor
 from emulation.deployment import tiny_corpus, tiny_model
@@ -108,7 +108,7 @@ def test_a_phone_whose_held_back_text_gets_worse_falls_back_to_the_global_model(
     base, personal = result.validation
     assert personal.top1 < base.top1 and result.fell_back and result.flat is None
 
-    from contract.weights import save_checkpoint
+    from contract.model.weights import save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path / "v3.safetensors", plan.layout, global_flat, {"round": 3})
     store = Personalizer(tmp_path / "phone")
@@ -144,7 +144,7 @@ def test_a_kept_personal_model_serves_the_keyboard_until_a_new_version(world, tm
 
 
 def test_the_report_is_counts_and_a_histogram_and_sums_to_the_fairness_figures():
-    from contract.metrics import Hits
+    from contract.model.metrics import Hits
 
     reports = [PersonalReport(Hits(10, 20, 100), Hits(15, 25, 100), False),
                PersonalReport(Hits(30, 40, 100), Hits(30, 40, 100), True),

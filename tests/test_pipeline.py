@@ -1,15 +1,15 @@
-"""The update pipeline's stages, each on its own, and composed (contract.pipeline)."""
+"""The update pipeline's stages, each on its own, and composed (contract.update.pipeline)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from contract.errors import ErrorCode, ProtocolError
-from contract.hadamard import BLOCK_SIZES, padded_size, rotate, unrotate
-from contract.packing import WIDTHS, levels, pack, packed_bytes, unpack
-from contract.pipeline import (Clipping, Context, Float32Values, IntegerSum, Quantization, UpdatePipeline,
+from contract.protocol.errors import ErrorCode, ProtocolError
+from contract.update.hadamard import BLOCK_SIZES, padded_size, rotate, unrotate
+from contract.update.packing import WIDTHS, levels, pack, packed_bytes, unpack
+from contract.update.pipeline import (Clipping, Context, Float32Values, IntegerSum, Quantization, UpdatePipeline,
                                Weighting, aggregate)
-from contract.update_spec import BITS, UpdateSpec, rotation_seed
+from contract.update.spec import BITS, UpdateSpec, rotation_seed
 
 SIZE = 3000   # not a multiple of any block: padding is exercised
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contract.weights import load_checkpoint
+from contract.model.weights import load_checkpoint
 from models.central import evaluate
 from models.corpus import default_data_dir, load_corpus
 from models.model import TINY, weight_layout

@@ -26,13 +26,13 @@ import pytest
 from safetensors.numpy import load as load_tensors
 
 from emulation.world import Faults
-from contract.hadamard import padded_size
-from contract.packing import packed_bytes
-from contract.pipeline import FORMAT
-from contract.update_spec import RoundSpec
+from contract.update.hadamard import padded_size
+from contract.update.packing import packed_bytes
+from contract.update.pipeline import FORMAT
+from contract.update.spec import RoundSpec
 from models.corpus import load_corpus
 from models.model import TINY
-from contract.text import words
+from contract.model.text import words
 from emulation.deployment import simulated_clock, start_server, tiny_model
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 from tests.recording_proxy import Recorded, RecordingProxy
@@ -58,7 +58,7 @@ def leaks(requests: list[Recorded], private: set) -> list[tuple[str, tuple]]:
 
 def check_upload(body: bytes, spec: RoundSpec) -> None:
     """Exactly what the round's 8-bit spec names: the packed codes and the scales, the format's
-    three metadata strings, nothing more (contract.pipeline)."""
+    three metadata strings, nothing more (contract.update.pipeline)."""
     (header_len,) = struct.unpack("<Q", body[:8])
     header = json.loads(body[8:8 + header_len])
     assert set(header) == {"__metadata__", "codes", "scales"}, header.keys()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contract.text import FREE_SLOT, OOV_ID, SPECIAL_TOKENS, Vocabulary, to_sequences
+from contract.model.text import FREE_SLOT, OOV_ID, SPECIAL_TOKENS, Vocabulary, to_sequences
 from models import corpus as corpus_module
 from models import public_corpus
 from models.corpus import CorpusError, Speech, default_data_dir, load_corpus

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import requests
 
-from contract.pipeline import UpdatePipeline, aggregate
-from contract.update_spec import RoundSpec
-from contract.weights import load_checkpoint
+from contract.update.pipeline import UpdatePipeline, aggregate
+from contract.update.spec import RoundSpec
+from contract.model.weights import load_checkpoint
 from emulation.deployment import init_population, simulated_clock, tiny_corpus, tiny_model, write_server_config
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 

@@ -1,10 +1,10 @@
-"""contract.robust: the trimmed mean and the median against their definitions, and what an outlier does."""
+"""contract.update.robust: the trimmed mean and the median against their definitions, and what an outlier does."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from contract.robust import aggregate, median, memory_bytes, trimmed, trimmed_mean
+from contract.update.robust import aggregate, median, memory_bytes, trimmed, trimmed_mean
 
 
 def test_the_trimmed_mean_drops_k_values_at_each_end_of_every_coordinate():
@@ -71,8 +71,8 @@ def test_a_robust_aggregator_is_refused_where_it_cannot_work(population, message
 def test_the_pipeline_itself_refuses_a_non_linear_stage_under_secure_aggregation():
     import dataclasses
 
-    from contract.pipeline import UpdatePipeline
-    from contract.update_spec import UpdateSpec
+    from contract.update.pipeline import UpdatePipeline
+    from contract.update.spec import UpdateSpec
 
     spec = UpdateSpec(bits=8, weighting="uniform", aggregator="median")
     assert not UpdatePipeline(spec.bind(100, "0" * 64, "en/1", 1)).linear

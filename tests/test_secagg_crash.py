@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import requests
 
-from contract.pipeline import running_sum, Contribution
+from contract.update.pipeline import running_sum, Contribution
 from emulation.deployment import enrollment, write_server_config
 from emulation.server_process import ServerProcess, free_port
 from tests.device_world import server_weights

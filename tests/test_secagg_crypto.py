@@ -1,4 +1,4 @@
-"""Secure aggregation's cryptography on its own (contract.secagg, contract.shamir): no server."""
+"""Secure aggregation's cryptography on its own (contract.secagg.masking, contract.secagg.shamir): no server."""
 from __future__ import annotations
 
 import itertools
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from contract import shamir
-from contract.pipeline import Contribution, UpdatePipeline, running_sum
-from contract.secagg import (KEY, SELF, DeviceSecAgg, Member, Neighbour, SecAggError, default_degree,
+from contract.secagg import shamir
+from contract.update.pipeline import Contribution, UpdatePipeline, running_sum
+from contract.secagg.masking import (KEY, SELF, DeviceSecAgg, Member, Neighbour, SecAggError, default_degree,
                              masking_set, neighbour_graph, threshold, unmask)
-from contract.update_spec import UpdateSpec
+from contract.update.spec import UpdateSpec
 
 SIZE = 3000
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from contract.packing import pack_uint
-from contract.pipeline import UpdatePipeline
-from contract.secagg import DeviceSecAgg
-from contract.update_spec import RoundSpec
+from contract.update.packing import pack_uint
+from contract.update.pipeline import UpdatePipeline
+from contract.secagg.masking import DeviceSecAgg
+from contract.update.spec import RoundSpec
 from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
 from emulation.world import Faults
 from tests.device_world import server_weights

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contract.pipeline import Contribution, running_sum
-from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares
+from contract.update.pipeline import Contribution, running_sum
+from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares
 from tests.secagg_fixtures import SecAggPhone
 from tests.server_fixtures import FlaskTransport
 from tests.test_server_views import CheckedTransport, OpenAPIChecker
@@ -185,7 +185,7 @@ def test_malformed_or_replayed_secagg_messages_are_4xx_and_change_nothing(make_s
     q.secrets.receive(q.status().inbox)
     pipeline, seed = q.pipeline(), int(q.assignment["hyperparameters"]["seed"])
     body = pipeline.encode(np.zeros(env.layout.size, np.float32), 5, seed, masker=q.secrets.mask).body
-    from contract.stages import _load
+    from contract.update.stages import _load
     from safetensors.numpy import save
     tensors, meta = _load(body)
     wrong_modulus = save(tensors, metadata={**meta, "modulus_bits": str(int(meta["modulus_bits"]) + 1)})

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from contract.errors import ErrorCode, ProtocolError
-from contract.wire import Conditions
+from contract.protocol.errors import ErrorCode, ProtocolError
+from contract.protocol.wire import Conditions
 from server.config import EligibilityConfig
 from server.policy import Context, build_policy, parse_version
 from tests.server_fixtures import ELIGIBLE

@@ -18,12 +18,12 @@ pytestmark = pytest.mark.slow
 
 def test_round_eval_and_publish_with_the_real_exporter(tmp_path):
     from models.model import TINY, build_keras_model, weight_layout
-    from contract.text import SPECIAL_TOKENS, Vocabulary
-    from contract.weights import save_checkpoint
+    from contract.model.text import SPECIAL_TOKENS, Vocabulary
+    from contract.model.weights import save_checkpoint
     from server import create_app
-    from server.clock import ManualClock
+    from contract.clock import ManualClock
     from server.populations import register_population
-    from contract.manifest import load_verified
+    from contract.artifacts.manifest import load_verified
 
     layout = weight_layout(TINY)
     flat = layout.flatten([w.numpy() for w in build_keras_model(TINY).trainable_weights])

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import requests
 
-from contract.pipeline import aggregate
-from contract.weights import load_checkpoint
+from contract.update.pipeline import aggregate
+from contract.model.weights import load_checkpoint
 from emulation.deployment import enrollment
 from emulation.server_process import ServerProcess, free_port
 from tests.server_fixtures import (DeviceClient, HttpTransport, init_small_population,

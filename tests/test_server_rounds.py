@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from contract.pipeline import UpdatePipeline
-from contract.wire import Conditions, EvalReport
+from contract.update.pipeline import UpdatePipeline
+from contract.protocol.wire import Conditions, EvalReport
 from tests.server_fixtures import ELIGIBLE
 
 

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from contract.pipeline import FORMAT, UpdatePipeline, aggregate
-from contract.update_spec import RoundSpec
+from contract.update.pipeline import FORMAT, UpdatePipeline, aggregate
+from contract.update.spec import RoundSpec
 from tests.server_fixtures import DeviceClient, FlaskTransport
 
 QUANTIZED = {"bits": 8, "rotation": True, "clip_norm": 2.5, "max_weight": 20}

@@ -14,7 +14,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from safetensors.numpy import save
 
-from contract.pipeline import FORMAT
+from contract.update.pipeline import FORMAT
 
 from server.openapi import openapi_document
 from tests.server_fixtures import ELIGIBLE, DeviceClient, FlaskTransport

@@ -16,7 +16,7 @@ import pytest
 from models.model import TINY, weight_layout
 from models.simulate import SimulationConfig, lr_schedule, run_simulation
 from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
-from contract.weights import load_checkpoint
+from contract.model.weights import load_checkpoint
 from emulation.deployment import tiny_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_two_round_simulation_decreases_training_loss(small_corpus, tmp_path):
 
 
 def test_a_dp_simulation_adapts_its_clip_and_reports_the_ledgers_epsilon(small_corpus, tmp_path):
-    from contract.dp import DPSpec
+    from contract.dp.noise import DPSpec
     from privacy.accounting import Event, epsilon
 
     clients = len(small_corpus.train)
@@ -74,7 +74,7 @@ def test_a_dp_simulation_adapts_its_clip_and_reports_the_ledgers_epsilon(small_c
 
 
 def test_a_distributed_dp_simulation_runs_the_phones_pipeline_with_its_noise(small_corpus, tmp_path):
-    from contract.dp import DPSpec
+    from contract.dp.noise import DPSpec
 
     clients = len(small_corpus.train)
     dp = DPSpec(mechanism="distributed", noise_multiplier=0.5, initial_clip=0.01, clipped_count_stddev=1.0)

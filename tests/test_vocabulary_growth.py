@@ -1,10 +1,10 @@
-"""New words take free slots, their rows start as <oov>'s, nothing else moves (contract.weights)."""
+"""New words take free slots, their rows start as <oov>'s, nothing else moves (contract.model.weights)."""
 from __future__ import annotations
 
 import numpy as np
 
-from contract.text import OOV_ID
-from contract.weights import WeightLayout, copy_token_rows
+from contract.model.text import OOV_ID
+from contract.model.weights import WeightLayout, copy_token_rows
 
 V = 10
 LAYOUT = WeightLayout([("embedding", (V, 3)), ("kernel", (3, 4)), ("projection", (4, V)), ("bias", (V,))])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contract.batching import client_batches, epoch_orders, pad_batch, round_seed
+from contract.model.batching import client_batches, epoch_orders, pad_batch, round_seed
 from models.model import TINY, build_keras_model, weight_layout
-from contract.weights import LayoutError, WeightLayout, load_checkpoint, save_checkpoint
+from contract.model.weights import LayoutError, WeightLayout, load_checkpoint, save_checkpoint
 
 
 def test_flatten_unflatten_round_trip_with_keras_weights():

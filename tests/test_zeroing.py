@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contract.pipeline import UpdatePipeline
-from contract.robust import zeroing_norm
-from contract.update_spec import RoundSpec, UpdateSpec
+from contract.update.pipeline import UpdatePipeline
+from contract.update.robust import zeroing_norm
+from contract.update.spec import RoundSpec, UpdateSpec
 
 
 def test_the_threshold_is_a_multiple_of_the_median_and_absent_before_any_round():

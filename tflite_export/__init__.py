@@ -1,7 +1,7 @@
 """Nightjar's models for phones: an on-device training plan and a quantized suggestion model.
 
 A phone runs LiteRT and nothing else. This package turns a checkpoint
-(`contract.weights`) into
+(`contract.model.weights`) into
 
 * a **training plan** (`plan.tflite`): signatures `train(x, y, lr) -> loss,
   tokens` (one plain SGD step on a fixed-size, pad-masked batch),
@@ -25,7 +25,7 @@ Public surface (attributes load lazily, so importing the package, its
 
 The manifest format and the errors of an artifact that cannot be trusted
 (`ArtifactError` and its kinds) are part of the contract the phone and the
-server share: `contract.manifest`, `contract.artifacts`.
+server share: `contract.artifacts.manifest`, `contract.artifacts.errors`.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def cmd_export(args) -> None:
 
 
 def _print_summary(manifest_path: Path, seconds: float) -> None:
-    from contract.manifest import read_manifest
+    from contract.artifacts.manifest import read_manifest
 
     m = read_manifest(manifest_path)
     size = m.files[m.artifact]["bytes"]
@@ -50,7 +50,7 @@ def _print_summary(manifest_path: Path, seconds: float) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from contract.manifest import read_manifest
+    from contract.artifacts.manifest import read_manifest
     from tflite_export.modelinfo import describe
 
     path = Path(args.file)
@@ -68,7 +68,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from contract.manifest import load_verified
+    from contract.artifacts.manifest import load_verified
 
     verified = load_verified(args.manifest)
     m = verified.manifest
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from contract.artifacts import ArtifactError
+    from contract.artifacts.errors import ArtifactError
     from tflite_export.errors import ExportError
 
     try:

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.model import ModelConfig, hidden_states, weight_layout
-from contract.text import NEVER_SUGGEST
+from contract.model.text import NEVER_SUGGEST
 from tflite_export.convert import convert
 
 SIGNATURE = "suggest"

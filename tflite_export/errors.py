@@ -1,7 +1,7 @@
 """The errors of an export that must not produce a file at all. TensorFlow-free.
 
 Errors of an exported file that cannot be trusted (`ArtifactError` and its
-kinds) belong to the contract the phone shares: `contract.artifacts`.
+kinds) belong to the contract the phone shares: `contract.artifacts.errors`.
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from contract.text import Vocabulary
-from contract.weights import load_checkpoint
-from contract.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, file_record,
+from contract.model.text import Vocabulary
+from contract.model.weights import load_checkpoint
+from contract.artifacts.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, file_record,
                                     utc_now)
 from tflite_export.modelinfo import operator_names, signatures
 
@@ -55,9 +55,9 @@ def export_app_model(config: ModelConfig, flat: np.ndarray, vocab: Vocabulary, o
     """Write the quantized suggestion model of `flat` to `out_dir`; returns its manifest path.
 
     `privacy` (the server's ledger figure for these weights) goes into the manifest as is. The
-    manifest also carries the standing canary (contract.canary), computed by the exported model
+    manifest also carries the standing canary (contract.model.canary), computed by the exported model
     itself on the LiteRT interpreter, so that what is recorded is what phones will suggest."""
-    from contract.canary import canary
+    from contract.model.canary import canary
     from tflite_export.app_model import convert_app_model
     from tflite_export.reader import load_app_model
 

@@ -10,7 +10,7 @@ client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)` — or, when
 the plan is exported with a clip norm, w -= lr * clip_by_global_norm(grad),
 the update of `models.fedavg.build_clipped_sgd`.
 
-Personalization (contract.personal) uses two more signatures: `personalize`,
+Personalization (contract.tasks.personal) uses two more signatures: `personalize`,
 the same SGD step on only the layers the plan was exported to personalize
 (`personal_layers`; the step of every layer when none are named), and
 `next_probs`, the next-word distribution after one context (batch 1, as the
@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from models.model import ModelConfig, forward, hidden_states, masked_cross_entropy, weight_layout
-from contract.text import PAD_ID
+from contract.model.text import PAD_ID
 from tflite_export.convert import convert
 
 SIGNATURES = ("train", "personalize", "infer", "next_probs", "get_weights", "set_weights")

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from contract.batching import pad_batch
-from contract.text import Vocabulary
-from contract.weights import WeightLayout
-from contract.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, check_signatures,
+from contract.model.batching import pad_batch
+from contract.model.text import Vocabulary
+from contract.model.weights import WeightLayout
+from contract.artifacts.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, check_signatures,
                                     load_verified)
 from tflite_export.modelinfo import interpreter_signatures
 

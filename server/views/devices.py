@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from contract.attestation import Attestation
-from contract.wire import CHECKIN_REQUEST, NONCE_REQUEST, REGISTRATION_REQUEST, Assignment, Conditions
+from contract.protocol.attestation import Attestation
+from contract.protocol.wire import CHECKIN_REQUEST, NONCE_REQUEST, REGISTRATION_REQUEST, Assignment, Conditions
 from server.errors import ErrorCode, ProtocolError
 from server.views._common import device, json_body, limit, services
 

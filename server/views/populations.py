@@ -35,7 +35,7 @@ def _app_model(version: Version) -> dict:
 
 
 def _personalization(version: Version, vocab_sha256: str | None) -> dict | None:
-    """What a phone personalizes this version with (contract.personal), if the population keeps personal
+    """What a phone personalizes this version with (contract.tasks.personal), if the population keeps personal
     models and its training plan speaks this version's vocabulary (and was public when it was published)."""
     svc = services()
     spec = svc.rounds.settings(version.population).personalization

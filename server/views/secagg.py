@@ -1,9 +1,9 @@
-"""Secure aggregation's phases on a session (server.secagg runs them; contract.secagg_wire types)."""
+"""Secure aggregation's phases on a session (server.secagg runs them; contract.secagg.messages types)."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from contract.secagg_wire import SecAggKeys, SecAggReveal, SecAggShares
+from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares
 from server.errors import ErrorCode, ProtocolError
 from server.views._common import device, json_body, services
 

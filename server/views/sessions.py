@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from contract.personal import PersonalEvalReport
-from contract.wire import METRICS, DiscoveryBallot, EvalReport, FailureReport
+from contract.tasks.personal import PersonalEvalReport
+from contract.protocol.wire import METRICS, DiscoveryBallot, EvalReport, FailureReport
 from server import validation as v
 from server.views._common import device, json_body, require_content_type, services
 
@@ -16,7 +16,7 @@ MAX_WEIGHT = 2**31
 
 @bp.post("/<session_id>/update")
 def upload(session_id: str):
-    """Body: the encoded update (contract.pipeline); metadata in the query string."""
+    """Body: the encoded update (contract.update.pipeline); metadata in the query string."""
     caller = device("upload")
     require_content_type(UPDATE_TYPE)
     model_version = v.query_int(request.args, "model_version", 0, v.MAX_INT)
@@ -38,7 +38,7 @@ def evaluation(session_id: str):
 
 @bp.post("/<session_id>/personal")
 def personal(session_id: str):
-    """A personalization evaluation's counts (contract.personal.PersonalEvalReport)."""
+    """A personalization evaluation's counts (contract.tasks.personal.PersonalEvalReport)."""
     caller = device()
     report = PersonalEvalReport.from_json(json_body())
     return jsonify(services().reporting.personal(caller.id, session_id, report).to_json())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract.errors import ErrorCode, ProtocolError
+from contract.protocol.errors import ErrorCode, ProtocolError
 
 WIDTHS = (2, 4, 8, 16)
 

@@ -1,6 +1,6 @@
 """The update pipeline: how a device encodes its model update and how the server adds it up.
 
-Each stage (contract.stages) holds both halves, as TFF's aggregator factories do (mean ∘ clip ∘
+Each stage (contract.update.stages) holds both halves, as TFF's aggregator factories do (mean ∘ clip ∘
 quantize ∘ sum): `encode` runs on the device, `accept` on the server for each
 update before it joins the round's sum (decoding and checking what it can
 see), and `decode` on the server once, on the sum, when the round closes. A
@@ -18,7 +18,7 @@ Device, in order (server: `accept` in reverse order, then `decode` the sum):
    update is scaled by w/W, so a weighted update is never larger than the clip.
    Server: refuses a weight outside [1, W]; the sum is scaled by W / Σw.
 3. `Rotation` (optional): pad to blocks, randomized Hadamard rotation with the
-   round's seed (contract.hadamard); the server rotates the sum back once.
+   round's seed (contract.update.hadamard); the server rotates the sum back once.
 4. `Quantization`: per block of B values, the smallest power-of-two scale 2^e
    with |value| <= L·2^e, then unbiased stochastic rounding to -L..L
    (L = 2^(b-1) - 1) with the session's seed. Server: each update becomes
@@ -26,7 +26,7 @@ Device, in order (server: `accept` in reverse order, then `decode` the sum):
    scale a device may use), so the round's running sum is an exact int64 sum:
    no float drift, the same in any order, O(model) memory. 32 bits sends the
    float32 values themselves; they are converted to the same units.
-5. `WireFormat`: a safetensors file — bit-packed codes (contract.packing) and
+5. `WireFormat`: a safetensors file — bit-packed codes (contract.update.packing) and
    the per-block scales as float32, or the float32 values — with metadata
    naming the format, the bit width and the round spec's fingerprint.
 
@@ -36,12 +36,12 @@ W·C / Σw, exactly as much as an honest device holding W examples can.
 
 Under secure aggregation (`secure_aggregation` in the spec) the stages are
 Clipping → Weighting → Rotation → GridQuantization → RingEncoding →
-MaskedWireFormat (contract.stages): the server sees only masked integers,
+MaskedWireFormat (contract.update.stages): the server sees only masked integers,
 adds them modulo 2^m, and decodes the unmasked sum once
 (`finalize_masked`); the bound above then rests on the device (see the
 threat model in server/README.md).
 
-Under user-level DP (the round spec's `dp_mechanism`, contract.dp) the clip is
+Under user-level DP (the round spec's `dp_mechanism`, contract.dp.noise) the clip is
 the round's adaptive clip, the weighting uniform and the mean's denominator
 fixed (the expected reports); the "unclipped" bit joins the summed vector as
 one more slot; and the noise is one more stage: `CentralNoise` after
@@ -57,14 +57,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from contract.dp import CentralNoise, DistributedNoise
-from contract.robust import RobustAggregation
-from contract.errors import ErrorCode, ProtocolError
-from contract.packing import levels
-from contract.stages import (FORMAT, Clipping, Context, Float32Values, GridQuantization,   # noqa: F401
+from contract.dp.noise import CentralNoise, DistributedNoise
+from contract.update.robust import RobustAggregation
+from contract.protocol.errors import ErrorCode, ProtocolError
+from contract.update.packing import levels
+from contract.update.stages import (FORMAT, Clipping, Context, Float32Values, GridQuantization,   # noqa: F401
                              MaskedWireFormat, Quantization, RingEncoding, Rotation, Stage, WireFormat,
                              Weighting)
-from contract.update_spec import RoundSpec
+from contract.update.spec import RoundSpec
 
 UNIT_SPAN = 40                          # the running sum's unit is 2^(ceil(log2 C) - UNIT_SPAN)
 SHRINK_ATTEMPTS = 8
@@ -149,7 +149,7 @@ class UpdatePipeline:
         made the decoded norm exceed the clip, it shrinks the update and
         encodes it again (at most SHRINK_ATTEMPTS times, then it sends a zero
         update). Under secure aggregation, `masker` (the session's
-        contract.secagg.DeviceSecAgg.mask) adds the masks, and the check runs
+        contract.secagg.masking.DeviceSecAgg.mask) adds the masks, and the check runs
         on the plaintext integers: the server cannot run it.
         """
         delta = np.asarray(delta, np.float64)
@@ -237,7 +237,7 @@ class UpdatePipeline:
 
         Under DP the mean divides by the round's fixed denominator and the
         server's Gaussian noise is added first (drawn from `random`, a
-        contract.dp.SecureRandom; a fresh one by default)."""
+        contract.dp.noise.SecureRandom; a fresh one by default)."""
         return self.finalize_with_count(units, weight_sum, random)[0]
 
     def finalize_with_count(self, units: np.ndarray, weight_sum: int, random=None) -> tuple[np.ndarray, int]:

@@ -50,7 +50,7 @@ class ErrorCode(str, enum.Enum):
     SESSION_CLOSED = "session_closed"
     WRONG_PHASE = "wrong_phase"                    # secure aggregation: not what this phase takes
     NOT_IN_COHORT = "not_in_cohort"                # secure aggregation: the session left the masking set
-    # 422: an update that cannot be aggregated (contract.pipeline says why)
+    # 422: an update that cannot be aggregated (contract.update.pipeline says why)
     INVALID_UPDATE = "invalid_update"
     MALFORMED_UPDATE = "malformed_update"
     WRONG_SPEC = "wrong_spec"

@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 END = "$"
-_CANDIDATE = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")      # contract.text's word form
+_CANDIDATE = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")      # contract.model.text's word form
 _PREFIX = re.compile(r"[a-z0-9][a-z0-9']*\$?")             # the start of one, or one and END
 
 
@@ -79,7 +79,7 @@ def privacy(spec: DiscoverySpec, population: int, devices_per_level: int, passes
 def candidates(typed: Iterable[str], known) -> collections.Counter:
     """How often each of the device's words that `known` (a vocabulary: `id(word) == OOV`) does not
     hold was typed; `typed` are the device's words, in order."""
-    from contract.text import OOV_ID
+    from contract.model.text import OOV_ID
 
     counts = collections.Counter(w for w in typed if _CANDIDATE.fullmatch(w))
     return collections.Counter({w: n for w, n in counts.items() if known.id(w) == OOV_ID})

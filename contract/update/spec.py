@@ -13,7 +13,7 @@ Defaults (a new population): 8-bit quantization, clipping, and a weight cap.
 8 bits cut a Gboard-size upload from 5.7 MB to 1.43 MB; TFF's
 `compression_aggregator` quantizes to 8 bits by default, with "no adverse
 effect on model quality in typical tasks". The clip and the cap bound what
-one device can do to a round (see contract.pipeline). The clip norm's default
+one device can do to a round (see contract.update.pipeline). The clip norm's default
 and the weight cap's come from measurements on the federated corpus:
 benchmarks/REPORT.md, "update pipeline".
 """
@@ -24,10 +24,10 @@ import hashlib
 import json
 import math
 
-from contract import schema as s
-from contract.hadamard import BLOCK_SIZES
-from contract.packing import WIDTHS
-from contract.robust import AGGREGATORS
+from contract.protocol import schema as s
+from contract.update.hadamard import BLOCK_SIZES
+from contract.update.packing import WIDTHS
+from contract.update.robust import AGGREGATORS
 
 BITS = (32,) + tuple(sorted(WIDTHS, reverse=True))   # 32 = float32, no quantization
 WEIGHTINGS = ("examples", "uniform")
@@ -38,12 +38,12 @@ GRID_SIGMAS = 4.0            # secure aggregation's grid spans ± this many rota
 MAX_MODULUS_BITS = 32
 DP_MECHANISMS = ("central", "distributed")
 NOISE_TAIL = 10.0            # distributed DP: the modulus leaves room for this many σ of the noise's sum
-COUNT_SCALE = 1024           # distributed DP: the unclipped bit is sent as COUNT_SCALE × bit, noised   # contract.dp.MECHANISMS (dp imports cryptography; this stays light)
+COUNT_SCALE = 1024           # distributed DP: the unclipped bit is sent as COUNT_SCALE × bit, noised   # contract.dp.noise.MECHANISMS (dp imports cryptography; this stays light)
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateSpec:
-    """The update pipeline's settings (see contract.pipeline for what each stage does)."""
+    """The update pipeline's settings (see contract.update.pipeline for what each stage does)."""
 
     bits: int = 8                       # 32 (float32, as sent before quantization existed), 16, 8, 4, 2
     rotation: bool = False              # randomized Hadamard rotation before quantizing (Suresh et al.)
@@ -51,13 +51,13 @@ class UpdateSpec:
     weighting: str = "examples"         # "examples": weight = local examples, capped; "uniform": 1 each
     max_weight: int = DEFAULT_MAX_WEIGHT   # cap on an update's weight (examples), and its upper bound
     block_size: int = DEFAULT_BLOCK_SIZE   # values per quantization scale (and per Hadamard block)
-    secure_aggregation: bool = False    # masked updates on one grid per round (contract.secagg)
+    secure_aggregation: bool = False    # masked updates on one grid per round (contract.secagg.masking)
     # How the server combines the round's updates: "mean" (linear: the running sum), or a robust rule
-    # that reads every update (contract.robust; never under secure aggregation, uniform weighting).
+    # that reads every update (contract.update.robust; never under secure aggregation, uniform weighting).
     aggregator: str = "mean"
     trim: float = 0.1                   # trimmed_mean: the fraction dropped at each end of a coordinate
     # > 0: the server zeroes (counts, but does not add) an update whose norm is above this many times
-    # the median norm of the last training round (contract.robust.zeroing_norm); plain rounds only.
+    # the median norm of the last training round (contract.update.robust.zeroing_norm); plain rounds only.
     zeroing: float = 0.0
 
     def validate(self, where: str = "update") -> "UpdateSpec":
@@ -122,12 +122,12 @@ class RoundSpec:
     """An `UpdateSpec` bound to one round of one population (what an assignment carries)."""
 
     spec: UpdateSpec
-    size: int               # values in the flat weight vector (contract.weights.WeightLayout.size)
-    layout_sha256: str      # the layout they are in (contract.weights.WeightLayout.sha256)
+    size: int               # values in the flat weight vector (contract.model.weights.WeightLayout.size)
+    layout_sha256: str      # the layout they are in (contract.model.weights.WeightLayout.sha256)
     round_key: str          # "<population>/<round number>"
     rotation_seed: int      # the round's rotation (every device of the round uses the same)
     cohort_max: int = 0     # secure aggregation: the most updates the round can sum (else 0)
-    # User-level DP (contract.dp), bound by the server when the round opens; clip_norm is then the
+    # User-level DP (contract.dp.noise), bound by the server when the round opens; clip_norm is then the
     # round's adaptive clip. "" = no DP; "central": the server adds N(0, dp_stddev²) to the sum.
     dp_mechanism: str = ""
     dp_stddev: float = 0.0  # the noise's standard deviation on the sum of clipped updates (z_v · C)
@@ -165,7 +165,7 @@ class RoundSpec:
     @property
     def padded(self) -> int:
         """Values per quantized update (the size padded to whole blocks)."""
-        from contract.hadamard import padded_size
+        from contract.update.hadamard import padded_size
 
         return padded_size(self.size, self.spec.block_size)
 
@@ -226,7 +226,7 @@ class RoundSpec:
     @classmethod
     def from_json(cls, value: object, where: str = "update") -> "RoundSpec":
         """Parse (and check) a round's spec as an assignment carries it; ProtocolError if bad."""
-        from contract.errors import ErrorCode, ProtocolError
+        from contract.protocol.errors import ErrorCode, ProtocolError
 
         fields = ROUND_SPEC.parse(value, where)
         spec = UpdateSpec(**{f.name: fields[f.name] for f in dataclasses.fields(UpdateSpec)})
@@ -266,11 +266,11 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
     s.Field("max_weight", s.Int(1, 2**31, "the largest num_examples an update may carry")),
     s.Field("block_size", s.Int(256, 65536, "values per quantization scale / Hadamard block")),
     s.Field("secure_aggregation", s.Bool(
-        "masked updates (contract.secagg): one grid per round, step = 4·clip_norm/(L·sqrt(padded size)), "
+        "masked updates (contract.secagg.masking): one grid per round, step = 4·clip_norm/(L·sqrt(padded size)), "
         "codes + L and the weight summed modulo 2^m, m = ceil(log2(cohort_max·2L + 1))"), required=False,
             default=False),
     s.Field("aggregator", s.Enum(AGGREGATORS, "mean: the running sum; trimmed_mean, median: robust rules "
-                                              "over every update in the clear (contract.robust)"),
+                                              "over every update in the clear (contract.update.robust)"),
             required=False, default="mean"),
     s.Field("trim", s.Num(0, 0.5, "trimmed_mean: the fraction dropped at each end of a coordinate"),
             required=False, default=0.1),
@@ -285,7 +285,7 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
     s.Field("rotation_seed", s.Int(0, 2**63)),
     s.Field("cohort_max", s.Int(0, 2**31, "secure aggregation: the most updates a round sums (else 0)"),
             required=False, default=0),
-    s.Field("dp_mechanism", s.Enum(("",) + DP_MECHANISMS, "user-level DP (contract.dp): '' none; central: "
+    s.Field("dp_mechanism", s.Enum(("",) + DP_MECHANISMS, "user-level DP (contract.dp.noise): '' none; central: "
                                    "the server adds Gaussian noise to the sum; distributed: each device adds "
                                    "its share of discrete Gaussian noise before masking"),
             required=False, default=""),
@@ -296,4 +296,4 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
     s.Field("dp_count_stddev", s.Num(0, None, "DP: the noise's standard deviation on the count of unclipped "
                                      "updates (the adaptive clip's share)"), required=False, default=0.0),
     s.Field("fingerprint", SHA256, required=False),
-], description="How this round's updates are encoded (contract.pipeline); an update names its fingerprint.")
+], description="How this round's updates are encoded (contract.update.pipeline); an update names its fingerprint.")

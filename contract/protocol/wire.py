@@ -3,22 +3,22 @@
 The server builds them and parses what devices send with them; the phone
 parses what the server sends and builds its requests with them; the OpenAPI
 document (`server/openapi.py`) is generated from their schemas. Each message
-has a `SCHEMA` (contract.schema), `from_json` (checked: a `ProtocolError`
+has a `SCHEMA` (contract.protocol.schema), `from_json` (checked: a `ProtocolError`
 names the field at fault) and `to_json`.
 
 The flat weight vector that updates and checkpoints share is ordered as the
-population's `WeightLayout` says (contract.weights): the tensors in layout
+population's `WeightLayout` says (contract.model.weights): the tensors in layout
 order, each flattened row-major. An assignment carries the layout, and every
-update names its hash through the round's spec (contract.update_spec).
+update names its hash through the round's spec (contract.update.spec).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from contract import schema as s
-from contract.discovery import DiscoverySpec
-from contract.update_spec import ROUND_SPEC, SHA256, RoundSpec
+from contract.protocol import schema as s
+from contract.tasks.discovery import DiscoverySpec
+from contract.update.spec import ROUND_SPEC, SHA256, RoundSpec
 
 TASKS = ("train", "eval", "discover", "personalize")
 # Why a device stopped a task: the training policy's codes (device_runtime.policy), a time or
@@ -116,10 +116,10 @@ HYPERPARAMETERS = s.Obj("Hyperparameters", [
     s.Field("epochs", s.Int(1, 1000, "passes over the local windows")),
     s.Field("batch_size", s.Int(1, 4096, "windows per SGD step (<= the plan's fixed batch)")),
     s.Field("seed", s.Int(0, 2**63, "this session's seed: the order of the local windows "
-                                    "(contract.batching) and the update's stochastic rounding")),
+                                    "(contract.model.batching) and the update's stochastic rounding")),
     s.Field("max_examples", s.Nullable(s.Int(1, 2**31)), required=False,
             default=None),
-], description="How to train (contract.batching defines the order windows are visited in).")
+], description="How to train (contract.model.batching defines the order windows are visited in).")
 LAYOUT_ENTRY = s.Obj("LayoutEntry", [s.Field("name", s.Str(200)), s.Field("shape", s.Arr(s.Int(0, 2**31), 8)),
                                      s.Field("offset", s.Int(0, 2**31))])
 
@@ -144,7 +144,7 @@ class Assignment:
     update: RoundSpec | None = None     # train tasks: how to encode the update
     layout: list[dict] | None = None    # train tasks: the flat weight vector's order
     discovery: "DiscoveryAsk | None" = None   # discover tasks: the level and what to vote on
-    personalization: dict | None = None       # personalize tasks: contract.personal.PersonalSpec
+    personalization: dict | None = None       # personalize tasks: contract.tasks.personal.PersonalSpec
 
     @classmethod
     def from_json(cls, value: Any) -> "Assignment":
@@ -172,7 +172,7 @@ PREFIX = s.Str(41, r"[a-z0-9']*\$?", description="a word's first characters (a-z
 
 @dataclasses.dataclass(frozen=True)
 class DiscoveryAsk:
-    """A discover task: the level of the pass, the prefixes found so far (contract.discovery)."""
+    """A discover task: the level of the pass, the prefixes found so far (contract.tasks.discovery)."""
 
     level: int
     prefixes: tuple[str, ...]
@@ -183,7 +183,7 @@ class DiscoveryAsk:
         s.Field("min_devices", s.Int(2, 10**6)), s.Field("max_word_length", s.Int(1, 40)),
         s.Field("votes_per_device", s.Int(1, 1000))],
         description="vote for up to votes_per_device of your own words' prefixes of length `level` that "
-                    "extend one of `prefixes` by one character (contract.discovery.vote)")
+                    "extend one of `prefixes` by one character (contract.tasks.discovery.vote)")
 
     @classmethod
     def from_parsed(cls, f: dict) -> "DiscoveryAsk":
@@ -228,7 +228,7 @@ ASSIGNMENT = s.Obj("Assignment", [
     s.Field("update", s.Nullable(ROUND_SPEC), required=False),
     s.Field("layout", s.Nullable(s.Arr(LAYOUT_ENTRY, 1000)), required=False),
     s.Field("discovery", DiscoveryAsk.SCHEMA, required=False),
-    s.Field("personalization", s.Nullable(s.Map(s.Num(), 16)), required=False),   # contract.personal
+    s.Field("personalization", s.Nullable(s.Map(s.Num(), 16)), required=False),   # contract.tasks.personal
 ])
 CHECKIN_RESPONSE = {"oneOf": [
     s.Obj("AssignmentAnswer", [s.Field("assignment", ASSIGNMENT)]).schema(),
@@ -243,7 +243,7 @@ METRICS = s.Map(s.Num(-MAX_METRIC, MAX_METRIC), 32, 64,
 
 @dataclasses.dataclass(frozen=True)
 class EvalReport:
-    """Summable counts of an evaluation task (contract.metrics.Hits)."""
+    """Summable counts of an evaluation task (contract.model.metrics.Hits)."""
 
     model_version: int
     top1_hits: int
@@ -258,7 +258,7 @@ class EvalReport:
 
     @classmethod
     def from_json(cls, value: Any) -> "EvalReport":
-        from contract.errors import ErrorCode, ProtocolError
+        from contract.protocol.errors import ErrorCode, ProtocolError
 
         report = cls(**cls.SCHEMA.parse(value))
         if not 0 <= report.top1_hits <= report.top3_hits <= report.positions:
@@ -351,7 +351,7 @@ REGISTRATION_REQUEST = s.Obj("RegistrationRequest", [
     s.Field("app_credential", s.Str(256, description="the population's app credential (ships with the app)")),
     s.Field("attestation", s.Obj("Attestation", [
         s.Field("statement", B64), s.Field("signature", B64)],
-        description="contract.attestation: the issuer-signed statement naming the population and a "
+        description="contract.protocol.attestation: the issuer-signed statement naming the population and a "
                     "nonce from POST /v1/enrollment/nonces")),
 ])
 
@@ -399,8 +399,8 @@ APP_MODEL = s.Obj("AppModel", [
         s.Field("plan", s.Obj("PersonalPlanRef", [s.Field("url", s.Str(300)), s.Field("sha256", SHA256),
                                                   s.Field("manifest", ARTIFACT_REF)])),
         s.Field("vocab", ARTIFACT_REF)])), required=False),
-], description="The published app model: its manifest (contract.manifest) and every file it lists; where the "
-               "population keeps personal models, what a phone personalizes it with (contract.personal).")
+], description="The published app model: its manifest (contract.artifacts.manifest) and every file it lists; where the "
+               "population keeps personal models, what a phone personalizes it with (contract.tasks.personal).")
 
-ERROR = s.Obj("Error", [s.Field("error", s.Str(64, description="a code of contract.errors.ErrorCode")),
+ERROR = s.Obj("Error", [s.Field("error", s.Str(64, description="a code of contract.protocol.errors.ErrorCode")),
                         s.Field("message", s.Str(2000))])

@@ -32,10 +32,10 @@ from typing import Protocol
 
 import numpy as np
 
-from contract import schema as sc
-from contract.batching import client_batches
-from contract.metrics import Hits, suggestions
-from contract.text import NEVER_SUGGEST, PAD_ID
+from contract.protocol import schema as sc
+from contract.model.batching import client_batches
+from contract.model.metrics import Hits, suggestions
+from contract.model.text import NEVER_SUGGEST, PAD_ID
 
 BUCKETS = 20                   # top-1 histogram: [0, 0.05), [0.05, 0.10), ..., [0.95, 1.0]
 
@@ -155,7 +155,7 @@ def mix(probs: np.ndarray, prev: int, cache: PersonalCache | None, spec: Persona
 
 def window_scores(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | None,
                   spec: PersonalSpec) -> tuple[Hits, float]:
-    """contract.metrics hits of the model's `logits` [n, L, V] on `windows` [n, L + 1], mixed with `cache`
+    """contract.model.metrics hits of the model's `logits` [n, L, V] on `windows` [n, L + 1], mixed with `cache`
     (None: the model alone), and Σ log p(target) over the non-pad positions (an oov target counts its own
     probability)."""
     windows = np.asarray(windows)
@@ -311,7 +311,7 @@ class PersonalEvalReport:
     """The body a personalize task posts (`/v1/sessions/<id>/personal`): one PersonalReport vector.
 
     `masked`: under secure aggregation the vector is the device's counts plus its SecAgg+ masks,
-    modulo 2^32 (contract.secagg.DeviceSecAgg.mask), so the server can check only the round's
+    modulo 2^32 (contract.secagg.masking.DeviceSecAgg.mask), so the server can check only the round's
     unmasked sum (check_counts with `devices` = the survivors), never one device's report."""
 
     model_version: int
@@ -320,15 +320,15 @@ class PersonalEvalReport:
 
     SCHEMA = sc.Obj("PersonalEvalReport", [
         sc.Field("model_version", sc.Int(0)),
-        sc.Field("counts", sc.Arr(sc.Int(0), 64, description="contract.personal.PersonalReport.vector()")),
+        sc.Field("counts", sc.Arr(sc.Int(0), 64, description="contract.tasks.personal.PersonalReport.vector()")),
         sc.Field("masked", sc.Bool(), required=False, default=False),
     ], description="hits of the global and the personal model, positions, two one-hot top-1 buckets, "
                    "helped / hurt / fell back; masked (uint32 words) under secure aggregation")
 
     @classmethod
     def from_json(cls, value) -> "PersonalEvalReport":
-        from contract.errors import ErrorCode, ProtocolError
-        from contract.secagg import WORD_MODULUS
+        from contract.protocol.errors import ErrorCode, ProtocolError
+        from contract.secagg.masking import WORD_MODULUS
 
         parsed = cls.SCHEMA.parse(value)
         counts, masked = parsed["counts"], parsed["masked"]

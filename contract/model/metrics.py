@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from contract.text import NEVER_SUGGEST, PAD_ID
+from contract.model.text import NEVER_SUGGEST, PAD_ID
 
 
 @dataclasses.dataclass

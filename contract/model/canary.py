@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from contract.text import BOS_ID, Vocabulary, split_sentences
+from contract.model.text import BOS_ID, Vocabulary, split_sentences
 
 CANARY = ("the king is", "i am", "my lord", "what is", "i will", "give me", "let us", "the queen is",
           "you are", "thou art", "he is", "it is", "i pray you", "good my", "come", "o my",

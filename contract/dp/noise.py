@@ -34,10 +34,10 @@ import os
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from contract.stages import Context, Stage
-from contract.update_spec import COUNT_SCALE
+from contract.update.stages import Context, Stage
+from contract.update.spec import COUNT_SCALE
 
-from contract.update_spec import DP_MECHANISMS as MECHANISMS  # noqa: E402,F401  (one list)
+from contract.update.spec import DP_MECHANISMS as MECHANISMS  # noqa: E402,F401  (one list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +167,12 @@ class SecureRandom:
         return out[:n]
 
 
-# -- the noise as update-pipeline stages (contract.pipeline composes them) -----------------------
+# -- the noise as update-pipeline stages (contract.update.pipeline composes them) -----------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class CentralNoise(Stage):
-    """DP-FedAvg's Gaussian noise, added by the server to the sum of clipped updates (contract.dp).
+    """DP-FedAvg's Gaussian noise, added by the server to the sum of clipped updates (contract.dp.noise).
 
     The device sends its clipped update unchanged; the noise's standard
     deviation (z_v · C) is fixed by the round's spec, and it is drawn from the
@@ -197,7 +197,7 @@ class DistributedNoise(Stage):
     and N_Z(0, σ_c²) to COUNT_SCALE × its unclipped bit, with σ, σ_c from the
     round's spec; the unmasked sum of n devices then carries noise of
     variance nσ² that no one, the server included, saw added. Draws come from
-    the OS CSPRNG (contract.dp.SecureRandom).
+    the OS CSPRNG (contract.dp.noise.SecureRandom).
     """
 
     sigma: float                # per device, in grid steps (RoundSpec.device_noise_units)

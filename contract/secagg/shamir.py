@@ -1,6 +1,6 @@
 """Shamir secret sharing over a prime field: t of n shares rebuild a 32-byte secret, t − 1 learn nothing.
 
-Secure aggregation (contract.secagg) splits two secrets of each device — the
+Secure aggregation (contract.secagg.masking) splits two secrets of each device — the
 seed of its self mask and its masking private key — among its neighbours,
 so that the server can rebuild exactly one of them when the device drops
 out or survives, and only with the help of `threshold` neighbours.
@@ -44,7 +44,7 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
 def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
     """The secret from at least `threshold` shares (Lagrange interpolation at 0); ValueError if fewer
     or malformed. With shares that were tampered with, the result is some other value: callers
-    check it against a commitment (contract.secagg does)."""
+    check it against a commitment (contract.secagg.masking does)."""
     if len(shares) < threshold:
         raise ValueError(f"{len(shares)} shares, fewer than the threshold {threshold}")
     points = []

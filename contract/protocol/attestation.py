@@ -22,7 +22,7 @@ import json
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from contract.errors import ErrorCode, ProtocolError
+from contract.protocol.errors import ErrorCode, ProtocolError
 
 GENUINE = "MEETS_DEVICE_INTEGRITY"      # the verdict a genuine device gets (Play Integrity's name)
 STATEMENT_VERSION = 1

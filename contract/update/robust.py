@@ -7,7 +7,7 @@ aggregation, which gives the server only a sum, and they hold all n updates
 at once: n × d × 4 bytes (`memory_bytes`), 57 MB for 10 Gboard-size updates,
 570 MB for 100. They are for small rounds the server can read, against a
 minority that sends outliers; a bounded weight and the clip already limit
-what any one device can do to a mean (contract.pipeline).
+what any one device can do to a mean (contract.update.pipeline).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from contract.stages import Stage
+from contract.update.stages import Stage
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 
@@ -86,7 +86,7 @@ class RobustAggregation(Stage):
     """The update pipeline's first stage when a round aggregates robustly: not linear.
 
     The device's half changes nothing; the server keeps every accepted update
-    (the round's "running sum" is their stack, contract.pipeline) and
+    (the round's "running sum" is their stack, contract.update.pipeline) and
     combines them with this rule once the round closes. Not being linear is
     what makes the pipeline refuse it under secure aggregation.
     """

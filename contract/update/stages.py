@@ -1,4 +1,4 @@
-"""The update pipeline's stages, each with both halves (composed in contract.pipeline).
+"""The update pipeline's stages, each with both halves (composed in contract.update.pipeline).
 
 `encode` runs on the device, `accept` on the server for each update before
 it joins the round's sum (decoding and checking what it can see), `decode`
@@ -8,7 +8,7 @@ lets the server add updates it cannot see, under secure aggregation.
 
 Plain rounds: Clipping → Weighting → Rotation → Quantization (or
 Float32Values) → WireFormat. Rounds under secure aggregation
-(contract.secagg) quantize on one grid for the whole round instead of a
+(contract.secagg.masking) quantize on one grid for the whole round instead of a
 scale per block and device (`GridQuantization`), turn the codes and the
 weight into integers modulo 2^m that the device masks (`RingEncoding`), and
 send them bit-packed at m bits (`MaskedWireFormat`); the server can check
@@ -26,9 +26,9 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from contract.errors import ErrorCode, ProtocolError
-from contract.hadamard import padded_size, rotate, unrotate
-from contract.packing import levels, pack, pack_uint, unpack, unpack_uint
+from contract.protocol.errors import ErrorCode, ProtocolError
+from contract.update.hadamard import padded_size, rotate, unrotate
+from contract.update.packing import levels, pack, pack_uint, unpack, unpack_uint
 
 FORMAT = "nightjar-update-1"
 ROUNDING_STREAM = 0x53524E44            # "SRND": the session seed's stream for stochastic rounding
@@ -50,7 +50,7 @@ class Context:
     unclipped: int = 0          # device: 1 if the update's norm was within the clip (DP's adaptive clip)
     unclipped_sum: float = 0    # server, decode under DP: how many of the summed updates were unclipped
     count_value: int | None = None   # device, distributed DP: the noised COUNT_SCALE × unclipped it masks
-    random: object | None = None   # server, decode: a contract.dp.SecureRandom (tests pass a keyed one)
+    random: object | None = None   # server, decode: a contract.dp.noise.SecureRandom (tests pass a keyed one)
 
 
 class Stage:
@@ -107,7 +107,7 @@ class Clipping(Stage):
 
     def accept(self, units: np.ndarray, ctx: Context) -> np.ndarray:
         """Refuse an update whose decoded norm (measured by the stage that decoded it) exceeds C."""
-        if ctx.masked:          # unreadable by design: the device clipped it (contract.secagg's threat model)
+        if ctx.masked:          # unreadable by design: the device clipped it (contract.secagg.masking's threat model)
             return units
         if not ctx.norm <= self.clip_norm:
             raise ProtocolError(ErrorCode.NORM_EXCEEDS_CLIP, f"the update's L2 norm {ctx.norm:.6g} "
@@ -300,7 +300,7 @@ class RingEncoding(Stage):
 
     A device's codes + L lie in 0..2L and the weights in 1..W, and m is
     chosen so that the sum over the largest cohort cannot wrap
-    (`RoundSpec.modulus_bits`). The device's masker (contract.secagg) adds
+    (`RoundSpec.modulus_bits`). The device's masker (contract.secagg.masking) adds
     its masks to this vector before it is packed.
     """
 

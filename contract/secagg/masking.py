@@ -11,10 +11,10 @@ device_runtime/secagg.py takes part in them. Per round and device:
    k-regular graph (`neighbour_graph`: Harary's graph on a random order, as
    in Bell et al.; the complete graph for small rounds) and numbers them.
 3. **share** — the device splits b and its masking private key t-of-k
-   (contract.shamir, t = ⌊k/2⌋ + 1) and sends each neighbour its two shares,
+   (contract.secagg.shamir, t = ⌊k/2⌋ + 1) and sends each neighbour its two shares,
    encrypted with AES-256-GCM under HKDF-SHA256 of the pairwise X25519 secret
    of the encryption keys; the server only relays them.
-4. **mask** — the device adds to its plaintext integers (contract.stages.
+4. **mask** — the device adds to its plaintext integers (contract.update.stages.
    RingEncoding) the self mask PRG(b) and, for every neighbour v that shared,
    +PRG(s_uv) if its own number is smaller and −PRG(s_uv) if larger, where
    s_uv = HKDF(X25519(mask key, v's mask key)): pairs cancel in the sum.
@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
 
-from contract import shamir
+from contract.secagg import shamir
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -245,7 +245,7 @@ class DeviceSecAgg:
 
     def mask(self, ring: np.ndarray) -> np.ndarray:
         """`ring` (uint32) + PRG(b) ± PRG(s_uv) for every neighbour that shared, modulo 2^32 (the
-        caller reduces to the ring, contract.stages.RingEncoding)."""
+        caller reduces to the ring, contract.update.stages.RingEncoding)."""
         out = ring.astype(np.uint32, copy=True)
         add_mask(out, self_mask_key(self.domain, self._seed), +1)
         for v in self._held:

@@ -3,7 +3,7 @@
 A manifest (`plan.manifest.json`, `app.manifest.json`) is the contract between
 the server that exports a model and the phone that runs it: what the file is,
 which weights and vocabulary it belongs to, the flat weight layout
-(`contract.weights.WeightLayout`, the one mapping of weights to a flat vector),
+(`contract.model.weights.WeightLayout`, the one mapping of weights to a flat vector),
 the signatures it exposes and the sha256 of every file. `load_verified` is the
 only way the device side opens an artifact, so a truncated download, a
 manifest from a newer server or a vocabulary from another model version is
@@ -18,9 +18,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from contract.text import Vocabulary
-from contract.weights import LayoutError, WeightLayout
-from contract.artifacts import (HashMismatch, MissingArtifact, SchemaMismatch,
+from contract.model.text import Vocabulary
+from contract.model.weights import LayoutError, WeightLayout
+from contract.artifacts.errors import (HashMismatch, MissingArtifact, SchemaMismatch,
                                   VocabularyMismatch)
 
 SCHEMA_VERSION = 1
@@ -38,7 +38,7 @@ class Manifest:
     model_config: dict              # models.model.ModelConfig fields
     artifact: str                   # the .tflite file name (same directory)
     vocab_file: str                 # the vocabulary file name (same directory)
-    vocab_sha256: str               # contract.text.Vocabulary.sha256 of it
+    vocab_sha256: str               # contract.model.text.Vocabulary.sha256 of it
     seq_len: int
     weight_layout: list[dict]       # WeightLayout.to_json(): name, shape, offset
     signatures: dict                # models.modelinfo.signatures() of the artifact
@@ -49,7 +49,7 @@ class Manifest:
     clip_norm: float | None = None  # training plan: gradient clip (global L2 norm), if any
     personal_layers: list[str] | None = None   # training plan: what `personalize` trains (None: all)
     privacy: dict | None = None     # app model trained under DP: {epsilon, delta, accountant, rounds}
-    canary: dict | None = None      # app model: {probe context: first suggestion} (contract.canary)
+    canary: dict | None = None      # app model: {probe context: first suggestion} (contract.model.canary)
     ops: list[str] = dataclasses.field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
@@ -103,7 +103,7 @@ FIELD_DOCS = {
     "model_config": "the model's sizes (vocab_size, embedding_dim, units, seq_len, ...)",
     "artifact": "the .tflite file's name (beside the manifest)",
     "vocab_file": "the vocabulary's file name: a JSON list of tokens, the four special ones first",
-    "vocab_sha256": "contract.text.Vocabulary.sha256 of the vocabulary",
+    "vocab_sha256": "contract.model.text.Vocabulary.sha256 of the vocabulary",
     "seq_len": "tokens per window the model reads",
     "weight_layout": "the flat weight vector's order: [{name, shape, offset}], tensors in this order",
     "signatures": "the .tflite's signatures: {name: {inputs, outputs}} with shapes and dtypes",
@@ -114,7 +114,7 @@ FIELD_DOCS = {
     "clip_norm": "training plan: each SGD step's gradient clip (global L2), if any",
     "personal_layers": "training plan: the weights its personalize signature trains (null: all of them)",
     "privacy": "app model trained under user-level DP: the server ledger's {epsilon, delta, accountant, rounds}",
-    "canary": "app model: the first suggestion after each standing probe context (contract.canary), "
+    "canary": "app model: the first suggestion after each standing probe context (contract.model.canary), "
               "computed by this model on the LiteRT interpreter",
     "ops": "the TFLite built-in operators the model uses",
 }

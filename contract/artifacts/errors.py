@@ -1,7 +1,7 @@
 """Errors of an artifact (plan, app model, manifest, vocabulary) that cannot be trusted. TF-free.
 
 The phone and the server raise and catch these when an exported file, its
-manifest or its vocabulary does not check out; `contract.manifest` is where
+manifest or its vocabulary does not check out; `contract.artifacts.manifest` is where
 they are raised.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from contract.errors import ErrorCode, ProtocolError
+from contract.protocol.errors import ErrorCode, ProtocolError
 
 MAX_INT = 2**53   # JSON numbers are exact up to here
 

@@ -1,20 +1,20 @@
-"""The messages of secure aggregation's phases (contract.secagg), as the device and the server parse them.
+"""The messages of secure aggregation's phases (contract.secagg.masking), as the device and the server parse them.
 
 Keys, commitments, ciphertexts and shares travel as fixed-length base64url
 strings (`schema.B64`); devices are named by their number in the round's
 neighbour graph. A device follows its session's phase with
 `GET /v1/sessions/<id>/secagg` (`SecAggStatus`) and answers it with
 `SecAggKeys`, `SecAggShares` or `SecAggReveal`; its masked update goes to the
-session's usual upload (contract.stages.MaskedWireFormat).
+session's usual upload (contract.update.stages.MaskedWireFormat).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from contract import schema as s
-from contract import shamir
-from contract.secagg import CIPHERTEXT_BYTES, KEY, KEY_BYTES, SELF, Advertisement, Neighbour
+from contract.protocol import schema as s
+from contract.secagg import shamir
+from contract.secagg.masking import CIPHERTEXT_BYTES, KEY, KEY_BYTES, SELF, Advertisement, Neighbour
 
 PHASES = ("keys", "shares", "masking", "unmasking", "done", "failed", "excluded")
 MAX_NEIGHBOURS = 1000

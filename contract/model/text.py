@@ -25,7 +25,7 @@ import numpy as np
 PAD, BOS, EOS, OOV = "<pad>", "<bos>", "<eos>", "<oov>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, OOV)
 PAD_ID, BOS_ID, EOS_ID, OOV_ID = range(4)
-# A keyboard never offers these; see contract.metrics for the metric definition.
+# A keyboard never offers these; see contract.model.metrics for the metric definition.
 NEVER_SUGGEST = (PAD_ID, BOS_ID, OOV_ID)
 
 FREE_SLOT = "<free:"       # a reserved vocabulary slot: "<free:0>", "<free:1>", ...

@@ -1,0 +1,4 @@
+"""User-level differential privacy as phone, server and simulation apply it.
+
+* `noise` — DP-FedAvg's settings, the adaptive clip, the CSPRNG and the noise stages.
+"""
