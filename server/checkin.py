@@ -24,6 +24,7 @@ import threading
 import time
 
 from contract.model.batching import round_seed
+from contract.tasks import failure_path, report_path
 from contract.protocol.wire import Assignment, Conditions, DiscoveryAsk, Rejection
 from server.artifacts import ArtifactStore
 from server import sessions, telemetry
@@ -48,9 +49,6 @@ def artifact_ref(sha256: str) -> dict:
     return {"url": artifact_url(sha256), "sha256": sha256}
 
 
-ACTIONS = {"train": "update", "eval": "eval", "discover": "discovery", "personalize": "personal"}
-
-
 def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, checkpoint_sha256: str,
                     now: float, discovery: DiscoveryAsk | None = None,
                     personalization: dict | None = None) -> Assignment:
@@ -58,14 +56,13 @@ def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, che
     plan = None
     if pop.plan is not None:
         plan = {**artifact_ref(pop.plan.artifact_sha256), "manifest": artifact_ref(pop.plan.manifest_sha256)}
-    action = ACTIONS[rnd.task]
     return Assignment(
         session_id=session_id, task=rnd.task, population=pop.name, round=rnd.number,
         model_version=rnd.model_version, plan=plan, checkpoint=artifact_ref(checkpoint_sha256),
         vocab=artifact_ref(pop.vocab_sha256) if pop.vocab_sha256 else None,
         hyperparameters={**rnd.hyperparameters, "seed": seed},
         report_deadline=rnd.deadline, report_deadline_in_s=max(0.0, rnd.deadline - now),
-        report_url=f"/v1/sessions/{session_id}/{action}", failure_url=f"/v1/sessions/{session_id}/failure",
+        report_url=report_path(rnd.task, session_id), failure_url=failure_path(session_id),
         update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None, discovery=discovery,
         personalization=personalization if rnd.task == "personalize" else None)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from contract.protocol import schema as s
 from contract.tasks.discovery import DiscoverySpec
+from contract.tasks import NAMES as TASKS
 from contract.update.spec import ROUND_SPEC, SHA256, RoundSpec
 
-TASKS = ("train", "eval", "discover", "personalize")
 # Why a device stopped a task: the training policy's codes (device_runtime.policy), a time or
 # memory budget, an explicit cancel, or anything else ("error").
 FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
