@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from scipy import stats
 from contract.secagg import shamir
 from contract.update.pipeline import Contribution, UpdatePipeline, running_sum
 from contract.secagg.masking import (KEY, SELF, DeviceSecAgg, Member, Neighbour, SecAggError, default_degree,
-                             masking_set, neighbour_graph, threshold, unmask)
+                                    masking_set, neighbour_graph, threshold, unmask, unmask_report)
 from contract.update.spec import UpdateSpec
 
 SIZE = 3000
@@ -20,12 +21,12 @@ def test_shamir_any_t_shares_rebuild_the_secret_and_fewer_do_not():
     secret = bytes(range(32))
     shares = shamir.split(secret, 3, range(1, 6))
     for subset in itertools.combinations(shares, 3):
-        assert shamir.combine({x: shares[x] for x in subset}, 3) == secret
+        assert shamir.decode({x: shares[x] for x in subset}, 3) == shamir.Decoded(secret, frozenset())
     with pytest.raises(ValueError, match="fewer than the threshold"):
-        shamir.combine({1: shares[1], 2: shares[2]}, 3)
+        shamir.decode({1: shares[1], 2: shares[2]}, 3)
     tampered = {1: shares[1], 2: shares[2], 3: bytes(shamir.SHARE_BYTES - 1) + b"\x01"}
     try:
-        rebuilt = shamir.combine(tampered, 3)
+        rebuilt = shamir.decode(tampered, 3).secret   # exactly t shares: nothing to check them against
     except ValueError:          # not even a 32-byte value
         rebuilt = None
     assert rebuilt != secret
@@ -140,18 +141,97 @@ def test_a_masked_upload_is_uniform_and_unlike_its_plaintext():
     assert stats.chisquare(np.bincount(plain.astype(np.int64) >> (m - 6), minlength=64)).pvalue < 1e-12
 
 
-def test_a_missing_wrong_or_tampered_share_fails_loudly():
-    r = Round(12, {"masking": {3}})
-    owner = next(iter(r.survivors))
+def test_too_few_shares_or_too_many_wrong_fail_naming_the_owner():
+    r = Round(12, {"masking": {3}})                 # k = 11, t = 6: 10 revealers per survivor's seed
+    domain = r.spec.fingerprint.encode()
+    owner = min(r.survivors)
     missing = {o: dict(list(s.items())[:r.t - 1]) if o == owner else s for o, s in r.shares.items()}
-    with pytest.raises(SecAggError, match="fewer than t"):
-        unmask(r.masked.total, r.members, r.survivors, missing, r.t, r.spec.fingerprint.encode())
-    for victim in (owner, 3):                                   # a survivor's seed, a dropped device's key
+    with pytest.raises(SecAggError, match=f"device {owner}:.*fewer than the threshold") as e:
+        unmask(r.masked.total, r.members, r.survivors, missing, r.t, domain)
+    assert e.value.owners == (owner,)
+    for victim in (owner, 3):                       # a survivor's seed, a dropped device's key
+        n = len(r.shares[victim])
         bad = {o: dict(s) for o, s in r.shares.items()}
-        revealer = next(iter(bad[victim]))
-        bad[victim][revealer] = bytes(len(bad[victim][revealer]) - 1) + b"\x07"
-        with pytest.raises(SecAggError, match="does not match|not a field|32-byte"):
-            unmask(r.masked.total, r.members, r.survivors, bad, r.t, r.spec.fingerprint.encode())
+        liars = sorted(bad[victim])[:(n - r.t) // 2 + 1]          # one more than can be corrected
+        for revealer in liars:
+            bad[victim][revealer] = secrets.randbelow(shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big")
+        with pytest.raises(SecAggError, match=f"device {victim}:") as e:
+            unmask(r.masked.total, r.members, r.survivors, bad, r.t, domain)
+        assert e.value.owners == (victim,)
+    forged = {o: dict(s) for o, s in r.shares.items()}        # all consistent, of another seed: only
+    forged[owner] = shamir.split(bytes(32), r.t, forged[owner])  # the commitment tells
+    with pytest.raises(SecAggError, match=f"device {owner}: .*does not match its commitment"):
+        unmask(r.masked.total, r.members, r.survivors, forged, r.t, domain)
+
+
+def liar_round(seed: int, n: int, k: int, drop: dict[str, set[int]]) -> tuple[Round, dict, dict]:
+    """A round whose reveals carry kinds, with up to the correctable number of wrong shares per secret:
+    random values, the other kind, or a neighbour's share passed off as another's."""
+    r = Round(n, drop, seed=seed, k=k)
+    rng = np.random.default_rng(seed)
+    shares = {o: {v: (SELF if o in r.survivors else KEY, share) for v, share in s.items()}
+              for o, s in r.shares.items()}
+    expected: dict[int, set[int]] = {}
+    for o in sorted(shares):
+        given = shares[o]
+        e = int(rng.integers(0, (len(given) - r.t) // 2 + 1))
+        for v in rng.choice(sorted(given), e, replace=False).tolist():
+            kind, share = given[v]
+            how = int(rng.integers(3))
+            if how == 0:
+                given[v] = (kind, secrets.randbelow(shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big"))
+            elif how == 1:
+                given[v] = (KEY if kind == SELF else SELF, share)
+            else:
+                given[v] = (kind, shares[v][o][1] if o in shares.get(v, {}) else bytes(shamir.SHARE_BYTES))
+            expected.setdefault(v, set()).add(o)
+    return r, shares, expected
+
+
+@pytest.mark.parametrize("seed,n,k", [(1, 8, 7), (2, 12, 11), (3, 30, 10), (4, 31, 30)])
+def test_wrong_shares_are_corrected_and_their_revealers_named(seed, n, k):
+    """Up to (n - t) / 2 wrong shares per secret, from random revealers: the exact sum, and every
+    wrong revealer named with the owners it lied about."""
+    r, shares, expected = liar_round(seed, n, k, {"masking": {2, 5}})
+    assert expected                                    # the draw did put liars in
+    out = unmask_report(r.masked.total, r.members, r.survivors, shares, r.t, r.spec.fingerprint.encode())
+    np.testing.assert_array_equal(r.pipeline.ring.reduce(out.total.astype(np.int64)), r.plain.total)
+    assert out.wrong == {v: frozenset(owners) for v, owners in expected.items()}
+
+
+def test_a_reveal_for_the_wrong_neighbour_is_excluded_not_fatal():
+    r = Round(20, {"masking": {4}}, seed=7, k=8)      # sparse: most devices hold no share of one another
+    shares = {o: dict(s) for o, s in r.shares.items()}
+    owner = min(r.survivors)
+    stranger = next(u for u in sorted(r.survivors) if u not in r.members[owner].maskers and u != owner)
+    shares[owner][stranger] = bytes(shamir.SHARE_BYTES)              # a share it never held
+    shares.setdefault(99, {})[stranger] = bytes(shamir.SHARE_BYTES)   # of a device outside the round
+    out = unmask_report(r.masked.total, r.members, r.survivors, shares, r.t, r.spec.fingerprint.encode())
+    np.testing.assert_array_equal(r.pipeline.ring.reduce(out.total.astype(np.int64)), r.plain.total)
+    assert out.wrong == {stranger: frozenset({owner, 99})}
+
+
+@pytest.mark.parametrize("n,t", [(3, 2), (5, 3), (7, 4), (10, 6), (16, 9), (30, 16)])
+def test_reed_solomon_corrects_every_e_up_to_the_bound_and_no_more(n, t):
+    rng = np.random.default_rng(n)
+    secret = secrets.token_bytes(32)
+    xs = sorted(rng.choice(np.arange(1, 10**6), n, replace=False).tolist())
+    shares = shamir.split(secret, t, xs)
+    bound = (n - t) // 2
+    for e in range(bound + 2):
+        for _ in range(3):
+            bad = dict(shares)
+            liars = set(rng.choice(xs, e, replace=False).tolist())
+            for x in liars:
+                bad[x] = secrets.randbelow(shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big")
+            if e <= bound:
+                assert shamir.decode(bad, t) == shamir.Decoded(secret, frozenset(liars))
+            elif n > t:             # one more than the bound: refused (n == t cannot even tell)
+                with pytest.raises(ValueError, match="corrected|further"):
+                    shamir.decode(bad, t)
+    malformed = dict(shares) | {xs[0]: b"\xff" * shamir.SHARE_BYTES, xs[1]: b"\x01"}   # erasures: set aside
+    if n - 2 >= t:
+        assert shamir.decode(malformed, t) == shamir.Decoded(secret, frozenset(xs[:2]))
 
 
 def test_a_device_never_reveals_both_shares_of_one_neighbour():

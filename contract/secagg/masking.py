@@ -21,8 +21,10 @@ device_runtime/secagg.py takes part in them. Per round and device:
 5. **unmask** — each surviving device reveals, per neighbour, the share of
    its self-mask seed if it survived or of its masking key if it dropped;
    never both for one neighbour (`reveal` refuses). The server rebuilds each
-   secret from t shares, checks it against its commitment or public key (a
-   wrong or tampered share fails loudly), and removes the masks.
+   secret from the shares revealed, correcting wrong ones (Reed–Solomon
+   decoding: n shares with e wrong suffice when n >= t + 2e), checks it
+   against its commitment or public key, removes the masks, and names the
+   revealers whose shares were wrong (`unmask_report`).
 
 Every mask is an AES-256-CTR keystream keyed by a full 256-bit secret, never
 a short seed; every key is bound to the round by the round spec's
@@ -36,6 +38,7 @@ import math
 import os
 import secrets
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -59,7 +62,15 @@ WORD_MODULUS = 2**32      # masks, masked vectors and their sums are uint32 word
 
 
 class SecAggError(Exception):
-    """A protocol rule would be broken (a device refuses), or a message does not check out."""
+    """A protocol rule would be broken (a device refuses), or a message does not check out.
+
+    From `unmask`: `owners`, the devices whose secrets could not be rebuilt,
+    and `wrong`, the revealers found to have sent wrong shares (as in `Unmasked`)."""
+
+    def __init__(self, message: str, owners: tuple[int, ...] = (), wrong: dict[int, frozenset[int]] | None = None):
+        super().__init__(message)
+        self.owners = owners
+        self.wrong = wrong or {}
 
 
 # -- parameters and the graph (the server decides, the device receives) --------------------
@@ -135,11 +146,6 @@ def _keystream(key: bytes, count: int) -> np.ndarray:
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     encryptor.update_into(_scratch.zeros, _scratch.out)
     return np.frombuffer(_scratch.out, "<u4", count=count)
-
-
-def expand(key: bytes, count: int) -> np.ndarray:
-    """The mask `key` stands for: `count` uint32 words of its AES-256-CTR keystream (a copy)."""
-    return _keystream(key, count).copy()
 
 
 def add_mask(total: np.ndarray, key: bytes, sign: int) -> None:
@@ -284,36 +290,103 @@ class Member:
     maskers: frozenset[int]       # the neighbours it masked with (those that shared with it)
 
 
-def rebuild(owner: Member, kind: str, shares: dict[int, bytes], t: int, domain: bytes) -> bytes:
-    """The secret of `owner` from its shares, checked; SecAggError names what is wrong."""
-    if len(shares) < t:
-        raise SecAggError(f"device {owner.node}: {len(shares)} {kind} shares, fewer than t = {t}")
+Reveal = bytes | tuple[str, bytes]    # a share, or (kind, share) as the revealer labelled it
+
+
+@dataclasses.dataclass(frozen=True)
+class Rebuilt:
+    secret: bytes
+    wrong: frozenset[int]     # revealers whose share was wrong, malformed, of the other kind or not theirs
+
+
+@dataclasses.dataclass(frozen=True)
+class Unmasked:
+    total: np.ndarray                     # the survivors' plaintext sum (uint32, modulo 2^32)
+    wrong: dict[int, frozenset[int]]      # revealer → the owners whose shares it gave wrong (or had no share of)
+
+
+def rebuild(owner: Member, kind: str, shares: Mapping[int, Reveal], t: int, domain: bytes,
+            distrusted: frozenset[int] = frozenset()) -> Rebuilt:
+    """The secret of `owner` from the revealed shares, checked, and who revealed wrongly.
+
+    Only its maskers hold its shares, and only of `kind`: a share from anyone
+    else, or labelled with the other kind, is set aside (a reveal "for the
+    wrong neighbour"). The rest are Reed–Solomon decoded (contract.secagg.shamir.decode):
+    with n of them, e wrong, the secret is rebuilt whenever n >= t + 2e, and
+    the wrong ones named. `distrusted` revealers (wrong for another owner) are
+    left out of the decoding when the rest suffice, and checked against it:
+    one bad revealer costs one full decode, not one per owner.
+    SecAggError names the owner when it cannot be rebuilt, or when what is
+    rebuilt does not match its commitment or public key (more wrong shares,
+    agreeing on a forgery, than can be corrected).
+    """
+    misdirected = frozenset(r for r, v in shares.items()
+                            if r not in owner.maskers or (isinstance(v, tuple) and v[0] != kind))
+    usable = {r: v[1] if isinstance(v, tuple) else v for r, v in shares.items() if r not in misdirected}
     try:
-        secret = shamir.combine(shares, t)
+        decoded = shamir.decode(usable, t, distrusted)
     except ValueError as e:
-        raise SecAggError(f"device {owner.node}: {e}") from None
-    if kind == SELF and commitment(domain, secret) != owner.commitment:
-        raise SecAggError(f"device {owner.node}: the rebuilt self-mask seed does not match its commitment "
-                          "(a wrong or tampered share)")
-    if kind == KEY and public_bytes(X25519PrivateKey.from_private_bytes(secret)) != owner.mask_pk:
-        raise SecAggError(f"device {owner.node}: the rebuilt masking key does not match its public key "
-                          "(a wrong or tampered share)")
-    return secret
+        raise SecAggError(f"device {owner.node}: {len(usable)} usable {kind} shares cannot rebuild its "
+                          f"secret ({e})", (owner.node,)) from None
+    if not _matches(owner, kind, decoded.secret, domain):
+        raise SecAggError(f"device {owner.node}: the {kind} secret rebuilt from {len(usable)} shares does not "
+                          f"match its {'commitment' if kind == SELF else 'public key'} (more than (n - t) / 2 "
+                          "of them are wrong)", (owner.node,))
+    return Rebuilt(decoded.secret, misdirected | decoded.wrong)
 
 
-def unmask(masked_sum: np.ndarray, members: dict[int, Member], survivors: set[int],
-           shares: dict[int, dict[int, bytes]], t: int, domain: bytes) -> np.ndarray:
-    """The survivors' plaintext sum (uint32, modulo 2^32: the caller reduces to the ring).
+def _matches(owner: Member, kind: str, secret: bytes, domain: bytes) -> bool:
+    if kind == SELF:
+        return commitment(domain, secret) == owner.commitment
+    return public_bytes(X25519PrivateKey.from_private_bytes(secret)) == owner.mask_pk
+
+
+def unmask_report(masked_sum: np.ndarray, members: dict[int, Member], survivors: set[int],
+                  shares: Mapping[int, Mapping[int, Reveal]], t: int, domain: bytes) -> Unmasked:
+    """The survivors' plaintext sum (uint32, modulo 2^32: the caller reduces to the ring), and the
+    revealers whose shares were wrong.
 
     `masked_sum`: the sum of the survivors' masked vectors; `members`: the
     masking set (survivors and the devices that shared but did not submit);
-    `shares[owner]`: {revealer: share} of the owner's self-mask seed if it
-    survived, of its masking key if not. Any secret that cannot be rebuilt
-    and checked raises SecAggError: nothing is unmasked from a partial set.
+    `shares[owner]`: {revealer: share or (kind, share)} of the owner's
+    self-mask seed if it survived, of its masking key if not. Wrong shares
+    are corrected where enough honest ones exist (`rebuild`); any secret that
+    still cannot be rebuilt and checked raises SecAggError naming every such
+    owner: nothing is unmasked from a partial set.
     """
+    wrong: dict[int, set[int]] = {}
+    for owner, given in shares.items():           # reveals about devices outside the masking set
+        if owner not in members:
+            for r in given:
+                wrong.setdefault(r, set()).add(owner)
+    secrets_, failed, messages = {}, [], []
+    for o in sorted(members):
+        try:
+            rebuilt = rebuild(members[o], SELF if o in survivors else KEY, shares.get(o, {}), t, domain,
+                              frozenset(wrong))
+        except SecAggError as e:
+            failed.append(o)
+            messages.append(str(e))
+            continue
+        secrets_[o] = rebuilt.secret
+        for r in rebuilt.wrong:
+            wrong.setdefault(r, set()).add(o)
+    named = {r: frozenset(owners) for r, owners in wrong.items()}
+    if failed:
+        raise SecAggError("; ".join(messages[:3]) + (f" (and {len(failed) - 3} more)" if len(failed) > 3 else ""),
+                          tuple(failed), named)
+    return Unmasked(_remove_masks(masked_sum, members, survivors, secrets_, domain), named)
+
+
+def unmask(masked_sum: np.ndarray, members: dict[int, Member], survivors: set[int],
+           shares: Mapping[int, Mapping[int, Reveal]], t: int, domain: bytes) -> np.ndarray:
+    """`unmask_report`'s sum alone (for callers that do not name wrong revealers)."""
+    return unmask_report(masked_sum, members, survivors, shares, t, domain).total
+
+
+def _remove_masks(masked_sum: np.ndarray, members: dict[int, Member], survivors: set[int],
+                  secrets_: dict[int, bytes], domain: bytes) -> np.ndarray:
     total = masked_sum.astype(np.uint32)
-    secrets_ = {o: rebuild(members[o], SELF if o in survivors else KEY, shares.get(o, {}), t, domain)
-                for o in members}
     for u in survivors:
         add_mask(total, self_mask_key(domain, secrets_[u]), -1)
     for v in set(members) - survivors:

@@ -11,11 +11,18 @@ the pair (x, f(x)) of a random polynomial f of degree threshold − 1 with
 f(0) = secret, its coefficients drawn from the OS CSPRNG (`secrets`). x is
 the holder's index in the round's neighbour graph (1..n, never 0). Shares
 go on the wire as SHARE_BYTES big-endian bytes of f(x).
+
+`decode` does not trust the shares it is given: with n shares of which e are
+wrong it rebuilds the secret whenever n >= threshold + 2e (Reed–Solomon
+decoding, contract.secagg.reed_solomon) and says whose shares were wrong.
 """
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Iterable, Mapping
+
+from contract.secagg import reed_solomon
 
 PRIME = 2**521 - 1
 SHARE_BYTES = 66                  # ceil(521 / 8)
@@ -41,28 +48,57 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
     return out
 
 
-def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """The secret from at least `threshold` shares (Lagrange interpolation at 0); ValueError if fewer
-    or malformed. With shares that were tampered with, the result is some other value: callers
-    check it against a commitment (contract.secagg.masking does)."""
-    if len(shares) < threshold:
-        raise ValueError(f"{len(shares)} shares, fewer than the threshold {threshold}")
-    points = []
-    for x, raw in list(shares.items())[:threshold]:
-        if len(raw) != SHARE_BYTES or not 0 < x < PRIME:
-            raise ValueError(f"share of holder {x} is malformed")
-        y = int.from_bytes(raw, "big")
-        if y >= PRIME:
-            raise ValueError(f"share of holder {x} is not a field element")
-        points.append((x, y))
-    secret = 0
-    for i, (xi, yi) in enumerate(points):
-        numerator, denominator = 1, 1
-        for j, (xj, _) in enumerate(points):
-            if i != j:
-                numerator = numerator * xj % PRIME
-                denominator = denominator * (xj - xi) % PRIME
-        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
-    if secret >= 1 << (8 * SECRET_BYTES):
-        raise ValueError("the shares do not rebuild a 32-byte secret (inconsistent shares)")
-    return secret.to_bytes(SECRET_BYTES, "big")
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    secret: bytes
+    wrong: frozenset[int]       # the holders whose shares were not on the secret's polynomial
+
+
+def decode(shares: Mapping[int, bytes], threshold: int, suspects: Iterable[int] = ()) -> Decoded:
+    """The secret from shares of which some may be wrong, and who sent the wrong ones.
+
+    Any `threshold` correct shares fix the secret; fewer learn nothing of it.
+    A malformed share (wrong length, not a field element) is set aside first
+    (an erasure: it costs one share, a wrong value costs two). ValueError if
+    the rest cannot be corrected — fewer than threshold + 2e well-formed shares
+    for e wrong ones — or rebuild a value that is not 32 bytes. With exactly
+    `threshold` shares nothing can be checked: a wrong one gives some other
+    value. `suspects` (holders known to have lied about other secrets) are
+    left out of the decoding when the rest suffice, and checked against its
+    result. A result is unique but not proof against holders that agree on a
+    forgery (more than (n − threshold) / 2 of them): callers still check the
+    secret against its commitment, as contract.secagg.masking does.
+    """
+    malformed = frozenset(x for x, raw in shares.items() if len(raw) != SHARE_BYTES or not 0 < x < PRIME
+                          or int.from_bytes(raw, "big") >= PRIME)
+    ys = {x: int.from_bytes(raw, "big") for x, raw in shares.items() if x not in malformed}
+    good, suspects = sorted(ys), set(suspects)
+    if len(good) < threshold:
+        raise ValueError(f"{len(good)} well-formed shares ({len(malformed)} malformed), fewer than the "
+                         f"threshold {threshold}")
+    trusted = [x for x in good if x not in suspects]
+    if len(trusted) < len(good) and len(trusted) >= threshold:
+        try:
+            return _decode(ys, trusted, [x for x in good if x in suspects], threshold, malformed)
+        except ValueError:
+            pass              # not without them: decode them with the rest
+    return _decode(ys, good, [], threshold, malformed)
+
+
+def _decode(ys: dict[int, int], xs: list[int], extra: list[int], threshold: int,
+            malformed: frozenset[int]) -> Decoded:
+    """Decode the points at `xs`; check the `extra` ones against the result."""
+    values = [ys[x] for x in xs]
+    if reed_solomon.consistent(xs, values, threshold, PRIME, secrets.randbelow(PRIME)):
+        at = reed_solomon.values_at(xs[:threshold], values[:threshold], [0] + extra, PRIME)
+        wrong = []
+    else:
+        try:
+            f, wrong = reed_solomon.decode(xs, values, threshold, PRIME)
+        except reed_solomon.DecodingError as err:
+            raise ValueError(str(err)) from None
+        at = [reed_solomon.evaluate(f, x, PRIME) for x in [0] + extra]
+    wrong += [x for x, v in zip(extra, at[1:]) if v != ys[x]]
+    if at[0] >= 1 << (8 * SECRET_BYTES):
+        raise ValueError("the shares do not rebuild a 32-byte secret")
+    return Decoded(at[0].to_bytes(SECRET_BYTES, "big"), frozenset(wrong) | malformed)
