@@ -46,7 +46,10 @@ demo: setup corpus
 # the population initialised with a tiny model; `make cluster-down` stops it.
 .PHONY: cluster cluster-down
 cluster: setup
-	$(PY) -m deploy up --dir cluster-state --config deploy/cluster.toml --replicas 3 --port 8080 --init-tiny
+	$(PY) -m emulation tiny-model --out cluster-state/model
+	$(PY) -m deploy up --dir cluster-state --config deploy/cluster.toml --replicas 3 --port 8080 \
+		--checkpoint cluster-state/model/init.safetensors --vocab cluster-state/model/vocab.json \
+		--plan-dir cluster-state/model/plan
 
 cluster-down:
 	$(PY) -m deploy down --dir cluster-state

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from contract.cli import ArgumentParser, parse
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,13 +47,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
 def parse_config(config_cls: type, description: str, switches: dict[str, str] | None = None,
                  **paths: Path | None) -> tuple[object, dict]:
     """A benchmark's command line: one flag per config field, the path flags named in `paths`
-    (name → default) and on/off `switches` (name → help). Returns the config and {name: value}."""
-    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    (name → default) and on/off `switches` (name → help). Returns the config and {name: value}; a bad
+    flag ends the program with one line naming it and exit status 2 (contract.cli)."""
+    parser = ArgumentParser(description=description.splitlines()[0])
     add_config_flags(parser, config_cls)
     for name, default in paths.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=Path, default=default)
     for name, text in (switches or {}).items():
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
-    args = vars(parser.parse_args())
+    args = vars(parse(parser))
     chosen = {name: args.pop(name) for name in [*paths, *(switches or {})]}
     return config_cls(**args), chosen

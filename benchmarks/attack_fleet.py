@@ -62,7 +62,7 @@ def run(cfg: AttackFleetConfig, out: Path) -> dict:
     from benchmarks.demo_report import evaluate_versions
     from emulation.attackers import FleetAttack
     from emulation.deployment import init_population
-    from emulation.server_process import ServerProcess, free_port
+    from deploy.server_process import ServerProcess, free_port
 
     attack = FleetAttack(cfg.kind, cfg.fraction, cfg.boost, repeat=cfg.repeat, copies=cfg.copies)
     corpus, model, server_config = prepare(cfg, out, settings(cfg.defences))

@@ -94,7 +94,8 @@ def prepare(cfg: DemoConfig, out: Path, settings: dict | None = None):
     from models.corpus import load_corpus
     from models.model import GBOARD
     from models.pretrain import pretrain
-    from emulation.deployment import initial_model, simulated_clock, write_server_config
+    from emulation.deployment import simulated_clock, write_server_config
+    from emulation.models import initial_model
 
     corpus = load_corpus(vocab_size=GBOARD.vocab_size - 4, seq_len=GBOARD.seq_len)
     flat, _ = pretrain(GBOARD, corpus.vocab)          # public text only; cached after the first demo
@@ -107,7 +108,8 @@ def prepare(cfg: DemoConfig, out: Path, settings: dict | None = None):
 def run_fleet(cfg: DemoConfig, out: Path, server, corpus, attack=None):
     """The demo's fleet against `server` until `cfg.rounds` training rounds and `cfg.published` published
     versions (or the wall budget); `attack` (emulation.attackers.FleetAttack) makes some phones attackers."""
-    from emulation.deployment import enrollment, operator_token
+    from deploy.server_process import operator_token
+    from emulation.deployment import enrollment
     from emulation.fleet import FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
     from emulation.world import FleetMix
 
@@ -148,7 +150,7 @@ def main() -> int:
     from benchmarks.demo_report import evaluate_versions, plot_participation, plot_quality, summary_table
     from emulation.deployment import init_population
     from emulation.report import format_summary, summarize
-    from emulation.server_process import ServerProcess, free_port
+    from deploy.server_process import ServerProcess, free_port
 
     cfg, paths = parse_config(DemoConfig, __doc__, out=REPO / "runs" / "demo")
     out = paths["out"]

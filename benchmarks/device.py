@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 from benchmarks import write_result
+from contract.cli import ArgumentParser, parse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -70,7 +71,7 @@ def phone(server_url: str, data: Path, texts_file: Path, enrollment_file: Path) 
 def gboard_model(root: Path, corpus):
     """The seeded initial Gboard model, its checkpoint, vocabulary and training plan (timed)."""
     from models.model import GBOARD
-    from emulation.deployment import initial_model
+    from emulation.models import initial_model
 
     t0 = time.monotonic()
     model = initial_model(root, corpus, GBOARD)
@@ -145,7 +146,7 @@ def estimate_mib(plan_dir: Path, texts: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.device", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command")
     ph = sub.add_parser("phone", help="(internal) the device side, in a TensorFlow-free process")
     ph.add_argument("--server", required=True)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--enrollment", required=True, type=Path)
     p.add_argument("--out", default=str(RESULTS / "device.json"))
     p.add_argument("--note", default="", help="context to record with the figures (e.g. other load)")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     if args.command == "phone":
         print(json.dumps(phone(args.server, args.data, args.texts, args.enrollment)))
         return 0

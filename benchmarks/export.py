@@ -22,7 +22,6 @@ Writes `benchmarks/results/export.json`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
@@ -33,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 from benchmarks import write_result
+from contract.cli import ArgumentParser, at_least, parse
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -262,19 +262,18 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="Gboard checkpoint (default: newest under runs/, else warm-up)")
     p.add_argument("--threads", type=int, default=1, help="LiteRT threads (a keyboard uses one)")
     p.add_argument("--warmup-steps", type=int, default=300)
-    p.add_argument("--train-steps", type=int, default=30, help="train steps timed (>= 20)")
-    p.add_argument("--suggest-calls", type=int, default=1000, help="suggestions timed (>= 200)")
+    p.add_argument("--train-steps", type=at_least(20), default=30, help="train steps timed (the issue asks >= 20)")
+    p.add_argument("--suggest-calls", type=at_least(200), default=1000,
+                   help="suggestions timed (the issue asks >= 200)")
     p.add_argument("--agreement-windows", type=int, default=300)
     p.add_argument("--pretrain", action="store_true",
                    help="pretrain on public text if no pretrained model is cached (~5 min)")
     p.add_argument("--out", default=str(RESULTS / "export.json"))
-    args = p.parse_args(argv)
-    if args.train_steps < 20 or args.suggest_calls < 200:
-        p.error("the issue asks for >= 20 train steps and >= 200 suggestions")
+    args = parse(p, argv)
     result = run(args)
     write_result(args.out, result)
     return 0

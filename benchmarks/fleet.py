@@ -23,7 +23,6 @@ would be. Wall time is bounded (`--max-wall-s`, default 12 minutes).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import resource
@@ -35,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import RESULTS, add_config_flags, write_result
+from contract.cli import ArgumentParser, parse
 
 REPO = Path(__file__).resolve().parents[1]
 NIGHT_START_UTC = 1_795_474_800.0   # Mon 2026-11-23 23:00 UTC (midnight in UTC+1)
@@ -53,11 +53,11 @@ class FleetBench:
 
 
 def run(cfg: FleetBench, work: Path) -> dict:
-    from emulation.deployment import (enrollment, init_population, operator_token, simulated_clock, tiny_model,
-                                      write_server_config)
+    from deploy.server_process import ServerProcess, free_port, operator_token
+    from emulation.deployment import enrollment, init_population, simulated_clock, write_server_config
     from emulation.fleet import FleetConfig, build_fleet, read_server_clock, shared_clock
+    from emulation.models import tiny_model
     from emulation.report import format_summary, summarize
-    from emulation.server_process import ServerProcess, free_port
     from emulation.world import FleetMix
     from models.corpus import load_corpus
     from models.model import TINY
@@ -120,12 +120,12 @@ def run(cfg: FleetBench, work: Path) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     add_config_flags(p, FleetBench)
     p.add_argument("--work-dir", type=Path, help="default: a temporary directory (in /dev/shm if present)")
     p.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
-    args = vars(p.parse_args())
+    args = vars(parse(p, argv))
     work_dir, out = args.pop("work_dir"), args.pop("out")
     cfg = FleetBench(**args)
     base = "/dev/shm" if Path("/dev/shm").is_dir() else None

@@ -28,7 +28,8 @@ class FuzzConfig:
 
 def main() -> int:
     from emulation import fuzz
-    from emulation.deployment import start_server, tiny_corpus, tiny_model
+    from emulation.deployment import start_server
+    from emulation.models import tiny_corpus, tiny_model
 
     config, paths = parse_config(FuzzConfig, __doc__, out=RESULTS / "fuzz.json")
     if (why := fuzz.available()) is not None:

@@ -20,7 +20,6 @@ and the replicas share the cores, so more replicas cannot be faster here.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -35,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import RESULTS, write_result
+from contract.cli import ArgumentParser, parse
 from benchmarks.server import (BenchConfig, CONDITIONS, JSON_HEADERS, Conn, PeakRSS, assign_all, check_aggregate,
                                encoded_bodies, ingest_load, init_populations, register, write_config)
 
@@ -127,7 +127,7 @@ def ingest(port: int, work: Path, auths: list[str], size: int, cfg: BenchConfig,
 
 def measure_sqlite(cfg: BenchConfig) -> dict:
     from emulation.deployment import enrollment
-    from emulation.server_process import ServerProcess, free_port
+    from deploy.server_process import ServerProcess, free_port
 
     with tempfile.TemporaryDirectory(prefix="nightjar-scale-") as tmp:
         work = Path(tmp)
@@ -145,7 +145,8 @@ def measure_sqlite(cfg: BenchConfig) -> dict:
 
 def measure_postgres(cfg: BenchConfig, replicas: int, kill: bool) -> dict:
     from deploy.cluster import Cluster
-    from emulation.deployment import enrollment, operator_token
+    from deploy.server_process import operator_token
+    from emulation.deployment import enrollment
 
     with tempfile.TemporaryDirectory(prefix="nightjar-scale-") as tmp, \
             tempfile.TemporaryDirectory(prefix="nightjar-pg-") as pg_root:
@@ -176,12 +177,12 @@ def measure_postgres(cfg: BenchConfig, replicas: int, kill: bool) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=int, default=300, help="8-bit updates in each ingest round")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers per replica (the server default)")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
-    args = parser.parse_args()
+    args = parse(parser, argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
     cfg = BenchConfig(workers=args.workers, threads=8, reports=args.reports, upload_concurrency=8)

@@ -325,7 +325,7 @@ def over_http(cfg: SecAggBenchConfig) -> dict:
     from benchmarks.server import register
     from contract.model.weights import load_checkpoint
     from emulation.deployment import enrollment
-    from emulation.server_process import ServerProcess, free_port
+    from deploy.server_process import ServerProcess, free_port
 
     with tempfile.TemporaryDirectory(prefix="nightjar-secagg-") as tmp:
         work = Path(tmp)

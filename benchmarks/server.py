@@ -24,7 +24,6 @@ The machine's 2 cores are shared by server and clients: figures are noisy.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -42,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from benchmarks import RESULTS, write_result
+from contract.cli import ArgumentParser, parse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,7 +346,7 @@ def serve_and_measure(cfg: BenchConfig, specs: tuple[str, ...] = tuple(SPECS),
                       checkins: bool = True) -> dict:
     """Start the server on a fresh state, run the check-in loads (optional) and an ingest round per spec."""
     from emulation.deployment import enrollment
-    from emulation.server_process import ServerProcess, free_port
+    from deploy.server_process import ServerProcess, free_port
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
@@ -387,14 +387,14 @@ def run(cfg: BenchConfig) -> dict:
     }, measured
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=BenchConfig.workers)
     parser.add_argument("--threads", type=int, default=BenchConfig.threads)
     parser.add_argument("--reports", type=int, default=BenchConfig.reports,
                         help="updates in each ingest round")
     parser.add_argument("--out", default=str(RESULTS / "server.json"))
-    args = parser.parse_args()
+    args = parse(parser, argv)
     cfg = BenchConfig(workers=args.workers, threads=args.threads, reports=args.reports)
     start = time.monotonic()
     result, details = run(cfg)

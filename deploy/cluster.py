@@ -24,7 +24,7 @@ import requests
 
 from deploy import nginx
 from deploy.postgres import PostgresServer
-from emulation.server_process import ServerProcess, free_port
+from deploy.server_process import ServerProcess, free_port
 from server.config import PATH_KEYS
 
 

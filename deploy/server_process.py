@@ -1,9 +1,10 @@
 """A real Nightjar server (`python -m server run`, gunicorn) as a child process, always stopped.
 
-Tests, benchmarks and `make demo` start servers with this; nothing in the
-product packages depends on it. The server runs in its own process group on
-a loopback port, so one signal reaches the gunicorn master and its workers,
-and `kill` waits until the whole group has gone.
+The deployment's replicas (deploy.cluster), the tests, the benchmarks and
+`make demo` start servers with this; the server itself does not depend on
+it. The server runs in its own process group on a loopback port, so one
+signal reaches the gunicorn master and its workers, and `kill` waits until
+the whole group has gone.
 """
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def operator_token(config: Path) -> str:
+    """The operator token of the server that `config` configures (what `server init` wrote)."""
+    from server.config import load_config
+    from server.keys import operator_token as token
+
+    cfg = load_config(config)
+    return cfg.operator_token or token(cfg.operator_token_path)
+
+
 class ServerProcess:
     """`python -m server run` in its own process group, so one signal reaches master and workers."""
 
@@ -41,8 +51,6 @@ class ServerProcess:
     @property
     def operator_headers(self) -> dict:
         """`Authorization` for the operator endpoints (the token `server init` wrote for this config)."""
-        from emulation.deployment import operator_token
-
         return {"Authorization": f"Bearer {operator_token(self.config)}"}
 
     def operator_get(self, path: str, timeout_s: float = 60.0) -> requests.Response:
@@ -92,6 +100,7 @@ class ServerProcess:
         else:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc = None
+
     def __enter__(self) -> "ServerProcess":
         return self.start()
 

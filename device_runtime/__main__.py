@@ -6,7 +6,7 @@
     add     --data DIR TEXT...          (what a keyboard app does as the user types)
     suggest --data DIR CONTEXT          (the latest installed app model's suggestions)
 
-Errors name the flag or file at fault and exit with status 2.
+Errors name the flag or file at fault and exit with status 2 (contract.cli).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import itertools
 import sys
 import time
 from pathlib import Path
+
+from contract.cli import ArgumentParser, UsageError, at_least, run
 
 
 def _window(value: str) -> tuple[dt.time, dt.time]:
@@ -59,16 +61,15 @@ def cmd_run(args) -> int:
         try:
             enrollment = Enrollment.from_file(args.enrollment)
         except (OSError, ValueError, KeyError) as e:
-            print(f"error: --enrollment: {args.enrollment} is not an enrollment file ({e})", file=sys.stderr)
-            return 2
+            raise UsageError(f"--enrollment: {args.enrollment} is not an enrollment file ({e})") from None
     device = Device(args.data, args.server, conditions, policy,
                     DeviceSettings(population=args.population,
                                    utc_offset_s=offset.total_seconds() if offset else 0.0),
                     enrollment=enrollment)
     if enrollment is None and not device.registered:
-        print(f"error: --enrollment: {args.data} holds no device identity yet, so the device must enroll;"
-              " pass the population's enrollment file", file=sys.stderr)
-        return 2
+        device.close()
+        raise UsageError(f"--enrollment: {args.data} holds no device identity yet, so the device must enroll;"
+                         " pass the population's enrollment file")
     print(f"device runtime: server {args.server}, data {args.data}, population {args.population}",
           flush=True)
     try:
@@ -141,9 +142,7 @@ def cmd_status(args) -> int:
 
     path, examples = args.data / "opstats.db", args.data / "examples.db"
     if not path.is_file() and not examples.is_file():
-        print(f"error: --data: {args.data} holds no device data (no opstats.db, no examples.db)",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--data: {args.data} holds no device data (no opstats.db, no examples.db)")
     summary, events, last = {}, [], None
     if path.is_file():
         log = OpStats(path)
@@ -189,15 +188,14 @@ def cmd_suggest(args) -> int:
 
     predictor = Predictor()
     if predictor.install_latest(args.data / "app") is None:
-        print(f"error: --data: no app model installed under {args.data / 'app'}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--data: no app model installed under {args.data / 'app'}")
     for word, p in predictor.suggest(args.context):
         print(f"{word}\t{p:.3f}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m device_runtime", description=__doc__,
+    p = ArgumentParser(prog="python -m device_runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run this host as a device")
@@ -212,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ignore-idle", action="store_true", help="train even when the host is busy")
     r.add_argument("--emulated", action="store_true",
                    help="pretend to be charging, idle and on Wi-Fi (instead of reading the host)")
-    r.add_argument("--max-steps", type=int, default=None, help="stop after this many check-ins")
+    r.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many check-ins")
     r.add_argument("--enrollment", type=Path, default=None,
                    help="the population's enrollment file from `python -m server init` (development: its app "
                         "credential, and the development attestation issuer standing in for Play Integrity)")
     r.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="the participation log (opstats)")
     s.add_argument("--data", required=True, type=lambda v: _data_dir(v, must_exist=True))
-    s.add_argument("--last", type=int, default=10, help="events to list (default 10)")
+    s.add_argument("--last", type=at_least(1), default=10, help="events to list (default 10)")
     s.set_defaults(func=cmd_status)
     a = sub.add_parser("add", help="store typed text as training examples")
     a.add_argument("--data", required=True, type=lambda v: _data_dir(v, must_exist=False))
@@ -233,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

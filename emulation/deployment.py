@@ -1,83 +1,24 @@
-"""A deployment on this machine: a model and its plan, a server config, the server running.
+"""A deployment on this machine: a server config, the population initialised, the server running.
 
 The end-to-end tests, the benchmarks and `make demo` all build their world
 from these, so the demo runs what the tests check. Everything is real: the
-plan is exported by tflite_export and run by LiteRT, the server is
-`python -m server run` (gunicorn) with SQLite and an artifact folder.
+server is `python -m server run` (gunicorn, deploy.server_process) with
+SQLite and an artifact folder, initialised with a model and its plan that
+emulation.models made. TensorFlow-free: the model half is emulation.models.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from deploy.server_process import ServerProcess, free_port
 
-from models.corpus import FederatedCorpus, load_corpus_from_texts
-from models.model import TINY, ModelConfig
-from contract.model.weights import save_checkpoint
-from emulation.server_process import ServerProcess, free_port
+if TYPE_CHECKING:
+    from emulation.models import Model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_play(n_roles: int = 8, speeches: int = 12, seed: int = 0) -> str:
-    """A play in the ALL-CAPS format whose roles speak in learnable patterns."""
-    rng = np.random.default_rng(seed)
-    subjects = ["the king", "my lord", "the queen", "good friend", "the fool"]
-    verbs = ["doth speak", "shall come", "is gone", "will stay", "hath said"]
-    lines = ["THE SYNTHETIC PLAY", "", "ACT I.", "", "SCENE I. Nowhere.", ""]
-    for i in range(speeches * n_roles):
-        role = f"ROLE{chr(65 + i % n_roles)}"
-        sentence = " ".join(f"{subjects[rng.integers(5)]} {verbs[rng.integers(5)]} to the hall."
-                            for _ in range(3))
-        lines += [f"{role}.", sentence.capitalize(), ""]
-    return "\n".join(lines)
-
-
-def tiny_corpus(plays: int = 3, free_slots: int = 0) -> FederatedCorpus:
-    """Synthetic plays; their words make the vocabulary (tests only), with `free_slots` for discovery."""
-    from contract.model.text import Vocabulary
-
-    texts = {f"play{i}": synthetic_play(seed=i) for i in range(plays)}
-    vocab = Vocabulary.build(texts.values(), TINY.vocab_size - 4 + free_slots, free_slots) if free_slots else None
-    return load_corpus_from_texts(texts, vocab_size=TINY.vocab_size - 4, heldout_fraction=0.25, vocab=vocab)
-
-
-@dataclasses.dataclass
-class Model:
-    config: ModelConfig
-    checkpoint: Path
-    vocab: Path
-    plan_dir: Path
-    flat: np.ndarray
-
-
-def tiny_model(root: Path, corpus: FederatedCorpus, batch_size: int = 16) -> Model:
-    """The seeded initial TINY model (sized to the corpus' vocabulary) and its training plan."""
-    return initial_model(root, corpus, TINY, batch_size)
-
-
-def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
-                  batch_size: int = 16, flat: np.ndarray | None = None) -> Model:
-    """The initial model of `config` (sized to the corpus' vocabulary: `flat`, say pretrained
-    weights, or the seeded initial ones), its checkpoint, vocabulary and training plan: what
-    `python -m server init` registers."""
-    from models.model import weight_layout
-    from models.simulate import initial_weights
-    from tflite_export import export_plan
-
-    root.mkdir(parents=True, exist_ok=True)
-    config = config.with_vocab(len(corpus.vocab))
-    flat = initial_weights(config) if flat is None else flat
-    ckpt = save_checkpoint(root / "init.safetensors", weight_layout(config), flat,
-                           {"round": 0, "model_config": dataclasses.asdict(config)})
-    corpus.vocab.save(root / "vocab.json")
-    export_plan(config, flat, corpus.vocab, root / "plan", batch_size=batch_size)
-    return Model(config, ckpt, root / "vocab.json", root / "plan", flat)
 
 
 # Every emulated phone talks to the server from one address (127.0.0.1), so the per-address limits
@@ -126,7 +67,7 @@ def _toml(v) -> str:
     return repr(v)
 
 
-def start_server(root: Path, model: Model, population: str = "en", workers: int = 2,
+def start_server(root: Path, model: "Model", population: str = "en", workers: int = 2,
                  threads: int = 4, **settings) -> ServerProcess:
     """Init the population from `model` and start the real server; the caller stops it."""
     config = write_server_config(root, population, **settings)
@@ -134,7 +75,7 @@ def start_server(root: Path, model: Model, population: str = "en", workers: int 
     return ServerProcess(config, free_port(), root / "server.log", workers, threads).start()
 
 
-def init_population(config: Path, model: Model, population: str = "en") -> None:
+def init_population(config: Path, model: "Model", population: str = "en") -> None:
     """`python -m server init`: the population's version 0 is `model`."""
     done = subprocess.run([sys.executable, "-m", "server", "init", "--config", str(config),
                            "--population", population, "--checkpoint", str(model.checkpoint),
@@ -149,15 +90,6 @@ def simulated_clock(start: float, speed: float) -> dict:
     import time
 
     return {"clock_start": start, "clock_speed": speed, "clock_epoch": time.time()}
-
-
-def operator_token(config: Path) -> str:
-    """The operator token of the server that `config` configures (what `server init` wrote)."""
-    from server.config import load_config
-    from server.keys import operator_token as token
-
-    cfg = load_config(config)
-    return cfg.operator_token or token(cfg.operator_token_path)
 
 
 def enrollment(config: Path, population: str, now=None):

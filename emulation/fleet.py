@@ -86,12 +86,12 @@ def shared_clock(start: float, speed: float, epoch: float,
     return ScaledClock(start, speed, epoch, stop)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FleetConfig:
-    server_url: str
-    data_dir: Path
-    population: str
-    clock: ScaledClock
+    server_url: str                    # the server (or the load balancer) every phone talks to
+    data_dir: Path                     # the phones' data directories go under it
+    population: str                    # the population every phone checks in to
+    clock: ScaledClock                 # simulated time, the server's twin (shared_clock)
     workers: int = 32                  # phones awake at once (threads)
     trainers: int = 2                  # phones training at once (LiteRT interpreters)
     trainer_threads: int | None = 1    # LiteRT threads per interpreter

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import requests
 
-from emulation.deployment import REPO, enrollment, operator_token
+from deploy.server_process import operator_token
+from emulation.deployment import REPO, enrollment
 from server.config import RateLimits
 
 FUZZ_PYTHON = REPO / ".venv-fuzz" / "bin" / "python"
@@ -82,7 +83,7 @@ def passed(summary: dict, min_cases: int, chains: bool = True) -> list[str]:
 
 def fuzz(server, population: str, max_examples: int, work: Path, seed: int = 0,
          max_time_s: float | None = None) -> dict:
-    """Run schemathesis against `server` (an emulation.server_process.ServerProcess); its summary.
+    """Run schemathesis against `server` (a deploy.server_process.ServerProcess); its summary.
 
     `max_examples` is per operation and phase (schemathesis' --max-examples).
     """

@@ -15,7 +15,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from models.cli_common import UsageError, load_corpus_for, model_config, read_checkpoint, summary_table  # noqa: E402
+from contract.cli import ArgumentParser, UsageError, run  # noqa: E402
+from models.cli_common import common_flags, load_corpus_for, model_config, read_checkpoint  # noqa: E402
 from models.simulate_cli import add_simulate_commands  # noqa: E402
 
 
@@ -166,55 +167,9 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(ev, indent=2))
 
 
-def cmd_personalize(args) -> None:
-    """Every held-out user personalizes `--checkpoint` as its phone would (models.personalize)."""
-    import tempfile
-
-    from contract.tasks.personal import PersonalSpec
-    from models.personalize import evaluate_users, plot, report
-    from tflite_export import export_plan
-    from tflite_export.reader import load_plan
-
-    config = model_config(args.config)
-    flat = read_checkpoint(args.checkpoint, config)
-    corpus = load_corpus_for(args, config)
-    try:
-        spec = PersonalSpec(args.epochs, args.lr, args.cache_weight).validate()
-    except ValueError as e:
-        raise UsageError(f"--epochs/--lr/--cache-weight: {e}") from None
-    layers = tuple(n for n in (args.personal_layers or "").split(",") if n) or None
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            manifest = export_plan(config.with_vocab(len(corpus.vocab)), flat, corpus.vocab, Path(scratch) / "plan",
-                                   personal_layers=layers)
-        except ValueError as e:
-            raise UsageError(f"--personal-layers: {e}") from None
-        users = dict(list(sorted(corpus.heldout.items()))[:args.max_users or None])
-        rows = evaluate_users(load_plan(manifest), flat, users, spec)
-    r = report(rows)
-    if args.plot:
-        plot(rows, Path(args.plot))
-    g, q = r["global"], r["personal"]
-    print(f"{r['users']} held-out users: mean top-1 global {g['top1']:.2%} → personal {q['top1']:.2%} "
-          f"({r['relative_gain']:+.1%}); helped {r['helped']:.0%}, hurt {r['hurt']:.0%}, fell back "
-          f"{r['fell_back']:.0%}\nworst decile (p10) {g['p10']:.2%} → {q['p10']:.2%}; median {g['median']:.2%} → "
-          f"{q['median']:.2%}; below half the mean {g['below_half_mean']:.0%} → {q['below_half_mean']:.0%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from models.corpus import VOCABULARIES
-
-    p = argparse.ArgumentParser(prog="python -m models", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", choices=["gboard", "tiny"], default="gboard",
-                        help="model size (tiny: tests and quick runs)")
-    common.add_argument("--data", default=None, help="data directory (default: ./data or $NIGHTJAR_DATA)")
-    common.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out client split")
-    common.add_argument("--vocabulary", choices=VOCABULARIES, default="public",
-                        help="public: from public text (default); users: from the training users' text, "
-                             "for comparison only")
+    p = ArgumentParser(prog="python -m models", description=__doc__)
+    common = common_flags()
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("corpus", parents=[common], help="fetch the corpus and print its statistics")
@@ -265,47 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.set_defaults(func=cmd_evaluate)
 
-    ps = sub.add_parser("personalize", parents=[common],
-                        help="personalization and fairness on the held-out users (as their phones would)")
-    ps.add_argument("--checkpoint", required=True, help="the global model")
-    ps.add_argument("--epochs", type=int, default=1, help="fine-tuning passes (0: the cache only)")
-    ps.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate")
-    ps.add_argument("--cache-weight", type=float, default=0.1, help="the word cache's share (0: none)")
-    ps.add_argument("--personal-layers", default=None, help="comma-separated weights to fine-tune (default: all)")
-    ps.add_argument("--max-users", type=int, default=0, help="only the first N held-out users (0: all)")
-    ps.add_argument("--plot", default=None, help="write the per-user top-1 CDFs to this PNG")
-    ps.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    ps.set_defaults(func=cmd_personalize)
     return p
 
 
+# the least value of each count flag (whichever command has it)
+MINIMUM = {**{name: 1 for name in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
+                                   "epochs", "max_client_examples", "max_eval_windows", "passes")},
+           "server_lr_warmup_rounds": 0, "server_lr_decay_rounds": 0, "devices_per_level": 0}
+
+
+def check_minimums(args: argparse.Namespace) -> None:
+    for name, least in MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {least}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from models.corpus import CorpusError
     from models.tff_runtime import install_exit_handlers
 
     install_exit_handlers()
-    args = build_parser().parse_args(argv)
-    minimum = {name: 1 for name in ("rounds", "clients_per_round", "local_epochs", "batch_size",
-                                     "eval_every", "epochs", "max_client_examples",
-                                     "max_eval_windows", "passes")}
-    minimum.update(server_lr_warmup_rounds=0, server_lr_decay_rounds=0, devices_per_level=0)
-    for name, least in minimum.items():
-        value = getattr(args, name, None)
-        if value is not None and value < least:
-            print(f"error: --{name.replace('_', '-')} must be >= {least}", file=sys.stderr)
-            return 2
-    try:
-        args.func(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # CorpusError and friends: a message, not a traceback
-        from models.corpus import CorpusError
-
-        if isinstance(e, CorpusError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+    return run(build_parser(), argv, user_errors=(CorpusError,), validate=check_minimums)
 
 
 if __name__ == "__main__":

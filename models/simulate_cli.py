@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from models.cli_common import UsageError, load_corpus_for, model_config, read_checkpoint, summary_table
+from contract.cli import UsageError
+from models.cli_common import load_corpus_for, model_config, read_checkpoint, summary_table
 
 
 def cmd_simulate(args) -> None:

@@ -78,7 +78,7 @@ def record_uploads(device: Device) -> list[tuple[Assignment, np.ndarray, int]]:
 
 
 def round_detail(server, number: int, population: str = "en") -> dict:
-    """The operator's view of a round of `server` (an emulation.server_process.ServerProcess)."""
+    """The operator's view of a round of `server` (a deploy.server_process.ServerProcess)."""
     resp = requests.get(f"{server.url}/v1/populations/{population}/rounds/{number}", timeout=10,
                         headers=server.operator_headers)
     resp.raise_for_status()

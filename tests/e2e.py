@@ -14,10 +14,11 @@ from pathlib import Path
 
 import requests
 
-from emulation.deployment import Model, enrollment, operator_token, start_server, tiny_corpus, tiny_model
+from deploy.server_process import ServerProcess, operator_token
+from emulation.deployment import enrollment, start_server
 from emulation.fleet import Fleet, FleetConfig, FleetStatus, build_fleet, read_server_clock, shared_clock
+from emulation.models import Model, tiny_corpus, tiny_model
 from emulation.report import summarize
-from emulation.server_process import ServerProcess
 from emulation.world import FleetMix
 from models.corpus import FederatedCorpus
 

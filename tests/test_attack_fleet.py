@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from emulation.attackers import FleetAttack
-from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
+from emulation.deployment import simulated_clock, start_server
+from emulation.models import tiny_corpus, tiny_model
 from tests.device_world import server_weights
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 

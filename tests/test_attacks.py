@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contract.update.spec import UpdateSpec
-from emulation.deployment import tiny_corpus
+from emulation.models import tiny_corpus
 from models.attacks import Adversary, AttackConfig, backdoor_success, first_suggestions
 from models.model import TINY
 from models.simulate import SimulationConfig, run_simulation

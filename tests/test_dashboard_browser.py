@@ -67,7 +67,7 @@ def exported_versions(server) -> list[int]:
 
 def test_an_operator_watches_rounds_opens_a_round_and_a_version_and_rolls_back(live):
     sync_playwright, server, stop, _, _ = live
-    from emulation.deployment import operator_token
+    from deploy.server_process import operator_token
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     base = f"http://localhost:{server.port}"        # a secure context: Chromium keeps Secure cookies here

@@ -19,7 +19,7 @@ from device_runtime.opstats import OpStats
 from device_runtime.policy import TrainingPolicy
 from device_runtime.runtime import Device, DeviceSettings
 from device_runtime.transport import RetryPolicy, ServerUnavailable, Transport
-from emulation.server_process import free_port
+from deploy.server_process import free_port
 
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)
 

@@ -10,7 +10,7 @@ import pytest
 from device_runtime.predictor import Predictor
 from models.model import TINY
 from models.simulate import initial_weights
-from emulation.deployment import tiny_corpus
+from emulation.models import tiny_corpus
 
 pytestmark = pytest.mark.slow
 VERSIONS = (1, 2, 3, 4)

@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from contract.model.text import Vocabulary
-from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
+from emulation.deployment import simulated_clock, start_server
+from emulation.models import tiny_corpus, tiny_model
 from emulation.world import FleetMix
 from tests.e2e import NIGHT_UTC, run_fleet
 from tests.recording_proxy import RecordingProxy

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from contract.update.spec import RoundSpec
-from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
+from emulation.deployment import simulated_clock, start_server
+from emulation.models import tiny_corpus, tiny_model
 from tests.e2e import NIGHT_UTC, run_fleet
 from tests.recording_proxy import RecordingProxy
 from tests.test_secagg_fleet import SECURE, plaintexts_by_session, recorded_plaintexts

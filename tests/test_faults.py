@@ -23,7 +23,8 @@ import requests
 from contract.update.pipeline import UpdatePipeline, aggregate
 from contract.update.spec import RoundSpec
 from contract.model.weights import load_checkpoint
-from emulation.deployment import simulated_clock, start_server, tiny_model
+from emulation.deployment import simulated_clock, start_server
+from emulation.models import tiny_model
 from emulation.report import format_summary
 from emulation.world import TAMPERING, Faults
 from models.corpus import load_corpus

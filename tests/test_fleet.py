@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from emulation.deployment import REPO, simulated_clock, start_server, tiny_corpus, tiny_model
+from emulation.deployment import REPO, simulated_clock, start_server
+from emulation.models import tiny_corpus, tiny_model
 from emulation.phones import PlanPool
 from emulation.world import FaultInjector, Faults, FleetMix, PhoneProfile, ScheduledConditions, make_profiles
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC

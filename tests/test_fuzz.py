@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from emulation import fuzz
-from emulation.server_process import ServerProcess, free_port
+from deploy.server_process import ServerProcess, free_port
 from tests.server_fixtures import init_small_population, write_small_config
 
 pytestmark = pytest.mark.slow

@@ -33,7 +33,8 @@ from models.model import TINY
 from contract.model.text import to_sequences
 from contract.update.spec import UpdateSpec
 from contract.model.weights import load_checkpoint
-from emulation.deployment import enrollment, initial_model, start_server
+from emulation.deployment import enrollment, start_server
+from emulation.models import initial_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)

@@ -84,7 +84,8 @@ def test_under_secure_aggregation_phones_send_masked_counts_and_the_server_unmas
     """Emulated phones (the real runtime, LiteRT, the real server) in a secure population: the
     personalize round runs SecAgg+, every /personal body is masked, and the server's unmasked sum is
     exactly the sum of the plaintexts the phones masked (recorded on the test's side)."""
-    from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
+    from emulation.deployment import simulated_clock, start_server
+    from emulation.models import tiny_corpus, tiny_model
     from tests.e2e import NIGHT_UTC, run_fleet
     from tests.test_secagg_fleet import SECURE, masked_key, recorded_plaintexts
 

@@ -11,7 +11,7 @@ from contract.tasks.personal import (BUCKETS, PersonalCache, PersonalReport, Per
 from contract.model.text import BOS_ID, to_sequences
 from device_runtime.personalization import PersonalModel, Personalizer, personal_model
 from device_runtime.predictor import Predictor
-from emulation.deployment import tiny_corpus, tiny_model
+from emulation.models import tiny_corpus, tiny_model
 from tflite_export import export_app_model
 from tflite_export.reader import load_app_model, load_plan
 

@@ -33,7 +33,8 @@ from contract.update.spec import RoundSpec
 from models.corpus import load_corpus
 from models.model import TINY
 from contract.model.text import words
-from emulation.deployment import simulated_clock, start_server, tiny_model
+from emulation.deployment import simulated_clock, start_server
+from emulation.models import tiny_model
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 from tests.recording_proxy import Recorded, RecordingProxy
 

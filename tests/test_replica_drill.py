@@ -27,7 +27,8 @@ import requests
 from contract.update.pipeline import UpdatePipeline, aggregate
 from contract.update.spec import RoundSpec
 from contract.model.weights import load_checkpoint
-from emulation.deployment import init_population, simulated_clock, tiny_corpus, tiny_model, write_server_config
+from emulation.deployment import init_population, simulated_clock, write_server_config
+from emulation.models import tiny_corpus, tiny_model
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 
 pytestmark = [pytest.mark.slow]

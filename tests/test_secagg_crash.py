@@ -9,7 +9,7 @@ import requests
 
 from contract.update.pipeline import running_sum, Contribution
 from emulation.deployment import enrollment, write_server_config
-from emulation.server_process import ServerProcess, free_port
+from deploy.server_process import ServerProcess, free_port
 from tests.device_world import server_weights
 from tests.secagg_fixtures import SecAggPhone
 from tests.server_fixtures import HttpTransport, init_small_population

@@ -22,7 +22,8 @@ from contract.update.packing import pack_uint
 from contract.update.pipeline import UpdatePipeline
 from contract.secagg.masking import DeviceSecAgg
 from contract.update.spec import RoundSpec
-from emulation.deployment import simulated_clock, start_server, tiny_corpus, tiny_model
+from emulation.deployment import simulated_clock, start_server
+from emulation.models import tiny_corpus, tiny_model
 from emulation.world import Faults
 from tests.device_world import server_weights
 from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet

@@ -20,7 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from emulation.deployment import enrollment
-from emulation.server_process import ServerProcess, free_port
+from deploy.server_process import ServerProcess, free_port
 from tests.server_fixtures import DeviceClient, HttpTransport, init_small_population, write_small_config
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import socket
 import pytest
 import requests
 
-from emulation.server_process import ServerProcess, free_port
+from deploy.server_process import ServerProcess, free_port
 from emulation.deployment import enrollment
 from tests.server_fixtures import HttpTransport, enroll, init_small_population, write_small_config
 

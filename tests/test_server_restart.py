@@ -28,7 +28,7 @@ import requests
 from contract.update.pipeline import aggregate
 from contract.model.weights import load_checkpoint
 from emulation.deployment import enrollment
-from emulation.server_process import ServerProcess, free_port
+from deploy.server_process import ServerProcess, free_port
 from tests.server_fixtures import (DeviceClient, HttpTransport, init_small_population,
                                    write_small_config)
 

@@ -17,7 +17,7 @@ from models.model import TINY, weight_layout
 from models.simulate import SimulationConfig, lr_schedule, run_simulation
 from models.tff_runtime import WORKER_NAME, is_alive, worker_processes
 from contract.model.weights import load_checkpoint
-from emulation.deployment import tiny_corpus
+from emulation.models import tiny_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,25 +18,34 @@ import sys
 import time
 from pathlib import Path
 
+from contract.cli import ArgumentParser, UsageError, at_least, positive_float, run
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def cmd_export(args) -> None:
+def cmd_export(args) -> int:
+    """Export a plan or an app model; exit status 1 if the exporter cannot make a usable one."""
+    from tflite_export.errors import ExportError
     from tflite_export.export import export_app_model, export_plan, read_checkpoint
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out: {args.out} exists and is not a directory")
+        raise UsageError(f"--out: {args.out} exists and is not a directory")
     inputs = read_checkpoint(args.checkpoint, args.vocab, args.config)
     version = inputs.model_version if args.model_version is None else args.model_version
     start = time.monotonic()
-    if args.command == "plan":
-        path = export_plan(inputs.config, inputs.flat, inputs.vocab, args.out,
-                           batch_size=args.batch_size, model_version=version,
-                           clip_norm=args.clip_norm, personal_layers=args.personal_layers)
-    else:
-        path = export_app_model(inputs.config, inputs.flat, inputs.vocab, args.out, k=args.k,
-                                model_version=version, quantize=not args.float, privacy=args.privacy)
+    try:
+        if args.command == "plan":
+            path = export_plan(inputs.config, inputs.flat, inputs.vocab, args.out,
+                               batch_size=args.batch_size, model_version=version,
+                               clip_norm=args.clip_norm, personal_layers=args.personal_layers)
+        else:
+            path = export_app_model(inputs.config, inputs.flat, inputs.vocab, args.out, k=args.k,
+                                    model_version=version, quantize=not args.float, privacy=args.privacy)
+    except ExportError as e:    # not the user's input: the converter's (exit 1, not 2)
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
     _print_summary(path, time.monotonic() - start)
+    return 0
 
 
 def _print_summary(manifest_path: Path, seconds: float) -> None:
@@ -55,15 +64,15 @@ def cmd_inspect(args) -> None:
 
     path = Path(args.file)
     if not path.is_file():
-        raise ValueError(f"inspect: no file at {path}")
+        raise UsageError(f"inspect: no file at {path}")
     if path.suffix == ".json":
         path = path.parent / read_manifest(path).artifact
         if not path.is_file():
-            raise ValueError(f"inspect: the manifest's model {path} does not exist")
+            raise UsageError(f"inspect: the manifest's model {path} does not exist")
     try:
         info = describe(path.read_bytes())
     except Exception as e:  # flatbuffers/LiteRT raise assorted errors on non-models
-        raise ValueError(f"inspect: {path} is not a .tflite model ({e})") from None
+        raise UsageError(f"inspect: {path} is not a .tflite model ({e})") from None
     print(json.dumps({"file": str(path), **info}, indent=2))
 
 
@@ -74,32 +83,6 @@ def cmd_verify(args) -> None:
     m = verified.manifest
     print(f"ok: {m.kind} v{m.model_version}, {len(m.files)} files match their sha256, "
           f"vocabulary {m.vocab_sha256[:12]}… ({len(verified.vocab)} tokens)")
-
-
-class _UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors as one line (main prints them and exits 2)."""
-
-    def error(self, message: str):
-        raise _UsageError(message)
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
-        return value
-    return parse
-
-
-_positive, _non_negative = _at_least(1), _at_least(0)
 
 
 def _privacy(text: str) -> dict:
@@ -123,19 +106,8 @@ def _names(value: str) -> tuple[str, ...]:
     return names
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m tflite_export",
-                                description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m tflite_export", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
@@ -143,21 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
                                         "checkpoint or in its parent directory)")
     common.add_argument("--config", choices=["gboard", "tiny"],
                         help="model config, if the checkpoint's metadata has none")
-    common.add_argument("--model-version", type=_non_negative,
+    common.add_argument("--model-version", type=at_least(0),
                         help="version recorded in the manifest (default: the checkpoint's round)")
     common.add_argument("--out", required=True, help="output directory")
 
     plan = sub.add_parser("plan", parents=[common], help="export the on-device training plan")
-    plan.add_argument("--batch-size", type=_positive, default=16,
+    plan.add_argument("--batch-size", type=at_least(1), default=16,
                       help="fixed training batch (short batches are padded)")
-    plan.add_argument("--clip-norm", type=_positive_float, default=None,
+    plan.add_argument("--clip-norm", type=positive_float, default=None,
                       help="clip each step's gradient to this global L2 norm (default: none)")
     plan.add_argument("--personal-layers", type=_names, default=None,
                       help="comma-separated weight names a phone's personalization trains, e.g. "
                            "output_bias,cifg/projection (default: all)")
     plan.set_defaults(func=cmd_export)
     app = sub.add_parser("app", parents=[common], help="export the quantized suggestion model")
-    app.add_argument("--k", type=_positive, default=3, help="suggestions per call")
+    app.add_argument("--k", type=at_least(1), default=3, help="suggestions per call")
     app.add_argument("--float", action="store_true", help="keep float weights (no quantization)")
     app.add_argument("--privacy", type=_privacy, default=None,
                      help='the weights\' DP guarantee for the manifest, as JSON: {"epsilon": e, "delta": d, ...}')
@@ -173,18 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from contract.artifacts.errors import ArtifactError
-    from tflite_export.errors import ExportError
 
-    try:
-        args = build_parser().parse_args(argv)
-        args.func(args)
-    except (ValueError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"export failed: {e}", file=sys.stderr)
-        return 1
-    return 0
+    # the exporter and the manifest reader name the flag or file at fault in their ValueErrors
+    return run(build_parser(), argv, user_errors=(ValueError, ArtifactError))
 
 
 if __name__ == "__main__":
