@@ -19,8 +19,10 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from contract.cli import ArgumentParser, UsageError, run
 from server.config import ConfigError, ServerConfig, load_config
 
 
@@ -182,14 +184,27 @@ def cmd_publish(args, config: ServerConfig) -> None:
     print(f"{done} publish job(s) done")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+def with_config(command: Callable[[argparse.Namespace, ServerConfig], None]) -> Callable[[argparse.Namespace], None]:
+    """`command` run on the config `--config` names; a request the services refuse is a usage error."""
+    def run_command(args: argparse.Namespace) -> None:
+        from server.errors import ProtocolError
+
+        try:
+            command(args, load_config(args.config))
+        except ProtocolError as e:
+            raise UsageError(e.message) from None
+    return run_command
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "rollback": cmd_rollback,
                 "revoke": cmd_revoke, "publish": cmd_publish}
     parsers = {name: sub.add_parser(name) for name in commands}
-    for p in parsers.values():
+    for name, p in parsers.items():
         p.add_argument("--config", required=True, help="TOML or JSON server config")
+        p.set_defaults(func=with_config(commands[name]))
     for name in ("init", "status", "rollback", "revoke"):
         parsers[name].add_argument("--population", help="default: the config's only population")
     parsers["revoke"].add_argument("--device", required=True,
@@ -203,22 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parsers["run"].add_argument("--log-level", default="warning")
     parsers["status"].add_argument("--rounds", type=int, default=10)
     parsers["rollback"].add_argument("--to", type=int, help="version (default: the one published before)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config)
-        commands[args.command](args, config)
-    except (ConfigError, ValueError) as e:   # RegistrationError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from server.errors import ProtocolError
+    return parser
 
-        if isinstance(e, ProtocolError):
-            print(f"error: {e.message}", file=sys.stderr)
-            return 2
-        raise
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # RegistrationError (server init's refusals) is a ValueError
+    return run(build_parser(), argv, user_errors=(ConfigError, ValueError))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
   test can also send what a well-behaved phone never would, over Flask's test
   client (`FlaskTransport`) or real HTTP (`HttpTransport`).
 
-The real server as a child process is `emulation.server_process.ServerProcess`.
+The real server as a child process is `deploy.server_process.ServerProcess`.
 """
 from __future__ import annotations
 
