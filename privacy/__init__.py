@@ -1,1 +1,2 @@
-"""Privacy accounting: (ε, δ) of a sequence of DP-FedAvg rounds, for the server's ledger and the simulation."""
+"""Privacy accounting for the server's ledger and the simulation: (ε, δ) of DP-FedAvg rounds (`accounting`,
+Poisson sampling assumed) and of DP-FTRL under (k, b)-participation (`ftrl`, `sensitivity`)."""

@@ -124,7 +124,8 @@ def adapt_clip(clip: float, unclipped: float, reports: int, expected_reports: fl
 class SecureRandom:
     """Uniform, normal and discrete-Gaussian deviates from a ChaCha20 keystream keyed by os.urandom.
 
-    `key` is for tests that must reproduce a draw; production code never passes one.
+    `key` is for draws that must be reproduced: tests, and DP-FTRL's tree nodes (contract.dp.ftrl
+    derives each node's key from a secret population key). Everything else never passes one.
     """
 
     def __init__(self, key: bytes | None = None):
