@@ -9,7 +9,7 @@ from contract.update.hadamard import BLOCK_SIZES, padded_size, rotate, unrotate
 from contract.update.packing import WIDTHS, levels, pack, packed_bytes, unpack
 from contract.update.pipeline import (Clipping, Context, Float32Values, IntegerSum, Quantization, UpdatePipeline,
                                Weighting, aggregate)
-from contract.update.spec import BITS, UpdateSpec, rotation_seed
+from contract.update.spec import BITS, RoundSpec, UpdateSpec, rotation_seed
 
 SIZE = 3000   # not a multiple of any block: padding is exercised
 
@@ -96,6 +96,12 @@ def test_clipping_scales_down_only_what_exceeds_the_norm_and_the_server_checks_i
     with pytest.raises(ProtocolError) as e:
         clip.accept(None, Context(norm=2.0000001))
     assert e.value.code == ErrorCode.NORM_EXCEEDS_CLIP
+    weighted = Clipping(2.0, unit_exponent=-39, weight_cap=100)            # clip, then weight: C·w/W
+    weighted.accept(None, Context(norm=0.02, weight=1))
+    weighted.accept(None, Context(norm=2.0, weight=100))
+    with pytest.raises(ProtocolError, match="0.02") as e:
+        weighted.accept(None, Context(norm=0.0201, weight=1))
+    assert e.value.code == ErrorCode.NORM_EXCEEDS_CLIP
 
 
 def test_quantization_round_trips_within_one_step_per_block_and_measures_the_norm():
@@ -149,7 +155,7 @@ def test_the_pipeline_round_trips_and_bounds_every_update(bits, rotation):
     counts = [10, 50, 80, 1, 30]
     encoded = [pipeline.encode(d, n, seed=i) for i, (d, n) in enumerate(zip(deltas, counts))]
     assert [e.weight for e in encoded] == [10, 50, 50, 1, 30]               # capped at max_weight
-    assert all(e.norm <= 0.1 for e in encoded)                              # clipped, as decoded
+    assert all(e.norm <= 0.1 * e.weight / 50 for e in encoded)              # clipped, then weighted
     mean = aggregate(pipeline, [(e.body, e.weight) for e in encoded])
     w = np.array([e.weight for e in encoded], np.float64)
     clipped = [d * min(1.0, 0.1 / np.linalg.norm(d.astype(np.float64))) for d in deltas]
@@ -205,3 +211,64 @@ def test_spec_settings_are_validated():
         with pytest.raises(ValueError):
             UpdateSpec(**bad).validate()
     assert set(BITS) == {32, 16, 8, 4, 2}
+
+
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_an_update_above_what_its_claimed_weight_allows_is_refused(bits):
+    """One example claimed, a full-norm update sent: it would count W times what its weight allows."""
+    pipeline = UpdatePipeline(bound(UpdateSpec(bits=bits, rotation=bits < 32, clip_norm=1.0, max_weight=100)))
+    full = pipeline.encode(np.random.default_rng(0).normal(0, 1, SIZE), 100, seed=1)
+    assert full.weight == 100 and full.norm > 0.99
+    assert pipeline.accept(full.body, 100).weight == 100
+    for claimed in (1, 50, 99):
+        with pytest.raises(ProtocolError) as e:
+            pipeline.accept(full.body, claimed)
+        assert e.value.code == ErrorCode.NORM_EXCEEDS_CLIP
+    small = pipeline.encode(np.random.default_rng(0).normal(0, 1, SIZE), 1, seed=1)
+    assert small.norm <= 0.01 and pipeline.accept(small.body, 1).norm == small.norm
+
+
+@pytest.mark.parametrize("bits,rotation", [(8, False), (8, True), (4, False), (4, True)])
+def test_a_clipped_update_meets_the_bound_after_quantization_in_every_seed(bits, rotation):
+    """Clipping to exactly C and quantizing once decodes above C in most seeds (rounding adds to the
+    norm): the spec tells the phone the bound is on the decoded update, and the phone's encoder
+    shrinks until it is. 200 seeds: every update accepted, none sent as zeros, little norm lost."""
+    spec = UpdateSpec(bits=bits, rotation=rotation, clip_norm=1.0, weighting="uniform")
+    pipeline = UpdatePipeline(bound(spec))
+    once_refused, norms = 0, []
+    for seed in range(200):
+        delta = np.random.default_rng(seed).normal(0, 1, SIZE)
+        ctx = Context(num_examples=1, seed=seed)
+        body = delta / np.linalg.norm(delta)                    # clipped to exactly C, encoded once
+        for stage in pipeline.stages:
+            body = stage.encode(body, ctx)
+        try:
+            pipeline.accept(body, 1)
+        except ProtocolError as e:
+            assert e.code == ErrorCode.NORM_EXCEEDS_CLIP
+            once_refused += 1
+        encoded = pipeline.encode(3 * delta, 1, seed)
+        norms.append(pipeline.accept(encoded.body, 1).norm)
+    assert once_refused > (100 if bits == 8 else 199)
+    assert min(norms) > (0.999 if bits == 8 else 0.95) and max(norms) <= 1.0
+    assert np.median(norms) > (0.9998 if bits == 8 else 0.995)
+
+
+def test_uniform_weighting_says_max_weight_1_and_takes_num_examples_1():
+    spec = bound(UpdateSpec(weighting="uniform", max_weight=317))
+    assert spec.spec.max_weight == spec.spec.weight_cap == 1 == spec.to_json()["max_weight"]
+    assert RoundSpec.from_json(spec.to_json()) == spec
+    pipeline = UpdatePipeline(spec)
+    encoded = pipeline.encode(sparse_update(0), 250, seed=0)
+    assert encoded.weight == 1 and pipeline.accept(encoded.body, 1).weight == 1
+    with pytest.raises(ProtocolError, match=r"max_weight = 1\]") as e:
+        pipeline.accept(encoded.body, 5)
+    assert e.value.code == ErrorCode.WEIGHT_OUT_OF_RANGE
+    assert bound(UpdateSpec(max_weight=317)).spec.max_weight == 317          # examples: as configured
+
+
+def test_secure_aggregation_needs_the_weight_sum_to_fit_its_word():
+    spec = UpdateSpec(bits=8, rotation=True, secure_aggregation=True, max_weight=2**20)
+    spec.bind(SIZE, "ab" * 32, "en/1", 0, cohort_max=2**11)
+    with pytest.raises(ValueError, match="cohort_max × max_weight"):
+        spec.bind(SIZE, "ab" * 32, "en/1", 0, cohort_max=2**12)

@@ -14,7 +14,7 @@ device_runtime/secagg.py takes part in them. Per round and device:
    (contract.secagg.shamir, t = ⌊k/2⌋ + 1) and sends each neighbour its two shares,
    encrypted with AES-256-GCM under HKDF-SHA256 of the pairwise X25519 secret
    of the encryption keys; the server only relays them.
-4. **mask** — the device adds to its plaintext integers (contract.update.stages.
+4. **mask** — the device adds to its plaintext integers (contract.update.masked.
    RingEncoding) the self mask PRG(b) and, for every neighbour v that shared,
    +PRG(s_uv) if its own number is smaller and −PRG(s_uv) if larger, where
    s_uv = HKDF(X25519(mask key, v's mask key)): pairs cancel in the sum.
@@ -251,7 +251,7 @@ class DeviceSecAgg:
 
     def mask(self, ring: np.ndarray) -> np.ndarray:
         """`ring` (uint32) + PRG(b) ± PRG(s_uv) for every neighbour that shared, modulo 2^32 (the
-        caller reduces to the ring, contract.update.stages.RingEncoding)."""
+        caller reduces to the ring, contract.update.masked.RingEncoding)."""
         out = ring.astype(np.uint32, copy=True)
         add_mask(out, self_mask_key(self.domain, self._seed), +1)
         for v in self._held:

@@ -5,7 +5,7 @@ strings (`schema.B64`); devices are named by their number in the round's
 neighbour graph. A device follows its session's phase with
 `GET /v1/sessions/<id>/secagg` (`SecAggStatus`) and answers it with
 `SecAggKeys`, `SecAggShares` or `SecAggReveal`; its masked update goes to the
-session's usual upload (contract.update.stages.MaskedWireFormat).
+session's usual upload (contract.update.masked.MaskedWireFormat).
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 * `spec`     — how a population's devices encode updates, frozen into each round (`RoundSpec`);
 * `pipeline` — the stages composed: the phone's `encode`, the server's `accept` and `decode`;
-* `stages`   — clip, weight, rotate, quantize, ring encoding: each stage with both halves;
+* `stages`   — clip, weight, rotate, quantize, pack: each stage with both halves;
+* `masked`   — the stages of a round under secure aggregation: one grid, integers mod 2^m, masked;
 * `packing`  — b-bit codes in bytes;
 * `hadamard` — the randomized block Hadamard rotation;
 * `robust`   — zeroing, trimmed mean and median.

@@ -8,15 +8,19 @@ stage says whether it is `linear` (decoding the sum equals summing the
 decoded updates), which is what lets the server add updates without looking
 at each one — the property secure aggregation needs.
 
-Device, in order (server: `accept` in reverse order, then `decode` the sum):
+Device, in order — clip, then weight (server: `accept` in reverse order, then
+`decode` the sum):
 
-1. `Clipping`: the update is scaled to L2 norm <= C. Server: refuses a decoded
-   update whose norm exceeds C (422 norm_exceeds_clip). The device checks its
-   encoded update as the server will and shrinks it in the rare case that
-   rounding pushed it over.
-2. `Weighting`: weight w = min(local examples, W) (or 1 for uniform), and the
-   update is scaled by w/W, so a weighted update is never larger than the clip.
-   Server: refuses a weight outside [1, W]; the sum is scaled by W / Σw.
+1. `Clipping`: the update is scaled to L2 norm <= C.
+2. `Weighting`: weight w = min(local examples, W) (or 1 for uniform, where
+   W = max_weight = 1), and the update is scaled by w/W, so its norm is at
+   most C·w/W. Server: refuses a weight outside [1, W], and a decoded update
+   whose norm exceeds C·w/W (422 norm_exceeds_clip: a device claiming one
+   example cannot send a full-norm update); the sum is scaled by W / Σw.
+   The bound is on the *decoded* update, which quantization's rounding
+   makes a little larger than what was clipped: the device checks its
+   encoded update as the server will and shrinks it until it is within
+   (`UpdatePipeline.encode`).
 3. `Rotation` (optional): pad to blocks, randomized Hadamard rotation with the
    round's seed (contract.update.hadamard); the server rotates the sum back once.
 4. `Quantization`: per block of B values, the smallest power-of-two scale 2^e
@@ -31,15 +35,18 @@ Device, in order (server: `accept` in reverse order, then `decode` the sum):
    naming the format, the bit width and the round spec's fingerprint.
 
 What one device can do to a round is therefore bounded: its accepted update
-has norm <= C and weight <= W, so it moves the round's mean by at most
-W·C / Σw, exactly as much as an honest device holding W examples can.
+has norm <= C·w/W for its weight w <= W, so it moves the round's mean by at
+most C·w / Σw, exactly as much as an honest device holding w examples can.
 
 Under secure aggregation (`secure_aggregation` in the spec) the stages are
 Clipping → Weighting → Rotation → GridQuantization → RingEncoding →
-MaskedWireFormat (contract.update.stages): the server sees only masked integers,
+MaskedWireFormat (contract.update.masked): the server sees only masked integers,
 adds them modulo 2^m, and decodes the unmasked sum once
-(`finalize_masked`); the bound above then rests on the device (see the
-threat model in server/README.md).
+(`finalize_masked`). No single update's norm or weight is visible: the
+device checks its own (its grid codes' norm against C), and the server
+checks that the unmasked sum is one honest devices could have produced
+(contract.secagg.plausible, which also bounds what one modified device can
+still do; see the threat model in server/README.md).
 
 Under user-level DP (the round spec's `dp_mechanism`, contract.dp.noise) the clip is
 the round's adaptive clip, the weighting uniform and the mean's denominator
@@ -58,16 +65,25 @@ from collections.abc import Callable
 import numpy as np
 
 from contract.dp.noise import CentralNoise, DistributedNoise
+from contract.secagg.plausible import check_update_sum
 from contract.update.robust import RobustAggregation
 from contract.protocol.errors import ErrorCode, ProtocolError
 from contract.update.packing import levels
-from contract.update.stages import (FORMAT, Clipping, Context, Float32Values, GridQuantization,   # noqa: F401
-                             MaskedWireFormat, Quantization, RingEncoding, Rotation, Stage, WireFormat,
-                             Weighting)
+from contract.update.masked import GridQuantization, MaskedWireFormat, RingEncoding
+from contract.update.stages import (FORMAT, Clipping, Context, Float32Values, Quantization,   # noqa: F401
+                                    Rotation, Stage, WireFormat, Weighting)
 from contract.update.spec import RoundSpec
 
 UNIT_SPAN = 40                          # the running sum's unit is 2^(ceil(log2 C) - UNIT_SPAN)
-SHRINK_ATTEMPTS = 8
+SHRINK_ATTEMPTS = 10
+SHRINK_MARGIN = 1e-6                    # the first retry aims this far below the bound; then 10x, 100x, ...
+
+
+def _shrink(bound: float, norm: float, attempt: int) -> float:
+    """The factor that takes an encoded update of decoded `norm` below `bound` on retry `attempt`
+    (0, 1, ...): bound / norm, less a margin for the next rounding's own inflation (float32's is an
+    ulp, 4 bits' a few per cent: the margin grows until it covers it)."""
+    return bound / norm * (1 - min(SHRINK_MARGIN * 10 ** attempt, 0.5))
 
 
 @dataclasses.dataclass
@@ -101,7 +117,8 @@ class UpdatePipeline:
         self.secure = s.secure_aggregation
         self.dp = bool(spec.dp_mechanism)
         self.ring: RingEncoding | None = None
-        front: list[Stage] = [Clipping(s.clip_norm, unit), Weighting(s.weighting, s.weight_cap, spec.dp_denominator)]
+        self.clipping = Clipping(s.clip_norm, unit, s.weight_cap)
+        front: list[Stage] = [self.clipping, Weighting(s.weighting, s.weight_cap, spec.dp_denominator)]
         if spec.dp_mechanism == "central":
             front.append(CentralNoise(spec.dp_stddev))
         self._body_from = len(front)         # the stages after these run again when a device shrinks
@@ -145,12 +162,15 @@ class UpdatePipeline:
                masker: Callable[[np.ndarray], np.ndarray] | None = None) -> Encoded:
         """A device's upload for `delta` (trained − downloaded weights, float32 [size]).
 
-        The device checks its update as the server decodes it; if rounding
-        made the decoded norm exceed the clip, it shrinks the update and
-        encodes it again (at most SHRINK_ATTEMPTS times, then it sends a zero
-        update). Under secure aggregation, `masker` (the session's
-        contract.secagg.masking.DeviceSecAgg.mask) adds the masks, and the check runs
-        on the plaintext integers: the server cannot run it.
+        The bound is on the *decoded* update, as the server measures it, and
+        stochastic rounding adds to an update's norm (at 4 bits a clipped
+        update decodes a few per cent above the clip). So the device checks its
+        encoded update as the server will and, if it is over, shrinks it by
+        bound / norm and a margin that grows tenfold from SHRINK_MARGIN on
+        each try, and encodes it again (at most SHRINK_ATTEMPTS times, then
+        it sends a zero update). Under secure aggregation, `masker` (the
+        session's contract.secagg.masking.DeviceSecAgg.mask) adds the masks, and the
+        check runs on the plaintext integers: the server cannot run it.
         """
         delta = np.asarray(delta, np.float64)
         if delta.shape != (self.round_spec.size,):
@@ -162,7 +182,7 @@ class UpdatePipeline:
             x = stage.encode(x, ctx)
         if self.secure:
             return self._encode_masked(x, ctx)
-        for _ in range(SHRINK_ATTEMPTS):
+        for attempt in range(SHRINK_ATTEMPTS):
             body = self._encode_from(x, self._body_from, ctx)
             check = Context(num_examples=ctx.weight)
             try:
@@ -171,20 +191,23 @@ class UpdatePipeline:
             except ProtocolError as e:
                 if e.code is not ErrorCode.NORM_EXCEEDS_CLIP:
                     raise
-                x = x * (self.round_spec.spec.clip_norm / check.norm * (1 - 1e-6))
+                x = x * _shrink(self.clipping.bound(ctx.weight), check.norm, attempt)
         body = self._encode_from(np.zeros_like(x), self._body_from, ctx)
         return Encoded(body, ctx.weight, 0.0)
 
     def _encode_masked(self, x: np.ndarray, ctx: Context) -> Encoded:
+        """The grid's codes, checked against C itself, not C·w/W: on one grid for the round, the
+        rounding noise of a small-weight update is large next to C·w/W, and the server checks only
+        the sum (contract.secagg.plausible), which C bounds per device."""
         rotation, grid = self.rotation, self.grid
         clip = self.round_spec.spec.clip_norm
         q, norm = None, 0.0
-        for _ in range(SHRINK_ATTEMPTS):
+        for attempt in range(SHRINK_ATTEMPTS):
             q = grid.encode(rotation.encode(x, ctx), ctx)
             norm = grid.norm(q)
             if norm <= clip:
                 break
-            x = x * (clip / norm * (1 - 1e-6))
+            x = x * _shrink(clip, norm, attempt)
         else:
             q, norm = np.zeros(self.count, np.int32), 0.0
         after_grid = self.stages.index(self.grid) + 1       # distributed DP's noise comes after the norm check
@@ -257,7 +280,10 @@ class UpdatePipeline:
 
     def finalize_masked_with_count(self, ring_sum: np.ndarray, survivors: int,
                                    random=None) -> tuple[np.ndarray, int]:
-        """`finalize_masked`, and the unclipped count from its masked slot (DP; else 0)."""
+        """`finalize_masked`, and the unclipped count from its masked slot (DP; else 0).
+        contract.secagg.plausible.ImplausibleSum (a ValueError) if no `survivors` honest phones
+        could have sent that sum: nothing is decoded from it."""
+        check_update_sum(self.round_spec, ring_sum, survivors)
         ctx = Context(survivors=int(survivors), random=random)
         return self._decode(ring_sum, ctx, len(self.stages) - 1), ctx.unclipped_sum
 

@@ -28,6 +28,7 @@ from contract.protocol import schema as s
 from contract.update.hadamard import BLOCK_SIZES
 from contract.update.packing import WIDTHS
 from contract.update.robust import AGGREGATORS
+from contract.update.masked import WEIGHT_BITS
 
 BITS = (32,) + tuple(sorted(WIDTHS, reverse=True))   # 32 = float32, no quantization
 WEIGHTINGS = ("examples", "uniform")
@@ -101,7 +102,8 @@ class UpdateSpec:
 
     @property
     def weight_cap(self) -> int:
-        """W: the largest weight an update may carry (1 when every device weighs the same)."""
+        """W: the largest weight an update may carry (1 when every device weighs the same: a bound
+        round's max_weight says so, `bind`)."""
         return 1 if self.weighting == "uniform" else self.max_weight
 
     def bind(self, size: int, layout_sha256: str, round_key: str, seed: int,
@@ -110,7 +112,8 @@ class UpdateSpec:
         aggregation's modulus; `dp` = (mechanism, noise stddev on the sum, denominator[, σ_b]);
         `zeroing_norm`: the norm above which this round zeroes an update (0: none)."""
         mechanism, stddev, denominator, count_stddev = (tuple(dp) + (0.0,))[:4] if dp else ("", 0.0, 0, 0.0)
-        bound = RoundSpec(self.validate(), size, layout_sha256, round_key, seed,
+        spec = dataclasses.replace(self.validate(), max_weight=self.weight_cap)   # uniform: W = 1, said so
+        bound = RoundSpec(spec, size, layout_sha256, round_key, seed,
                           cohort_max if self.secure_aggregation else 0, mechanism, float(stddev),
                           int(denominator), float(count_stddev), float(zeroing_norm))
         bound.validate()
@@ -156,6 +159,9 @@ class RoundSpec:
         if self.spec.secure_aggregation:
             if self.cohort_max < 1:
                 raise ValueError("a round under secure aggregation needs cohort_max >= 1")
+            if self.cohort_max * self.spec.weight_cap >= 2**WEIGHT_BITS:
+                raise ValueError(f"the weights of {self.cohort_max} updates of up to {self.spec.weight_cap} are "
+                                 f"summed modulo 2^{WEIGHT_BITS}: cohort_max × max_weight must stay below it")
             if self.modulus_bits > MAX_MODULUS_BITS:
                 raise ValueError(f"{self.cohort_max} updates of {self.spec.bits} bits need a "
                                  f"{self.modulus_bits}-bit modulus; at most {MAX_MODULUS_BITS} are supported "
@@ -260,14 +266,23 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
         "bits per value: 32 = float32 values; 16, 8, 4, 2 = stochastic quantization to the "
         "integers -L..L, L = 2^(bits-1) - 1, one power-of-two scale per block"))),
     s.Field("rotation", s.Bool("randomized Hadamard rotation (seeded by rotation_seed) before quantizing")),
-    s.Field("clip_norm", s.Num(0, None, "the L2 norm bound of the decoded update; larger is refused (422)")),
-    s.Field("weighting", s.Enum(WEIGHTINGS, "examples: weight = local examples (capped at max_weight); "
-                                            "uniform: every update weighs 1")),
-    s.Field("max_weight", s.Int(1, 2**31, "the largest num_examples an update may carry")),
+    s.Field("clip_norm", s.Num(0, None, (
+        "C. The device clips its update to L2 norm <= C, then scales it by weight / max_weight (clip, then "
+        "weight); the server refuses (422 norm_exceeds_clip) an update whose decoded norm — as the server "
+        "decodes it from the codes and scales — exceeds C × num_examples / max_weight. Quantization's "
+        "rounding adds to the norm (at 4 bits, a few per cent): the device measures its encoded update "
+        "the same way and, if it is over, scales the update down by bound / norm (less a small margin) "
+        "and encodes it again. Under secure aggregation the device checks its grid codes' norm "
+        "(sqrt(Σ code²) × the grid's step) against C; the server checks only the unmasked sum"))),
+    s.Field("weighting", s.Enum(WEIGHTINGS, "examples: weight = local examples, capped at max_weight; "
+                                            "uniform: every update weighs 1, and max_weight is 1")),
+    s.Field("max_weight", s.Int(1, 2**31, "W: the largest weight an update may carry; num_examples (the "
+                                          "weight, after the cap) must be in [1, W] (1 under uniform weighting)")),
     s.Field("block_size", s.Int(256, 65536, "values per quantization scale / Hadamard block")),
     s.Field("secure_aggregation", s.Bool(
         "masked updates (contract.secagg.masking): one grid per round, step = 4·clip_norm/(L·sqrt(padded size)), "
-        "codes + L and the weight summed modulo 2^m, m = ceil(log2(cohort_max·2L + 1))"), required=False,
+        "codes + L summed modulo 2^m, m = ceil(log2(cohort_max·2L + 1)), the weight modulo 2^32; the server "
+        "refuses an unmasked sum no honest devices could send (contract.secagg.plausible)"), required=False,
             default=False),
     s.Field("aggregator", s.Enum(AGGREGATORS, "mean: the running sum; trimmed_mean, median: robust rules "
                                               "over every update in the clear (contract.update.robust)"),
