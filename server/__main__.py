@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def _population(config: ServerConfig, name: str | None) -> str:
 def cmd_init(args, config: ServerConfig) -> None:
     from server.artifacts import ArtifactStore
     from server.keys import enrollment_material, operator_token
-    from server.populations import register_population
+    from server.registration import register_population
     from server.store import open_store
 
     name = _population(config, args.population)
@@ -122,11 +121,13 @@ def cmd_status(args, config: ServerConfig) -> None:
     services = build_services(config)
     name = _population(config, args.population)
     versions = services.versions.list(name, limit=5)
-    pop_row = services.store.connection().execute(
-        "SELECT current_version, published_version FROM populations WHERE name = ?", (name,)).fetchone()
-    if pop_row is None:
+    from server import populations
+
+    conn = services.store.connection()
+    if not populations.exists(conn, name):
         raise ConfigError(f"population {name!r} is not initialised: run `python -m server init`")
-    print(f"population {name}: current version {pop_row[0]}, published {pop_row[1]}")
+    pop = populations.load_population(conn, name)
+    print(f"population {name}: current version {pop.current_version}, published {pop.published_version}")
     ledger = services.privacy.summary(name, config.population(name))
     if ledger is not None:
         dp, spent, budget = ledger["dp"], ledger["spent"], ledger["budget"]
@@ -138,7 +139,7 @@ def cmd_status(args, config: ServerConfig) -> None:
         if budget:
             line += f" of a budget of ε = {budget['epsilon']:g}"
         print(line)
-    personal = services.personal.latest(services.store.connection(), name)
+    personal = services.kinds["personalize"].latest(conn, name)
     if personal is not None:
         g, p, fg, fp = (personal["global"], personal["personal"], personal["fairness"]["global"],
                         personal["fairness"]["personal"])
@@ -155,7 +156,7 @@ def cmd_status(args, config: ServerConfig) -> None:
               f"top3 {ev.get('top3', float('nan')):.4f}  published {'yes' if v.published_at else 'no'}{eps}")
     print(f"{'round':>6} {'task':>5} {'state':>10} {'ver':>4} {'sel':>5} {'rep':>5} {'abort':>5} "
           f"{'fail':>5} {'drop':>5}  reason")
-    for r in services.analytics.list(name, time.time(), limit=args.rounds):
+    for r in services.analytics.list(name, services.clock.now(), limit=args.rounds):
         counts = " ".join(f"{r[k]:>5}" for k in ("selected", "reported", "aborted", "failed", "dropped"))
         print(f"{r['round']:>6} {r['task']:>5} {r['state']:>10} {r['model_version']:>4} {counts}  "
               f"{r['reason'] or ''}")

@@ -15,18 +15,16 @@ Anything else answers 404, as if it did not exist.
 """
 from __future__ import annotations
 
-import json
-import sqlite3
-
+from server import populations, sessions
 from server.registry import Device
-from server.store import Store
+from server.store import Store, Tx
 
 
 class ArtifactAccess:
     def __init__(self, store: Store):
         self._store = store
 
-    def publish(self, tx: sqlite3.Connection, population: str, version: int, hashes: list[str]) -> None:
+    def publish(self, tx: Tx, population: str, version: int, hashes: list[str]) -> None:
         """Make a published app model's manifest and files public."""
         tx.executemany("INSERT INTO public_artifacts (sha256, population, version) VALUES (?, ?, ?)"
                        " ON CONFLICT DO NOTHING",
@@ -42,16 +40,11 @@ class ArtifactAccess:
         if device is None or device.population is None:
             return False
         conn = self._store.connection()
-        row = conn.execute("SELECT plan_json, vocab_sha256 FROM populations WHERE name = ?",
-                           (device.population,)).fetchone()
-        if row is not None:
-            plan = json.loads(row["plan_json"]) if row["plan_json"] else {}
-            if sha256 in {plan.get("artifact_sha256"), plan.get("manifest_sha256"), plan.get("vocab_sha256"),
-                          row["vocab_sha256"]} - {None}:
-                return conn.execute("SELECT 1 FROM sessions s JOIN rounds r ON r.id = s.round_id WHERE"
-                                    " s.device_id = ? AND r.population = ? LIMIT 1",
-                                    (device.id, device.population)).fetchone() is not None
-        return conn.execute(
-            "SELECT 1 FROM sessions s JOIN rounds r ON r.id = s.round_id JOIN versions v"
-            " ON v.population = r.population AND v.version = r.model_version"
-            " WHERE s.device_id = ? AND v.checkpoint_sha256 = ? LIMIT 1", (device.id, sha256)).fetchone() is not None
+        pop = populations.load_population(conn, device.population) if populations.exists(
+            conn, device.population) else None
+        if pop is not None:
+            plan = pop.plan
+            if sha256 in {plan and plan.artifact_sha256, plan and plan.manifest_sha256, plan and plan.vocab_sha256,
+                          pop.vocab_sha256} - {None}:
+                return sessions.ever_assigned(conn, device.id, device.population)
+        return sessions.was_given(conn, device.id, sha256)

@@ -19,13 +19,12 @@ separation between participations has passed.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
 import time
 
 from contract.model.batching import round_seed
 from contract.tasks import failure_path, report_path
-from contract.protocol.wire import Assignment, Conditions, DiscoveryAsk, Rejection
+from contract.protocol.wire import Assignment, Conditions, Rejection
 from server.artifacts import ArtifactStore
 from server import sessions, telemetry
 from contract.clock import Clock
@@ -33,8 +32,10 @@ from server.config import PopulationConfig
 from server.policy import Context, EligibilityPolicy
 from server.populations import Population, load_population
 from server.registry import Device, DeviceRegistry
-from server.rounds import BUDGET_REASON, Round, RoundService
-from server.store import Store
+from server.round import Round
+from server.rounds import RoundService
+from server.store import Store, Tx
+from server.tasks import TaskRegistry
 from server.versions import VersionRegistry
 
 DEVICE_COUNT_TTL_S = 10.0
@@ -50,9 +51,9 @@ def artifact_ref(sha256: str) -> dict:
 
 
 def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, checkpoint_sha256: str,
-                    now: float, discovery: DiscoveryAsk | None = None,
-                    personalization: dict | None = None) -> Assignment:
-    """The wire assignment of a session (contract.protocol.wire.Assignment)."""
+                    now: float, extra: dict) -> Assignment:
+    """The wire assignment of a session (contract.protocol.wire.Assignment); `extra`: what its kind adds
+    (server.tasks: the layout of a train task, a discover task's level, a personalize task's spec)."""
     plan = None
     if pop.plan is not None:
         plan = {**artifact_ref(pop.plan.artifact_sha256), "manifest": artifact_ref(pop.plan.manifest_sha256)}
@@ -63,19 +64,15 @@ def make_assignment(session_id: str, seed: int, rnd: Round, pop: Population, che
         hyperparameters={**rnd.hyperparameters, "seed": seed},
         report_deadline=rnd.deadline, report_deadline_in_s=max(0.0, rnd.deadline - now),
         report_url=report_path(rnd.task, session_id), failure_url=failure_path(session_id),
-        update=rnd.update, layout=pop.layout.to_json() if rnd.task == "train" else None, discovery=discovery,
-        personalization=personalization if rnd.task == "personalize" else None)
-
-
-def _personal(cfg: PopulationConfig) -> dict | None:
-    return cfg.personalization.to_json() if cfg.personalization is not None else None
+        update=rnd.update, **extra)
 
 
 class CheckinService:
-    def __init__(self, store: Store, clock: Clock, rounds: RoundService, versions: VersionRegistry,
-                 registry: DeviceRegistry, policies: dict[str, EligibilityPolicy],
+    def __init__(self, store: Store, clock: Clock, rounds: RoundService, kinds: TaskRegistry,
+                 versions: VersionRegistry, registry: DeviceRegistry, policies: dict[str, EligibilityPolicy],
                  artifacts: ArtifactStore):
         self._store = store
+        self._kinds = kinds
         self._clock = clock
         self._rounds = rounds
         self._versions = versions
@@ -102,59 +99,59 @@ class CheckinService:
             rnd = self._rounds.latest(conn, population)
             full = not self._rounds.due(rnd, ctx.now) and (rnd.state != "selecting"
                                                             or rnd.selected >= rnd.max_selected)
-            if full and conn.execute("SELECT 1 FROM sessions WHERE round_id = ? AND device_id = ?",
-                                     (rnd.id, device.id)).fetchone() is None:
+            if full and sessions.of_device(conn, rnd.id, device.id) is None:
                 telemetry.checkin(self._store, population, "round_full")
                 return self._busy(conn, rnd, cfg, "round_full")
         with self._store.write() as tx:
-            result = self._select(tx, device, population, cfg)
-        self._rounds.cleanup()
-        return result
+            return self._select(tx, device, population, cfg)
 
-    def _select(self, tx: sqlite3.Connection, device: Device, population: str,
+    def _select(self, tx: Tx, device: Device, population: str,
                 cfg: PopulationConfig) -> Assignment | Rejection:
         rnd = self._rounds.tick(tx, population) or self._rounds.open_round(tx, population)
         pop = load_population(tx, population)
-        mine = tx.execute("SELECT id, seed, state FROM sessions WHERE round_id = ? AND device_id = ?",
-                          (rnd.id, device.id)).fetchone()
+        kind = self._kinds[rnd.task]
+        mine = sessions.of_device(tx, rnd.id, device.id)
         if mine is not None:
             if mine["state"] == "assigned" and rnd.accepts_reports(self._clock.now()):
                 telemetry.checkin(self._store, population, "resumed")
                 version = self._versions.get(pop.name, rnd.model_version, tx)
                 return make_assignment(mine["id"], mine["seed"], rnd, pop, version.checkpoint_sha256,
-                                       self._clock.now(), self._rounds.discovery_ask(tx, rnd), _personal(cfg))
+                                       self._clock.now(), kind.assignment(tx, rnd, pop, cfg))
             telemetry.checkin(self._store, population, "already_participated")
             return self._busy(tx, rnd, cfg, "already_participated")
-        if rnd.state == "failed" and rnd.reason == BUDGET_REASON:     # until an operator raises the budget
-            telemetry.checkin(self._store, population, BUDGET_REASON)
-            return Rejection(BUDGET_REASON, cfg.max_retry_s / 2, cfg.max_retry_s)
+        if not rnd.is_open:            # a round its kind refused to open (the privacy budget): until it may
+            telemetry.checkin(self._store, population, rnd.reason)
+            return Rejection(rnd.reason, cfg.max_retry_s / 2, cfg.max_retry_s)
         if rnd.state != "selecting" or rnd.selected >= rnd.max_selected:
             telemetry.checkin(self._store, population, "round_full")
             return self._busy(tx, rnd, cfg, "round_full")
+        refusal = kind.admits(tx, rnd, device.id)        # a participation rule of the kind
+        if refusal is not None:
+            telemetry.checkin(self._store, population, refusal)
+            return self._busy(tx, rnd, cfg, refusal)
         session_id = "s-" + secrets.token_hex(16)
         seed = round_seed(cfg.seed, rnd.number, rnd.selected)
         version = self._versions.get(population, rnd.model_version, tx)
         bytes_out = self._artifact_bytes(version.checkpoint_sha256, pop)
         now = self._clock.now()
-        sessions.assign(tx, session_id, rnd.id, device.id, seed, now, bytes_out)
+        sessions.assign(tx, session_id, rnd.id, device.id, seed, now, bytes_out, population,
+                        version.checkpoint_sha256)
         self._rounds.count(tx, rnd.id, selected=1, bytes_out=bytes_out)
         telemetry.selected(self._store, population, bytes_out)
         rnd = self._rounds.by_id(tx, rnd.id)
         if rnd.selected >= rnd.max_selected:
             rnd = self._rounds.close_selection(tx, rnd, now)
         return make_assignment(session_id, seed, rnd, pop, version.checkpoint_sha256, now,
-                               self._rounds.discovery_ask(tx, rnd), _personal(cfg))
+                               kind.assignment(tx, rnd, pop, cfg))
 
-    def _busy(self, tx: sqlite3.Connection, rnd: Round, cfg: PopulationConfig, reason: str) -> Rejection:
+    def _busy(self, tx: Tx, rnd: Round, cfg: PopulationConfig, reason: str) -> Rejection:
         """A retry window that spreads the population over the next selection window(s)."""
         now = self._clock.now()
         window = cfg.selection_window_s
         spread = self.device_count() * window / (2 * cfg.max_selected)
         spread = min(max(spread, window), cfg.max_retry_s)
-        last = tx.execute("SELECT closed_at - opened_at FROM rounds WHERE population = ?"
-                          " AND state = 'completed' ORDER BY number DESC LIMIT 1",
-                          (rnd.population,)).fetchone()
-        expected_end = rnd.deadline if last is None else min(rnd.deadline, rnd.opened_at + last[0])
+        last = self._rounds.last_duration(tx, rnd.population)
+        expected_end = rnd.deadline if last is None else min(rnd.deadline, rnd.opened_at + last)
         start = max(0.0, expected_end - now)
         return Rejection(reason, start, start + spread)
 

@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from contract.dp.noise import DPSpec
+from contract.optimizers import SERVER_OPTIMIZERS
 from contract.tasks.personal import PersonalSpec
 from contract.update.spec import UpdateSpec
 
-SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 VERIFIERS = ("ed25519",)
-TASKS = ("train", "eval")
 
 
 class ConfigError(ValueError):

@@ -27,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from server.populations import load_population
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -76,15 +78,13 @@ class StateCollector:
         budget = GaugeMetricFamily("nightjar_dp_epsilon_budget", "The population's ε budget.", labels=["population"])
         conn = svc.store.connection()
         for name in svc.populations():
-            row = conn.execute("SELECT number, task, state, reported FROM rounds WHERE population = ?"
-                               " ORDER BY number DESC LIMIT 1", (name,)).fetchone()
-            if row is not None:
-                number.add_metric([name], row["number"])
-                open_ = row["state"] in ("selecting", "reporting")
-                reports.add_metric([name, row["task"]], row["reported"] if open_ else 0)
-            pub = conn.execute("SELECT published_version FROM populations WHERE name = ?", (name,)).fetchone()
-            if pub is not None and pub[0] is not None:
-                published.add_metric([name], pub[0])
+            rnd = svc.rounds.latest(conn, name)
+            if rnd is not None:
+                number.add_metric([name], rnd.number)
+                reports.add_metric([name, rnd.task], rnd.reported if rnd.is_open else 0)
+            pub = load_population(conn, name).published_version
+            if pub is not None:
+                published.add_metric([name], pub)
             cfg = svc.config.population(name)
             if cfg.dp is not None:
                 spent = (svc.privacy.summary(name, cfg) or {}).get("spent")

@@ -23,6 +23,8 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from contract.optimizers import SERVER_OPTIMIZERS
+
 State = dict[str, object]
 F32 = np.float32
 
@@ -120,8 +122,9 @@ def build_server_optimizer(name: str, learning_rate: float, momentum: float = 0.
         "adam": lambda: Adam(learning_rate),
         "yogi": lambda: Yogi(learning_rate),
     }
+    assert set(builders) == set(SERVER_OPTIMIZERS)
     if name not in builders:
-        raise ValueError(f"unknown server optimizer {name!r}; choose from {sorted(builders)}")
+        raise ValueError(f"unknown server optimizer {name!r}; choose from {', '.join(SERVER_OPTIMIZERS)}")
     return builders[name]()
 
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.store import FileLocks
+from server.store import Row, Tx
+from server.store.sqlite import FileLocks
 
 SUFFIX = ".i64"
 
@@ -46,7 +47,7 @@ class PartialSums:
     def __init__(self, root: str | Path, shards: int, fsync: bool = False, locks=None, first_shard: int = 0):
         """`locks` leases shards across processes (server.store's FileLocks or the PostgreSQL
         backend's advisory locks); replica r of a deployment uses shards r*S .. r*S+S-1 and merges
-        every replica's at close (server.rounds.running_sum)."""
+        every replica's at close (server.tasks.train)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.shards = shards
@@ -77,7 +78,7 @@ class PartialSums:
                 return
 
     @staticmethod
-    def commit(tx, round_id: int, shard: int, generation: int, weight: int) -> None:
+    def commit(tx: Tx, round_id: int, shard: int, generation: int, weight: int) -> None:
         """Step 3 above: move the shard's pointer from `generation` to `generation + 1` (inside the
         report's transaction); the only writer of the `partials` table, with `drop`."""
         moved = tx.execute("UPDATE partials SET generation = generation + 1, weight = weight + ?,"
@@ -90,7 +91,20 @@ class PartialSums:
                        " VALUES (?, ?, 1, ?, 1)", (round_id, shard, weight))
 
     @staticmethod
-    def drop(tx, round_id: int) -> None:
+    def committed(conn: Tx, round_id: int, shard: int) -> tuple[int, int]:
+        """A shard's committed (generation, number of updates in it); (0, 0) before its first."""
+        row = conn.execute("SELECT generation, count FROM partials WHERE round_id = ? AND shard = ?",
+                           (round_id, shard)).fetchone()
+        return (row["generation"], row["count"]) if row else (0, 0)
+
+    @staticmethod
+    def committed_shards(conn: Tx, round_id: int) -> list[Row]:
+        """Every committed shard of a round: shard, generation, weight, count."""
+        return conn.execute("SELECT shard, generation, weight, count FROM partials WHERE round_id = ?"
+                            " ORDER BY shard", (round_id,)).fetchall()
+
+    @staticmethod
+    def drop(tx: Tx, round_id: int) -> None:
         """A closing round's pointers (its files go after COMMIT: remove_round)."""
         tx.execute("DELETE FROM partials WHERE round_id = ?", (round_id,))
 

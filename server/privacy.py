@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sqlite3
 import threading
 
 from contract.dp.noise import adapt_clip
 from privacy.accounting import Event, Spent, distributed_noise_multiplier, epsilon
 from server.config import PopulationConfig
-from server.store import Store
+from server.store import Store, Tx
 
 
 def _finite(spent: dict) -> dict:
@@ -78,7 +77,7 @@ class PrivacyLedger:
 
     # -- opening a round ------------------------------------------------------------------------
 
-    def bind(self, tx: sqlite3.Connection, population: str, cfg: PopulationConfig) -> RoundDP:
+    def bind(self, tx: Tx, population: str, cfg: PopulationConfig) -> RoundDP:
         """The DP parameters of the training round about to open; BudgetExhausted if it may not."""
         spec = cfg.dp
         expected = cfg.goal
@@ -105,7 +104,7 @@ class PrivacyLedger:
 
     # -- closing it -----------------------------------------------------------------------------
 
-    def record(self, tx: sqlite3.Connection, population: str, round_id: int, round_number: int,
+    def record(self, tx: Tx, population: str, round_id: int, round_number: int,
                version: int | None, round_spec, reports: int, unclipped: float, cfg: PopulationConfig,
                now: float) -> Spent:
         """Record a completed DP round (inside the caller's transaction); the (ε, δ) after it.
@@ -137,19 +136,19 @@ class PrivacyLedger:
     # -- reading --------------------------------------------------------------------------------
 
     @staticmethod
-    def events(conn: sqlite3.Connection, population: str) -> list[Event]:
+    def events(conn: Tx, population: str) -> list[Event]:
         return [Event(r[0], r[1], r[2]) for r in conn.execute(
             "SELECT mechanism, noise_multiplier, sampling_probability FROM dp_events WHERE population = ?"
             " ORDER BY round_number", (population,))]
 
-    def spent(self, population: str, version: int, conn: sqlite3.Connection | None = None) -> dict | None:
+    def spent(self, population: str, version: int, conn: Tx | None = None) -> dict | None:
         """The (ε, δ) a version carries, or None (made without DP)."""
         conn = conn or self._store.connection()
         row = conn.execute("SELECT epsilon, delta, accountant, rounds FROM dp_spent WHERE population = ?"
                            " AND version = ?", (population, version)).fetchone()
         return _finite(dict(epsilon=row[0], delta=row[1], accountant=row[2], rounds=row[3])) if row else None
 
-    def publishable(self, conn: sqlite3.Connection, population: str, version: int,
+    def publishable(self, conn: Tx, population: str, version: int,
                     cfg: PopulationConfig) -> bool:
         """False for a version beyond the budget (a distributed round with dropouts can get there)."""
         if cfg.dp_budget is None:

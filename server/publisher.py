@@ -21,10 +21,13 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
+from contract.artifacts.errors import ArtifactError
+from contract.artifacts.manifest import read_manifest
 from server.artifact_access import ArtifactAccess
 from server.artifacts import ArtifactStore
 from contract.clock import Clock
-from server.store import Store
+from server.populations import load_population
+from server.store import Store, Tx
 from server.versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -70,14 +73,14 @@ class SubprocessExporter:
         return manifests[0]
 
 
-def personal_files(tx, population: str, checkpoint_sha256: str) -> list[str]:
+def personal_files(tx: Tx, population: str, checkpoint_sha256: str) -> list[str]:
     """What a phone personalizes a published version with, public with it when the population keeps
     personal models: the version's float weights and the population's training plan (manifest,
     model, vocabulary). The app model already gives these weights away, in int8."""
-    row = tx.execute("SELECT plan_json FROM populations WHERE name = ?", (population,)).fetchone()
-    plan = json.loads(row["plan_json"]) if row and row["plan_json"] else {}
-    return [checkpoint_sha256] + [plan[k] for k in ("artifact_sha256", "manifest_sha256", "vocab_sha256")
-                                  if plan.get(k)]
+    plan = load_population(tx, population).plan
+    if plan is None:
+        return [checkpoint_sha256]
+    return [checkpoint_sha256] + [h for h in (plan.artifact_sha256, plan.manifest_sha256, plan.vocab_sha256) if h]
 
 
 class PublishJobs:
@@ -139,8 +142,7 @@ class PublishJobs:
 
     def _export(self, population: str, version: int) -> tuple[str, list[str], dict | None]:
         found = self._versions.get(population, version)
-        vocab_sha = found.vocab_sha256 or self._store.connection().execute(   # the version's own vocabulary
-            "SELECT vocab_sha256 FROM populations WHERE name = ?", (population,)).fetchone()[0]
+        vocab_sha = found.vocab_sha256 or load_population(self._store.connection(), population).vocab_sha256
         scratch = self._artifacts.scratch_dir()
         try:
             manifest_path = self._exporter.export_app_model(
@@ -155,13 +157,13 @@ class PublishJobs:
         """Store the manifest and each file it lists, refusing any hash mismatch: (manifest, files,
         the manifest's canary)."""
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = {str(n): str(rec["sha256"]) for n, rec in manifest["files"].items()}
-            canary = manifest.get("canary")
+            manifest = read_manifest(manifest_path)
+            files = {str(n): str(rec["sha256"]) for n, rec in manifest.files.items()}
+            canary = manifest.canary
             if canary is not None and not (isinstance(canary, dict) and all(
                     isinstance(k, str) and isinstance(v, str) for k, v in canary.items())):
                 raise TypeError("canary is not {context: word}")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ArtifactError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ExportError(f"{manifest_path}: unreadable manifest ({e})") from None
         for name, expected in files.items():
             if Path(name).name != name:

@@ -1,4 +1,4 @@
-"""The server's schema, written once for both backends (server.store, server.store_pg).
+"""The server's schema, written once for both backends (server.store.sqlite, server.store.postgres).
 
 `MIGRATIONS[i]` brings a database from schema version i to i+1. The SQL is
 SQLite's dialect; `postgres_ddl` turns its column types into PostgreSQL's
@@ -247,14 +247,25 @@ MIGRATIONS.append("""
     );
     """)
 
-# The one module that writes each table (others may read it).
+# 10: a session records its population and the checkpoint it was given, so its owner (server.sessions)
+# answers participation and artifact-access questions without reading the rounds or versions tables.
+MIGRATIONS.append("""
+    ALTER TABLE sessions ADD COLUMN population TEXT;
+    ALTER TABLE sessions ADD COLUMN checkpoint_sha256 TEXT;
+    UPDATE sessions SET population = (SELECT r.population FROM rounds r WHERE r.id = sessions.round_id);
+    UPDATE sessions SET checkpoint_sha256 = (SELECT v.checkpoint_sha256 FROM rounds r JOIN versions v
+        ON v.population = r.population AND v.version = r.model_version WHERE r.id = sessions.round_id);
+    CREATE INDEX sessions_by_device ON sessions (device_id, state);
+    """)
+
+# The one module that writes and reads each table (tests/test_layout.py checks both on the source).
 OWNERS = {
     "devices": "registry", "populations": "populations", "versions": "versions", "rounds": "rounds",
     "partials": "partials", "sessions": "sessions", "jobs": "publisher", "nonces": "enrollment",
     "public_artifacts": "artifact_access", "secagg_rounds": "secagg", "secagg_members": "secagg",
-    "secagg_shares": "secagg", "secagg_reveals": "secagg", "discovery": "discovery",
-    "discovery_votes": "discovery", "dp_events": "privacy", "dp_spent": "privacy",
-    "personal_evals": "personal_eval", "rate_buckets": "ratelimit",
+    "secagg_shares": "secagg", "secagg_reveals": "secagg", "discovery": "discover",
+    "discovery_votes": "discover", "dp_events": "privacy", "dp_spent": "privacy",
+    "personal_evals": "personalize", "rate_buckets": "ratelimit",
 }
 
 _PG_TYPES = [

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
 
 import numpy as np
 
@@ -39,8 +38,9 @@ from contract.secagg import masking as sa
 from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, SecAggStatus
 from contract.clock import Clock
 from server.config import PopulationConfig
+from server import sessions
 from server.errors import ErrorCode, ProtocolError
-from server.store import Store
+from server.store import Row, Store, Tx
 
 POLL_CAP_S = 15.0          # a device comes back at least this often while it waits
 
@@ -56,21 +56,22 @@ class SecAggService:
 
     # -- the round's side: RoundService calls these inside its write transaction ------------
 
-    def open(self, tx: sqlite3.Connection, round_id: int) -> None:
+    def open(self, tx: Tx, round_id: int) -> None:
         tx.execute("INSERT INTO secagg_rounds (round_id, phase) VALUES (?, 'keys')", (round_id,))
 
-    def close_selection(self, tx: sqlite3.Connection, round_id: int, now: float, cfg: PopulationConfig) -> None:
+    def close_selection(self, tx: Tx, round_id: int, now: float, cfg: PopulationConfig) -> None:
         tx.execute("UPDATE secagg_rounds SET phase_ends_at = ? WHERE round_id = ? AND phase = 'keys'",
                    (now + cfg.secagg.keys_window_s, round_id))
 
-    def tick(self, tx: sqlite3.Connection, rnd, now: float, cfg: PopulationConfig) -> str | None:
+    def tick(self, tx: Tx, rnd, now: float, cfg: PopulationConfig) -> str | None:
         """'complete' when the round can be unmasked, a failure reason, or None (nothing yet)."""
         row = self._row(tx, rnd.id)
         phase = row["phase"]
         if phase == "keys" and rnd.state == "reporting":
-            pending = tx.execute("SELECT COUNT(*) FROM sessions s LEFT JOIN secagg_members m ON m.session_id"
-                                 " = s.id WHERE s.round_id = ? AND s.state = 'assigned' AND m.session_id IS NULL",
-                                 (rnd.id,)).fetchone()[0]
+            advertised = {r["session_id"] for r in tx.execute("SELECT session_id FROM secagg_members WHERE"
+                                                              " round_id = ?", (rnd.id,))}
+            pending = sum(state == "assigned" and sid not in advertised
+                          for sid, state in sessions.states(tx, rnd.id).items())
             if pending == 0 or now >= (row["phase_ends_at"] or now):
                 advertised = self._in_phase(tx, rnd.id, "advertised")
                 if advertised < rnd.min_reports:
@@ -98,11 +99,11 @@ class SecAggService:
                 return "unmask_incomplete"
         return None
 
-    def accepting(self, conn: sqlite3.Connection, round_id: int) -> bool:
+    def accepting(self, conn: Tx, round_id: int) -> bool:
         """Whether masked uploads still join the sum (re-checked inside the commit transaction)."""
         return self._row(conn, round_id)["phase"] == "masking"
 
-    def unmask(self, tx: sqlite3.Connection, rnd, masked_sum: np.ndarray) -> tuple[np.ndarray, int]:
+    def unmask(self, tx: Tx, rnd, masked_sum: np.ndarray) -> tuple[np.ndarray, int]:
         """The survivors' plaintext sum (uint32 words) and their number; SecAggError if any secret
         cannot be rebuilt and checked."""
         row = self._row(tx, rnd.id)
@@ -113,14 +114,14 @@ class SecAggService:
         total = sa.unmask(masked_sum, members, survivors, shares, row["t"], _domain(rnd))
         return total, len(survivors)
 
-    def close(self, tx: sqlite3.Connection, round_id: int, state: str, reason: str | None) -> None:
+    def close(self, tx: Tx, round_id: int, state: str, reason: str | None) -> None:
         """The round ended: its keys, shares and reveals go; the phase row stays for analytics."""
         for table in ("secagg_shares", "secagg_reveals", "secagg_members"):
             tx.execute(f"DELETE FROM {table} WHERE round_id = ?", (round_id,))
         tx.execute("UPDATE secagg_rounds SET phase = ?, reason = ? WHERE round_id = ?",
                    ("done" if state == "completed" else "failed", reason, round_id))
 
-    def summary(self, conn: sqlite3.Connection, round_id: int) -> dict | None:
+    def summary(self, conn: Tx, round_id: int) -> dict | None:
         row = conn.execute("SELECT * FROM secagg_rounds WHERE round_id = ?", (round_id,)).fetchone()
         if row is None:
             return None
@@ -128,7 +129,7 @@ class SecAggService:
 
     # -- the device's side --------------------------------------------------------------------
 
-    def status(self, session: sqlite3.Row, rnd) -> SecAggStatus:
+    def status(self, session: Row, rnd) -> SecAggStatus:
         conn = self._store.connection()
         row = self._row(conn, rnd.id)
         phase, now = row["phase"], self._clock.now()
@@ -164,7 +165,7 @@ class SecAggService:
         return SecAggStatus("unmasking", wait if done else None, done, node, row["t"],
                             survivors=tuple(survivors), dropped=tuple(dropped))
 
-    def advertise(self, session: sqlite3.Row, rnd, keys: SecAggKeys) -> None:
+    def advertise(self, session: Row, rnd, keys: SecAggKeys) -> None:
         a = keys.advertisement
         with self._store.write() as tx:
             if self._row(tx, rnd.id)["phase"] != "keys":
@@ -180,7 +181,7 @@ class SecAggService:
             tx.execute("INSERT INTO secagg_members (session_id, round_id, enc_pk, mask_pk, commitment)"
                        " VALUES (?, ?, ?, ?, ?)", (session["id"], rnd.id, a.enc_pk, a.mask_pk, a.commitment))
 
-    def submit_shares(self, session: sqlite3.Row, rnd, shares: SecAggShares) -> None:
+    def submit_shares(self, session: Row, rnd, shares: SecAggShares) -> None:
         with self._store.write() as tx:
             member = self._member_in(tx, session, rnd, "shares")
             if member["state"] == "shared":
@@ -194,7 +195,7 @@ class SecAggService:
             tx.execute("UPDATE secagg_members SET state = 'shared' WHERE session_id = ?", (session["id"],))
             tx.execute("UPDATE secagg_rounds SET shared = shared + 1 WHERE round_id = ?", (rnd.id,))
 
-    def reveal(self, session: sqlite3.Row, rnd, reveal: SecAggReveal) -> None:
+    def reveal(self, session: Row, rnd, reveal: SecAggReveal) -> None:
         with self._store.write() as tx:
             member = self._member_in(tx, session, rnd, "unmasking")
             if session["state"] != "accepted":
@@ -209,7 +210,7 @@ class SecAggService:
                            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", [(rnd.id, o, member["node"], kind, share)
                                                       for o, (kind, share) in reveal.shares.items()])
 
-    def check_upload(self, conn: sqlite3.Connection, session: sqlite3.Row, rnd) -> bool:
+    def check_upload(self, conn: Tx, session: Row, rnd) -> bool:
         """Whether a masked upload may join the sum now (False: too late, it is aborted)."""
         phase = self._row(conn, rnd.id)["phase"]
         if phase in ("keys", "shares"):
@@ -223,17 +224,17 @@ class SecAggService:
     # -- helpers ------------------------------------------------------------------------------
 
     @staticmethod
-    def _row(conn: sqlite3.Connection, round_id: int) -> sqlite3.Row:
+    def _row(conn: Tx, round_id: int) -> Row:
         return conn.execute("SELECT * FROM secagg_rounds WHERE round_id = ?", (round_id,)).fetchone()
 
     @staticmethod
-    def _in_phase(conn: sqlite3.Connection, round_id: int, member_state: str, session_state: str = "assigned") -> int:
+    def _in_phase(conn: Tx, round_id: int, member_state: str, session_state: str = "assigned") -> int:
         """Members in `member_state` whose session is in `session_state`."""
-        return conn.execute("SELECT COUNT(*) FROM secagg_members m JOIN sessions s ON s.id = m.session_id"
-                            " WHERE m.round_id = ? AND m.state = ? AND s.state = ?",
-                            (round_id, member_state, session_state)).fetchone()[0]
+        states = sessions.states(conn, round_id)
+        return sum(states.get(r["session_id"]) == session_state for r in conn.execute(
+            "SELECT session_id FROM secagg_members WHERE round_id = ? AND state = ?", (round_id, member_state)))
 
-    def _member_in(self, tx: sqlite3.Connection, session: sqlite3.Row, rnd, phase: str) -> sqlite3.Row:
+    def _member_in(self, tx: Tx, session: Row, rnd, phase: str) -> Row:
         current = self._row(tx, rnd.id)["phase"]
         if current != phase:
             raise ProtocolError(ErrorCode.WRONG_PHASE, f"the round is in its {current} phase, not {phase}")
@@ -242,22 +243,23 @@ class SecAggService:
             raise ProtocolError(ErrorCode.NOT_IN_COHORT, "this session is not in the round's neighbour graph")
         return member
 
-    def _build_graph(self, tx: sqlite3.Connection, round_id: int, cfg: PopulationConfig, now: float) -> None:
-        sessions = [r[0] for r in tx.execute("SELECT m.session_id FROM secagg_members m JOIN sessions s ON"
-                                             " s.id = m.session_id WHERE m.round_id = ? AND s.state = 'assigned'",
-                                             (round_id,))]
-        secrets.SystemRandom().shuffle(sessions)
-        n = len(sessions)
+    def _build_graph(self, tx: Tx, round_id: int, cfg: PopulationConfig, now: float) -> None:
+        states = sessions.states(tx, round_id)
+        members = sorted(r["session_id"] for r in tx.execute("SELECT session_id FROM secagg_members WHERE"
+                                                             " round_id = ?", (round_id,))
+                         if states.get(r["session_id"]) == "assigned")
+        secrets.SystemRandom().shuffle(members)
+        n = len(members)
         k = min(cfg.secagg.neighbours or sa.default_degree(n, cfg.secagg.max_dropout), n - 1)
         graph = sa.neighbour_graph(n, k)
         tx.execute("UPDATE secagg_members SET state = 'excluded' WHERE round_id = ?", (round_id,))
         tx.executemany("UPDATE secagg_members SET node = ?, neighbours_json = ?, state = 'member'"
                        " WHERE session_id = ?",
-                       [(node, json.dumps(sorted(graph[node])), sid) for node, sid in enumerate(sessions, 1)])
+                       [(node, json.dumps(sorted(graph[node])), sid) for node, sid in enumerate(members, 1)])
         tx.execute("UPDATE secagg_rounds SET phase = 'shares', k = ?, t = ?, members = ?, phase_ends_at = ?"
                    " WHERE round_id = ?", (k, sa.threshold(k), n, now + cfg.secagg.shares_window_s, round_id))
 
-    def _prune(self, tx: sqlite3.Connection, round_id: int, t: int) -> set[int]:
+    def _prune(self, tx: Tx, round_id: int, t: int) -> set[int]:
         """The masking set (contract.secagg.masking.masking_set); the rest leave the round."""
         rows = tx.execute("SELECT node, neighbours_json, state FROM secagg_members WHERE round_id = ?"
                           " AND node IS NOT NULL", (round_id,)).fetchall()
@@ -267,22 +269,22 @@ class SecAggService:
                    f" AND node NOT IN ({','.join('?' * len(cohort))})", (round_id, *cohort))
         return cohort
 
-    def _members(self, conn: sqlite3.Connection, round_id: int) -> tuple[dict[int, sa.Member], set[int]]:
-        rows = conn.execute("SELECT m.node, m.mask_pk, m.commitment, m.neighbours_json, s.state AS session_state"
-                            " FROM secagg_members m JOIN sessions s ON s.id = m.session_id"
-                            " WHERE m.round_id = ? AND m.state = 'shared'", (round_id,)).fetchall()
+    def _members(self, conn: Tx, round_id: int) -> tuple[dict[int, sa.Member], set[int]]:
+        states = sessions.states(conn, round_id)
+        rows = conn.execute("SELECT session_id, node, mask_pk, commitment, neighbours_json FROM secagg_members"
+                            " WHERE round_id = ? AND state = 'shared'", (round_id,)).fetchall()
         cohort = {r["node"] for r in rows}
         members = {r["node"]: sa.Member(r["node"], bytes(r["mask_pk"]), bytes(r["commitment"]),
                                         frozenset(set(json.loads(r["neighbours_json"])) & cohort)) for r in rows}
-        return members, {r["node"] for r in rows if r["session_state"] == "accepted"}
+        return members, {r["node"] for r in rows if states.get(r["session_id"]) == "accepted"}
 
-    def _asked(self, conn: sqlite3.Connection, round_id: int, node: int) -> tuple[list[int], list[int]]:
+    def _asked(self, conn: Tx, round_id: int, node: int) -> tuple[list[int], list[int]]:
         """What `node` is asked to reveal: its maskers that uploaded (self shares), the rest (key shares)."""
         members, survivors = self._members(conn, round_id)
         maskers = members[node].maskers if node in members else frozenset()
         return sorted(maskers & survivors), sorted(maskers - survivors)
 
-    def _missing_shares(self, conn: sqlite3.Connection, round_id: int, t: int) -> int:
+    def _missing_shares(self, conn: Tx, round_id: int, t: int) -> int:
         """Secrets of the masking set with fewer than t revealed shares of the kind they need."""
         members, survivors = self._members(conn, round_id)
         counts = {(r["owner"], r["kind"]): r["n"] for r in conn.execute(

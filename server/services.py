@@ -13,18 +13,22 @@ from contract.clock import Clock
 from server.config import ServerConfig
 from server.enrollment import EnrollmentService
 from server.keys import Pseudonyms, operator_token
+from server import populations as population_table
 from server.partials import PartialSums
 from server.policy import build_policy
-from server.personal_eval import PersonalEvaluations
 from server.publisher import Exporter, PublishJobs, SubprocessExporter
 from server.ratelimit import RateLimiter
 from server.privacy import PrivacyLedger
 from server.registry import DeviceRegistry
 from server.reporting import ReportingService
 from server.rounds import RoundService
-from server.discovery import DiscoveryService
 from server.secagg import SecAggService
 from server.store import Store, open_store
+from server.tasks import TaskRegistry
+from server.tasks.discover import DiscoverKind
+from server.tasks.eval import EvalKind
+from server.tasks.personalize import PersonalizeKind
+from server.tasks.train import TrainKind
 from server.versions import VersionRegistry
 
 log = logging.getLogger(__name__)
@@ -49,15 +53,13 @@ class Services:
     access: ArtifactAccess
     limits: RateLimiter
     secagg: SecAggService
-    discovery: DiscoveryService
     privacy: PrivacyLedger
-    personal: PersonalEvaluations
+    kinds: TaskRegistry
     operator_token: str
 
     def populations(self) -> list[str]:
         """Populations that are both configured and registered."""
-        rows = self.store.connection().execute("SELECT name FROM populations").fetchall()
-        return [r["name"] for r in rows if r["name"] in self.config.populations]
+        return [n for n in population_table.names(self.store.connection()) if n in self.config.populations]
 
     def tick(self) -> None:
         """Apply due round transitions of every population (what the ticker does each interval)."""
@@ -85,20 +87,26 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
                             personalized=lambda name: name in config.populations
                             and config.population(name).personalization is not None)
     secagg = SecAggService(store, clock)
-    discovery = DiscoveryService(store)
-    personal = PersonalEvaluations()
-    rounds = RoundService(store, clock, config, versions, partials, secagg, discovery, artifacts, privacy,
-                          on_publish=publisher.enqueue, personal=personal)
+    kinds = TaskRegistry()
+    rounds = RoundService(store, clock, config, kinds, secagg)
+    kinds.register(
+        TrainKind(store, rounds, versions, partials, secagg, privacy, rounds.settings, clock.now),
+        EvalKind(rounds, versions, privacy, rounds.settings, publisher.enqueue),
+        PersonalizeKind(rounds, secagg),
+        DiscoverKind(rounds, versions, artifacts, rounds.settings))
     policies = {name: build_policy(p.eligibility) for name, p in config.populations.items()}
-    checkin = CheckinService(store, clock, rounds, versions, registry, policies, artifacts)
-    reporting = ReportingService(store, clock, rounds, partials, registry, secagg, discovery, personal)
+    checkin = CheckinService(store, clock, rounds, kinds, versions, registry, policies, artifacts)
+    reporting = ReportingService(store, clock, rounds, kinds, registry, secagg)
     enrollment = EnrollmentService(store, clock, config, registry, reporting.end_sessions_of)
     token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
-                        checkin, reporting, publisher, RoundAnalytics(store, pseudonyms, personal), enrollment,
-                        access,
-                        RateLimiter(config.state_dir / "ratelimit.db", clock, store), secagg, discovery, privacy, personal, token)
-    removed = rounds.collect_garbage()
+                        checkin, reporting, publisher, RoundAnalytics(store, pseudonyms, rounds, kinds, secagg), enrollment,
+                        access, RateLimiter(config.state_dir / "ratelimit.db", clock, store), secagg, privacy,
+                        kinds, token)
+    with store.read() as conn:
+        open_ids, newest = rounds.open_ids(conn)
+    removed = partials.collect(open_ids, newest, lambda round_id, shard: partials.committed(
+        store.connection(), round_id, shard)[0])
     if removed:
         log.info("removed %d stale partial-sum files", removed)
     return services

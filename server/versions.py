@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import sqlite3
 import threading
 
 import numpy as np
@@ -33,7 +32,7 @@ from server.artifacts import ArtifactStore
 from contract.clock import Clock
 from server.errors import ErrorCode, ProtocolError
 from server.optimizers import State, state_from_bytes
-from server.store import Store
+from server.store import Row, Store, Tx
 
 log = logging.getLogger(__name__)
 PUBLISH_METRIC = "top3"
@@ -58,7 +57,7 @@ class Version:
     canary: dict | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Version":
+    def from_row(cls, row: Row) -> "Version":
         evaluation = json.loads(row["eval_json"]) if row["eval_json"] else None
         return cls(row["population"], row["version"], row["parent"], row["round_number"],
                    row["checkpoint_sha256"], row["optimizer_sha256"], row["created_at"],
@@ -74,9 +73,9 @@ class Version:
                 "canary": self.canary}
 
 
-def add_initial_version(tx: sqlite3.Connection, population: str, checkpoint_sha256: str, now: float,
+def add_initial_version(tx: Tx, population: str, checkpoint_sha256: str, now: float,
                         vocab_sha256: str | None) -> None:
-    """Version 0 of a population being registered (server.populations)."""
+    """Version 0 of a population being registered (server.registration)."""
     tx.execute("INSERT INTO versions (population, version, checkpoint_sha256, created_at, train_json,"
                " vocab_sha256) VALUES (?, 0, ?, ?, ?, ?)",
                (population, checkpoint_sha256, now, json.dumps({"source": "initial checkpoint"}), vocab_sha256))
@@ -106,7 +105,7 @@ class VersionRegistry:
         self._weights: dict[str, np.ndarray] = {}   # checkpoint sha256 → flat (the latest few)
         self._lock = threading.Lock()
 
-    def get(self, population: str, version: int, conn: sqlite3.Connection | None = None) -> Version:
+    def get(self, population: str, version: int, conn: Tx | None = None) -> Version:
         conn = conn or self._store.connection()
         row = conn.execute("SELECT * FROM versions WHERE population = ? AND version = ?",
                            (population, version)).fetchone()
@@ -140,7 +139,7 @@ class VersionRegistry:
             return None
         return state_from_bytes(self._private.read(version.optimizer_sha256))
 
-    def add(self, tx: sqlite3.Connection, population: str, layout: WeightLayout,
+    def add(self, tx: Tx, population: str, layout: WeightLayout,
             model_config: dict | None, parent: int, round_number: int, flat: np.ndarray,
             optimizer_state: bytes | None, train: dict, vocab_sha256: str | None = None) -> Version:
         """Version parent + 1; `vocab_sha256`: its vocabulary if it is not its parent's."""
@@ -159,14 +158,13 @@ class VersionRegistry:
         populations.set_current(tx, population, version)
         return self.get(population, version, tx)
 
-    def record_eval(self, tx: sqlite3.Connection, population: str, version: int, result: dict,
+    def record_eval(self, tx: Tx, population: str, version: int, result: dict,
                     publish_every: int) -> bool:
         """Attach an evaluation to a version; True if it should now be published."""
         tx.execute("UPDATE versions SET eval_json = ? WHERE population = ? AND version = ?",
                    (json.dumps(result), population, version))
         populations.set_evaluated(tx, population)
-        published = tx.execute("SELECT published_version FROM populations WHERE name = ?",
-                               (population,)).fetchone()[0]
+        published = populations.load_population(tx, population).published_version
         if publish_every <= 0 or result.get("positions", 0) <= 0:
             return False
         if published is None:
@@ -176,12 +174,13 @@ class VersionRegistry:
             return False
         return last.eval is None or result[PUBLISH_METRIC] >= last.eval[PUBLISH_METRIC]
 
-    def mark_published(self, tx: sqlite3.Connection, population: str, version: int,
+    def mark_published(self, tx: Tx, population: str, version: int,
                        manifest_sha256: str, canary: dict | None = None) -> None:
         """Make `version` the published one; `canary` (its manifest's) is kept with the probes that
         changed since the version published before it, and those are logged for the operator."""
-        before = tx.execute("SELECT v.canary_json FROM versions v JOIN populations p ON p.name = v.population"
-                            " AND v.version = p.published_version WHERE p.name = ?", (population,)).fetchone()
+        published = populations.load_population(tx, population).published_version
+        before = tx.execute("SELECT canary_json FROM versions WHERE population = ? AND version = ?",
+                            (population, published)).fetchone() if published is not None else None
         previous = json.loads(before[0])["suggestions"] if before and before[0] else None
         record = {"suggestions": canary, "changed": changed(previous, canary)} if canary else None
         if record and record["changed"]:
@@ -195,13 +194,8 @@ class VersionRegistry:
 
     def published(self, population: str, version: int | None = None) -> Version:
         """The version apps should use (or a given exported version)."""
-        conn = self._store.connection()
         if version is None:
-            row = conn.execute("SELECT published_version FROM populations WHERE name = ?",
-                               (population,)).fetchone()
-            if row is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {population!r}")
-            version = row[0]
+            version = populations.load_population(self._store.connection(), population).published_version
             if version is None:
                 raise ProtocolError(ErrorCode.NOT_PUBLISHED,
                                     f"population {population!r} has not published a model yet")
@@ -214,11 +208,7 @@ class VersionRegistry:
     def rollback(self, population: str, to_version: int | None = None) -> Version:
         """Point apps at `to_version` (default: the exported version before the current one)."""
         with self._store.write() as tx:
-            row = tx.execute("SELECT published_version FROM populations WHERE name = ?",
-                             (population,)).fetchone()
-            if row is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_POPULATION, f"no population named {population!r}")
-            current = row[0]
+            current = populations.load_population(tx, population).published_version
             if to_version is None:
                 if current is None:
                     raise ProtocolError(ErrorCode.CONFLICT,

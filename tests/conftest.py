@@ -93,7 +93,7 @@ def postgres_server():
         server = temporary(port)
     except PostgresUnavailable as e:
         pytest.skip(f"PostgreSQL unavailable: {e}")
-    from server.store_pg import PostgresStore
+    from server.store.postgres import PostgresStore
 
     PostgresStore(server.create_database("migrated")).close()   # the schema once; tests copy it
     yield server
@@ -142,7 +142,7 @@ def make_server(tmp_path, database):
 
     from server import create_app
     from contract.clock import ManualClock
-    from server.populations import register_population
+    from server.registration import register_population
     from tests.server_fixtures import (FakeExporter, SMALL_LAYOUT, enrollment_for, write_checkpoint,
                                        write_plan_dir)
 

@@ -52,9 +52,12 @@ def write_manifest_dir(out_dir: Path, name: str, kind: str, model: bytes, layout
     vocab = json.dumps(["<pad>", "<bos>", "<eos>", "<oov>", "thou"]).encode()
     (out_dir / f"{name}.tflite").write_bytes(model)
     (out_dir / "vocab.json").write_bytes(vocab)
+    from contract.model.text import Vocabulary
+
     manifest = {"schema_version": 1, "kind": kind, "model_version": model_version,
-                "artifact": f"{name}.tflite", "vocab_file": "vocab.json",
-                "weight_layout": layout.to_json(),
+                "model_config": {"vocab_size": 5}, "artifact": f"{name}.tflite", "vocab_file": "vocab.json",
+                "vocab_sha256": Vocabulary.from_json(vocab.decode()).sha256, "seq_len": 4,
+                "weight_layout": layout.to_json(), "signatures": {}, "created_at": "2026-01-01T00:00:00Z",
                 "files": {f"{name}.tflite": _record(model), "vocab.json": _record(vocab)}, **extra}
     path = out_dir / f"{name}.manifest.json"
     path.write_text(json.dumps(manifest), encoding="utf-8")

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+from server.tasks.train import Upload
 from contract.update.pipeline import UpdatePipeline
 from contract.protocol.wire import Conditions
 from server import metrics
@@ -40,7 +41,8 @@ class Dev:
     def upload(self, services, delta, num_examples=10):
         a = self.assignment
         encoded = UpdatePipeline(a.update).encode(delta, num_examples, a.hyperparameters["seed"])
-        return services.reporting.upload(self.id, a.session_id, encoded.body, a.model_version, encoded.weight, {})
+        return services.reporting.report(self.id, a.session_id, "train",
+                                         Upload(encoded.body, a.model_version, encoded.weight, {}))
 
 
 def second_replica(env, backend):
@@ -97,28 +99,52 @@ def test_two_replicas_racing_to_close_a_round_make_one_version(make_server, back
     b.store.close()
 
 
-def test_a_database_of_the_previous_schema_is_upgraded_with_all_its_data(make_server, backend, monkeypatch, request):
-    import server.store
-    from server.schema import MIGRATIONS
+def _columns(conn, table: str) -> list[str]:
+    return [d[0] for d in conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
 
-    monkeypatch.setattr(server.store, "MIGRATIONS", MIGRATIONS[:-1])        # the previous release
-    empty = {"database": request.getfixturevalue("postgres_server").create_database("upgrade")} \
-        if backend == "postgresql" else None                                 # not the migrated template
-    env = make_server(server=empty, goal=2, over_selection=1.0)
+
+def _previous_release_database(env, backend, request, tmp_path, monkeypatch) -> str:
+    """A database made by the previous schema (MIGRATIONS[:-1]) holding the rows `env` wrote, in the
+    columns that schema has: what a server of the previous release leaves behind."""
+    import server.store.base
+    from server.schema import MIGRATIONS
+    from server.store import open_store
+
+    monkeypatch.setattr(server.store.base, "MIGRATIONS", MIGRATIONS[:-1])
+    url = (request.getfixturevalue("postgres_server").create_database("upgrade") if backend == "postgresql"
+           else str(tmp_path / "previous.db"))
+    old, new = open_store(url), env.services.store.connection()
+    with old.write() as tx:
+        for table in old.tables():
+            columns = _columns(tx, table)
+            rows = [tuple(r[c] for c in columns) for r in new.execute(f"SELECT {', '.join(columns)} FROM {table}")]
+            if rows:
+                tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                               rows)
+        if backend == "postgresql":                 # identity columns continue after the copied ids
+            for table in ("rounds", "jobs"):
+                tx.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                           f" GREATEST((SELECT MAX(id) FROM {table}), 1))")
+    old.close()
+    monkeypatch.setattr(server.store.base, "MIGRATIONS", MIGRATIONS)
+    return url
+
+
+def test_a_database_of_the_previous_schema_is_upgraded_with_all_its_data(make_server, backend, monkeypatch, request,
+                                                                        tmp_path):
+    env = make_server(goal=2, over_selection=1.0)
     devs = [Dev(env.services) for _ in range(2)]
     for d in devs:
         d.checkin(env.services)
     for d in devs:
         d.upload(env.services, np.full(env.layout.size, 0.01, np.float32))
     assert env.services.versions.list(env.population)[0].version == 1
-    old = dump_tables(env.services.store)
-    assert "rate_buckets" not in env.services.store.tables()
+    wrote = dump_tables(env.services.store)
+    url = _previous_release_database(env, backend, request, tmp_path, monkeypatch)
     env.services.store.close()
 
-    monkeypatch.setattr(server.store, "MIGRATIONS", MIGRATIONS)              # the upgrade
-    upgraded = build_services(load_config(env.config), clock=env.clock, exporter=env.exporter)
-    assert "rate_buckets" in upgraded.store.tables()
-    assert dump_tables(upgraded.store) == old                                # every row kept
+    upgraded = build_services(load_config({**env.config, "database": url}), clock=env.clock, exporter=env.exporter)
+    assert dump_tables(upgraded.store) == wrote        # every row kept, and the new columns filled from the old
     more = [Dev(upgraded) for _ in range(2)]
     for d in more:
         d.checkin(upgraded)
@@ -174,7 +200,7 @@ def test_replica_index_is_checked(tmp_path, bad):
 
 
 def test_sqlite_dialect_is_translated_outside_quoted_strings_only():
-    from server.store_pg import translate
+    from server.store.postgres import translate
 
     assert translate("SELECT a FROM t WHERE b = ? AND c = '?%' AND d LIKE 'x%'") == \
         "SELECT a FROM t WHERE b = %s AND c = '?%%' AND d LIKE 'x%%'"
@@ -182,7 +208,7 @@ def test_sqlite_dialect_is_translated_outside_quoted_strings_only():
 
 
 def test_percent_and_question_marks_reach_postgresql_as_written(postgres_server):
-    from server.store_pg import PostgresStore
+    from server.store.postgres import PostgresStore
 
     store = PostgresStore(postgres_server.create_database("quote"))
     try:
@@ -195,7 +221,7 @@ def test_percent_and_question_marks_reach_postgresql_as_written(postgres_server)
 
 
 def test_postgres_rows_read_like_sqlite_rows(postgres_server):
-    from server.store_pg import PostgresStore
+    from server.store.postgres import PostgresStore
 
     store = PostgresStore(postgres_server.create_database("rows"))
     try:

@@ -22,7 +22,7 @@ def test_round_eval_and_publish_with_the_real_exporter(tmp_path):
     from contract.model.weights import save_checkpoint
     from server import create_app
     from contract.clock import ManualClock
-    from server.populations import register_population
+    from server.registration import register_population
     from contract.artifacts.manifest import load_verified
 
     layout = weight_layout(TINY)

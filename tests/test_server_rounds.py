@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from server.tasks.train import Upload
 from contract.update.pipeline import UpdatePipeline
 from contract.protocol.wire import Conditions, EvalReport
 from tests.server_fixtures import ELIGIBLE
@@ -36,14 +37,14 @@ class Dev:
     def upload(self, delta, num_examples=10, metrics=None, model_version=None):
         a = self.assignment
         encoded = UpdatePipeline(a.update).encode(delta, num_examples, a.hyperparameters["seed"])
-        return self.env.services.reporting.upload(
-            self.id, a.session_id, encoded.body, a.model_version if model_version is None else model_version,
-            encoded.weight, metrics or {})
+        version = a.model_version if model_version is None else model_version
+        return self.env.services.reporting.report(
+            self.id, a.session_id, "train", Upload(encoded.body, version, encoded.weight, metrics or {}))
 
     def evaluate(self, top1, top3, positions):
         a = self.assignment
-        return self.env.services.reporting.evaluation(self.id, a.session_id, a.model_version,
-                                                      EvalReport(a.model_version, top1, top3, positions))
+        return self.env.services.reporting.report(self.id, a.session_id, "eval",
+                                                  EvalReport(a.model_version, top1, top3, positions))
 
     def fail(self, reason="unplugged"):
         return self.env.services.reporting.failure(self.id, self.assignment.session_id, reason)

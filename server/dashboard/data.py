@@ -11,6 +11,7 @@ import zoneinfo
 
 from server import metrics
 from server.dashboard import svg
+from server.populations import load_population
 
 OUTCOMES = (("reported", "#3a9d5d"), ("aborted", "#e0a030"), ("failed", "#d0463c"), ("dropped", "#8a8a8a"),
             ("open", "#9cc3f0"))
@@ -29,8 +30,7 @@ def overview(svc) -> list[dict]:
     now = svc.clock.now()
     cards = []
     for name in svc.populations():
-        row = svc.store.connection().execute("SELECT current_version, published_version FROM populations"
-                                             " WHERE name = ?", (name,)).fetchone()
+        pop = load_population(svc.store.connection(), name)
         latest = svc.analytics.list(name, now, limit=1)
         ledger = svc.privacy.summary(name, svc.config.population(name))
         spent = (ledger or {}).get("spent") or {}
@@ -40,7 +40,7 @@ def overview(svc) -> list[dict]:
             if labels.get("population") == name:
                 mine[labels["outcome"]] = mine.get(labels["outcome"], 0.0) + value
         cards.append({"name": name, "round": latest[0] if latest else None,
-                      "current_version": row["current_version"], "published_version": row["published_version"],
+                      "current_version": pop.current_version, "published_version": pop.published_version,
                       "enrolled": svc.registry.count(name), "checkins": int(sum(mine.values())),
                       "checkin_outcomes": {k: int(v) for k, v in sorted(mine.items())},
                       "dp": ledger is not None, "epsilon": spent.get("epsilon"), "delta": spent.get("delta"),
@@ -91,8 +91,7 @@ def participation(svc, population: str, days: float = 7.0) -> dict:
 
 
 def versions(svc, population: str, limit: int = 50) -> dict:
-    published = svc.store.connection().execute("SELECT published_version FROM populations WHERE name = ?",
-                                               (population,)).fetchone()[0]
+    published = load_population(svc.store.connection(), population).published_version
     rows = []
     for v in svc.versions.list(population, limit):
         rows.append({**v.to_json(), "dp": svc.privacy.spent(population, v.version), "live": v.version == published,
@@ -111,8 +110,7 @@ def version_detail(svc, population: str, number: int) -> dict:
         p = svc.versions.get(population, parent)
         lineage.append({"version": p.version, "round": p.round_number, "eval": p.eval})
         parent = p.parent
-    published = svc.store.connection().execute("SELECT published_version FROM populations WHERE name = ?",
-                                               (population,)).fetchone()[0]
+    published = load_population(svc.store.connection(), population).published_version
     return {**v.to_json(), "lineage": lineage, "dp": svc.privacy.spent(population, v.version),
             "live": v.version == published, "exported": v.app_manifest_sha256 is not None, "published": published}
 

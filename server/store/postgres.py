@@ -32,7 +32,7 @@ import psycopg
 from psycopg.adapt import Loader
 
 from server.schema import postgres_ddl
-from server.store import Store
+from server.store.base import Store
 
 WRITE_LOCK = 0x4E69676874   # "Night": the one key of the database-wide write lock
 

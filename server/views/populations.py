@@ -1,10 +1,9 @@
 """Per-population reads: the published app model (for apps) and round/version analytics (operators)."""
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, jsonify, request
 
+from contract.artifacts.manifest import Manifest
 from server import validation as v
 from server.validation import MAX_INT
 from server.checkin import artifact_ref, artifact_url
@@ -17,9 +16,9 @@ bp = Blueprint("populations", __name__, url_prefix="/v1/populations/<population>
 
 def _app_model(version: Version) -> dict:
     store = services().artifacts
-    manifest = json.loads(store.read(version.app_manifest_sha256))
+    manifest = Manifest.from_json(store.read(version.app_manifest_sha256).decode("utf-8"))
     files = {name: {"url": artifact_url(rec["sha256"]), "sha256": rec["sha256"], "bytes": rec.get("bytes")}
-             for name, rec in manifest["files"].items()}
+             for name, rec in manifest.files.items()}
 
     def ref(name: str | None) -> dict | None:
         return {"url": files[name]["url"], "sha256": files[name]["sha256"]} if name in files else None
@@ -29,9 +28,9 @@ def _app_model(version: Version) -> dict:
             "privacy": services().privacy.spent(version.population, version.version),
             "manifest": {"url": artifact_url(version.app_manifest_sha256),
                          "sha256": version.app_manifest_sha256},
-            "model": ref(manifest.get("artifact")), "vocab": ref(manifest.get("vocab_file")),
-            "files": files, "personalization": _personalization(version, manifest.get("vocab_file") and
-                                                               files[manifest["vocab_file"]]["sha256"])}
+            "model": ref(manifest.artifact), "vocab": ref(manifest.vocab_file),
+            "files": files, "personalization": _personalization(version, manifest.vocab_file in files and
+                                                               files[manifest.vocab_file]["sha256"] or None)}
 
 
 def _personalization(version: Version, vocab_sha256: str | None) -> dict | None:
@@ -103,7 +102,7 @@ def discovery(population: str):
     svc = services()
     conn = svc.store.connection()
     load_population(conn, population)                      # 404 for an unknown population
-    return jsonify(svc.discovery.summary(conn, population))
+    return jsonify(svc.kinds["discover"].summary(conn, population))
 
 
 @bp.post("/devices/<pseudonym>/revoke")

@@ -7,6 +7,7 @@ from flask import Blueprint, jsonify, request
 from contract.tasks.personal import PersonalEvalReport
 from contract.protocol.wire import METRICS, DiscoveryBallot, EvalReport, FailureReport
 from server import validation as v
+from server.tasks.train import Upload
 from server.views._common import device, json_body, require_content_type, services
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
@@ -24,16 +25,15 @@ def upload(session_id: str):
     # says whether the round needs it (under secure aggregation the weight is inside the masked body)
     metrics = v.query_json(request.args, "metrics", METRICS, default={})
     body = request.get_data(cache=False)
-    outcome = services().reporting.upload(caller.id, session_id, body, model_version, num_examples, metrics)
-    return jsonify(outcome.to_json())
+    upload = Upload(body, model_version, num_examples, metrics)
+    return jsonify(services().reporting.report(caller.id, session_id, "train", upload).to_json())
 
 
 @bp.post("/<session_id>/eval")
 def evaluation(session_id: str):
     caller = device()
     report = EvalReport.from_json(json_body())
-    return jsonify(services().reporting.evaluation(caller.id, session_id, report.model_version,
-                                                   report).to_json())
+    return jsonify(services().reporting.report(caller.id, session_id, "eval", report).to_json())
 
 
 @bp.post("/<session_id>/personal")
@@ -41,15 +41,14 @@ def personal(session_id: str):
     """A personalization evaluation's counts (contract.tasks.personal.PersonalEvalReport)."""
     caller = device()
     report = PersonalEvalReport.from_json(json_body())
-    return jsonify(services().reporting.personal(caller.id, session_id, report).to_json())
+    return jsonify(services().reporting.report(caller.id, session_id, "personalize", report).to_json())
 
 
 @bp.post("/<session_id>/discovery")
 def discovery(session_id: str):
     caller = device()
     ballot = DiscoveryBallot.from_json(json_body())
-    return jsonify(services().reporting.discovery(caller.id, session_id, ballot.model_version,
-                                                  ballot).to_json())
+    return jsonify(services().reporting.report(caller.id, session_id, "discover", ballot).to_json())
 
 
 @bp.post("/<session_id>/failure")
