@@ -93,6 +93,16 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
     for bp in blueprints:
         app.register_blueprint(bp)
 
+    _install_request_hooks(app, cfg)
+    _install_error_handlers(app)
+    if cfg.tick_interval_s > 0:
+        app.extensions["nightjar_ticker"] = Ticker(services, cfg.tick_interval_s).start()
+    return app
+
+
+def _install_request_hooks(app: Flask, cfg: ServerConfig) -> None:
+    """Per request: body limits and NUL at the door; afterwards its latency, request id and log line."""
+
     @app.before_request
     def _limit_json_bodies():
         g.started = time.perf_counter()
@@ -115,6 +125,10 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
                       "endpoint": endpoint, "status": response.status_code, "latency_ms": round(seconds * 1e3, 3),
                       "device": g.get("device"), "bytes_in": request.content_length or 0})
         return response
+
+
+def _install_error_handlers(app: Flask) -> None:
+    """Every error a client can cause as `{"error": code, "message": ...}` with its 4xx status."""
 
     @app.errorhandler(ProtocolError)
     def _protocol_error(e: ProtocolError):
@@ -140,7 +154,3 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
     def _unexpected(e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
         return jsonify({"error": ErrorCode.INTERNAL_ERROR.value, "message": "internal server error"}), 500
-
-    if cfg.tick_interval_s > 0:
-        app.extensions["nightjar_ticker"] = Ticker(services, cfg.tick_interval_s).start()
-    return app

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from models import corpus
-from models.corpus import (CorpusError, FederatedCorpus, Speech, build_clients,
-                           corpus_stats, format_stats, load_corpus_from_texts,
-                           parse_play, split_clients, verify_tarball)
+from models.corpus import (CorpusError, FederatedCorpus, build_clients, corpus_stats, format_stats,
+                           load_corpus_from_texts, split_clients, verify_tarball)
+from models.plays import Speech, parse_play
 from contract.model.text import SPECIAL_TOKENS, Vocabulary, to_sequences, words
 
 FIXTURES = Path(__file__).parent / "fixtures"

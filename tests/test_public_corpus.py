@@ -12,7 +12,8 @@ import pytest
 from contract.model.text import FREE_SLOT, OOV_ID, SPECIAL_TOKENS, Vocabulary, to_sequences
 from models import corpus as corpus_module
 from models import public_corpus
-from models.corpus import CorpusError, Speech, default_data_dir, load_corpus
+from models.corpus import CorpusError, default_data_dir, load_corpus
+from models.plays import Speech
 from models.public_corpus import oov_rate, parse_verses, public_vocabulary
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kjv_sample.txt"
