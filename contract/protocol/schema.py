@@ -1,7 +1,7 @@
 """Typed JSON values that are both checked and documented from one definition.
 
 A wire type is described once, as a tree of `Bool`, `Int`, `Num`, `Str`,
-`Enum`, `Obj`, `Arr` and `Nullable`; `parse(value)` checks a decoded JSON
+`B64`, `Enum`, `Obj`, `Map`, `Arr` and `Nullable`; `parse(value)` checks a decoded JSON
 value against it (raising `ProtocolError` with `missing_field` or
 `invalid_field`, and the field's path) and `schema()` writes the JSON Schema
 (OpenAPI 3.1) that says the same, limits included. So the server's checks
@@ -10,7 +10,9 @@ server sends with the same code.
 
 JSON is loose: true is not 1, 1.5 is not an integer, NaN parses in Python.
 An integer field accepts a whole-number float (13468.0), as JSON Schema's
-"integer" does; a number must be finite.
+"integer" does; a number must be finite. An object takes no key it does not
+name (a device cannot slip free text into a field nobody reads), and a map
+of device-chosen names takes them from a closed set where it has one.
 """
 from __future__ import annotations
 
@@ -178,20 +180,6 @@ class Enum(Type):
 
 
 @dataclasses.dataclass
-class Const(Type):
-    value: Any
-    description: str | None = None
-
-    def parse(self, value: Any, where: str = "value") -> Any:
-        if value != self.value or type(value) is not type(self.value):
-            raise _bad(where, f"{self.value!r}")
-        return value
-
-    def _schema(self) -> dict:
-        return {"const": self.value}
-
-
-@dataclasses.dataclass
 class Nullable(Type):
     inner: Type
     description: str | None = None
@@ -220,27 +208,43 @@ class Arr(Type):
 
 @dataclasses.dataclass
 class Map(Type):
-    """An object with free keys (e.g. metrics): keys of 1..`max_key_len` characters."""
+    """An object with keys of 1..`max_key_len` characters; from the closed set `keys` when given
+    (what a device names, e.g. its metrics: a free key could carry what its user typed)."""
 
     value: Type
     max_keys: int = 32
     max_key_len: int = 64
     description: str | None = None
+    keys: Sequence[str] | None = None
 
     def parse(self, value: Any, where: str = "value") -> dict:
         if not isinstance(value, Mapping) or len(value) > self.max_keys:
             raise _bad(where, f"an object of at most {self.max_keys} entries")
         out = {}
         for key, v in value.items():
+            if self.keys is not None and key not in self.keys:
+                raise _bad(where, f"an object whose keys are among {', '.join(self.keys)} (not {_name(key)})")
             if not isinstance(key, str) or not 0 < len(key) <= self.max_key_len:
                 raise _bad(where, f"an object whose keys are 1-{self.max_key_len} characters")
             out[key] = self.value.parse(v, f"{where}.{key}")
         return out
 
     def _schema(self) -> dict:
+        names: dict = {"minLength": 1, "maxLength": self.max_key_len}
+        if self.keys is not None:
+            names = {"enum": list(self.keys)}
         return {"type": "object", "additionalProperties": self.value.schema(),
-                "maxProperties": self.max_keys,
-                "propertyNames": {"minLength": 1, "maxLength": self.max_key_len}}
+                "maxProperties": self.max_keys, "propertyNames": names}
+
+
+def _name(key: object) -> str:
+    """A device-chosen name, quoted in an error only if it is a short identifier: a free one could
+    carry text, and error messages reach logs."""
+    text = str(key)
+    return repr(text) if _IDENTIFIER.fullmatch(text) else "a name that is not an identifier"
+
+
+_IDENTIFIER = re.compile("[A-Za-z0-9_]{1,40}")
 
 
 @dataclasses.dataclass
@@ -253,11 +257,15 @@ class Field:
 
 @dataclasses.dataclass
 class Obj(Type):
-    """A JSON object with named fields. `extra`: unknown keys are allowed (and dropped)."""
+    """A JSON object with named fields; any other key is refused (400 invalid_field).
+
+    An absent optional field takes its default; null is a value, accepted
+    only where the field's type is `Nullable` (a required field that is null
+    or absent is `missing_field`).
+    """
 
     name: str
     fields: Sequence[Field]
-    extra: bool = False
     description: str | None = None
 
     def parse(self, value: Any, where: str = "") -> dict:
@@ -268,24 +276,24 @@ class Obj(Type):
                 raise ProtocolError(ErrorCode.INVALID_BODY, "the body must be a JSON object")
             raise _bad(where, "a JSON object")
         known = {f.name for f in self.fields}
-        if not self.extra:
-            unknown = sorted(str(k) for k in value if k not in known)
-            if unknown:
-                raise ProtocolError(ErrorCode.INVALID_FIELD, f"unknown field(s) in "
-                                    f"{where or 'the body'}: {', '.join(unknown[:5])}")
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"unknown field(s) in {where or 'the body'}: "
+                                f"{', '.join(_name(k) for k in unknown[:5])} (known: {', '.join(sorted(known))})")
         out = {}
         for f in self.fields:
             path = f"{where}.{f.name}" if where else f.name
-            v = value.get(f.name)
-            if v is None:
+            if f.name not in value:
                 if f.required:
                     raise ProtocolError(ErrorCode.MISSING_FIELD, f"missing field '{path}'")
                 out[f.name] = f.default
+            elif value[f.name] is None and f.required and not isinstance(f.type, Nullable):
+                raise ProtocolError(ErrorCode.MISSING_FIELD, f"missing field '{path}' (null)")
             else:
-                out[f.name] = f.type.parse(v, path)
+                out[f.name] = f.type.parse(value[f.name], path)
         return out
 
     def _schema(self) -> dict:
         return {"type": "object", "required": [f.name for f in self.fields if f.required],
                 "properties": {f.name: f.type.schema() for f in self.fields},
-                "additionalProperties": self.extra}
+                "additionalProperties": False}

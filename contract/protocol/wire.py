@@ -32,13 +32,9 @@ OUTCOME_STATUSES = ("accepted", "aborted", "recorded")
 ABORT_REASONS = ("late", "round_closed", "goal_reached", "duplicate")
 MAX_METRIC = 1e12       # a reported metric's magnitude (sums of them stay finite)
 
-RUNTIME_VERSION = s.Str(40, r"\d{1,9}(\.\d{1,9}){0,3}", "dotted integers, e.g. 1.2.0")
+RUNTIME_VERSION = s.Str(40, r"[0-9]{1,9}(\.[0-9]{1,9}){0,3}", "dotted integers, e.g. 1.2.0")
 ARTIFACT_REF = s.Obj("ArtifactRef", [s.Field("url", s.Str(300)), s.Field("sha256", SHA256)],
                      description="a file by content hash: GET url, check sha256")
-
-
-def _fields(schema: s.Obj) -> tuple[str, ...]:
-    return tuple(f.name for f in schema.fields)
 
 
 # --- check-in --------------------------------------------------------------------------------
@@ -49,7 +45,7 @@ CONDITIONS = s.Obj("Conditions", [
     s.Field("free_memory_mb", s.Int(0, 2**31)),
     s.Field("num_examples", s.Int(0, 2**31, "local training examples (sentences)")),
     s.Field("runtime_version", RUNTIME_VERSION),
-], extra=True, description="What the device says about itself at check-in (no text, no location).")
+], description="What the device says about itself at check-in (no text, no location): these fields only.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +75,9 @@ class Conditions:
 
 
 CHECKIN_REQUEST = s.Obj("CheckinRequest", [
-    s.Field("population", s.Str(64, r"[A-Za-z0-9_-]+")),
+    s.Field("population", s.Str(64, r"[A-Za-z0-9_-]+", "a configured population's name")),
     s.Field("conditions", CONDITIONS),
-], extra=True)
+])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +233,11 @@ CHECKIN_RESPONSE = {"oneOf": [
 
 # --- reports -----------------------------------------------------------------------------------
 
-METRICS = s.Map(s.Num(-MAX_METRIC, MAX_METRIC), 32, 64,
-                description="training metrics by name (e.g. loss, tokens), finite numbers")
+# What a phone reports of its training (device_runtime/training.py): mean loss per token, tokens, SGD steps,
+# seconds. A closed set: a free name could carry what its user typed, and the operator's pages show them.
+METRIC_NAMES = ("loss", "tokens", "batches", "train_seconds")
+METRICS = s.Map(s.Num(0, MAX_METRIC), len(METRIC_NAMES), 16, keys=METRIC_NAMES,
+                description="training metrics by name, finite numbers >= 0: " + ", ".join(METRIC_NAMES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +253,7 @@ class EvalReport:
     SCHEMA = s.Obj("EvalReport", [
         s.Field("model_version", s.Int(0)), s.Field("top1_hits", s.Int(0)), s.Field("top3_hits", s.Int(0)),
         s.Field("positions", s.Int(0)), s.Field("loss_sum", s.Num(0, MAX_METRIC), required=False),
-    ], extra=True, description="top1_hits <= top3_hits <= positions")
+    ], description="top1_hits <= top3_hits <= positions")
 
     @classmethod
     def from_json(cls, value: Any) -> "EvalReport":
@@ -320,7 +319,7 @@ class Outcome:
 
 # --- enrollment ------------------------------------------------------------------------------
 
-POPULATION = s.Str(64, r"[A-Za-z0-9_-]+")
+POPULATION = s.Str(64, r"[A-Za-z0-9_-]+", "a configured population's name")
 B64 = s.Str(4096, r"[A-Za-z0-9_-]*", "base64url, no padding")
 NONCE_REQUEST = s.Obj("NonceRequest", [s.Field("population", POPULATION)])
 
@@ -348,7 +347,9 @@ class Nonce:
 
 REGISTRATION_REQUEST = s.Obj("RegistrationRequest", [
     s.Field("population", POPULATION),
-    s.Field("app_credential", s.Str(256, description="the population's app credential (ships with the app)")),
+    s.Field("app_credential", s.Str(256, r"[A-Za-z0-9._~+/=-]{1,256}", description=(
+        "the population's app credential (ships with the app): token characters only; compared by "
+        "SHA-256 with the configured one and never stored"))),
     s.Field("attestation", s.Obj("Attestation", [
         s.Field("statement", B64), s.Field("signature", B64)],
         description="contract.protocol.attestation: the issuer-signed statement naming the population and a "
