@@ -52,6 +52,14 @@ class DPSpec:
     clip_learning_rate: float = 0.2     # η of the geometric update (Andrew et al.'s recommendation);
                                         # 0 keeps the clip fixed (the count is still noised and counted)
     clipped_count_stddev: float | None = None   # σ_b; default 0.05 × expected reports (TFF's)
+    # DP-FTRL (mechanism = "ftrl", contract.dp.ftrl, privacy.ftrl): no sampling assumption, only a bound on
+    # participation the server enforces: at most `max_participations` (k) DP rounds per accounting horizon of
+    # `horizon_rounds` (n), at least `min_separation_rounds` (b) DP rounds apart; the tree restarts every
+    # `restart_every` DP rounds (0: the power of two that minimises the noise, privacy.ftrl.choose_restart).
+    min_separation_rounds: int = 1
+    max_participations: int = 1
+    horizon_rounds: int = 1000
+    restart_every: int = 0
 
     def validate(self, where: str = "dp") -> "DPSpec":
         """This spec, or ValueError naming the setting at fault."""
@@ -68,6 +76,14 @@ class DPSpec:
             raise ValueError(f"{where}.target_quantile must be in [0, 1]")
         if self.clipped_count_stddev is not None and not self.clipped_count_stddev >= 0:
             raise ValueError(f"{where}.clipped_count_stddev must be >= 0")
+        for name in ("min_separation_rounds", "max_participations", "horizon_rounds"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{where}.{name} must be an integer >= 1")
+        if not (isinstance(self.restart_every, int) and self.restart_every >= 0):
+            raise ValueError(f"{where}.restart_every must be an integer >= 0 (0: chosen for the least noise)")
+        if self.mechanism == "ftrl" and self.max_participations > -(-self.horizon_rounds // self.min_separation_rounds):
+            raise ValueError(f"{where}: max_participations cannot exceed what the separation allows in a horizon "
+                             "(⌈horizon_rounds / min_separation_rounds⌉)")
         return self
 
     def split(self, expected_reports: float) -> tuple[float, float]:

@@ -119,7 +119,7 @@ class UpdatePipeline:
         self.ring: RingEncoding | None = None
         self.clipping = Clipping(s.clip_norm, unit, s.weight_cap)
         front: list[Stage] = [self.clipping, Weighting(s.weighting, s.weight_cap, spec.dp_denominator)]
-        if spec.dp_mechanism == "central":
+        if spec.dp_mechanism in ("central", "ftrl"):       # ftrl: the decoder's `random` is the tree's
             front.append(CentralNoise(spec.dp_stddev))
         self._body_from = len(front)         # the stages after these run again when a device shrinks
         self.rotation = Rotation(spec.size, s.block_size, spec.rotation_seed, s.rotation or self.secure)

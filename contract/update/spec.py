@@ -37,7 +37,7 @@ DEFAULT_MAX_WEIGHT = 317   # per epoch: the 95th percentile of a training client
 DEFAULT_BLOCK_SIZE = 1024
 GRID_SIGMAS = 4.0            # secure aggregation's grid spans ± this many rotated-coordinate "sigmas" at norm C
 MAX_MODULUS_BITS = 32
-DP_MECHANISMS = ("central", "distributed")
+DP_MECHANISMS = ("central", "distributed", "ftrl")
 NOISE_TAIL = 10.0            # distributed DP: the modulus leaves room for this many σ of the noise's sum
 COUNT_SCALE = 1024           # distributed DP: the unclipped bit is sent as COUNT_SCALE × bit, noised   # contract.dp.noise.MECHANISMS (dp imports cryptography; this stays light)
 
@@ -131,7 +131,8 @@ class RoundSpec:
     rotation_seed: int      # the round's rotation (every device of the round uses the same)
     cohort_max: int = 0     # secure aggregation: the most updates the round can sum (else 0)
     # User-level DP (contract.dp.noise), bound by the server when the round opens; clip_norm is then the
-    # round's adaptive clip. "" = no DP; "central": the server adds N(0, dp_stddev²) to the sum.
+    # round's adaptive clip. "" = no DP; "central": the server adds N(0, dp_stddev²) to the sum; "ftrl": the
+    # server adds the round's share of DP-FTRL's correlated noise (contract.dp.ftrl), of that stddev per node.
     dp_mechanism: str = ""
     dp_stddev: float = 0.0  # the noise's standard deviation on the sum of clipped updates (z_v · C)
     dp_denominator: int = 0  # the fixed denominator of the mean: the round's expected reports
@@ -302,7 +303,8 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
             required=False, default=0),
     s.Field("dp_mechanism", s.Enum(("",) + DP_MECHANISMS, "user-level DP (contract.dp.noise): '' none; central: "
                                    "the server adds Gaussian noise to the sum; distributed: each device adds "
-                                   "its share of discrete Gaussian noise before masking"),
+                                   "its share of discrete Gaussian noise before masking; ftrl: the server adds "
+                                   "DP-FTRL's tree-correlated Gaussian noise (contract.dp.ftrl) to the sum"),
             required=False, default=""),
     s.Field("dp_stddev", s.Num(0, None, "the noise's standard deviation on the sum of clipped updates"),
             required=False, default=0.0),
