@@ -89,6 +89,33 @@ def test_a_weight_sum_forced_to_0_or_1_is_refused_before_anything_is_decoded(wei
             check_update_sum(p.round_spec, with_weight(p, total, N + 1), N)   # uniform: exactly N
 
 
+def test_a_weight_sum_lowered_by_one_device_does_not_pass_with_the_honest_updates():
+    """Example weighting: one device sets its masked weight so that Σw = N, which would scale the honest
+    mean up ~300x; the honest codes' norm is then more than N updates of weight 1 can have."""
+    p = secure(weighting="examples")
+    rng = np.random.default_rng(5)
+    total = np.zeros(p.vector_size, np.int64)
+    for i in range(N - 1):
+        total += p.plaintext(5 * rng.normal(0, 1, SIZE), 300, i).astype(np.int64)
+    total[p.count] = 0
+    honest = p.ring.reduce(total.copy())
+    total[:p.count] += levels(8)                       # the attacker's zero codes
+    with pytest.raises(ImplausibleSum, match="norm"):
+        check_update_sum(p.round_spec, with_weight(p, p.ring.reduce(total), N), N)
+    check_update_sum(p.round_spec, with_weight(p, honest, 300 * (N - 1)), N - 1)
+
+
+def test_a_device_under_secure_aggregation_keeps_its_codes_within_its_weights_bound():
+    spec = secure(weighting="examples").round_spec
+    assert spec.masked_bound(317) == 1.0
+    assert spec.masked_bound(1) == pytest.approx(1 / 317 + 1.25 * math.sqrt(4 / 127) * math.sqrt(1 / 317))
+    p = UpdatePipeline(spec)
+    for w in (1, 3, 30, 317):
+        for seed in range(5):
+            encoded = p.encode(np.random.default_rng(seed).normal(0, 1, SIZE), w, seed, masker=lambda r: r)
+            assert 0 < encoded.norm <= spec.masked_bound(w)
+
+
 def test_codes_off_the_grid_or_beyond_the_clip_are_refused():
     p = secure()
     total = honest_sum(p, N, 1)
@@ -135,7 +162,7 @@ def test_largest_step_figures():
     plain = UpdateSpec(bits=8, clip_norm=1.0, weighting="uniform").bind(SIZE, "ab" * 32, "en/1", 3)
     assert largest_step(plain, N).ratio == pytest.approx((1 + 3) / math.sqrt(N))   # one more honest phone
     examples = largest_step(secure(weighting="examples").round_spec, N)           # Σw lowered to N
-    assert examples.largest == pytest.approx(1 + 4 * 317 / 127)
+    assert examples.largest == pytest.approx(1 + 1.25 * math.sqrt(4 / 127) * math.sqrt(317))
     assert largest_step(secure().round_spec, N, honest_step=0.5).ratio == pytest.approx(2.0)
     noised = largest_step(secure(dp=("distributed", 0.02, N, 1.0)).round_spec, N)
     assert noised.largest > 1.0 and noised.honest > 1 / math.sqrt(N)            # both carry the noise

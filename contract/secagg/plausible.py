@@ -8,18 +8,19 @@ publish nothing from it. An honest phone (contract.update.pipeline) sends,
 in the ring (contract.update.masked.RingEncoding):
 
 * codes + L in 0..2L on the round's grid (step s, L = 2^(b−1) − 1), whose
-  norm it has checked: ||q||·s <= C. Each code also lies within one step of
-  its clipped and weighted value y (||y|| <= C·w/W), so ||q||·s <= C·w/W +
-  s·sqrt(d) = C·w/W + G·C/L (G = GRID_SIGMAS, d = the padded size);
+  norm it has checked: ||q||·s <= min(C, C·w/W + R·sqrt(w/W))
+  (contract.update.spec.RoundSpec.masked_bound: R leaves room for the grid's
+  rounding, which a small update cannot avoid);
 * its weight w in 1..W (W = 1 under uniform weighting), and under DP its
   "unclipped" bit (times COUNT_SCALE, noised, under distributed DP);
 * under distributed DP, discrete Gaussian noise N_Z(0, σ²) on each code and
   N_Z(0, σ_b²) on the bit (contract.dp.noise.DistributedNoise).
 
 So the sum of n honest phones has Σw in [n, nW]; every coordinate of Σq
-within nL (+ the noise's tail); ||Σq||·s <= min(nC, C·Σw/W + nGC/L) (+ the
-noise's); and the count in [0, n·COUNT_SCALE] (+ its tail). Without DP the
-bounds are exact: an honest round is never refused. With distributed DP the
+within nL (+ the noise's tail); ||Σq||·s <= min(nC, C·Σw/W + R·sqrt(n·Σw/W))
+(Cauchy–Schwarz on Σ sqrt(w_i/W); + the noise's); and the count in
+[0, n·COUNT_SCALE] (+ its tail). Without DP the bounds are exact: an honest
+round is never refused. With distributed DP the
 noise is a sum of n independent σ²-subgaussian draws per coordinate (the
 discrete Gaussian is σ²-subgaussian: Canonne, Kamath and Steinke 2020), so
 a coordinate exceeds τ = σ·sqrt(2n·ln(2d/δ)) with probability < δ over all
@@ -34,7 +35,7 @@ under uniform weighting, move the mean by at most C (plus the noise
 allowance): what `reports` honest phones at the clip pointing the same way
 would, about sqrt(reports) times an honest round's step. Under example
 weighting it may also lower Σw to `reports`, and the bound on the mean
-grows to min(W·C, C + G·C·W/L).
+grows to min(W·C, C + R·sqrt(W)).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import math
 import numpy as np
 
 from contract.update.packing import levels
-from contract.update.spec import COUNT_SCALE, GRID_SIGMAS, RoundSpec
+from contract.update.spec import COUNT_SCALE, GRID_ROUNDING, GRID_SIGMAS, RoundSpec
 from contract.update.masked import RingEncoding
 from contract.update.stages import Context
 
@@ -71,12 +72,12 @@ class SumBounds:
     count: tuple[float, float]          # the unclipped count slot, centered (DP rounds; else (0, 0))
     clip: float                         # C
     weight_cap: int                     # W
-    rounding: float                     # G·C/L: how far one phone's codes may lie from its clipped update
+    rounding: float                     # R of RoundSpec.masked_bound: room for one phone's grid rounding
 
     def norm(self, weight_sum: int) -> float:
         """The largest ||Σ codes||·step honest phones of total weight `weight_sum` send, noise aside."""
-        n, c = self.reports, self.clip
-        return min(n * c, c * weight_sum / self.weight_cap + n * self.rounding)
+        n, c, share = self.reports, self.clip, weight_sum / self.weight_cap
+        return min(n * c, c * share + self.rounding * math.sqrt(n * share))
 
 
 def bounds(round_spec: RoundSpec, reports: int) -> SumBounds:
@@ -93,8 +94,8 @@ def bounds(round_spec: RoundSpec, reports: int) -> SumBounds:
         count = (-slack, n * COUNT_SCALE + slack)
     else:
         count = (0.0, float(n))
-    return SumBounds(n, (n, n * s.weight_cap), coordinate, noise_norm, count, s.clip_norm, s.weight_cap,
-                     GRID_SIGMAS * s.clip_norm / L)
+    rounding = GRID_ROUNDING * s.clip_norm * math.sqrt(GRID_SIGMAS / L)
+    return SumBounds(n, (n, n * s.weight_cap), coordinate, noise_norm, count, s.clip_norm, s.weight_cap, rounding)
 
 
 def check_update_sum(round_spec: RoundSpec, ring_sum: np.ndarray, reports: int) -> None:
@@ -168,7 +169,7 @@ def largest_step(round_spec: RoundSpec, reports: int, honest_step: float | None 
     honest sum. Under secure aggregation it is unseen, and takes whatever the sum's checks leave
     (`check_update_sum`): under uniform weighting the mean may reach (n·C + the noise's
     allowance) / denominator; under example weighting Σw may be lowered to n, and the mean reach
-    min(W·C, C + G·C·W/L).
+    min(W·C, C + R·sqrt(W)) (R: RoundSpec.masked_bound's room for rounding).
     """
     s, n = round_spec.spec, int(reports)
     if n < 1:
@@ -187,5 +188,5 @@ def largest_step(round_spec: RoundSpec, reports: int, honest_step: float | None 
         b = bounds(round_spec, n)
         largest = (b.norm(n) + b.noise_norm * round_spec.grid_step) / den
     else:
-        largest = min(W * C, C + GRID_SIGMAS * C * W / levels(s.bits))
+        largest = min(W * C, C + bounds(round_spec, n).rounding * math.sqrt(W))
     return StepBound(largest, honest)

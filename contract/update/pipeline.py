@@ -43,7 +43,8 @@ Clipping → Weighting → Rotation → GridQuantization → RingEncoding →
 MaskedWireFormat (contract.update.masked): the server sees only masked integers,
 adds them modulo 2^m, and decodes the unmasked sum once
 (`finalize_masked`). No single update's norm or weight is visible: the
-device checks its own (its grid codes' norm against C), and the server
+device checks its own (its grid codes' norm against RoundSpec.masked_bound,
+C·w/W plus room for the grid's rounding), and the server
 checks that the unmasked sum is one honest devices could have produced
 (contract.secagg.plausible, which also bounds what one modified device can
 still do; see the threat model in server/README.md).
@@ -196,18 +197,18 @@ class UpdatePipeline:
         return Encoded(body, ctx.weight, 0.0)
 
     def _encode_masked(self, x: np.ndarray, ctx: Context) -> Encoded:
-        """The grid's codes, checked against C itself, not C·w/W: on one grid for the round, the
-        rounding noise of a small-weight update is large next to C·w/W, and the server checks only
-        the sum (contract.secagg.plausible), which C bounds per device."""
+        """The grid's codes, checked against RoundSpec.masked_bound for the update's weight (not
+        C·w/W: on the round's one grid, rounding adds more to a small update than that allows).
+        The server relies on it when it checks the sum (contract.secagg.plausible)."""
         rotation, grid = self.rotation, self.grid
-        clip = self.round_spec.spec.clip_norm
+        bound = self.round_spec.masked_bound(ctx.weight)
         q, norm = None, 0.0
         for attempt in range(SHRINK_ATTEMPTS):
             q = grid.encode(rotation.encode(x, ctx), ctx)
             norm = grid.norm(q)
-            if norm <= clip:
+            if norm <= bound:
                 break
-            x = x * _shrink(clip, norm, attempt)
+            x = x * _shrink(bound, norm, attempt)
         else:
             q, norm = np.zeros(self.count, np.int32), 0.0
         after_grid = self.stages.index(self.grid) + 1       # distributed DP's noise comes after the norm check

@@ -36,6 +36,7 @@ DEFAULT_CLIP_NORM = 2.5      # ~ the 95th percentile of update norms in `make be
 DEFAULT_MAX_WEIGHT = 317   # per epoch: the 95th percentile of a training client's windows
 DEFAULT_BLOCK_SIZE = 1024
 GRID_SIGMAS = 4.0            # secure aggregation's grid spans ± this many rotated-coordinate "sigmas" at norm C
+GRID_ROUNDING = 1.25         # secure aggregation: room for a grid's rounding noise, in its expected size (masked_bound)
 MAX_MODULUS_BITS = 32
 DP_MECHANISMS = ("central", "distributed", "ftrl")
 NOISE_TAIL = 10.0            # distributed DP: the modulus leaves room for this many σ of the noise's sum
@@ -201,6 +202,22 @@ class RoundSpec:
             return 0.0
         return COUNT_SCALE * self.dp_count_stddev / math.sqrt(self.dp_denominator)
 
+    def masked_bound(self, weight: int) -> float:
+        """Secure aggregation: the largest norm a device's grid codes may decode to, for its weight w:
+        min(C, C·w/W + R·sqrt(w/W)), R = GRID_ROUNDING · C · sqrt(GRID_SIGMAS / L).
+
+        The device checks it (shrinking its update until it holds), and the server's check of the
+        sum (contract.secagg.plausible) relies on it. Why not C·w/W as in a plain round: the grid
+        is the round's, so an update of small weight is small next to its step, and rounding adds
+        to its squared norm up to step·||y||₁ <= (GRID_SIGMAS·C/L)·||y|| in expectation; R·sqrt(w/W)
+        leaves room for that. Why not C alone: the server could then not tell a sum whose Σw was
+        lowered by one modified device from an honest one (contract.secagg.plausible.largest_step).
+        """
+        s = self.spec
+        share = min(max(int(weight), 0), s.weight_cap) / s.weight_cap
+        rounding = GRID_ROUNDING * s.clip_norm * math.sqrt(GRID_SIGMAS / (2 ** (s.bits - 1) - 1))
+        return min(s.clip_norm, s.clip_norm * share + rounding * math.sqrt(share))
+
     @property
     def grid_step(self) -> float:
         """Secure aggregation's one grid: GRID_SIGMAS × C / sqrt(padded) spread over the L levels."""
@@ -274,7 +291,8 @@ ROUND_SPEC = s.Obj("UpdateSpec", [
         "rounding adds to the norm (at 4 bits, a few per cent): the device measures its encoded update "
         "the same way and, if it is over, scales the update down by bound / norm (less a small margin) "
         "and encodes it again. Under secure aggregation the device checks its grid codes' norm "
-        "(sqrt(Σ code²) × the grid's step) against C; the server checks only the unmasked sum"))),
+        "(sqrt(Σ code²) × the grid's step) against min(C, C·w/W + R·sqrt(w/W)), R = 1.25·C·sqrt(4/L) "
+        "(contract.update.spec.RoundSpec.masked_bound); the server checks only the unmasked sum"))),
     s.Field("weighting", s.Enum(WEIGHTINGS, "examples: weight = local examples, capped at max_weight; "
                                             "uniform: every update weighs 1, and max_weight is 1")),
     s.Field("max_weight", s.Int(1, 2**31, "W: the largest weight an update may carry; num_examples (the "
