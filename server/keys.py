@@ -4,6 +4,8 @@
 * `pseudonym.key` — the key of the keyed hash that names devices in operator views
   (`pseudonym(device_id)`), so an operator can tell devices apart and revoke one
   without ever seeing a device's id;
+* `dp-ftrl.key` — DP-FTRL's noise key: each round's correlated noise is regenerated from it and
+  the round's index (contract.dp.ftrl), so it is as secret as the noise;
 * `enrollment-<population>.json` — the population's app credential and the
   development attestation issuer's key pair (contract.protocol.attestation), written by
   `python -m server init` when the config names none.
@@ -39,6 +41,12 @@ def load_or_create(path: Path, make) -> str:
         value = make()
         f.write(value + "\n")
     return value
+
+
+def secret_key(path: Path) -> bytes:
+    """32 secret bytes kept in `path` (hex): DP-FTRL's noise key (contract.dp.ftrl) — whoever holds it can
+    subtract the noise, so it never leaves the private state directory."""
+    return bytes.fromhex(load_or_create(path, lambda: secrets.token_hex(32)))
 
 
 def operator_token(path: Path) -> str:

@@ -258,6 +258,32 @@ MIGRATIONS.append("""
     CREATE INDEX sessions_by_device ON sessions (device_id, state);
     """)
 
+# 11: DP-FTRL (server.privacy): each event's release index and participation setting, what a version's ε
+# assumes, every device's participations in the current horizon, and the check-ins the rule turned away.
+MIGRATIONS.append("""
+    ALTER TABLE dp_events ADD COLUMN dp_index INTEGER;
+    ALTER TABLE dp_events ADD COLUMN min_separation_rounds INTEGER;
+    ALTER TABLE dp_events ADD COLUMN max_participations INTEGER;
+    ALTER TABLE dp_events ADD COLUMN horizon_rounds INTEGER;
+    ALTER TABLE dp_events ADD COLUMN restart_every INTEGER;
+    ALTER TABLE dp_events ADD COLUMN count_stddev REAL;
+    ALTER TABLE dp_spent ADD COLUMN mechanism TEXT;
+    ALTER TABLE dp_spent ADD COLUMN assumption TEXT;
+    CREATE TABLE dp_participation (
+        population TEXT NOT NULL REFERENCES populations(name),
+        device_id TEXT NOT NULL,
+        horizon INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        last_index INTEGER NOT NULL,
+        PRIMARY KEY (population, device_id)
+    );
+    CREATE TABLE dp_refusals (
+        population TEXT PRIMARY KEY REFERENCES populations(name),
+        refused INTEGER NOT NULL,
+        checkins INTEGER NOT NULL
+    );
+    """)
+
 # The one module that writes and reads each table (tests/test_layout.py checks both on the source).
 OWNERS = {
     "devices": "registry", "populations": "populations", "versions": "versions", "rounds": "rounds",
@@ -265,6 +291,7 @@ OWNERS = {
     "public_artifacts": "artifact_access", "secagg_rounds": "secagg", "secagg_members": "secagg",
     "secagg_shares": "secagg", "secagg_reveals": "secagg", "discovery": "discover",
     "discovery_votes": "discover", "dp_events": "privacy", "dp_spent": "privacy",
+    "dp_participation": "privacy", "dp_refusals": "privacy",
     "personal_evals": "personalize", "rate_buckets": "ratelimit",
 }
 

@@ -12,7 +12,7 @@ from server.checkin import CheckinService
 from contract.clock import Clock
 from server.config import ServerConfig
 from server.enrollment import EnrollmentService
-from server.keys import Pseudonyms, operator_token
+from server.keys import Pseudonyms, operator_token, secret_key
 from server import populations as population_table
 from server.partials import PartialSums
 from server.policy import build_policy
@@ -90,7 +90,8 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     kinds = TaskRegistry()
     rounds = RoundService(store, clock, config, kinds, secagg)
     kinds.register(
-        TrainKind(store, rounds, versions, partials, secagg, privacy, rounds.settings, clock.now),
+        TrainKind(store, rounds, versions, partials, secagg, privacy, rounds.settings, clock.now,
+                  lambda: secret_key(config.state_dir / "dp-ftrl.key")),
         EvalKind(rounds, versions, privacy, rounds.settings, publisher.enqueue),
         PersonalizeKind(rounds, secagg),
         DiscoverKind(rounds, versions, artifacts, rounds.settings))

@@ -90,6 +90,12 @@ def norms(conn: Tx, round_id: int, with_zeroed: bool = True) -> list[float]:
     return [r["norm"] for r in conn.execute(sql, (round_id,))]
 
 
+def accepted_devices(conn: Tx, round_id: int) -> list[str]:
+    """The devices whose reports a round counted."""
+    return [r["device_id"] for r in conn.execute("SELECT device_id FROM sessions WHERE round_id = ? AND"
+                                                 " state = 'accepted'", (round_id,))]
+
+
 def zeroed(conn: Tx, round_id: int) -> int:
     """Reports of the round that were counted but not added (contract.update.robust.zeroing_norm)."""
     return conn.execute("SELECT COUNT(*) FROM sessions WHERE round_id = ? AND state = 'accepted'"

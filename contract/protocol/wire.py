@@ -25,7 +25,11 @@ from contract.update.spec import ROUND_SPEC, SHA256, RoundSpec
 # memory budget, an explicit cancel, or anything else ("error").
 FAILURE_REASONS = ("unplugged", "not_idle", "metered_network", "low_battery", "low_memory",
                    "outside_window", "out_of_time", "out_of_memory", "cancelled", "error")
-REJECTION_REASONS = ("ineligible", "round_full", "already_participated", "dp_budget_exhausted")
+# Why a check-in got no assignment: ineligible (criteria), the round is full, the device already took
+# part in it, the privacy budget is spent, DP-FTRL's participation rule (b rounds apart, k per horizon),
+# or the population cannot open rounds now (server status says why).
+REJECTION_REASONS = ("ineligible", "round_full", "already_participated", "dp_budget_exhausted",
+                     "participation_limit", "population_unavailable")
 OUTCOME_STATUSES = ("accepted", "aborted", "recorded")
 # Why a report was not counted (Outcome.reason with status "aborted"), and "duplicate" for a
 # repeated upload that had been counted before.
@@ -384,6 +388,12 @@ PRIVACY = s.Obj("Privacy", [
     s.Field("epsilon", s.Nullable(s.Num(0, None, "ε of the weights; null: no finite guarantee (z = 0)"))),
     s.Field("delta", s.Num(0, 1)), s.Field("accountant", s.Str(16, description="pld or rdp: the tighter")),
     s.Field("rounds", s.Int(0, description="DP training rounds composed into ε")),
+    s.Field("mechanism", s.Enum(("central", "distributed", "ftrl"), "how the noise was added"),
+            required=False, default="central"),
+    s.Field("assumption", s.Enum(("poisson", "participation"), "what ε assumes: poisson — DP-FedAvg's "
+                                 "accountant models each round as Poisson sampling of the enrolled devices; "
+                                 "participation — DP-FTRL's needs only the server-enforced participation rule"),
+            required=False, default="poisson"),
 ], description="The user-level DP guarantee of a model version (server.privacy's ledger).")
 APP_MODEL = s.Obj("AppModel", [
     s.Field("population", s.Str(64)), s.Field("version", s.Int(0)),

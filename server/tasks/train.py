@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from contract.dp.ftrl import TreeNoise
 from contract.secagg.masking import SecAggError
 from contract.update.pipeline import IntegerSum, UpdatePipeline, running_sum
 from contract.update.robust import zeroing_norm
@@ -35,7 +36,7 @@ from server.errors import ErrorCode, ProtocolError
 from server.optimizers import apply_mean_delta, build_server_optimizer, state_to_bytes
 from server.partials import PartialSums
 from server.populations import Population, load_population
-from server.privacy import BudgetExhausted, PrivacyLedger
+from server.privacy import FTRL, BudgetExhausted, PrivacyLedger, participation
 from server.round import Round
 from server.secagg import SecAggService
 from server.store import Row, Store, Tx
@@ -80,10 +81,10 @@ class TrainKind(KindBase):
 
     def __init__(self, store: Store, history: RoundHistory, versions: VersionRegistry, partials: PartialSums,
                  secagg: SecAggService, privacy: PrivacyLedger, settings: Callable[[str], PopulationConfig],
-                 now: Callable[[], float]):
+                 now: Callable[[], float], noise_key: Callable[[], bytes]):
         self._store, self._history, self._versions = store, history, versions
         self._partials, self._secagg, self._privacy = partials, secagg, privacy
-        self._settings, self._now = settings, now
+        self._settings, self._now, self._noise_key = settings, now, noise_key
         self._pipelines: dict[int, UpdatePipeline] = {}
         self._lock = threading.Lock()
 
@@ -111,6 +112,12 @@ class TrainKind(KindBase):
 
     def assignment(self, tx: Tx, rnd: Round, population: Population, cfg: PopulationConfig) -> dict:
         return {"layout": population.layout.to_json()}
+
+    def admits(self, tx: Tx, rnd: Round, device_id: str) -> str | None:
+        """DP-FTRL's participation rule (server.privacy): b rounds apart, at most k per horizon."""
+        if rnd.update is None or rnd.update.dp_mechanism != FTRL:
+            return None
+        return self._privacy.admits(tx, rnd.population, device_id, self._settings(rnd.population))
 
     # -- one report ---------------------------------------------------------------------------
 
@@ -219,21 +226,31 @@ class TrainKind(KindBase):
     def _mean(self, tx: Tx, rnd: Round, total: IntegerSum) -> tuple[np.ndarray, int, int, int]:
         """The decoded mean update, the unclipped count (DP), Σ weights and the number of reports summed."""
         pipeline = self.pipeline(rnd)
+        noise = self._noise(tx, rnd)
         if not rnd.secure:
-            mean_delta, unclipped = pipeline.finalize_with_count(total.total, total.weight)
+            mean_delta, unclipped = pipeline.finalize_with_count(total.total, total.weight, noise)
             return mean_delta, unclipped, int(total.weight), total.updates
         try:
             plain, survivors = self._secagg.unmask(tx, rnd, total.total)
         except SecAggError as e:          # a secret that cannot be rebuilt and checked: publish nothing
             raise RoundFailed("unmask_failed", str(e)) from None
         ring = pipeline.ring.reduce(plain.astype(np.int64))
-        mean_delta, unclipped = pipeline.finalize_masked_with_count(ring, survivors)
+        mean_delta, unclipped = pipeline.finalize_masked_with_count(ring, survivors, noise)
         return mean_delta, unclipped, int(ring[pipeline.count]), survivors
+
+    def _noise(self, tx: Tx, rnd: Round):
+        """DP-FTRL: the round's share of the tree's noise, regenerated from the key and its release index
+        (None: the pipeline draws central noise, if any, from the OS CSPRNG)."""
+        if rnd.update is None or rnd.update.dp_mechanism != FTRL:
+            return None
+        layout = participation(self._settings(rnd.population))
+        tree = TreeNoise(self._noise_key(), layout.horizon, layout.restart_every, label=rnd.population)
+        return tree.source(self._privacy.released(tx, rnd.population))
 
     def _record_dp(self, tx: Tx, rnd: Round, version: int | None, reports: int, unclipped: float) -> None:
         if rnd.update is not None and rnd.update.dp_mechanism:
-            self._privacy.record(tx, rnd.population, rnd.id, rnd.number, version, rnd.update,
-                                 reports, unclipped, self._settings(rnd.population), self._now())
+            self._privacy.record(tx, rnd.population, rnd.id, rnd.number, version, rnd.update, reports, unclipped,
+                                 self._settings(rnd.population), self._now(), sessions.accepted_devices(tx, rnd.id))
 
     def discard(self, tx: Tx, rnd: Round, completed: bool) -> None:
         """The round's shard pointers go with its close; its files once that is committed."""
