@@ -139,6 +139,15 @@ def cmd_status(args, config: ServerConfig) -> None:
         if budget:
             line += f" of a budget of ε = {budget['epsilon']:g}"
         print(line)
+        part = ledger.get("participation")
+        if part:
+            share = part["refused"] / part["checked"] if part["checked"] else 0.0
+            print(f"DP-FTRL: no sampling assumption; at least b = {part['b']} DP rounds apart, at most "
+                  f"k = {part['k']} per horizon of {part['horizon']} (tree restarts every {part['restart_every']}); "
+                  f"{part['released']} released; the rule turned away {part['refused']} of {part['checked']} "
+                  f"check-ins ({share:.1%})")
+        else:
+            print("DP-FedAvg: ε assumes each round samples the enrolled devices (Poisson)")
     personal = services.kinds["personalize"].latest(conn, name)
     if personal is not None:
         g, p, fg, fp = (personal["global"], personal["personal"], personal["fairness"]["global"],

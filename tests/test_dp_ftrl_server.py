@@ -132,3 +132,29 @@ def test_the_ledger_charges_the_tree_under_the_participation_rule_and_the_budget
     train_round(budget, pool, zeros)
     reply = pool[-1].checkin()
     assert reply.body["rejection"]["reason"] == "dp_budget_exhausted"
+
+
+def test_status_and_the_health_page_show_the_mechanism_b_k_the_refusals_and_epsilon(make_server, tmp_path, capsys):
+    import json
+
+    from server.__main__ import main
+    from tests.test_dashboard import BROWSER, sign_in
+
+    env = make_server(dp={**FTRL, "noise_multiplier": 1.0, "clipped_count_stddev": 100.0,
+                          "min_separation_rounds": 3, "horizon_rounds": 6}, dp_budget=LEDGER,
+                      goal=2, min_round_size=1, over_selection=1.0, min_selected_fraction=1.0)
+    pool = devices(env, 4)
+    for _ in range(2):
+        train_round(env, pool, [np.zeros(env.layout.size)] * 2)
+    ledger = env.services.privacy.summary("en", env.services.config.population("en"))
+    part = ledger["participation"]
+    assert (part["b"], part["k"], part["horizon"], part["released"]) == (3, 2, 6, 2) and part["refused"] == 2
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps(env.config))
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "b = 3 DP rounds apart, at most k = 2 per horizon of 6" in out
+    assert "turned away 2 of " in out and f"ε = {ledger['spent']['epsilon']:.4g}" in out
+    sign_in(env.client, env.services.operator_token)
+    page = env.client.get("/dashboard/p/en/health", headers=BROWSER).get_data(as_text=True)
+    assert "DP-FTRL" in page and "b = 3" in page and "k = 2" in page and "turned away 2 of" in page
