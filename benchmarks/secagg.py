@@ -215,7 +215,7 @@ class HttpDevice:
         from contract.secagg.masking import DeviceSecAgg
         from contract.update.spec import RoundSpec
 
-        self.conn, self.auth, self.a = conn, auth, assignment
+        self.conn, self.auth, self.assignment = conn, auth, assignment
         self.pipeline = UpdatePipeline(RoundSpec.from_json(assignment["update"]))
         self.secrets = DeviceSecAgg(self.pipeline.round_spec.fingerprint.encode())
         self.path = f"/v1/sessions/{assignment['session_id']}"
@@ -280,11 +280,11 @@ async def http_round(port: int, auths: list[str], population: str, cfg: SecAggBe
     async def submit(d):
         s = await d.wait("masking")
         d.secrets.receive(s.inbox)
-        seed = int(d.a["hyperparameters"]["seed"])
+        seed = int(d.assignment["hyperparameters"]["seed"])
         delta = np.random.default_rng(seed).normal(0, 2e-2, d.pipeline.round_spec.size).astype(np.float32)
         d.plaintext = d.pipeline.plaintext(delta, 40, seed)
         body = d.pipeline.encode(delta, 40, seed, masker=d.secrets.mask).body
-        reply = await d.call("POST", f"/update?model_version={d.a['model_version']}", body, "application/octet-stream")
+        reply = await d.call("POST", f"/update?model_version={d.assignment['model_version']}", body, "application/octet-stream")
         assert reply["status"] == "accepted", reply
 
     async def reveal(d):

@@ -38,21 +38,21 @@ import shutil
 import threading
 from pathlib import Path
 
+from contract.protocol.errors import ProtocolError
 from contract.protocol.wire import Conditions
-from device_runtime.client import (ArtifactCache, Assignment, CorruptDownload, ProtocolError,
-                                   Rejection, ServerClient)
+from device_runtime.client import ArtifactCache, Assignment, Rejection, ServerClient
 from contract.clock import Clock, SystemClock, local_datetime
 from device_runtime.conditions import ConditionSource, DeviceConditions
 from device_runtime.enrollment import Enrollment
+from device_runtime.errors import DeviceError, ServerRefused, device_errors
 from device_runtime.example_store import ExampleStore
 from device_runtime.opstats import OpStats
 from device_runtime.personalization import Personalizer
 from device_runtime.policy import TrainingPolicy
 from device_runtime.predictor import MANIFEST_NAME, Predictor
 from device_runtime.task import Task
-from device_runtime.transport import ServerUnavailable, Transport
+from device_runtime.transport import Transport
 from contract.model.text import split_sentences
-from contract.artifacts.errors import ArtifactError
 from contract.artifacts.manifest import Manifest, read_manifest
 from device_runtime.plans import PlanHost, ResidentPlan, plan_key
 
@@ -129,8 +129,8 @@ class Device:
             creds = json.loads(self._identity.read_text())
         else:
             if self.enrollment is None:
-                raise ProtocolError("unauthorized", "this device is not enrolled and has no app credential "
-                                    "and attester to enroll with", status=401)
+                raise ServerRefused(ProtocolError("unauthorized", "this device is not enrolled and has no app "
+                                                  "credential and attester to enroll with", status=401))
             device_id, secret = self.client.register(self.settings.population, self.enrollment)
             creds = {"device_id": device_id, "secret": secret}
             tmp = self._identity.with_suffix(".tmp")
@@ -149,8 +149,8 @@ class Device:
         """One check-in (if conditions allow) and its task; returns seconds to sleep. Never raises."""
         try:
             return self._step()
-        except (ServerUnavailable, ProtocolError, CorruptDownload) as e:
-            if isinstance(e, ProtocolError) and e.status == 401:
+        except DeviceError as e:
+            if isinstance(e, ServerRefused) and e.status == 401:
                 self._identity.unlink(missing_ok=True)   # the server forgot us: register again
             self.opstats.log(self.clock.now(), "checkin", "error", error=str(e)[:300])
         except Exception as e:   # a bug or a broken disk must not stop the device for good
@@ -208,7 +208,7 @@ class Device:
         return sum(len(split_sentences(t)) for t in texts)
 
     def run_task(self, assignment: Assignment, texts: list[str]) -> str:
-        """Train (or evaluate) and report; returns the outcome logged (see device_runtime.task)."""
+        """Do the assigned task and report; returns the outcome logged (see device_runtime.task)."""
         return Task(self, assignment, texts).run()
 
     def plan_manifest(self, assignment: Assignment) -> Manifest:
@@ -250,19 +250,19 @@ class Device:
         version, entry = offered
         t0 = self.clock.now()
         try:
-            spec = PersonalSpec.from_json(entry["spec"])
-            plan = entry["plan"]
-            manifest = read_manifest(self.cache.get(plan["manifest"]))
-            directory = self.cache.materialize(
-                {manifest.artifact: {"url": plan["url"], "sha256": plan["sha256"]},
-                 manifest.vocab_file: entry["vocab"], PLAN_MANIFEST: plan["manifest"]},
-                self.dir / "personal.src")
-            windows = to_sequences(texts, Vocabulary.load(directory / manifest.vocab_file), manifest.seq_len)
-            result = self.personalizer.refresh(directory / PLAN_MANIFEST, self.cache.get(entry["checkpoint"]),
-                                               windows, spec, version)
-        except (ServerUnavailable, ProtocolError, CorruptDownload, ArtifactError, OSError, ValueError,
-                KeyError) as e:
-            self.opstats.log(t0, "personalize", "error", error=f"{type(e).__name__}: {e}"[:300])
+            with device_errors():
+                spec = PersonalSpec.from_json(entry["spec"])
+                plan = entry["plan"]
+                manifest = read_manifest(self.cache.get(plan["manifest"]))
+                directory = self.cache.materialize(
+                    {manifest.artifact: {"url": plan["url"], "sha256": plan["sha256"]},
+                     manifest.vocab_file: entry["vocab"], PLAN_MANIFEST: plan["manifest"]},
+                    self.dir / "personal.src")
+                windows = to_sequences(texts, Vocabulary.load(directory / manifest.vocab_file), manifest.seq_len)
+                result = self.personalizer.refresh(directory / PLAN_MANIFEST, self.cache.get(entry["checkpoint"]),
+                                                   windows, spec, version)
+        except DeviceError as e:
+            self.opstats.log(t0, "personalize", "error", error=e.detail[:300])
             return False
         finally:
             shutil.rmtree(self.dir / "personal.src", ignore_errors=True)
@@ -281,28 +281,35 @@ class Device:
         """
         self._next_app_check = self.clock.now() + self.settings.app_refresh_s
         try:
-            published = self.client.app_model(self.settings.population)
-            if published and published.get("personalization"):
-                self._personalization = (int(published["version"]), published["personalization"])
-            elif published:
-                self._personalization = None
-            if not published or published.get("version") == self.predictor.version:
-                return self.predictor.version
-            version = int(published["version"])
-            files = {name: {"url": f["url"], "sha256": f["sha256"]}
-                     for name, f in published["files"].items()}
-            files[MANIFEST_NAME] = published["manifest"]
-            directory = self.cache.materialize(files, self.dir / "app" / str(version))
-            self.predictor.install(directory / MANIFEST_NAME, allow_older=True)
-        except (ServerUnavailable, ProtocolError, CorruptDownload, ArtifactError, OSError,
-                ValueError, KeyError) as e:
-            self.opstats.log(self.clock.now(), "app_model", "error", error=f"{type(e).__name__}: {e}"[:300])
+            with device_errors():
+                version = self._install_published()
+        except DeviceError as e:
+            self.opstats.log(self.clock.now(), "app_model", "error", error=e.detail[:300])
+            return self.predictor.version
+        if version is None:
             return self.predictor.version
         self.opstats.log(self.clock.now(), "app_model", "installed", version=version)
         for old in (self.dir / "app").iterdir():
             if old.name != str(version):
                 shutil.rmtree(old, ignore_errors=True)
         return self.predictor.version
+
+    def _install_published(self) -> int | None:
+        """Note what the published version offers for personalization, and install it if it is not the
+        current one; the version installed (None: nothing to install)."""
+        published = self.client.app_model(self.settings.population)
+        if published and published.get("personalization"):
+            self._personalization = (int(published["version"]), published["personalization"])
+        elif published:
+            self._personalization = None
+        if not published or published.get("version") == self.predictor.version:
+            return None
+        version = int(published["version"])
+        files = {name: {"url": f["url"], "sha256": f["sha256"]} for name, f in published["files"].items()}
+        files[MANIFEST_NAME] = published["manifest"]
+        directory = self.cache.materialize(files, self.dir / "app" / str(version))
+        self.predictor.install(directory / MANIFEST_NAME, allow_older=True)
+        return version
 
     def close(self) -> None:
         self.stop.set()

@@ -1,21 +1,24 @@
-"""One assigned task, from its artifacts to its report.
+"""One assigned task, from its artifacts to its report: what every task kind shares.
 
-Phases, each timed into the participation log so `status` and the benchmark
-show where a task's time goes:
+What a kind does with its assignment — train, evaluate, personalize,
+discover — is its module's in device_runtime.tasks; this module runs the
+rest, the same for every kind. Phases, each timed into the participation
+log so `status` and the benchmark show where a task's time goes:
 
-* secagg_share (secure aggregation only): advertise keys, send shares
+* secagg_share (secure aggregation, for a kind whose report may travel
+  masked: contract.tasks.KINDS): advertise keys, send shares
   (device_runtime.secagg; then secagg_wait before the upload and
   secagg_unmask after it);
-* download: the plan's manifest, then (if the budgets allow) the plan, its
-  vocabulary and the round's checkpoint, each verified by sha256 and cached
-  (a plan is fetched once per plan, a checkpoint once per round);
+* download: for a kind that uses the plan, the plan's manifest, then (if the
+  budgets allow) the plan, its vocabulary and the round's checkpoint, each
+  verified by sha256 and cached (a plan is fetched once per plan, a
+  checkpoint once per round);
 * prepare: LiteRT loads the plan (kept loaded while the plan is the same),
   the checkpoint is read and the stored text tokenized with the plan's
   vocabulary;
-* train (FedAvg's client step, `training.train_locally`) or eval (top-1/top-3
-  hits as `contract.model.metrics` defines them, and the summed loss), or, for a
-  discover task, only the vocabulary and the votes (device_runtime.discovery);
-* upload: the delta or the counts.
+* the kind's own phase: `train`, `eval`, `personalize` or `discover`
+  (device_runtime.tasks);
+* upload: the kind's report (the delta, the counts, the votes).
 
 Every way a task can end is reported to the server and logged, and none
 raises out of `Task.run`:
@@ -32,44 +35,31 @@ raises out of `Task.run`:
   unreadable plan or checkpoint, LiteRT failing, the server refusing the
   upload or being unreachable.
 
-Nothing of an unfinished task survives: the plan's weights are reset, and
-only a failure reason code goes up (the technical detail stays in the
-participation log on the phone).
+Each of those is a `DeviceError` (device_runtime.errors), which says the
+reason code to report and the outcome to log. Nothing of an unfinished task
+survives: the plan's weights are reset, and only a failure reason code goes
+up (the technical detail stays in the participation log on the phone).
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from contract.protocol.wire import Outcome
-from contract.secagg.masking import SecAggError
-from device_runtime.client import Assignment, CorruptDownload, ProtocolError
-from device_runtime.discovery import votes
-from device_runtime.secagg import SecAggLeft, SecureAggregation
-from device_runtime.training import Hyperparameters, Interrupted, local_windows, train_locally
-from device_runtime.transport import ServerUnavailable
-from contract.model.metrics import Hits, count_hits
-from contract.model.text import PAD_ID, Vocabulary, split_sentences
-from contract.model.weights import load_checkpoint
-from contract.artifacts.errors import ArtifactError
 from contract.artifacts.manifest import Manifest
+from contract.model.text import split_sentences
+from contract.model.weights import load_checkpoint
+from contract.protocol.wire import Outcome
+from contract.tasks import KINDS as WIRE_KINDS
+from device_runtime.client import Assignment
+from device_runtime.errors import DeviceError, SecAggRefused, TaskFailed, device_errors
+from device_runtime.secagg import SecAggLeft, SecureAggregation
+from device_runtime.tasks import KINDS, PlanWork
+from device_runtime.training import Interrupted, local_windows
 from tflite_export.reader import TrainingPlan
 
 if TYPE_CHECKING:
     from device_runtime.runtime import Device
 
-
 UNMASK_GRACE_S = 900.0     # how long after its report deadline a phone stays for the unmasking
-
-
-class TaskFailed(Exception):
-    """The task cannot go on; `reason` is one of the server's failure reasons."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 def estimated_task_memory_mb(manifest: Manifest, num_sentences: int, epochs: int) -> float:
@@ -95,10 +85,11 @@ def estimated_task_memory_mb(manifest: Manifest, num_sentences: int, epochs: int
 
 
 class Task:
-    """One assignment, run by `device` on its stored `texts`."""
+    """One assignment, run by `device` on its stored `texts`; its kind's work is device_runtime.tasks'."""
 
     def __init__(self, device: "Device", assignment: Assignment, texts: list[str]):
-        self.d, self.a, self.texts = device, assignment, texts
+        self.device, self.assignment, self.texts = device, assignment, texts
+        self.kind = KINDS[assignment.task]
         self.started = device.clock.now()
         budget = device.settings.task_time_budget_s
         if assignment.report_deadline_in_s > 0:
@@ -114,41 +105,18 @@ class Task:
         self._plan: TrainingPlan | None = None   # held from prepare until the compute is done
         secure = assignment.update is not None and assignment.update.spec.secure_aggregation
         self.secagg = SecureAggregation(device.client, assignment, device.clock, self.should_stop) \
-            if secure and assignment.task in ("train", "personalize") else None
+            if secure and WIRE_KINDS[assignment.task].maskable else None
 
     def run(self) -> str:
         """Run the task and report it; returns the outcome logged (see the module docstring)."""
         try:
-            if self.secagg is not None:     # keys and shares first: short phases, before the long download
-                self._next_phase("secagg_share")
-                self.secagg.advertise()
-                self.secagg.share()
-                self._next_phase("download")
-            if self.a.task == "discover":   # no plan, no checkpoint: the vocabulary and the text
-                answer = self._discover()
-            else:
-                plan, initial, windows = self._prepare()
-                if self.a.task == "eval":
-                    answer = self._evaluate(plan, initial, windows)
-                elif self.a.task == "personalize":
-                    answer = self._personalize(plan, initial, windows)
-                else:
-                    answer = self._train(plan, initial, windows)
-        except Interrupted as e:
-            self.batches = e.batches_done
-            return self._fail("interrupted", e.reason, str(e))
-        except (TaskFailed, SecAggLeft) as e:
-            return self._fail("interrupted" if e.reason != "error" else "error", e.reason, e.detail)
-        except SecAggError as e:             # a message that does not check out, or a rule to keep
-            self._release_plan(healthy=True)
-            return self._fail("error", "error", f"secure aggregation: {e}")
-        except MemoryError:
-            self._release_plan(healthy=False)
-            return self._fail("interrupted", "out_of_memory", "MemoryError")
-        except (CorruptDownload, ArtifactError, ProtocolError, ServerUnavailable, OSError,
-                ValueError, RuntimeError) as e:
-            self._release_plan(healthy=False)   # LiteRT may have failed half-way: reload it next time
-            return self._fail("error", "error", f"{type(e).__name__}: {e}")
+            with device_errors():
+                answer = self._work()
+        except DeviceError as e:
+            if isinstance(e, Interrupted):
+                self.batches = e.batches_done
+            self._release_plan(healthy=e.plan_reusable)  # LiteRT may have failed half-way: reload it next time
+            return self._fail(e.outcome, e.reason, e.detail)
         finally:
             self._release_plan(healthy=True)
         outcome = "completed" if answer.status == "accepted" else "discarded"
@@ -158,189 +126,126 @@ class Task:
         self._log(outcome, **detail)
         return outcome
 
+    def _work(self) -> Outcome:
+        """The phases up to the server's answer to the report: secure aggregation's around the kind's."""
+        if self.secagg is not None:     # keys and shares first: short phases, before the long download
+            self.next_phase("secagg_share")
+            self.secagg.advertise()
+            self.secagg.share()
+            self.next_phase("download")
+        work = self._prepare() if WIRE_KINDS[self.assignment.task].uses_plan else None
+        send = self.kind.compute(self, work)
+        masker = None
+        if self.secagg is not None:      # the report travels masked
+            self.next_phase("secagg_wait")
+            masker = self.secagg.masker()
+        self.next_phase("upload")
+        answer = send(masker)
+        self.next_phase("done")
+        return answer
+
     def _reveal(self) -> str:
         """After a masked upload: take part in the unmasking; how that went (the upload stands)."""
-        self._next_phase("secagg_unmask")
+        self.next_phase("secagg_unmask")
         try:
             self.secagg.reveal(self._unmask_should_stop)
             return "revealed"
         except SecAggLeft as e:
             return f"left: {e.reason}"
-        except SecAggError as e:
+        except SecAggRefused as e:
             return f"refused: {e}"[:200]
-        except (ProtocolError, ServerUnavailable) as e:
-            return f"error: {type(e).__name__}"
+        except DeviceError as e:          # the server refusing or unreachable
+            return f"error: {e.name}"
         finally:
-            self._next_phase("done")
+            self.next_phase("done")
 
     # -- phases -------------------------------------------------------------
 
-    def _next_phase(self, name: str) -> None:
+    def next_phase(self, name: str) -> None:
         """End the running phase (recording its duration) and start `name`."""
-        now = self.d.clock.now()
+        now = self.device.clock.now()
         self.phases[f"{self._running}_s"] = now - self._mark
         self._running, self._mark = name, now
 
-    def _prepare(self) -> tuple[TrainingPlan, np.ndarray, np.ndarray]:
-        if not self.a.plan or not self.a.vocab:
+    def _prepare(self) -> PlanWork:
+        """Download (budgets allowing) and load the plan, read the checkpoint, tokenize the text."""
+        device, assignment = self.device, self.assignment
+        if not assignment.plan or not assignment.vocab:
             raise TaskFailed("error", "the assignment has no training plan")
-        manifest = self.d.plan_manifest(self.a)
+        manifest = device.plan_manifest(assignment)
         self._check_memory(manifest)
-        if not self.d.plans.loaded(self.a):
-            for file_ref in self.d.plan_files(self.a, manifest).values():
-                self.d.cache.get(file_ref)
-        checkpoint = self.d.cache.get(self.a.checkpoint)
-        self._next_phase("prepare")
-        plan = self._plan = self.d.plans.acquire(self.a, lambda: self.d.lay_out_plan(self.a))
+        if not device.plans.loaded(assignment):
+            for file_ref in device.plan_files(assignment, manifest).values():
+                device.cache.get(file_ref)
+        checkpoint = device.cache.get(assignment.checkpoint)
+        self.next_phase("prepare")
+        plan = self._plan = device.plans.acquire(assignment, lambda: device.lay_out_plan(assignment))
         layout, initial, _ = load_checkpoint(checkpoint)
         if layout != plan.layout:
             raise TaskFailed("error", "the checkpoint's weight layout is not the plan's")
-        windows = local_windows(plan, self.texts)
-        self._next_phase({"eval": "eval", "personalize": "personalize"}.get(self.a.task, "train"))
-        return plan, initial, windows
+        return PlanWork(plan, initial, local_windows(plan, self.texts))
 
     def _check_memory(self, manifest: Manifest) -> None:
-        epochs = int(self.a.hyperparameters.get("epochs", 1))
+        epochs = int(self.assignment.hyperparameters.get("epochs", 1))
         need = estimated_task_memory_mb(manifest, sum(len(split_sentences(t)) for t in self.texts),
                                         epochs)
-        free = self.d.conditions.read().free_memory_mb
-        budget = self.d.settings.task_memory_budget_mb
+        free = self.device.conditions.read().free_memory_mb
+        budget = self.device.settings.task_memory_budget_mb
         if need > free or (budget is not None and need > budget):
             raise TaskFailed("out_of_memory", f"needs ~{need:.0f} MiB; {free} MiB free, "
                                               f"budget {budget if budget is not None else '-'} MiB")
 
-    def _train(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
-        hp = self.a.hyperparameters
-        update = train_locally(plan, initial, windows, Hyperparameters(
-            float(hp["learning_rate"]), int(hp["epochs"]), int(hp["batch_size"]), int(hp["seed"]),
-            hp.get("max_examples")), should_stop=self.should_stop)
-        self.batches = int(update.metrics["batches"])
-        self._finish_compute(update.metrics["train_seconds"])
-        self.examples = update.num_examples
-        if update.num_examples < 1:
-            raise TaskFailed("error", "no training windows in the local examples")
-        masker = None
-        if self.secagg is not None:
-            self._next_phase("secagg_wait")
-            masker = self.secagg.masker()
-        self._next_phase("upload")
-        answer = self.d.client.upload(self.a, update.delta, update.num_examples, update.metrics, masker)
-        self._next_phase("done")
-        return answer
-
-    def _evaluate(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
-        plan.set_weights(initial)
-        hits, loss_sum = Hits(), 0.0
-        started = time.monotonic()
-        for start in range(0, len(windows), plan.batch_size):
-            reason = self.should_stop()
-            if reason:
-                raise Interrupted(reason, self.batches)
-            w = windows[start:start + plan.batch_size]
-            logits = plan.infer(w[:, :-1])
-            hits = hits + count_hits(logits, w[:, 1:])
-            loss_sum += masked_nll_sum(logits, w[:, 1:])
-            self.batches += 1
-        self._finish_compute(time.monotonic() - started)
-        self.examples = hits.positions
-        self._next_phase("upload")
-        answer = self.d.client.report_eval(self.a, hits.top1, hits.top3, hits.positions, loss_sum)
-        self._next_phase("done")
-        return answer
-
-    def _personalize(self, plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray) -> Outcome:
-        """A personalization evaluation (contract.tasks.personal.evaluate): only the counts leave the phone."""
-        from contract.tasks.personal import PersonalSpec, evaluate
-
-        if self.a.personalization is None:
-            raise TaskFailed("error", "a personalize task needs its personalization spec")
-        spec = PersonalSpec.from_json(self.a.personalization)
-        started = time.monotonic()
-        report = evaluate(plan, initial, windows, spec, int(self.a.hyperparameters.get("seed", 0)))
-        reason = self.should_stop()
-        if reason:
-            raise Interrupted(reason, 0)
-        self._finish_compute(time.monotonic() - started)
-        self.examples = report.global_hits.positions
-        masker = None
-        if self.secagg is not None:      # the counts travel masked, like a training update
-            self._next_phase("secagg_wait")
-            masker = self.secagg.masker()
-        self._next_phase("upload")
-        answer = self.d.client.report_personal(self.a, report, masker)
-        self._next_phase("done")
-        return answer
-
-    def _discover(self) -> Outcome:
-        if self.a.vocab is None or self.a.discovery is None:
-            raise TaskFailed("error", "a discover task needs a vocabulary and a level")
-        vocab = Vocabulary.load(self.d.cache.get(self.a.vocab))
-        self._next_phase("discover")
-        ballot = votes(self.a.discovery, self.texts, vocab)
-        reason = self.should_stop()
-        if reason:
-            raise Interrupted(reason, 0)
-        self._next_phase("upload")
-        answer = self.d.client.report_discovery(self.a, ballot)
-        self._next_phase("done")
-        return answer
-
     def _unmask_should_stop(self) -> str | None:
         """The training conditions, and a grace period after the report deadline for the unmasking."""
-        reasons = self.d.policy.blockers(self.d.conditions.read())
-        if self.d.clock.now() > self.unmask_until:
+        reasons = self.device.policy.blockers(self.device.conditions.read())
+        if self.device.clock.now() > self.unmask_until:
             reasons.append("out_of_time")
         return reasons[0] if reasons else None
 
     def should_stop(self) -> str | None:
         """Checked before every batch and once after the last: the first reason to stop, or None."""
-        reasons = self.d.policy.blockers(self.d.conditions.read())
-        if self.d.clock.now() > self.deadline:
+        reasons = self.device.policy.blockers(self.device.conditions.read())
+        if self.device.clock.now() > self.deadline:
             reasons.append("out_of_time")
         return reasons[0] if reasons else None
 
-    def _finish_compute(self, real_seconds: float) -> None:
+    def interrupt_if_stopped(self, batches_done: int) -> None:
+        """Raise `Interrupted` if the task should stop now (`should_stop`)."""
+        reason = self.should_stop()
+        if reason:
+            raise Interrupted(reason, batches_done)
+
+    def finish_compute(self, real_seconds: float) -> None:
         """The plan's work is done: give it back, then check the conditions once more.
 
         The plan is not touched after this; a later task starts by setting its
         weights.
         """
         self._release_plan(healthy=True, compute_s=real_seconds)
-        reason = self.should_stop()
-        if reason:
-            raise Interrupted(reason, self.batches)
+        self.interrupt_if_stopped(self.batches)
 
     def _release_plan(self, healthy: bool, compute_s: float = 0.0) -> None:
         """Give the plan back to the device's `PlanHost` (once; later calls do nothing)."""
         plan, self._plan = self._plan, None
         if plan is not None:
-            self.d.plans.release(self.a, plan, healthy=healthy, compute_s=compute_s)
+            self.device.plans.release(self.assignment, plan, healthy=healthy, compute_s=compute_s)
 
     # -- outcomes -----------------------------------------------------------
 
     def _fail(self, outcome: str, reason: str, detail: str) -> str:
-        self._next_phase("report_failure")
+        self.next_phase("report_failure")
         try:
-            self.d.client.report_failure(self.a, reason)     # the code only: `detail` stays in the log
+            self.device.client.report_failure(self.assignment, reason)   # the code only: `detail` stays in the log
             reported = True
-        except (ServerUnavailable, ProtocolError):
+        except DeviceError:
             reported = False   # the round's deadline counts us as dropped anyway
         self._log(outcome, reason=reason, detail=detail[:300], reported=reported)
         return outcome
 
     def _log(self, outcome: str, **detail: object) -> None:
-        d = self.d
-        d.opstats.log(self.started, "task", outcome, task=self.a.task, session=self.a.session_id,
-                      round=self.a.round, batches=self.batches,
-                      examples=getattr(self, "examples", 0),
-                      bytes_out=d.transport.bytes_sent - self._bytes[0],
-                      bytes_in=d.transport.bytes_received - self._bytes[1],
-                      **{k: round(v, 4) for k, v in self.phases.items()}, **detail)
-
-
-def masked_nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed cross-entropy of the non-pad targets (the numerator of the eval's mean loss)."""
-    z = logits - logits.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    return float((nll * (targets != PAD_ID)).sum())
+        device, assignment = self.device, self.assignment
+        device.opstats.log(self.started, "task", outcome, task=assignment.task, session=assignment.session_id,
+                           round=assignment.round, batches=self.batches, examples=self.examples,
+                           bytes_out=device.transport.bytes_sent - self._bytes[0],
+                           bytes_in=device.transport.bytes_received - self._bytes[1],
+                           **{k: round(v, 4) for k, v in self.phases.items()}, **detail)

@@ -18,14 +18,18 @@ import numpy as np
 
 from contract.model.batching import client_batches
 from contract.model.text import to_sequences
+from device_runtime.errors import DeviceError
 from tflite_export.reader import TrainingPlan
 
 
-class Interrupted(Exception):
+class Interrupted(DeviceError):
     """Training stopped because a condition failed; `reason` is the policy's code."""
 
+    outcome, plan_reusable = "interrupted", True
+
     def __init__(self, reason: str, batches_done: int):
-        super().__init__(f"training interrupted after {batches_done} batches: {reason}")
+        message = f"training interrupted after {batches_done} batches: {reason}"
+        super().__init__(message, detail=message)
         self.reason, self.batches_done = reason, batches_done
 
 

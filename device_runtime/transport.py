@@ -18,10 +18,12 @@ from typing import Any
 
 import requests
 
+from device_runtime.errors import DeviceError
+
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
-class ServerUnavailable(Exception):
+class ServerUnavailable(DeviceError):
     """The server could not be reached (or kept failing) within the retry bounds."""
 
 

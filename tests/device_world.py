@@ -1,8 +1,8 @@
 """Helpers of the device runtime's end-to-end tests: a device at night, its check-ins, the server's view.
 
-Everything is real (emulation.deployment): the TINY plan exported by tflite_export,
-the server under gunicorn on loopback; a test only chooses the device's
-conditions, clock and texts, and reads the round analytics.
+Everything is real (emulation.models, emulation.deployment): the TINY plan
+exported by tflite_export, the server under gunicorn on loopback; a test only
+chooses the device's conditions, clock and texts, and reads the round analytics.
 """
 from __future__ import annotations
 
@@ -24,19 +24,6 @@ from tflite_export.reader import load_plan
 
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)
 MORNING = dt.datetime(2026, 11, 24, 6, 30)
-
-
-class ManualClock:
-    """The device's clock, moved by the test (and by the device's own sleeps)."""
-
-    def __init__(self, start: float | None = None):
-        self.t = time.time() if start is None else start
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(0.0, seconds)
 
 
 def texts_of(corpus: FederatedCorpus, clients: range | list[int]) -> list[str]:

@@ -2,13 +2,16 @@
 uploads nothing, tells the server why, logs it, and its next task is exact."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
+from contract.clock import ManualClock
 from device_runtime.client import Assignment
 from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import DeviceSettings
-from tests.device_world import (MORNING, NIGHT, ManualClock, direct_delta, night_device,
+from tests.device_world import (MORNING, NIGHT, direct_delta, night_device,
                                 record_checkins, record_uploads, round_detail, server_weights,
                                 task_events, texts_of)
 from tests.e2e import tiny_world
@@ -30,7 +33,7 @@ class Phone:
     def __init__(self):
         self.local_time = NIGHT
         self.conditions = EmulatedConditions(lambda: self.local_time)
-        self.clock = ManualClock()
+        self.clock = ManualClock(time.time())
 
     def fail(self, reason: str) -> None:
         if reason == "unplugged":
@@ -40,7 +43,7 @@ class Phone:
         elif reason == "outside_window":
             self.local_time = MORNING
         elif reason == "out_of_time":
-            self.clock.t += 3600      # past the task's budget (and the round's deadline)
+            self.clock.advance(3600)  # past the task's budget (and the round's deadline)
         else:
             raise ValueError(reason)
 
