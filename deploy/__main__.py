@@ -13,7 +13,6 @@ flag or file at fault and exit with status 2 (contract.cli).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
