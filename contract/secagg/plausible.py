@@ -45,7 +45,7 @@ import math
 import numpy as np
 
 from contract.update.packing import levels
-from contract.update.spec import COUNT_SCALE, GRID_ROUNDING, GRID_SIGMAS, RoundSpec
+from contract.update.spec import COUNT_SCALE, RoundSpec
 from contract.update.masked import RingEncoding
 from contract.update.stages import Context
 
@@ -94,8 +94,8 @@ def bounds(round_spec: RoundSpec, reports: int) -> SumBounds:
         count = (-slack, n * COUNT_SCALE + slack)
     else:
         count = (0.0, float(n))
-    rounding = GRID_ROUNDING * s.clip_norm * math.sqrt(GRID_SIGMAS / L)
-    return SumBounds(n, (n, n * s.weight_cap), coordinate, noise_norm, count, s.clip_norm, s.weight_cap, rounding)
+    return SumBounds(n, (n, n * s.weight_cap), coordinate, noise_norm, count, s.clip_norm, s.weight_cap,
+                     round_spec.grid_rounding)
 
 
 def check_update_sum(round_spec: RoundSpec, ring_sum: np.ndarray, reports: int) -> None:

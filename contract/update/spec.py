@@ -215,8 +215,12 @@ class RoundSpec:
         """
         s = self.spec
         share = min(max(int(weight), 0), s.weight_cap) / s.weight_cap
-        rounding = GRID_ROUNDING * s.clip_norm * math.sqrt(GRID_SIGMAS / (2 ** (s.bits - 1) - 1))
-        return min(s.clip_norm, s.clip_norm * share + rounding * math.sqrt(share))
+        return min(s.clip_norm, s.clip_norm * share + self.grid_rounding * math.sqrt(share))
+
+    @property
+    def grid_rounding(self) -> float:
+        """R of `masked_bound`: GRID_ROUNDING · C · sqrt(GRID_SIGMAS / L)."""
+        return GRID_ROUNDING * self.spec.clip_norm * math.sqrt(GRID_SIGMAS / (2 ** (self.spec.bits - 1) - 1))
 
     @property
     def grid_step(self) -> float:
