@@ -177,7 +177,7 @@ def largest_step(round_spec: RoundSpec, reports: int, honest_step: float | None 
     C, W = s.clip_norm, s.weight_cap
     den = round_spec.dp_denominator or n
     noise = 0.0
-    if round_spec.dp_mechanism == "central":
+    if round_spec.dp_mechanism in ("central", "ftrl"):        # the server's noise (ftrl: one node's, roughly)
         noise = round_spec.dp_stddev * math.sqrt(round_spec.size)
     elif round_spec.dp_mechanism == "distributed":
         noise = round_spec.dp_stddev * math.sqrt(round_spec.size * n / round_spec.dp_denominator)
