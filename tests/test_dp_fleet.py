@@ -17,7 +17,7 @@ import pytest
 from contract.update.spec import RoundSpec
 from emulation.deployment import simulated_clock, start_server
 from emulation.models import tiny_corpus, tiny_model
-from tests.e2e import NIGHT_UTC, run_fleet
+from tests.e2e import FLEET_POPULATION, NIGHT_UTC, run_fleet
 from tests.recording_proxy import RecordingProxy
 from tests.test_secagg_fleet import SECURE, plaintexts_by_session, recorded_plaintexts
 
@@ -65,3 +65,38 @@ def test_every_version_carries_epsilon_and_the_ledger_counts_each_round_once(dp_
     versions = server.operator_get("/v1/populations/en/versions").json()["versions"]
     eps = {v["version"]: v["dp"]["epsilon"] for v in versions if v["dp"]}
     assert len(eps) == len(completed) and all(b > a for a, b in zip(sorted(eps.values()), sorted(eps.values())[1:]))
+
+
+FTRL = dict(FLEET_POPULATION, goal=6, dp={"mechanism": "ftrl", "noise_multiplier": 0.5, "initial_clip": 0.5,
+                                          "min_separation_rounds": 3, "max_participations": 2,
+                                          "horizon_rounds": 12})
+
+
+def test_dp_ftrl_never_selects_a_device_within_b_rounds_of_its_last(tmp_path):
+    """40 phones, rounds of 6 under DP-FTRL (b = 3): from the recorded sessions, no device was selected
+    into a DP round while it had taken part in one of the 2 released before it."""
+    corpus = tiny_corpus()
+    model = tiny_model(tmp_path / "model", corpus)
+    server = start_server(tmp_path / "server", model, **FTRL, server=simulated_clock(NIGHT_UTC, 240.0))
+    try:
+        run = run_fleet(tmp_path / "fleet", server, corpus, phones=40, rounds=5, max_wall_s=300)
+        ledger = server.operator_get("/v1/populations/en/privacy").json()
+    finally:
+        server.kill()
+    train = sorted((d for d in run.details if d["task"] == "train" and d["update"]), key=lambda d: d["round"])
+    released, index, took_part = 0, {}, {}
+    for d in train:                        # a round's DP index: the releases before it
+        index[d["round"]] = released
+        if d["state"] == "completed":
+            for dev in d["devices"]:
+                if dev["outcome"] == "accepted":
+                    took_part.setdefault(dev["device"], []).append(released)
+            released += 1
+    assert released >= 5 and ledger["participation"]["released"] == released
+    for d in train:
+        for dev in d["devices"]:
+            earlier = [i for i in took_part.get(dev["device"], []) if i < index[d["round"]]]
+            assert not earlier or index[d["round"]] - max(earlier) >= 3, (dev["device"], earlier, d["round"])
+    assert all(len(v) <= 2 for v in took_part.values())
+    assert any(d.get("result_version") for d in train)
+    assert ledger["mechanism"] == "ftrl" and ledger["spent"]["assumption"] == "participation"
