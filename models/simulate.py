@@ -17,7 +17,9 @@ and the server applies one of TFF's optimizers to the mean. It writes, under
   (privacy.accounting), with the sampling assumption it rests on.
 
 Under user-level DP (`SimulationConfig.dp`), TFF's own DP aggregator replaces
-the update pipeline (models.fedavg.DPAggregator); `dp_deploy_reports` makes
+the update pipeline (models.fedavg.DPAggregator); under DP-FTRL the pipeline
+adds the server's tree noise and clients are chosen under (k, b)-participation
+(models.dp_ftrl), and the ε is privacy.ftrl's; `dp_deploy_reports` makes
 the run a *projection*: the noise a deployment of that cohort would add, on
 this simulation's smaller cohort (labelled as such in the summary).
 """
@@ -39,6 +41,7 @@ from contract.model.weights import save_checkpoint
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
 from models.attacks import Adversary, AttackConfig, backdoor_success, canary
+from models.dp_ftrl import FtrlAggregator, cohort_rule, privacy_spent as ftrl_privacy_spent
 from models.fedavg import DistributedDPAggregator, DPAggregator, FederatedAveraging, RoundResult, client_optimizer
 from models.model import ModelConfig, build_keras_model, weight_layout
 from models.tff_runtime import tff_session
@@ -63,7 +66,8 @@ class SimulationConfig:
     max_eval_windows: int | None = None  # cap on held-out windows evaluated (None: all)
     seed: int = 0                 # client sampling, shuffling, rounding and rotation
     update: UpdateSpec = UpdateSpec()  # how updates are encoded and added up (as deployed)
-    dp: DPSpec | None = None      # user-level DP-FedAvg through TFF's gaussian_adaptive aggregator
+    dp: DPSpec | None = None      # user-level DP-FedAvg through TFF's gaussian_adaptive aggregator;
+                                  # mechanism "ftrl": DP-FTRL under (k, b)-participation (models.dp_ftrl)
     dp_population: int | None = None   # N of the ledger's sampling q = m/N (default: the training clients)
     dp_deploy_reports: int | None = None   # projection: a deployment's m reports per round (noise z·C/m)
     dp_delta: float | None = None  # δ of the reported ε (default N^-1.1)
@@ -114,6 +118,9 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig) -> Federated
     if sim.dp is not None and sim.dp.mechanism == "distributed":
         dp = DistributedDPAggregator(sim.dp, sim.clients_per_round, layout.size, layout.sha256, sim.seed,
                                      sim.dp_deploy_reports, sim.update.bits)
+    elif sim.dp is not None and sim.dp.mechanism == "ftrl":
+        dp = FtrlAggregator(sim.dp, sim.clients_per_round, layout.size, layout.sha256, sim.seed, sim.update,
+                            sim.dp_deploy_reports)
     elif sim.dp is not None:
         dp = DPAggregator(sim.dp, sim.clients_per_round, layout.size, sim.dp_deploy_reports)
     return FederatedAveraging(model_config, client_optimizer(sim.client_lr, sim.client_clip_norm),
@@ -124,6 +131,8 @@ def privacy_spent(sim: SimulationConfig, training_clients: int, rounds: int) -> 
     """The (ε, δ) of `rounds` rounds of `sim` from privacy.accounting (the server ledger's code)."""
     if sim.dp is None:
         return None
+    if sim.dp.mechanism == "ftrl":
+        return ftrl_privacy_spent(sim, training_clients, rounds)
     from privacy.accounting import Event, epsilon
 
     population = sim.dp_population or training_clients
@@ -174,6 +183,15 @@ def fedavg_round(process: FederatedAveraging, flat: np.ndarray, corpus: Federate
     return process.next(flat, datasets, seeds, round_num, tamper)
 
 
+def choose_clients(sim: SimulationConfig, train_ids: list[str], round_num: int, rule=None) -> list[str]:
+    """Round `round_num`'s clients: a uniform sample, or under DP-FTRL the (k, b)-rule's choice
+    (models.dp_ftrl.Participation; DP round `round_num` − 1)."""
+    rng = np.random.default_rng([sim.seed, round_num])
+    if rule is not None:
+        return rule.choose(train_ids, sim.clients_per_round, round_num - 1, rng)
+    return list(rng.choice(train_ids, sim.clients_per_round, replace=False))
+
+
 def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: SimulationConfig,
                    out_dir: str | Path, initial: np.ndarray | None = None) -> dict:
     """Runs `sim.rounds` rounds of FedAvg; returns the summary also written to disk."""
@@ -187,6 +205,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
     if sim.clients_per_round > len(train_ids):
         raise ValueError(f"clients_per_round={sim.clients_per_round} but only "
                          f"{len(train_ids)} training clients")
+    rule = cohort_rule(sim, len(train_ids))    # DP-FTRL's (k, b)-participation (None otherwise)
     flat = initial_weights(model_config) if initial is None else initial
     history: list[dict] = []
     start = time.monotonic()
@@ -215,8 +234,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
         bar = tqdm(range(1, sim.rounds + 1), desc="federated rounds", unit="round")
         for r in bar:
             t0 = time.monotonic()
-            sampled = list(np.random.default_rng([sim.seed, r]).choice(
-                train_ids, sim.clients_per_round, replace=False))
+            sampled = choose_clients(sim, train_ids, r, rule)
             result = fedavg_round(process, flat, corpus, sampled, sim, r, adversary)
             flat = result.weights
             upload_bytes += result.upload_bytes
@@ -225,7 +243,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
                    "update_norms": [round(n, 5) for n in result.update_norms],
                    "clipped": sum(n > (result.dp_clip or sim.update.clip_norm) for n in result.update_norms),
                    "dp_clip": result.dp_clip, "zeroed": result.zeroed,
-                   "seconds": time.monotonic() - t0}
+                   "seconds": time.monotonic() - t0, **({"participants": sampled} if rule else {})}
             log.write(json.dumps(row) + "\n")
             log.flush()
             history.append(row)

@@ -42,6 +42,7 @@ def cmd_simulate(args) -> None:
                            attack=_attack_settings(args), **_dp_settings(args))
     initial = read_checkpoint(args.init, config) if args.init else None
     corpus = load_corpus_for(args, config)
+    sim = _ftrl_settled(sim, args, len(corpus.train))
     if sim.attack is not None:
         try:
             sim.attack.validate(corpus.vocab)
@@ -65,6 +66,34 @@ def cmd_simulate(args) -> None:
                  if dp["projection"] else f"{dp['population']:,} devices, {dp['reports_per_round']} per round")
         print(f"differential privacy: noise multiplier {dp['noise_multiplier']:g}, ε = {dp['epsilon']:.3f} at "
               f"δ = {dp['delta']:.3g} ({dp['accountant']}) after {dp['rounds']} rounds; {label}")
+        if dp.get("mechanism") == "ftrl":
+            print(_ftrl_line(dp))
+
+
+def _ftrl_line(dp: dict) -> str:
+    c = dp["simulated_cohort"]
+    return (f"DP-FTRL (tree, restarts every {dp['restart_every']}): ε for b = {dp['separation']}, k = "
+            f"{dp['max_participations']} per horizon of {dp['horizon']} rounds, {dp['assumption_text']}; "
+            f"the simulated clients took part under b = {c['separation']}, k = {c['max_participations']}")
+
+
+def _ftrl_settled(sim, args, training_clients: int):
+    """`sim` with DP-FTRL's participation filled in (models.dp_ftrl.resolve) for this population or
+    the projected deployment, checked against the clients there are; unchanged for other mechanisms."""
+    if sim.dp is None or sim.dp.mechanism != "ftrl":
+        return sim
+    from models.dp_ftrl import cohort_rule, resolve
+
+    population = sim.dp_population or training_clients
+    reports = sim.dp_deploy_reports or sim.clients_per_round
+    try:
+        sim = dataclasses.replace(sim, dp=resolve(sim.dp, population, reports, sim.rounds,
+                                                  args.dp_min_separation_rounds, args.dp_max_participations,
+                                                  args.dp_horizon_rounds))
+        cohort_rule(sim, training_clients)
+    except ValueError as e:
+        raise UsageError(str(e).replace("--dp.", "--dp-").replace("_", "-")) from None
+    return sim
 
 
 def _attack_settings(args):
@@ -89,16 +118,18 @@ def _dp_settings(args) -> dict:
         if any(getattr(args, k) is not None for k in ("dp_deploy_reports", "dp_population", "dp_delta")):
             raise UsageError("--dp-deploy-reports, --dp-population and --dp-delta need --dp-noise-multiplier")
         return {}
+    _check_ftrl_flags(args)
     if args.update_zeroing:
         raise UsageError("--update-zeroing draws its threshold from other devices' norms, which DP's "
                          "accounting does not cover: use it without --dp-noise-multiplier")
     spec = DPSpec(mechanism=args.dp_mechanism, noise_multiplier=args.dp_noise_multiplier,
                   initial_clip=args.dp_initial_clip,
                   target_quantile=args.dp_target_quantile, clip_learning_rate=args.dp_clip_lr,
-                  clipped_count_stddev=args.dp_clipped_count_stddev)
+                  clipped_count_stddev=args.dp_clipped_count_stddev, restart_every=args.dp_restart_every or 0)
     try:
         spec.validate("--dp")
-        spec.split(args.dp_deploy_reports or args.clients_per_round)
+        if spec.mechanism != "ftrl":        # DP-FTRL's z is the tree's alone; its σ_b is apart
+            spec.split(args.dp_deploy_reports or args.clients_per_round)
     except ValueError as e:
         raise UsageError(str(e).replace("--dp.", "--dp-").replace("_", "-")) from None
     for flag in ("dp_deploy_reports", "dp_population"):
@@ -108,6 +139,40 @@ def _dp_settings(args) -> dict:
         raise UsageError("--dp-delta must be in (0, 1)")
     return {"dp": spec, "dp_deploy_reports": args.dp_deploy_reports, "dp_population": args.dp_population,
             "dp_delta": args.dp_delta}
+
+
+FTRL_FLAGS = ("dp_min_separation_rounds", "dp_max_participations", "dp_horizon_rounds", "dp_restart_every")
+
+
+def _check_ftrl_flags(args) -> None:
+    """DP-FTRL's flags: only with --dp-mechanism ftrl, integers >= 1 (restart >= 0), and a projection
+    names both the deployment's reports and its population."""
+    given = [f for f in FTRL_FLAGS if getattr(args, f) is not None]
+    if args.dp_mechanism != "ftrl":
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --dp-mechanism ftrl")
+        return
+    for flag in given:
+        if getattr(args, flag) < (0 if flag == "dp_restart_every" else 1):
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'dp_restart_every' else 1}")
+    if (args.dp_deploy_reports is None) != (args.dp_population is None):
+        raise UsageError("--dp-mechanism ftrl: --dp-deploy-reports and --dp-population go together "
+                         "(the deployment the projection is for)")
+
+
+def _add_ftrl_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--dp-mechanism", choices=("central", "distributed", "ftrl"), default="central",
+                   help="central: TFF's gaussian_adaptive; distributed: the phones' discrete Gaussian shares "
+                        "under secure aggregation (contract pipeline, --update-bits); ftrl: DP-FTRL, the "
+                        "server's tree noise (z per node) under (k, b)-participation (models.dp_ftrl)")
+    s.add_argument("--dp-min-separation-rounds", type=int, default=None,
+                   help="ftrl: b, rounds between two participations of a client (default: population / reports)")
+    s.add_argument("--dp-max-participations", type=int, default=None,
+                   help="ftrl: k, participations per horizon (default: what b allows, ⌈horizon / b⌉)")
+    s.add_argument("--dp-horizon-rounds", type=int, default=None, help="ftrl: n, the accounting horizon "
+                   "(default: --rounds)")
+    s.add_argument("--dp-restart-every", type=int, default=None,
+                   help="ftrl: restart the tree every this many rounds (default 0: chosen for the least noise)")
 
 
 def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
@@ -159,9 +224,7 @@ def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     dps = DPSpec()
     s.add_argument("--dp-noise-multiplier", type=float, default=None,
                    help="user-level DP-FedAvg with adaptive clipping (TFF's gaussian_adaptive) at this z")
-    s.add_argument("--dp-mechanism", choices=("central", "distributed"), default=dps.mechanism,
-                   help="central: TFF's gaussian_adaptive; distributed: the phones' discrete Gaussian shares "
-                        "under secure aggregation (contract pipeline, --update-bits)")
+    _add_ftrl_flags(s)
     s.add_argument("--dp-initial-clip", type=float, default=dps.initial_clip)
     s.add_argument("--dp-target-quantile", type=float, default=dps.target_quantile)
     s.add_argument("--dp-clip-lr", type=float, default=dps.clip_learning_rate)
