@@ -63,6 +63,9 @@ class RoundAnalytics:
             devices = sessions.of_round(conn, rnd.id)
             reasons = sessions.failure_reasons(conn, rnd.id)
             secure = self._secagg.summary(conn, rnd.id)
+            if secure is not None:       # sessions → the pseudonyms of their devices
+                secure["wrong_revealers"] = [self._pseudonym(sessions.get(conn, sid)["device_id"])
+                                             for sid in secure["wrong_revealers"]]
             extra = self._kinds[rnd.task].detail(conn, rnd)
         out = round_summary(row, now)
         out["hyperparameters"] = json.loads(row["hyperparameters_json"])

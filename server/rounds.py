@@ -43,6 +43,8 @@ from server.tasks import RoundFailed, RoundRefused, TaskRegistry
 
 log = logging.getLogger(__name__)
 FINISH_ERROR = "finish_error"      # a finish step raised something unexpected (logged with its traceback)
+TRANSITION_ERROR = "transition_error"     # so did another transition (a secure-aggregation phase, ...)
+UNAVAILABLE = "population_unavailable"    # no round could be opened (its check-ins are told so, not a 500)
 
 
 class RoundService:
@@ -143,10 +145,23 @@ class RoundService:
             return self.tick(tx, population)
 
     def tick(self, tx: Tx, population: str) -> Round | None:
+        """Apply the open round's due transitions; a transition that raises fails that round alone."""
         rnd = self.latest(tx, population)
         if rnd is None or not rnd.is_open:
             return None
         now = self._clock.now()
+        tx.execute("SAVEPOINT tick")
+        try:
+            result = self._transition(tx, rnd, now)
+        except Exception:
+            tx.execute("ROLLBACK TO SAVEPOINT tick")
+            log.exception("round %s/%d: a transition failed", rnd.population, rnd.number)
+            result = self._fail(tx, rnd, now, TRANSITION_ERROR)
+        tx.execute("RELEASE SAVEPOINT tick")
+        return result
+
+    def _transition(self, tx: Tx, rnd: Round, now: float) -> Round | None:
+        population = rnd.population
         if rnd.state == "selecting" and rnd.reported < rnd.goal and now >= rnd.selection_ends_at:
             if rnd.selected < rnd.min_selected:
                 return self._fail(tx, rnd, now, "too_few_selected")
@@ -178,12 +193,22 @@ class RoundService:
         cfg = self.settings(population)
         pop = load_population(tx, population)
         last = self.latest(tx, population)
-        kind = self._kinds.next_due(tx, pop, cfg)
         number, now = (last.number if last else 0) + 1, self._clock.now()
+        tx.execute("SAVEPOINT open")
         try:
+            kind = self._kinds.next_due(tx, pop, cfg)
             plan = kind.plan(tx, pop, cfg, number)
         except RoundRefused as e:
-            return self._refuse(tx, pop, last, kind.name, number, now, e)
+            tx.execute("RELEASE SAVEPOINT open")
+            return self._refuse(tx, pop, last, e.task, number, now, e)
+        except Exception as e:            # a population that cannot open rounds: say why, never a 500
+            tx.execute("ROLLBACK TO SAVEPOINT open")
+            tx.execute("RELEASE SAVEPOINT open")
+            log.exception("population %s cannot open a round", population)
+            refusal = RoundRefused(UNAVAILABLE, f"population {population!r} cannot open a round: "
+                                                f"{type(e).__name__}")
+            return self._refuse(tx, pop, last, last.task if last else refusal.task, number, now, refusal)
+        tx.execute("RELEASE SAVEPOINT open")
         if plan.goal is not None:
             cfg = dataclasses.replace(cfg, goal=plan.goal)
         attempt = 1

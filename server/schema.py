@@ -284,6 +284,12 @@ MIGRATIONS.append("""
     );
     """)
 
+# 12: secure aggregation names the sessions whose revealed shares were wrong (they are corrected, or the
+# round fails unmask_failed), for the round's analytics.
+MIGRATIONS.append("""
+    ALTER TABLE secagg_rounds ADD COLUMN wrong_revealers_json TEXT;
+    """)
+
 # The one module that writes and reads each table (tests/test_layout.py checks both on the source).
 OWNERS = {
     "devices": "registry", "populations": "populations", "versions": "versions", "rounds": "rounds",

@@ -92,11 +92,11 @@ class SecAggService:
                     return "too_few_reports"
                 tx.execute("UPDATE secagg_rounds SET phase = 'unmasking', phase_ends_at = ?, survivors = ?"
                            " WHERE round_id = ?", (now + cfg.secagg.unmask_window_s, masked, rnd.id))
-        elif phase == "unmasking":
-            if self._missing_shares(tx, rnd.id, row["t"]) == 0:
+        elif phase == "unmasking":        # wait for every revealer, so wrong shares can be outvoted
+            if self._unrevealed(tx, rnd.id) == 0:
                 return "complete"
             if now >= row["phase_ends_at"]:
-                return "unmask_incomplete"
+                return "complete" if self._missing_shares(tx, rnd.id, row["t"]) == 0 else "unmask_incomplete"
         return None
 
     def accepting(self, conn: Tx, round_id: int) -> bool:
@@ -104,15 +104,33 @@ class SecAggService:
         return self._row(conn, round_id)["phase"] == "masking"
 
     def unmask(self, tx: Tx, rnd, masked_sum: np.ndarray) -> tuple[np.ndarray, int]:
-        """The survivors' plaintext sum (uint32 words) and their number; SecAggError if any secret
-        cannot be rebuilt and checked."""
+        """The survivors' plaintext sum (uint32 words) and their number; SecAggError if any secret cannot be
+        rebuilt and checked. Wrong shares are corrected where enough honest ones were revealed
+        (contract.secagg.masking.unmask_report); the sessions that revealed them are recorded either way,
+        for the round's analytics (`wrong_revealers`)."""
         row = self._row(tx, rnd.id)
         members, survivors = self._members(tx, rnd.id)
-        shares: dict[int, dict[int, bytes]] = {}
-        for r in tx.execute("SELECT owner, revealer, share FROM secagg_reveals WHERE round_id = ?", (rnd.id,)):
-            shares.setdefault(r["owner"], {})[r["revealer"]] = bytes(r["share"])
-        total = sa.unmask(masked_sum, members, survivors, shares, row["t"], _domain(rnd))
-        return total, len(survivors)
+        shares: dict[int, dict[int, tuple[str, bytes]]] = {}
+        for r in tx.execute("SELECT owner, revealer, kind, share FROM secagg_reveals WHERE round_id = ?", (rnd.id,)):
+            shares.setdefault(r["owner"], {})[r["revealer"]] = (r["kind"], bytes(r["share"]))
+        try:
+            report = sa.unmask_report(masked_sum, members, survivors, shares, row["t"], _domain(rnd))
+        except sa.SecAggError as e:
+            self._record_wrong(tx, rnd.id, e.wrong)
+            raise
+        self._record_wrong(tx, rnd.id, report.wrong)
+        return report.total, len(survivors)
+
+    def _record_wrong(self, tx: Tx, round_id: int, wrong: dict[int, frozenset[int]]) -> None:
+        """The sessions whose revealed shares were wrong (by node, while the graph still exists)."""
+        if not wrong:
+            return
+        nodes = sorted(wrong)
+        sessions_ = [r["session_id"] for r in tx.execute(
+            f"SELECT session_id FROM secagg_members WHERE round_id = ? AND node IN ({','.join('?' * len(nodes))})"
+            " ORDER BY node", (round_id, *nodes))]
+        tx.execute("UPDATE secagg_rounds SET wrong_revealers_json = ? WHERE round_id = ?",
+                   (json.dumps(sessions_), round_id))
 
     def close(self, tx: Tx, round_id: int, state: str, reason: str | None) -> None:
         """The round ended: its keys, shares and reveals go; the phase row stays for analytics."""
@@ -122,10 +140,13 @@ class SecAggService:
                    ("done" if state == "completed" else "failed", reason, round_id))
 
     def summary(self, conn: Tx, round_id: int) -> dict | None:
+        """The round's phase, graph (k, t), devices per phase, and the sessions that revealed wrong shares."""
         row = conn.execute("SELECT * FROM secagg_rounds WHERE round_id = ?", (round_id,)).fetchone()
         if row is None:
             return None
-        return {k: row[k] for k in ("phase", "k", "t", "members", "shared", "survivors", "reason")}
+        out = {k: row[k] for k in ("phase", "k", "t", "members", "shared", "survivors", "reason")}
+        out["wrong_revealers"] = json.loads(row["wrong_revealers_json"] or "[]")
+        return out
 
     # -- the device's side --------------------------------------------------------------------
 
@@ -283,6 +304,13 @@ class SecAggService:
         members, survivors = self._members(conn, round_id)
         maskers = members[node].maskers if node in members else frozenset()
         return sorted(maskers & survivors), sorted(maskers - survivors)
+
+    def _unrevealed(self, conn: Tx, round_id: int) -> int:
+        """Survivors asked to reveal shares that have not answered yet."""
+        members, survivors = self._members(conn, round_id)
+        answered = {r["revealer"] for r in conn.execute("SELECT DISTINCT revealer FROM secagg_reveals WHERE"
+                                                         " round_id = ?", (round_id,))}
+        return sum(1 for u in survivors if members[u].maskers and u not in answered)
 
     def _missing_shares(self, conn: Tx, round_id: int, t: int) -> int:
         """Secrets of the masking set with fewer than t revealed shares of the kind they need."""

@@ -72,9 +72,13 @@ def play(env, phones, drop: dict[str, set[int]], rng=None) -> list[SecAggPhone]:
     if len(uploaded) < len(alive("shares")):
         env.clock.advance(300)                   # to the report deadline: the rest will not come
     env.services.tick()
-    for p in alive("unmasking"):
-        if p in uploaded and p.status().phase == "unmasking":     # done once t of each have come
-            assert p.reveal().status == 200
+    revealed = [p for p in alive("unmasking") if p in uploaded and p.status().phase == "unmasking"]
+    for p in revealed:
+        assert p.reveal().status == 200
+    if len(revealed) < len(uploaded):        # the server waits for every survivor's reveal, or the window
+        env.services.tick()
+        assert round_info(env)["state"] == "reporting"
+        env.clock.advance(121)
     env.services.tick()
     return uploaded
 

@@ -55,11 +55,12 @@ class RoundFailed(Exception):
 
 
 class RoundRefused(Exception):
-    """A round of this kind may not open now (the privacy budget): recorded once as a failed round."""
+    """A round of kind `task` may not open now (the privacy budget): recorded once as a failed round whose
+    `reason` check-ins are told (a rejection reason of contract.protocol.wire)."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", task: str = "train"):
         super().__init__(detail or reason)
-        self.reason = reason
+        self.reason, self.task = reason, task
 
 
 @dataclasses.dataclass

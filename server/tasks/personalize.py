@@ -22,6 +22,7 @@ import json
 import numpy as np
 
 from contract.secagg.masking import WORD_MODULUS, SecAggError
+from contract.secagg.plausible import ImplausibleSum, check_count_sum
 from contract.tasks.personal import PersonalEvalReport, check_counts, fairness_from_histogram, summarize
 from server.config import PopulationConfig
 from server.errors import ErrorCode, ProtocolError
@@ -96,8 +97,8 @@ class PersonalizeKind(KindBase):
         except SecAggError as e:
             raise RoundFailed("unmask_failed", str(e)) from None
         try:                          # the sum of honest reports is always consistent
-            total = check_counts([int(x) for x in np.asarray(plain, np.int64)], survivors)
-        except ValueError as e:
+            total = check_count_sum([int(x) for x in np.asarray(plain, np.int64)], survivors)
+        except ImplausibleSum as e:
             raise RoundFailed("implausible_sum", str(e)) from None
         tx.execute("UPDATE personal_evals SET counts_json = ?, devices = ? WHERE round_id = ?",
                    (json.dumps(total.tolist()), survivors, rnd.id))

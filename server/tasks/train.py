@@ -28,6 +28,7 @@ import numpy as np
 
 from contract.dp.ftrl import TreeNoise
 from contract.secagg.masking import SecAggError
+from contract.secagg.plausible import ImplausibleSum
 from contract.update.pipeline import IntegerSum, UpdatePipeline, running_sum
 from contract.update.robust import zeroing_norm
 from server import sessions
@@ -235,7 +236,10 @@ class TrainKind(KindBase):
         except SecAggError as e:          # a secret that cannot be rebuilt and checked: publish nothing
             raise RoundFailed("unmask_failed", str(e)) from None
         ring = pipeline.ring.reduce(plain.astype(np.int64))
-        mean_delta, unclipped = pipeline.finalize_masked_with_count(ring, survivors, noise)
+        try:                              # a sum no honest phones could send (contract.secagg.plausible)
+            mean_delta, unclipped = pipeline.finalize_masked_with_count(ring, survivors, noise)
+        except ImplausibleSum as e:
+            raise RoundFailed("implausible_sum", str(e)) from None
         return mean_delta, unclipped, int(ring[pipeline.count]), survivors
 
     def _noise(self, tx: Tx, rnd: Round):
