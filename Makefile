@@ -73,10 +73,16 @@ bench-secagg: setup
 
 # Federated discovery of new words (TrieHH) in simulation over the training users (~1 min).
 # Quality against ε from the public-pretrained model: central and distributed DP, projected to
-# 10^6 and 10^5 phones, and the honest figure for the simulated population (~75 min).
+# 10^6 and 10^5 phones, and the honest figure for the simulated population (~75 min); then DP-FTRL
+# beside DP-FedAvg at the same ε (δ = 1e-10), rows dp.json lacks only.
 .PHONY: bench-dp
 bench-dp: setup corpus
 	$(PY) -m benchmarks.dp
+
+# Only the DP-FTRL comparison of bench-dp, rerun (its other rows kept from dp.json; ~4 runs of bench-dp's).
+.PHONY: bench-dp-ftrl
+bench-dp-ftrl: setup corpus
+	$(PY) -m benchmarks.dp --rows ftrl
 
 # 1/5/10% attackers (model replacement with a backdoor, a Sybil party, sign flips) against no defence,
 # each alone and all together, from the public-pretrained model (simulation, ~5 min a run); then the

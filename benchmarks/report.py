@@ -64,7 +64,7 @@ def quality(r: dict) -> str:
 def dp(r: dict) -> str:
     b = r["baseline"]
     rows = [("non-private", "", "", "", f"{_pct(b['top1'])} / {_pct(b['top3'])}", "")]
-    for x in r["rows"]:
+    for x in (x for x in r["rows"] if "comparison" not in x):
         scale = (f"projection: N = {x['population']:,}, m = {x['reports_per_round']:,}" if x["projection"]
                  else f"this population: N = {x['population']:,}, m = {x['reports_per_round']}")
         rows.append((x["mechanism"], f"{x['noise_multiplier']:g}", scale,
@@ -74,7 +74,12 @@ def dp(r: dict) -> str:
     t = r.get("targets", {})
     verdict = (f"Target (Gboard scale: ε ≤ 2 within 5% of non-private top-1): "
                f"{'met' if t.get('met') else 'not met'}; goal (ε ≤ 1 within 2%): {'met' if t.get('goal_met') else 'not met'}.")
-    return head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
+    out = head + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows) + "\n\n" + verdict
+    if not any("comparison" in x for x in r["rows"]):
+        return out
+    from benchmarks.dp_ftrl import table
+
+    return out + "\n\n" + table(r)
 
 
 def attacks(r: dict) -> str:

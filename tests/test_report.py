@@ -118,6 +118,39 @@ def test_dp_rows_of_an_earlier_run_are_kept_only_when_its_setting_matches():
     assert reusable(wider, None) == {}
 
 
+def test_dp_ftrl_rows_match_dp_fedavgs_epsilon_and_sit_beside_it():
+    """benchmarks.dp.compare with the simulation stubbed: the DP-FedAvg row reuses the central run of the same
+    z and is accounted at δ = 1e-10; the DP-FTRL row's noise gives at most that ε under b = ⌊N/m⌋, k = ⌈n/b⌉."""
+    from benchmarks.dp import DPBenchConfig, compare, report_of
+    from benchmarks.dp_ftrl import table
+    from benchmarks.quality import FederatedConfig
+    from models.dp_ftrl import privacy_spent
+
+    cfg = DPBenchConfig(deployments="gboard", ftrl_match_z="1.0")
+    central = {"mechanism": "central", "noise_multiplier": 1.0, "population": 1_000_000, "reports_per_round": 6500,
+               "projection": True, "top1": 0.149, "top3": 0.25, "epsilon": 0.77, "delta": 2.5e-7}
+    ran = []
+
+    def simulate(sim, name):
+        ran.append((name, sim))
+        return {"dp": privacy_spent(sim, 905, sim.rounds), "final": {"top1": 0.144, "top3": 0.249}}
+
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in dataclasses.asdict(FederatedConfig())}
+    rows = compare(cfg, FederatedConfig(**fields), [central], {}, simulate, lambda done: None)
+    fedavg, ftrl = rows
+    assert [name for name, _ in ran] == ["ftrl_at-central-z1_N1000000_m6500_delta1e-10"]
+    assert (fedavg["assumption"], fedavg["delta"], fedavg["top1"]) == ("poisson", 1e-10, 0.149)
+    assert 1.6 < fedavg["epsilon"] < 1.8                             # z = 1, q = 0.0065, 100 rounds at δ = 1e-10
+    assert (ftrl["assumption"], ftrl["b"], ftrl["k"]) == ("participation", 153, 1)
+    assert fedavg["epsilon"] * 0.999 < ftrl["epsilon"] <= fedavg["epsilon"]
+    assert ran[0][1].dp.mechanism == "ftrl" and ran[0][1].dp_deploy_reports == 6500
+    report = report_of(cfg, {"top1": 0.15, "top3": 0.26}, [central], rows)
+    assert report["ftrl_targets"]["met"] and not report["ftrl_targets"]["goal_met"]      # −4%: within 5%, not 3%
+    text = table(report)
+    assert "| N = 1,000,000, m = 6,500 | 1.69 | 1 | 14.90% / 25.00% (-0.7%) | " in text
+    assert "b = 153, k = 1" in text and "14.40% / 24.90% (-4.0%)" in text
+
+
 def test_the_attack_table_judges_the_all_defences_runs_at_ten_percent():
     from benchmarks.report import attacks
 
