@@ -132,7 +132,10 @@ SCHEMAS = {
         "secagg": {"oneOf": [{"type": "null"}, _obj({
             "phase": {"enum": ["keys", "shares", "masking", "unmasking", "done", "failed"]},
             "k": NULLABLE_INT, "t": NULLABLE_INT, "members": INT, "shared": INT, "survivors": INT,
-            "reason": {"type": ["string", "null"]}})]},
+            "reason": {"type": ["string", "null"]},
+            "wrong_revealers": {"type": "array", "items": {"type": "string"},
+                                "description": "pseudonyms of the devices whose revealed shares were wrong "
+                                               "(corrected, or the round failed unmask_failed)"}})]},
         "devices": {"type": "array", "items": DEVICE_OUTCOME}}, extra=True)]},
     "RoundList": _obj({"rounds": {"type": "array", "items": _ref("Round")}}),
     "SecAggKeys": SecAggKeys.SCHEMA.schema(), "SecAggShares": SecAggShares.SCHEMA.schema(),

@@ -83,3 +83,20 @@ def test_discover_rounds_can_hear_from_more_devices_than_training_rounds(make_se
     rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
     assert (rounds[0]["task"], rounds[0]["reported"], rounds[1]["reported"]) == ("discover", 2 * N, N)
     assert summary(env)["level"] == 2
+
+
+def test_a_discover_finish_that_raises_fails_only_that_round_and_the_level_is_retried(make_server, monkeypatch):
+    env = discovering_server(make_server)
+    train_one_round(env, N)
+    kind = env.services.kinds["discover"]
+    real = kind.finish
+    monkeypatch.setattr(kind, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
+    vote(env, [["t"], ["t"], ["t"], ["a"]])
+    rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
+    assert (rounds[0]["task"], rounds[0]["state"], rounds[0]["reason"]) == ("discover", "failed", "finish_error")
+    monkeypatch.setattr(kind, "finish", real)
+    asked = vote(env, [["t"], ["t"], ["t"], ["a"]])
+    assert asked[0]["level"] == 1                                        # the same level, asked again
+    rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
+    assert (rounds[0]["task"], rounds[0]["state"]) == ("discover", "completed")
+    assert summary(env)["level"] == 2

@@ -152,3 +152,20 @@ def test_under_secure_aggregation_the_counts_travel_masked_and_only_their_sum_is
     assert detail["personalization"]["devices"] == len(plain)
     assert detail["personalization"]["positions"] == int(total[4])
     assert not any(np.array_equal(np.asarray(s) % 2**32, total) for s in sent)
+
+
+def test_a_personalize_finish_that_raises_fails_only_that_round_and_the_retry_completes(make_server, monkeypatch):
+    env = personal_server(make_server)
+    train_one_round(env, N)
+    kind = env.services.kinds["personalize"]
+    real = kind.finish
+    monkeypatch.setattr(kind, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
+    vector = PersonalReport(Hits(10, 20, 100), Hits(15, 25, 100), False).vector().tolist()
+    for number, state, reason in ((2, "failed", "finish_error"), (3, "completed", None)):
+        for d in [DeviceClient(env.api, "en", env.enrollment) for _ in range(N)]:
+            a = d.checkin().body["assignment"]
+            assert a["task"] == "personalize", a
+            assert report(env, d, a, vector).body["status"] == "accepted"
+        detail = env.api.request("GET", f"/v1/populations/en/rounds/{number}", headers=env.operator_headers).body
+        assert (detail["state"], detail["reason"]) == (state, reason), detail
+        monkeypatch.setattr(kind, "finish", real)
