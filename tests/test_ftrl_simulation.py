@@ -17,7 +17,8 @@ from contract.dp.noise import DPSpec
 from contract.model.weights import load_checkpoint
 from contract.update.spec import UpdateSpec
 from emulation.models import tiny_corpus
-from models.dp_ftrl import Participation, implied, privacy_spent, resolve
+from contract.dp.ftrl import TreeNoise
+from models.dp_ftrl import FtrlAggregator, Participation, implied, privacy_spent, resolve
 from models.model import TINY
 from models.simulate import SimulationConfig, run_simulation
 from models.tff_runtime import is_alive, worker_processes
@@ -80,6 +81,28 @@ def test_a_deployment_implies_its_separation_and_participations():
     spec = resolve(DPSpec(mechanism="ftrl", noise_multiplier=8.0), 905, 10, 100)
     assert (spec.min_separation_rounds, spec.max_participations, spec.horizon_rounds) == (90, 2, 100)
     assert 1 <= spec.restart_every <= 100
+
+
+def test_the_release_is_the_clipped_sum_plus_the_trees_noise_over_the_fixed_denominator():
+    """FtrlAggregator without TFF: round t's mean is (Σ clipped + z·C·(c/m)·unit(t)) / c, the tree being
+    TreeNoise's for the key; the clip estimate moves every round but the tree takes it only at a restart."""
+    key, size, clients, m = bytes(range(32)), 40, 4, 400
+    spec = DPSpec(mechanism="ftrl", noise_multiplier=3.0, initial_clip=1.0, clipped_count_stddev=0.0,
+                  min_separation_rounds=1, max_participations=6, horizon_rounds=6, restart_every=3)
+    agg = FtrlAggregator(spec, clients, size, "0" * 64, seed=5, deploy_reports=m, key=key)
+    tree = TreeNoise(key, 6, 3, "simulation")
+    g = np.random.default_rng(3)                                     # test data, not noise
+    clips = []
+    for r in range(1, 7):
+        deltas = [g.normal(size=size) * s for s in (0.05, 0.1, 0.12, 0.4)]     # 3 of 4 under the clip
+        clip = agg.clip
+        mean, after = agg.mean(deltas, r)
+        clipped = sum(d * min(1.0, clip / np.linalg.norm(d)) for d in deltas)
+        noise = tree.noise(r - 1, size, 3.0 * clip * clients / m)
+        np.testing.assert_allclose(mean, (clipped + noise) / clients, rtol=0, atol=1e-6)
+        clips.append(after)
+    assert clips[0] == clips[1] == 1.0 and clips[2] != 1.0           # a new clip only where a tree starts
+    assert clips[2] == clips[3] == clips[4] and clips[5] != clips[2]
 
 
 def weights_after(corpus, sim, out) -> np.ndarray:
