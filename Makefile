@@ -92,6 +92,12 @@ bench-attacks: setup corpus
 	$(PY) -m benchmarks.attacks
 	$(PY) -m benchmarks.attack_fleet
 
+# One hostile phone against the real server (secure and plain rounds, a restart after each attack) and a
+# slowloris drill: benchmarks/results/hostile.json (~3 min).
+.PHONY: bench-hostile
+bench-hostile: setup
+	$(PY) -m benchmarks.hostile
+
 # A personal model per held-out user (fine-tuning + the user's word cache, with fallback) against the
 # best global model available; fairness figures for both (~10 min; trains a global model if none).
 .PHONY: bench-personalization
