@@ -50,6 +50,12 @@ class FleetBench:
     workers: int = 48
     trainers: int = 2
     seed: int = 0
+    # DP-FTRL (0: no DP): the population trains under it with at least this many DP rounds between a
+    # device's participations and at most `ftrl_participations` per `ftrl_horizon`; the result then says
+    # what fraction of the check-ins that reached selection the rule turned away.
+    ftrl_separation: int = 0
+    ftrl_participations: int = 3
+    ftrl_horizon: int = 100
 
 
 def run(cfg: FleetBench, work: Path) -> dict:
@@ -81,6 +87,10 @@ def run(cfg: FleetBench, work: Path) -> dict:
                       min_report_fraction=0.5, selection_window_s=1800.0, reporting_window_s=3600.0,
                       client_lr=0.5, client_max_examples=32, eval_every=0, publish_every=0,
                       eligibility={"min_separation_s": 3600.0})
+    if cfg.ftrl_separation:
+        population["dp"] = {"mechanism": "ftrl", "noise_multiplier": 0.5, "initial_clip": 0.5,
+                            "min_separation_rounds": cfg.ftrl_separation,
+                            "max_participations": cfg.ftrl_participations, "horizon_rounds": cfg.ftrl_horizon}
     config = write_server_config(work / "server", "en", **population,
                                  server=simulated_clock(NIGHT_START_UTC, cfg.clock_speed))
     init_population(config, model, "en")
@@ -95,6 +105,7 @@ def run(cfg: FleetBench, work: Path) -> dict:
         finally:
             fleet.close()
         summary = summarize(fleet, status, time.monotonic() - t1, sim0)
+        ledger = server.operator_get("/v1/populations/en/privacy").json() if cfg.ftrl_separation else {}
     finally:
         server.kill()
     print(format_summary(summary))
@@ -117,7 +128,16 @@ def run(cfg: FleetBench, work: Path) -> dict:
         "runtime_errors": summary["runtime_errors"], "workers": cfg.workers, "trainers": cfg.trainers,
         "fleet_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "dp_ftrl": _participation(ledger) if cfg.ftrl_separation else None,
     }
+
+
+def _participation(ledger: dict) -> dict:
+    """What DP-FTRL's participation rule did: b, k, the check-ins it turned away of those it saw, ε."""
+    part = ledger.get("participation") or {}
+    checked = part.get("checked", 0)
+    return {**part, "refused_fraction": part.get("refused", 0) / checked if checked else 0.0,
+            "epsilon": (ledger.get("spent") or {}).get("epsilon"), "assumption": ledger.get("assumption")}
 
 
 def main(argv: list[str] | None = None) -> None:
