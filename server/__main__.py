@@ -7,11 +7,15 @@
     revoke   --config C [--population P] --device PSEUDONYM
     publish  --config C          (run pending publish jobs now, in this process)
 
-`run` serves `server.app:create_app` with gunicorn (gthread workers, whose
-own error answers are JSON too: server.worker; each
-worker process builds its own services after the fork; all round state is in
-SQLite and files, so any number of workers may serve one database). Bad
-input ends with a one-line message naming it and exit status 2.
+`run` serves `server.app:create_app` with gunicorn (server.worker: threaded
+workers whose event loop reads each request whole before a thread serves it,
+so slow clients cannot hold the threads, and whose own error answers are JSON
+too; each worker process builds its own services after the fork; all round
+state is in SQLite and files, so any number of workers may serve one
+database). `init` and `run` create files mode 0600 and directories 0700 (umask
+077) and narrow what is wider in the private state, with a warning, or refuse
+to start where they cannot (server.keys.secure_server_state). Bad input ends with a
+one-line message naming it and exit status 2.
 """
 from __future__ import annotations
 
@@ -36,13 +40,40 @@ def _population(config: ServerConfig, name: str | None) -> str:
     return name
 
 
+def _private_start(config: ServerConfig) -> int:
+    """Files this process creates are its user's alone (umask 077: databases, keys, partial sums,
+    metrics), and what an earlier run left is narrowed to that (server.keys.secure_server_state).
+    Returns the umask it replaced."""
+    import os
+
+    from server.keys import secure_server_state
+
+    old = os.umask(0o077)
+    try:
+        secure_server_state(config)
+    except BaseException:
+        os.umask(old)
+        raise
+    return old
+
+
 def cmd_init(args, config: ServerConfig) -> None:
+    import os
+
+    name = _population(config, args.population)
+    old = _private_start(config)
+    try:
+        _init_population(config, name, args)
+    finally:
+        os.umask(old)              # an in-process caller (the tests) keeps its own
+
+
+def _init_population(config: ServerConfig, name: str, args) -> None:
     from server.artifacts import ArtifactStore
     from server.keys import enrollment_material, operator_token
     from server.registration import register_population
     from server.store import open_store
 
-    name = _population(config, args.population)
     store = open_store(config.database, fsync=config.fsync)
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
     pop = register_population(store, artifacts, config.make_clock(), name, Path(args.checkpoint),
@@ -70,7 +101,8 @@ def cmd_run(args, config: ServerConfig) -> None:
     bind = args.bind or config.bind
     workers = args.workers or config.workers
     threads = args.threads or config.threads
-    metrics_dir = _fresh_metrics_dir(config)
+    _private_start(config)            # before any worker forks: a refusal is one message, exit 2
+    metrics_dir = _fresh_metrics_dir(config)    # and before anything imports prometheus_client
 
     def child_exit(_server, worker):      # a dead worker's live gauges go (its counts stay)
         from prometheus_client import multiprocess
@@ -80,7 +112,7 @@ def cmd_run(args, config: ServerConfig) -> None:
     class NightjarServer(BaseApplication):
         def load_config(self):
             for key, value in {"bind": bind, "workers": workers, "threads": threads,
-                               "worker_class": "server.worker.JsonErrorThreadWorker",
+                               "worker_class": "server.worker.RequestBufferingWorker",
                                "worker_connections": 2000,
                                "timeout": 120, "graceful_timeout": 10, "keepalive": 30,
                                "loglevel": args.log_level, "errorlog": "-", "accesslog": None,

@@ -7,7 +7,12 @@ the protocol's `ProtocolError`, werkzeug's HTTP errors (404, 405, 413, ...)
 and, as a last resort, anything unexpected (500, logged) — the tests throw
 random input at every endpoint to keep that last handler unused. Errors that
 gunicorn answers itself, before Flask sees the request (a request line or
-headers over its limits), are JSON too: server.worker.
+headers over its limits), are JSON too: server.worker, whose event loop reads
+every request whole before a thread sees it and refuses a body over its
+route's limit (`body_limit`, the same limits as the hooks here) with 413 and
+`Connection: close` before reading it. OPTIONS is not served: 405 JSON with
+`Allow`, like any method a route does not take (the protocol has no use for
+CORS: phones are not browsers, and the dashboard is same-origin).
 
 JSON responses never hold NaN or Infinity (they are not JSON): a non-finite
 number becomes null.
@@ -20,6 +25,7 @@ import math
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -86,6 +92,7 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
     cfg = load_config(config)
     logs.configure(cfg.log_level)
     app = Flask("server")
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False     # OPTIONS: 405 JSON with Allow (module docstring)
     app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_upload_bytes
     services = build_services(cfg, clock=clock, exporter=exporter)
@@ -93,11 +100,27 @@ def create_app(config: str | Path | Mapping[str, Any] | ServerConfig | None = No
     for bp in blueprints:
         app.register_blueprint(bp)
 
+    app.extensions["nightjar_body_limit"] = lambda method, target: body_limit(app, cfg, method, target)
     _install_request_hooks(app, cfg)
     _install_error_handlers(app)
     if cfg.tick_interval_s > 0:
         app.extensions["nightjar_ticker"] = Ticker(services, cfg.tick_interval_s).start()
     return app
+
+
+def body_limit(app: Flask, cfg: ServerConfig, method: str, target: str) -> int:
+    """The most body bytes `method target` may carry: an upload's limit, or a JSON body's.
+
+    server.worker asks this before reading a body, so it refuses an oversized one without
+    buffering it. A request no route takes gets the larger limit: Flask answers it (404, 405)
+    without reading the body, as it always has.
+    """
+    path = urllib.parse.unquote(urllib.parse.urlsplit(target).path or "/", errors="replace")
+    try:
+        endpoint, _ = app.url_map.bind("localhost").match(path, method)
+    except Exception:          # no route (NotFound, MethodNotAllowed, a redirect) or a path it cannot read
+        return cfg.max_upload_bytes
+    return cfg.max_upload_bytes if endpoint in UPLOAD_ENDPOINTS else cfg.max_json_bytes
 
 
 def _install_request_hooks(app: Flask, cfg: ServerConfig) -> None:
@@ -142,8 +165,10 @@ def _install_error_handlers(app: Flask) -> None:
     def _http_error(e: HTTPException):
         code = e.code or 500
         error = HTTP_CODES.get(code)
-        response = jsonify({"error": error.value if error else "http_error",
-                            "message": e.description or e.name})
+        message = e.description or e.name
+        if code == 405:
+            message = f"{request.method} is not served at this path; it takes {', '.join(e.valid_methods or ())}"
+        response = jsonify({"error": error.value if error else "http_error", "message": message})
         response.status_code = code
         for name, value in e.get_headers():
             if name == "Allow":

@@ -5,7 +5,8 @@ served by hash, so they can be cached forever (ETag = hash, immutable) and a
 device can verify every byte it downloaded. Writes go to a temporary file in
 the same file system and are renamed into place, so a reader (or a restart
 after a crash) never sees a partial file under a real name; storing the same
-bytes twice is a no-op.
+bytes twice is a no-op. Every stored file is mode 0600 (the server serves
+them; nobody else on the host reads the private store's).
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class ArtifactStore:
     def _place(self, tmp: Path, sha256: str) -> None:
         final = self.path(sha256)
         final.parent.mkdir(exist_ok=True)
+        os.chmod(tmp, 0o600)          # a moved-in file keeps its mode: the server's files are its own
         os.replace(tmp, final)
         if self._fsync:
             dir_fd = os.open(final.parent, os.O_RDONLY)

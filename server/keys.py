@@ -12,21 +12,85 @@
 
 Every secret is 32 bytes from the OS CSPRNG (`secrets`), written with mode
 0600 through O_EXCL, so two gunicorn workers creating it at once agree on one.
+
+`secure_server_state(config)`, at every start (server.services, `server run`
+before it forks), keeps the private state private: the state directory mode 0700,
+and every file in it — keys, the rate-limit database, partial sums, private
+artifacts — and the SQLite database with its -wal, -shm and lock files mode
+0600. A wider mode is narrowed, with a warning naming the path and both modes;
+where that is not possible (a file of another user), the server refuses to
+start (`PrivateStateError`, naming the path).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal", ".lock")
+
+
+class PrivateStateError(ValueError):
+    """A private file or directory whose mode is too wide and cannot be narrowed by this user."""
+
+
+def private_file(path: Path) -> Path:
+    """`path`, created empty with mode 0600 if it does not exist (before a library such as SQLite
+    creates it with the umask's mode; SQLite gives the -wal and -shm files the database's mode)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    return path
+
+
+def _narrow(path: Path, most: int) -> None:
+    """Take every permission bit beyond `most` off `path`: warn on success, refuse when impossible."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:         # replaced meanwhile (a partial sum, a temporary file)
+        return
+    if mode & ~most == 0:
+        return
+    try:
+        os.chmod(path, mode & most)
+    except PermissionError:
+        raise PrivateStateError(f"{path} is mode {mode:04o} and this user (uid {os.getuid()}) cannot narrow it "
+                                f"to {mode & most:04o}: it must be private to the server's user") from None
+    log.warning("%s was mode %04o: narrowed to %04o (private server state)", path, mode, mode & most)
+
+
+def secure_server_state(config) -> None:
+    """`secure_state` for a server config (server.config.ServerConfig): its state directory, its database
+    when that is a SQLite file (not a PostgreSQL URL) and its operator token file when it names one."""
+    database = None if "://" in str(config.database) else Path(config.database)
+    secure_state(config.state_dir, database, (config.operator_token_file,))
+
+
+def secure_state(state_dir: Path, sqlite_database: Path | None = None,
+                 extra_files: tuple[Path | None, ...] = ()) -> None:
+    """The private state directory 0700 (created so if missing), the files in it, the SQLite database
+    and its sidecar files, and `extra_files` (e.g. an operator token kept elsewhere) at most 0600."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _narrow(state_dir, 0o700)
+    files = [Path(root, name) for root, _, names in os.walk(state_dir) for name in names]
+    if sqlite_database is not None:
+        files += [Path(f"{sqlite_database}{suffix}") for suffix in ("",) + SQLITE_SIDECARS]
+    for path in files + [Path(p) for p in extra_files if p is not None]:
+        if path.is_file() and not path.is_symlink():
+            _narrow(path, 0o600)
 
 
 def load_or_create(path: Path, make) -> str:
     """The secret in `path`, creating it with `make()` (atomically, mode 0600) if it does not exist."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -20,6 +20,7 @@ from contract.secagg.messages import SecAggKeys, SecAggReveal, SecAggShares, Sec
 from contract.protocol.schema import MAX_INT
 from contract.update.spec import ROUND_SPEC
 from server.config import ServerConfig
+from server.worker import BODY_IDLE_S, HEAD_TIMEOUT_S
 
 INT = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 NUM = {"type": "number"}
@@ -53,9 +54,10 @@ def _errors(*statuses: int) -> dict:
 
 def _op(summary: str, responses: dict, *, body: dict | None = None, params: list | None = None,
         auth: str | None = "device", errors: tuple[int, ...] = (), description: str | None = None) -> dict:
-    # 405 (another method), and gunicorn's own refusals of a request line or headers over its
-    # limits (414, 431: server/worker.py), can answer any operation.
-    op = {"summary": summary, "responses": {**responses, **_errors(*errors, 405, 414, 431)}}
+    # 405 (another method, OPTIONS too), 408 (a request that did not arrive in time) and the
+    # refusals of a request line or headers over their limits (414, 431), all written by
+    # server/worker.py or Flask, can answer any operation.
+    op = {"summary": summary, "responses": {**responses, **_errors(*errors, 405, 408, 414, 431)}}
     if description:
         op["description"] = description
     if body is not None:
@@ -331,7 +333,12 @@ def openapi_document() -> dict:
                                 "codes and their statuses are listed per operation. URLs in responses "
                                 "are relative to the server. JSON bodies need Content-Type "
                                 f"application/json and at most {limits.max_json_bytes} bytes; an update "
-                                f"at most {limits.max_upload_bytes} bytes. Integers accept whole-number "
+                                f"at most {limits.max_upload_bytes} bytes; a body over its limit, by "
+                                "Content-Length or (chunked) by the chunks so far, is refused 413 with "
+                                "Connection: close before the rest is read. A request head must arrive "
+                                f"within {HEAD_TIMEOUT_S:g} s of its first byte and a body must not pause longer "
+                                f"than {BODY_IDLE_S:g} s (408, Connection: close). OPTIONS is not served: 405 "
+                                "with Allow naming the path's methods. Integers accept whole-number "
                                 "floats (13468.0). No response holds NaN or Infinity."},
         "paths": paths,
         "components": {

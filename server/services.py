@@ -12,7 +12,7 @@ from server.checkin import CheckinService
 from contract.clock import Clock
 from server.config import ServerConfig
 from server.enrollment import EnrollmentService
-from server.keys import Pseudonyms, operator_token, secret_key
+from server.keys import Pseudonyms, operator_token, private_file, secret_key, secure_server_state
 from server import populations as population_table
 from server.partials import PartialSums
 from server.policy import build_policy
@@ -69,8 +69,12 @@ class Services:
 
 def build_services(config: ServerConfig, clock: Clock | None = None,
                    exporter: Exporter | None = None) -> Services:
+    secure_server_state(config)     # before anything is opened: private modes, narrowed or refused
     clock = clock or config.make_clock()
     store = open_store(config.database, fsync=config.fsync)
+    limits_path = config.state_dir / "ratelimit.db"
+    if store.dialect == "sqlite":              # created 0600 before SQLite creates it (and its -wal, -shm)
+        private_file(limits_path)
     artifacts = ArtifactStore(config.artifact_dir, fsync=config.fsync)
     private = ArtifactStore(config.state_dir / "objects", fsync=config.fsync)
     root = config.state_dir / "partials"
@@ -102,7 +106,7 @@ def build_services(config: ServerConfig, clock: Clock | None = None,
     token = config.operator_token or operator_token(config.operator_token_path)
     services = Services(config, clock, store, artifacts, private, partials, registry, versions, rounds,
                         checkin, reporting, publisher, RoundAnalytics(store, pseudonyms, rounds, kinds, secagg), enrollment,
-                        access, RateLimiter(config.state_dir / "ratelimit.db", clock, store), secagg, privacy,
+                        access, RateLimiter(limits_path, clock, store), secagg, privacy,
                         kinds, token)
     with store.read() as conn:
         open_ids, newest = rounds.open_ids(conn)

@@ -3,6 +3,8 @@
 stdlib sqlite3 in WAL mode; the write lock is `BEGIN IMMEDIATE`, queued on an
 `flock` first. `synchronous=NORMAL` survives a killed process; `fsync=True`
 selects `FULL` for power loss. The schema version is `PRAGMA user_version`.
+The database file is created mode 0600 (SQLite gives its -wal and -shm files
+the same mode), and so are the lock files.
 Shard leases (server.partials) are `flock`s on local files.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from server.keys import private_file
 from server.store.base import Store
 
 
@@ -27,7 +30,7 @@ class FileLocks:
     def acquire(self, round_id: int, shard: int, blocking: bool):
         directory = self.root / str(round_id)
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(directory / f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -47,13 +50,12 @@ class SqliteStore(Store):
 
     def __init__(self, path: str | Path, fsync: bool = False, busy_timeout_s: float = 30.0):
         super().__init__()
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = private_file(path)     # mode 0600 before SQLite opens it: the -wal and -shm files follow
         self._synchronous = "FULL" if fsync else "NORMAL"
         self._busy_ms = int(busy_timeout_s * 1000)
         self._write_lock = threading.Lock()
         lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._migrate(lambda c: c.execute("PRAGMA user_version").fetchone()[0],
                       lambda c, v: c.execute(f"PRAGMA user_version={v}"), lambda s: s)
 
