@@ -206,7 +206,7 @@ class RoundService:
             tx.execute("RELEASE SAVEPOINT open")
             log.exception("population %s cannot open a round", population)
             refusal = RoundRefused(UNAVAILABLE, f"population {population!r} cannot open a round: "
-                                                f"{type(e).__name__}")
+                                                f"{e.__class__.__name__}")
             return self._refuse(tx, pop, last, last.task if last else refusal.task, number, now, refusal)
         tx.execute("RELEASE SAVEPOINT open")
         if plan.goal is not None:
