@@ -9,8 +9,11 @@ that `python -m server init` creates); the server's default verifier checks
 the signature against the configured issuer public key and that the statement
 names this population and the nonce the server handed out (`verify`).
 
-The statement is canonical JSON (sorted keys, no spaces), base64url-encoded
-without padding on the wire, and the signature is over exactly those bytes.
+The statement is canonical JSON (sorted keys, no spaces: PROTOCOL.md, "Canonical JSON"),
+base64url-encoded without padding on the wire, and the signature is over exactly
+those bytes. The server verifies the signature over the bytes as sent and then
+reads them as any JSON object with exactly the statement's fields, each of its
+type (`STATEMENT`): anything else is 401 bad_attestation.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from contract.protocol import schema as s
 from contract.protocol.errors import ErrorCode, ProtocolError
 
 GENUINE = "MEETS_DEVICE_INTEGRITY"      # the verdict a genuine device gets (Play Integrity's name)
@@ -53,10 +57,11 @@ class AttestationStatement:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "AttestationStatement":
+        """The statement in `data` (any JSON object with exactly these fields, of these types: a signer's
+        key order and spacing do not matter, the signature covers the bytes as sent)."""
         try:
-            fields = json.loads(data)
-            statement = cls(**fields)
-        except (ValueError, TypeError):
+            statement = cls(**STATEMENT.parse(json.loads(data), "attestation.statement"))
+        except (ValueError, TypeError, ProtocolError):
             raise ProtocolError(ErrorCode.BAD_ATTESTATION, "the attestation statement is not a "
                                 "statement this server reads") from None
         if statement.version != STATEMENT_VERSION:
@@ -74,6 +79,11 @@ class Attestation:
 
     def to_json(self) -> dict:
         return {"statement": self.statement, "signature": self.signature}
+
+
+STATEMENT = s.Obj("AttestationStatement", [
+    s.Field("population", s.Str(64)), s.Field("nonce", s.Str(256)), s.Field("verdict", s.Str(256)),
+    s.Field("app_id", s.Str(256)), s.Field("issued_at", s.Num(0)), s.Field("version", s.Int(0))])
 
 
 def sign(statement: AttestationStatement, key: Ed25519PrivateKey) -> Attestation:

@@ -26,39 +26,30 @@ device_runtime/secagg.py takes part in them. Per round and device:
    against its commitment or public key, removes the masks, and names the
    revealers whose shares were wrong (`unmask_report`).
 
-Every mask is an AES-256-CTR keystream keyed by a full 256-bit secret, never
-a short seed; every key is bound to the round by the round spec's
+The byte-level constructions (HKDF, the share ciphertext, the mask PRG) are
+contract.secagg.primitives'. Every mask is an AES-256-CTR keystream keyed by
+a full 256-bit secret, never a short seed; every key is bound to the round by the round spec's
 fingerprint, so nothing carries over from one round to another.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import secrets
-import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, NoEncryption
 
 from contract.secagg import shamir
+from contract.secagg.primitives import (CIPHERTEXT_BYTES, KEY_BYTES, NONCE_BYTES, SHARE_PLAINTEXT,  # noqa: F401
+                                        WORD_MODULUS, add_mask, commitment, decrypt_share, encrypt_share,
+                                        pair_mask_key, public_bytes, self_mask_key, share_key)
 
-KEY_BYTES = 32
-NONCE_BYTES = 12
-SHARE_PLAINTEXT = 8 + 2 * shamir.SHARE_BYTES
-CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT + 16       # + the GCM tag
 SELF, KEY = "self", "key"
-
-
-WORD_MODULUS = 2**32      # masks, masked vectors and their sums are uint32 words, modulo this
 
 
 class SecAggError(Exception):
@@ -122,67 +113,6 @@ def masking_set(graph: dict[int, set[int]], shared: set[int], t: int) -> set[int
         cohort -= weak
 
 
-# -- primitives -----------------------------------------------------------------------------
-
-
-def _hkdf(secret: bytes, domain: bytes, info: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=domain, info=info).derive(secret)
-
-
-def _pair(info: bytes, a: int, b: int) -> bytes:
-    low, high = sorted((a, b))
-    return info + low.to_bytes(4, "big") + high.to_bytes(4, "big")
-
-
-_scratch = threading.local()
-
-
-def _keystream(key: bytes, count: int) -> np.ndarray:
-    """`count` uint32 words of the AES-256-CTR keystream under `key`, in this thread's scratch
-    buffer (valid until the thread's next call; a key is used for one stream only)."""
-    nbytes = 4 * count
-    if getattr(_scratch, "size", -1) != nbytes:
-        _scratch.zeros, _scratch.out, _scratch.size = bytes(nbytes), bytearray(nbytes + 16), nbytes
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(_scratch.zeros, _scratch.out)
-    return np.frombuffer(_scratch.out, "<u4", count=count)
-
-
-def add_mask(total: np.ndarray, key: bytes, sign: int) -> None:
-    """total (uint32) += sign · mask(key), modulo 2^32, without keeping the mask."""
-    stream = _keystream(key, len(total))
-    if sign > 0:
-        total += stream
-    else:
-        total -= stream
-
-
-def commitment(domain: bytes, seed: bytes) -> bytes:
-    return hashlib.sha256(b"nightjar/secagg/commit" + domain + seed).digest()
-
-
-def self_mask_key(domain: bytes, seed: bytes) -> bytes:
-    return _hkdf(seed, domain, b"nightjar/secagg/self")
-
-
-def pair_mask_key(domain: bytes, private: X25519PrivateKey, peer: bytes, a: int, b: int) -> bytes:
-    return _hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer)), domain,
-                 _pair(b"nightjar/secagg/mask", a, b))
-
-
-def _share_cipher(domain: bytes, private: X25519PrivateKey, peer: bytes, a: int, b: int) -> AESGCM:
-    return AESGCM(_hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer)), domain,
-                        _pair(b"nightjar/secagg/share", a, b)))
-
-
-def _aad(domain: bytes, sender: int, receiver: int) -> bytes:
-    return domain + sender.to_bytes(4, "big") + receiver.to_bytes(4, "big")
-
-
-def public_bytes(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 # -- the device's half ---------------------------------------------------------------------
 
 
@@ -204,11 +134,14 @@ class DeviceSecAgg:
     """One device's secrets for one round, and the rules it keeps. Nothing here leaves the phone
     except what the methods return."""
 
-    def __init__(self, domain: bytes):
+    def __init__(self, domain: bytes, *, enc_key: bytes | None = None, mask_key: bytes | None = None,
+                 seed: bytes | None = None):
+        """`enc_key`, `mask_key` (raw X25519 private keys) and `seed` (the 32-byte self-mask seed) are
+        drawn from the OS CSPRNG unless given: only known-answer vectors (contract.vectors) give them."""
         self.domain = domain
-        self._enc = X25519PrivateKey.generate()
-        self._mask = X25519PrivateKey.generate()
-        self._seed = os.urandom(KEY_BYTES)
+        self._enc = X25519PrivateKey.from_private_bytes(enc_key) if enc_key else X25519PrivateKey.generate()
+        self._mask = X25519PrivateKey.from_private_bytes(mask_key) if mask_key else X25519PrivateKey.generate()
+        self._seed = os.urandom(KEY_BYTES) if seed is None else bytes(seed)
         self.node: int | None = None
         self.neighbours: dict[int, Neighbour] = {}
         self._held: dict[int, tuple[bytes, bytes]] = {}     # owner → (self-seed share, key share)
@@ -217,20 +150,23 @@ class DeviceSecAgg:
     def advertise(self) -> Advertisement:
         return Advertisement(public_bytes(self._enc), public_bytes(self._mask), commitment(self.domain, self._seed))
 
-    def share(self, node: int, t: int, neighbours: list[Neighbour]) -> dict[int, bytes]:
-        """This device's shares for each neighbour, encrypted to it: {neighbour: ciphertext}."""
+    def share(self, node: int, t: int, neighbours: list[Neighbour], *, nonces: Mapping[int, bytes] | None = None,
+              coefficients: tuple[Sequence[int], Sequence[int]] | None = None) -> dict[int, bytes]:
+        """This device's shares for each neighbour, encrypted to it: {neighbour: ciphertext}.
+        `nonces` (per neighbour) and `coefficients` (the self seed's and the masking key's
+        polynomials above the constant term) come from the OS CSPRNG unless given (vectors only)."""
         if not neighbours or t > len(neighbours) or any(n.node == node for n in neighbours):
             raise SecAggError(f"{len(neighbours)} neighbours cannot hold a {t}-of-k sharing")
         self.node, self.neighbours = node, {n.node: n for n in neighbours}
         mask_key = self._mask.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        seed_shares = shamir.split(self._seed, t, self.neighbours)
-        key_shares = shamir.split(mask_key, t, self.neighbours)
+        seed_coefficients, key_coefficients = coefficients or (None, None)
+        seed_shares = shamir.split(self._seed, t, self.neighbours, seed_coefficients)
+        key_shares = shamir.split(mask_key, t, self.neighbours, key_coefficients)
         out = {}
         for v, n in self.neighbours.items():
-            plaintext = node.to_bytes(4, "big") + v.to_bytes(4, "big") + seed_shares[v] + key_shares[v]
-            nonce = os.urandom(NONCE_BYTES)
-            out[v] = nonce + _share_cipher(self.domain, self._enc, n.enc_pk, node, v).encrypt(
-                nonce, plaintext, _aad(self.domain, node, v))
+            nonce = os.urandom(NONCE_BYTES) if nonces is None else nonces[v]
+            out[v] = encrypt_share(share_key(self.domain, self._enc, n.enc_pk, node, v), self.domain, node, v,
+                                   seed_shares[v], key_shares[v], nonce)
         return out
 
     def receive(self, inbox: dict[int, bytes]) -> list[int]:
@@ -240,8 +176,8 @@ class DeviceSecAgg:
             if n is None or len(blob) != CIPHERTEXT_BYTES:
                 raise SecAggError(f"a share from {owner}, which is not a neighbour or is malformed")
             try:
-                plain = _share_cipher(self.domain, self._enc, n.enc_pk, owner, self.node).decrypt(
-                    blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(self.domain, owner, self.node))
+                plain = decrypt_share(share_key(self.domain, self._enc, n.enc_pk, owner, self.node), self.domain,
+                                      owner, self.node, blob)
             except InvalidTag:
                 raise SecAggError(f"the share from {owner} does not decrypt: tampered with") from None
             if plain[:8] != owner.to_bytes(4, "big") + self.node.to_bytes(4, "big"):

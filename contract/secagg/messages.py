@@ -44,7 +44,9 @@ class SecAggKeys:
                 "commitment": s.B64.encode(a.commitment)}
 
 
-CIPHERTEXT = s.B64(CIPHERTEXT_BYTES, "AES-256-GCM: nonce, the two shares, tag")
+CIPHERTEXT = s.B64(CIPHERTEXT_BYTES, "nonce (12 bytes) ‖ AES-256-GCM ciphertext of sender (4, big-endian) ‖ "
+                   "receiver (4) ‖ self-seed share (66) ‖ masking-key share (66) ‖ tag (16): 168 bytes "
+                   "(contract.secagg.primitives; PROTOCOL.md, Secure aggregation)")
 SHARE_ITEM = s.Obj("SecAggShare", [s.Field("to", NODE), s.Field("ciphertext", CIPHERTEXT)])
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from contract.secagg import reed_solomon
 
@@ -29,8 +29,12 @@ SHARE_BYTES = 66                  # ceil(521 / 8)
 SECRET_BYTES = 32
 
 
-def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
-    """Shares of `secret` for the holders `xs` (distinct, 1 <= x < p), any `threshold` of them enough."""
+def split(secret: bytes, threshold: int, xs: Iterable[int],
+          coefficients: Sequence[int] | None = None) -> dict[int, bytes]:
+    """Shares of `secret` for the holders `xs` (distinct, 1 <= x < p), any `threshold` of them enough.
+
+    `coefficients` (c_1 .. c_{t-1}, each in [0, p)) are drawn from the OS CSPRNG unless given: only
+    known-answer vectors (contract.vectors) give them."""
     xs = list(xs)
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"a secret is {SECRET_BYTES} bytes, not {len(secret)}")
@@ -38,7 +42,11 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
         raise ValueError("share holders need distinct indices in [1, p)")
     if not 1 <= threshold <= len(xs):
         raise ValueError(f"threshold {threshold} must be in [1, {len(xs)}] (the number of holders)")
-    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    if coefficients is None:
+        coefficients = [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    elif len(coefficients) != threshold - 1 or not all(0 <= c < PRIME for c in coefficients):
+        raise ValueError(f"a {threshold}-of-n sharing takes {threshold - 1} coefficients in [0, p)")
+    coefficients = [int.from_bytes(secret, "big"), *coefficients]
     out = {}
     for x in xs:
         y = 0

@@ -235,18 +235,24 @@ class RoundSpec:
                                          separators=(",", ":")).encode()).hexdigest()
 
     def to_json(self, fingerprint: bool = True) -> dict:
-        out = {**dataclasses.asdict(self.spec), "size": self.size, "layout_sha256": self.layout_sha256,
-               "round_key": self.round_key, "rotation_seed": self.rotation_seed,
-               "cohort_max": self.cohort_max}
+        """The spec as an assignment carries it. Each number has its field's JSON type (an integer
+        field an integer, a number field a float: `clip_norm = 5` in a config is 5.0 here), so the
+        fingerprint a device recomputes from the parsed fields is the server's."""
+        s = self.spec
+        out = {**dataclasses.asdict(s), "bits": int(s.bits), "clip_norm": float(s.clip_norm),
+               "max_weight": int(s.max_weight), "block_size": int(s.block_size), "trim": float(s.trim),
+               "zeroing": float(s.zeroing), "size": int(self.size), "layout_sha256": self.layout_sha256,
+               "round_key": self.round_key, "rotation_seed": int(self.rotation_seed),
+               "cohort_max": int(self.cohort_max)}
         if self.spec.aggregator == "mean":   # the default says nothing: fingerprints of mean rounds unchanged
             del out["aggregator"], out["trim"]
         if not self.spec.zeroing:           # likewise without zeroing
             del out["zeroing"]
         else:
-            out["zeroing_norm"] = self.zeroing_norm
+            out["zeroing_norm"] = float(self.zeroing_norm)
         if self.dp_mechanism:       # absent without DP: fingerprints of non-DP rounds are unchanged
-            out.update(dp_mechanism=self.dp_mechanism, dp_stddev=self.dp_stddev,
-                       dp_denominator=self.dp_denominator, dp_count_stddev=self.dp_count_stddev)
+            out.update(dp_mechanism=self.dp_mechanism, dp_stddev=float(self.dp_stddev),
+                       dp_denominator=int(self.dp_denominator), dp_count_stddev=float(self.dp_count_stddev))
         if fingerprint:
             out["fingerprint"] = self.fingerprint
         return out
