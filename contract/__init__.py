@@ -17,6 +17,8 @@ change to the protocol is a change in one place. Grouped by what they are about:
 * `model/`     — the model's data: weight layout and checkpoints, text and vocabulary,
   batching order, the metric, the canary;
 * `artifacts/` — the manifest beside every exported file, and untrusted-artifact errors;
+* `vectors/`   — known-answer vectors of the wire (PROTOCOL.md) and the command that checks
+  an implementation against them (`python -m contract.vectors check`);
 * `clock`      — one `Clock` protocol (real, scaled for a fleet, manual for tests);
 * `cli`        — one command-line convention for every `python -m <package>`.
 
