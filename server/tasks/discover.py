@@ -6,7 +6,7 @@ are contract.tasks.discovery's. A population with
 training rounds, then runs discover rounds, one per level, until the pass ends:
 
 * an assignment carries the level and the frontier;
-* each device's ballot is checked against the frontier (a 422 that changes
+* each device's ballot is checked against the frontier (a 400 that changes
   nothing) and its votes counted, once per prefix, in the session's commit;
 * when the round completes, prefixes with at least `min_devices` votes join
   the trie and every count is deleted, the sub-threshold ones included; a
@@ -94,7 +94,7 @@ class DiscoverKind(KindBase):
     # -- one ballot ---------------------------------------------------------------------------
 
     def check(self, conn: Tx, session: Row, rnd: Round, report: DiscoveryBallot) -> list[str]:
-        """The ballot's votes if they extend the trie's frontier; a 422 otherwise (nothing stored)."""
+        """The ballot's votes if they extend the trie's frontier; a 400 otherwise (nothing stored)."""
         try:
             return self._trie(self._row(conn, rnd.population), self._settings(rnd.population).discovery).check(
                 report.votes)
