@@ -42,6 +42,7 @@ import numpy as np
 
 from benchmarks import RESULTS, write_result
 from contract.cli import ArgumentParser, parse
+from contract.protocol import version as protocol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,8 +71,9 @@ class Conn:
 
     async def request(self, method: str, path: str, body: bytes = b"",
                       headers: str = "") -> tuple[int, bytes]:
+        """One request as a phone sends it (its protocol version included); (status, body)."""
         head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
-                f"{headers}\r\n").encode()
+                f"{protocol.HEADER}: {protocol.CURRENT}\r\n{headers}\r\n").encode()
         self.writer.write(head)
         if body:
             self.writer.write(body)

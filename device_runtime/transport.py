@@ -7,6 +7,10 @@ number of times and within a bounded total delay. A `Retry-After` (seconds)
 on such an answer is honoured as the floor of the next backoff, still capped
 by `max_delay_s`. A 4xx other than 429 is the server's considered answer and
 is returned, not retried.
+
+Every request says which protocol version the phone speaks
+(`Nightjar-Protocol`, contract.protocol.version): the server refuses the
+device API without it, and an app-model or artifact read with another.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any
 
 import requests
 
+from contract.protocol import version as protocol
 from device_runtime.errors import DeviceError
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -61,6 +66,7 @@ class Transport:
         """The server's response (any status but a retryable one), or ServerUnavailable."""
         url = path if path.startswith("http") else self.base_url + path
         headers = dict(kwargs.pop("headers", None) or {})
+        headers.setdefault(protocol.HEADER, str(protocol.CURRENT))
         if self.auth:
             headers.setdefault("Authorization", self.auth)
         last_error, floor = "no attempt made", 0.0

@@ -16,6 +16,17 @@ CORS: phones are not browsers, and the dashboard is same-origin).
 
 JSON responses never hold NaN or Infinity (they are not JSON): a non-finite
 number becomes null.
+
+The first thing read of a device request is its protocol version
+(contract.protocol.version): the device API (enrollment, check-in, a
+session's reports and its secure-aggregation phases) must name a version the
+server serves in the `Nightjar-Protocol` header; the public reads apps and
+CDNs make (an artifact, the app-model description) may leave it out — their
+bytes are pinned by hash and described by the manifest's own schema version —
+but must not name an unsupported one. Either way the refusal is 400
+unsupported_protocol with the supported range, before the body, the
+credential or the rate limits are looked at. Operator and meta endpoints do
+not read it.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ from werkzeug.exceptions import HTTPException
 
 from server import logs, metrics
 from contract.clock import Clock
+from contract.protocol import version as protocol
 from server.config import ServerConfig, load_config
 from server.errors import ErrorCode, ProtocolError
 from server.publisher import Exporter
@@ -48,6 +60,45 @@ HTTP_CODES = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: Erro
               404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED, 408: ErrorCode.REQUEST_TIMEOUT,
               411: ErrorCode.LENGTH_REQUIRED, 413: ErrorCode.PAYLOAD_TOO_LARGE, 414: ErrorCode.URI_TOO_LONG,
               415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 431: ErrorCode.HEADERS_TOO_LARGE}
+
+# The device API (every endpoint of these blueprints) must name its protocol version; these public reads
+# may leave it out (module docstring).
+DEVICE_BLUEPRINTS = frozenset({"devices", "sessions", "secagg"})
+PUBLIC_READS = frozenset({"artifacts.get", "populations.latest_app_model", "populations.app_model"})
+
+
+class UnsupportedProtocol(ProtocolError):
+    """400 unsupported_protocol; the answer names the versions served (`supported`: {min, max})."""
+
+    def __init__(self, given: str | None):
+        lo, hi = protocol.SUPPORTED
+        number = protocol.parse(given)
+        said = ("did not say which version it speaks" if given is None else
+                f"named version {number}" if number is not None else "named no version number")
+        super().__init__(ErrorCode.UNSUPPORTED_PROTOCOL,
+                         f"this server speaks {protocol.HEADER} {lo} to {hi}; the request {said}")
+
+    def to_json(self) -> dict:
+        lo, hi = protocol.SUPPORTED
+        return {**super().to_json(), "supported": {"min": lo, "max": hi}}
+
+
+def protocol_rule(endpoint: str | None) -> str | None:
+    """Whether `endpoint` must name the protocol version ("required"), may ("optional") or ignores it (None)."""
+    if endpoint is None:
+        return None
+    if endpoint.split(".", 1)[0] in DEVICE_BLUEPRINTS:
+        return "required"
+    return "optional" if endpoint in PUBLIC_READS else None
+
+
+def _check_protocol() -> None:
+    rule = protocol_rule(request.endpoint)
+    given = request.headers.get(protocol.HEADER)
+    if rule is None or (given is None and rule == "optional"):
+        return
+    if not protocol.supported(given):
+        raise UnsupportedProtocol(given)
 
 
 def _refuse_nul() -> None:
@@ -124,12 +175,14 @@ def body_limit(app: Flask, cfg: ServerConfig, method: str, target: str) -> int:
 
 
 def _install_request_hooks(app: Flask, cfg: ServerConfig) -> None:
-    """Per request: body limits and NUL at the door; afterwards its latency, request id and log line."""
+    """Per request: the protocol version, body limits and NUL at the door; afterwards its latency,
+    request id and log line."""
 
     @app.before_request
     def _limit_json_bodies():
         g.started = time.perf_counter()
         g.request_id = _request_id(request.headers.get("X-Request-Id"))
+        _check_protocol()
         if request.endpoint not in UPLOAD_ENDPOINTS:
             request.max_content_length = cfg.max_json_bytes
         _refuse_nul()

@@ -143,8 +143,8 @@ def make_server(tmp_path, database):
     from server import create_app
     from contract.clock import ManualClock
     from server.registration import register_population
-    from tests.server_fixtures import (FakeExporter, SMALL_LAYOUT, enrollment_for, write_checkpoint,
-                                       write_plan_dir)
+    from tests.server_fixtures import (FakeExporter, SMALL_LAYOUT, device_test_client, enrollment_for,
+                                       write_checkpoint, write_plan_dir)
 
     made = []
 
@@ -169,7 +169,7 @@ def make_server(tmp_path, database):
                             plan_dir=write_plan_dir(root / "plan"))
         env = SimpleNamespace(app=app, services=services, clock=clock, exporter=exporter, root=root,
                               population=name, layout=SMALL_LAYOUT, flat=flat, config=config,
-                              client=app.test_client(), enrollment=enrollment_for(services, name, clock),
+                              client=device_test_client(app), enrollment=enrollment_for(services, name, clock),
                               operator_headers={"Authorization": f"Bearer {services.operator_token}"})
         made.append(env)
         return env

@@ -5,7 +5,10 @@
 * `FakeExporter`: publishes an app model without TensorFlow;
 * `DeviceClient`: one device speaking the protocol at the lowest level, so a
   test can also send what a well-behaved phone never would, over Flask's test
-  client (`FlaskTransport`) or real HTTP (`HttpTransport`).
+  client (`FlaskTransport`) or real HTTP (`HttpTransport`). Both send the
+  protocol version (`PROTOCOL`) on every request, as a phone does; a test
+  that speaks another passes its own `Nightjar-Protocol` header.
+* `device_test_client(app)`: Flask's test client sending `PROTOCOL` by default.
 
 The real server as a child process is `deploy.server_process.ServerProcess`.
 """
@@ -21,12 +24,14 @@ from urllib.parse import urlencode
 import numpy as np
 import requests
 
+from contract.protocol import version as protocol
 from contract.update.pipeline import UpdatePipeline
 from contract.update.spec import RoundSpec
 from contract.model.weights import WeightLayout, save_checkpoint
 
 # A few hundred floats: fast, but with several tensors like the real layout.
 SMALL_LAYOUT = WeightLayout([("embedding", (16, 8)), ("dense/kernel", (8, 16)), ("dense/bias", (16,))])
+PROTOCOL = {protocol.HEADER: str(protocol.CURRENT)}      # what every device request carries
 ELIGIBLE = {"charging": True, "idle": True, "unmetered": True, "battery": 0.9,
             "free_memory_mb": 4096, "num_examples": 50, "runtime_version": "1.0.0"}
 
@@ -98,11 +103,19 @@ class Reply:
     content: bytes
 
 
+def device_test_client(app):
+    """Flask's test client of `app`, every request carrying `PROTOCOL` unless it names its own."""
+    client = app.test_client()
+    client.environ_base["HTTP_" + protocol.HEADER.upper().replace("-", "_")] = str(protocol.CURRENT)
+    return client
+
+
 class FlaskTransport:
     def __init__(self, client):
         self.client = client
 
     def request(self, method: str, path: str, **kwargs) -> Reply:
+        kwargs["headers"] = {**PROTOCOL, **(kwargs.get("headers") or {})}
         r = self.client.open(path, method=method, **kwargs)
         return Reply(r.status_code, r.get_json(silent=True), dict(r.headers), r.get_data())
 
@@ -115,8 +128,8 @@ class HttpTransport:
         self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, json=None, data=None, headers=None) -> Reply:
-        r = self.session.request(method, self.base_url + path, json=json, data=data, headers=headers,
-                                 timeout=self.timeout_s)
+        r = self.session.request(method, self.base_url + path, json=json, data=data,
+                                 headers={**PROTOCOL, **(headers or {})}, timeout=self.timeout_s)
         try:
             body = r.json()
         except ValueError:

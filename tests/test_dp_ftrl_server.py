@@ -15,7 +15,7 @@ from contract.dp.ftrl import TreeNoise
 from privacy.ftrl import ftrl_spent
 from server import create_app
 from server.privacy import participation
-from tests.server_fixtures import DeviceClient, FlaskTransport
+from tests.server_fixtures import DeviceClient, FlaskTransport, device_test_client
 
 FTRL = {"mechanism": "ftrl", "noise_multiplier": 0.0, "initial_clip": 0.5, "clipped_count_stddev": 0.0,
         "clip_learning_rate": 0.0, "min_separation_rounds": 2, "max_participations": 2, "horizon_rounds": 8}
@@ -85,7 +85,7 @@ def test_the_noise_is_the_trees_for_each_release_index_and_a_restart_continues_i
     assert check(pool, 1) > 0
     check(pool, 2)
     env.app = create_app(env.config, clock=env.clock, exporter=env.exporter)   # a restart: state from disk only
-    env.services, env.client = env.app.extensions["nightjar"], env.app.test_client()
+    env.services, env.client = env.app.extensions["nightjar"], device_test_client(env.app)
     pool = devices(env, 8)
     check(pool, 3)                                    # the index after the restart, and the same key
     indices = [e["dp_index"] for e in env.services.privacy.summary("en", cfg)["events"]]

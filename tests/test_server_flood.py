@@ -19,6 +19,7 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
+from contract.protocol import version as protocol
 from emulation.deployment import enrollment
 from deploy.server_process import ServerProcess, free_port
 from tests.server_fixtures import DeviceClient, HttpTransport, init_small_population, write_small_config
@@ -59,6 +60,7 @@ async def flood(port: int, stop: threading.Event, counts: dict, connections: int
             path, payload = ("/v1/enrollment/nonces", nonce_body) if i % 10 == 0 else ("/v1/devices", body)
             i += 1
             writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"{protocol.HEADER}: {protocol.CURRENT}\r\n"
                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
             await writer.drain()
             status = int((await reader.readline()).split()[1])

@@ -9,9 +9,10 @@ import requests
 
 from deploy.server_process import ServerProcess, free_port
 from emulation.deployment import enrollment
-from tests.server_fixtures import HttpTransport, enroll, init_small_population, write_small_config
+from tests.server_fixtures import PROTOCOL, HttpTransport, enroll, init_small_population, write_small_config
 
 pytestmark = pytest.mark.slow
+VERSION = "".join(f"{k}: {v}\r\n" for k, v in PROTOCOL.items()).encode()    # the device API's header line
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +63,14 @@ def test_every_error_from_flask_is_json_and_integers_beyond_any_range_are_4xx(se
         assert set(r.json()) == {"error", "message"}
     r = requests.post(server.url + "/v1/checkin", data=b"{}", headers={"Content-Type": "text/plain"},
                       timeout=10)
-    assert r.status_code == 401                      # authentication is checked first ...
+    assert (r.status_code, r.json()["error"]) == (400, "unsupported_protocol")   # the version first ...
+    r = requests.post(server.url + "/v1/checkin", data=b"{}", headers={"Content-Type": "text/plain", **PROTOCOL},
+                      timeout=10)
+    assert r.status_code == 401                      # ... then authentication ...
     dev = enroll(HttpTransport(server.url), "en", enrollment(server.config, "en")).body
     auth = {"Authorization": f"Bearer {dev['device_id']}:{dev['secret']}"}
-    r = requests.post(server.url + "/v1/checkin", data=b"{}", headers={**auth, "Content-Type": "text/plain"},
-                      timeout=10)
+    r = requests.post(server.url + "/v1/checkin", data=b"{}",
+                      headers={**auth, "Content-Type": "text/plain", **PROTOCOL}, timeout=10)
     assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type")   # ... then the type
 
 
@@ -137,8 +141,8 @@ def test_a_chunked_body_over_the_limit_is_413_json_and_one_within_it_is_served(s
         assert client.closed_by_server()
     payload = json.dumps({"population": "en"}).encode()
     with Client(server) as client:
-        client.send(b"POST /v1/enrollment/nonces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        client.send(b"POST /v1/enrollment/nonces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + VERSION
+                    + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
         status, headers, body = client.answer()
         assert status == 201 and "nonce" in json.loads(body), body
 
@@ -146,8 +150,8 @@ def test_a_chunked_body_over_the_limit_is_413_json_and_one_within_it_is_served(s
 def test_keep_alive_holds_after_an_error_that_left_a_body_unread_and_requests_may_be_pipelined(server):
     with Client(server) as client:
         body = b"\x00" * 200_000         # the server answers 401 without reading it
-        client.send(b"POST /v1/sessions/abc/update?model_version=0&num_examples=1 HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        client.send(b"POST /v1/sessions/abc/update?model_version=0&num_examples=1 HTTP/1.1\r\nHost: x\r\n" + VERSION
+                    + b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         status, headers, _ = client.answer()
         assert (status, headers["connection"]) == (401, "keep-alive")
         client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
@@ -157,8 +161,8 @@ def test_keep_alive_holds_after_an_error_that_left_a_body_unread_and_requests_ma
 def test_expect_100_continue_is_answered_before_the_body_is_sent(server):
     payload = json.dumps({"population": "en"}).encode()
     with Client(server) as client:
-        client.send(b"POST /v1/enrollment/nonces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        client.send(b"POST /v1/enrollment/nonces HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + VERSION
+                    + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(payload))
         assert client.reader.readline() == b"HTTP/1.1 100 Continue\r\n" and client.reader.readline() == b"\r\n"
         client.send(payload)
         status, _, body = client.answer()

@@ -17,6 +17,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_BODY = "invalid_body"
     MISSING_FIELD = "missing_field"
     INVALID_FIELD = "invalid_field"
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # Nightjar-Protocol missing or outside the served range
     # 401 / 403: who is asking
     UNAUTHORIZED = "unauthorized"
     UNKNOWN_DEVICE = "unknown_device"
@@ -73,7 +74,7 @@ class ErrorCode(str, enum.Enum):
 
 
 _GROUPS = {
-    400: ("bad_request", "malformed_json", "invalid_body", "missing_field", "invalid_field"),
+    400: ("bad_request", "malformed_json", "invalid_body", "missing_field", "invalid_field", "unsupported_protocol"),
     401: ("unauthorized", "unknown_device", "bad_credential", "bad_attestation", "bad_nonce"),
     403: ("forbidden", "not_your_session", "device_revoked", "wrong_population"),
     404: ("not_found", "unknown_population", "unknown_session", "unknown_round", "unknown_version",
@@ -93,7 +94,9 @@ assert set(_STATUS) == set(ErrorCode), "every error code has an HTTP status"
 
 # What the codes of each status mean, for the OpenAPI document.
 STATUS_MEANING = {
-    400: "malformed JSON, a missing field, or a value of the wrong type or outside its documented range",
+    400: "malformed JSON, a missing field, a value of the wrong type or outside its documented range, text "
+         "holding NUL (U+0000), or a Nightjar-Protocol header missing where required or naming a version "
+         "the server does not serve (unsupported_protocol: the answer's 'supported' names the range)",
     401: "missing or wrong credentials, or an enrollment whose credential, attestation or nonce does not check out",
     403: "the session belongs to another device, the device was revoked or enrolled in another population",
     404: "unknown population, session, round, version or artifact (or nothing published yet)",

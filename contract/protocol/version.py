@@ -13,13 +13,23 @@ or a new operator endpoint is not a wire change. Exported files carry their
 own version (`contract.artifacts.manifest.SCHEMA_VERSION`): a phone refuses a
 plan or app model of a manifest version it does not know.
 """
+import re
+
 HEADER = "Nightjar-Protocol"
 CURRENT = 1
 SUPPORTED = (1, 1)          # inclusive range the server serves
 
 
+def parse(value: str | None) -> int | None:
+    """The version a header value names, written as a positive decimal integer of at most 6 ASCII digits
+    without a leading zero ("1"; not "01", " 1" or "²", which str.isdigit takes), else None: each
+    version has one spelling, the one the OpenAPI document lists."""
+    if value is None or not re.fullmatch(r"[1-9][0-9]{0,5}", value):
+        return None
+    return int(value)
+
+
 def supported(value: str | None) -> bool:
     """Whether a request's header value names a version the server serves."""
-    if value is None or not value.isdigit() or len(value) > 6:
-        return False
-    return SUPPORTED[0] <= int(value) <= SUPPORTED[1]
+    version = parse(value)
+    return version is not None and SUPPORTED[0] <= version <= SUPPORTED[1]
