@@ -19,6 +19,7 @@ version answers instead of the app model; one made from another version
 """
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from contract.artifacts.errors import ArtifactError
 from tflite_export.reader import AppModel, load_app_model
 
 MANIFEST_NAME = "app.manifest.json"
+log = logging.getLogger(__name__)
 
 
 class _Loaded:
@@ -87,7 +89,8 @@ class Predictor:
     def install_latest(self, app_dir: str | Path) -> int | None:
         """Install the newest model under `app_dir/<version>/` (what a restarted keyboard does).
 
-        A directory whose files fail verification is skipped for the next older one.
+        A directory whose files fail verification, or whose manifest is of a schema version
+        this phone does not read, is skipped (and logged) for the next older one.
         """
         candidates = sorted((p for p in Path(app_dir).glob(f"*/{MANIFEST_NAME}")
                              if p.parent.name.isdigit()),
@@ -95,8 +98,8 @@ class Predictor:
         for manifest in candidates:
             try:
                 return self.install(manifest)
-            except (ArtifactError, OSError, ValueError):
-                continue
+            except (ArtifactError, OSError, ValueError) as e:   # a manifest newer than this phone reads, too
+                log.warning("app model %s not installed: %s", manifest.parent.name, e)
         return self.version
 
     def suggest(self, context: str, k: int = 3) -> list[tuple[str, float]]:

@@ -277,7 +277,9 @@ class Device:
 
         Follows the server also back to an older version (an operator's
         rollback). Never raises: a failed refresh is logged and retried at
-        the next refresh.
+        the next refresh. A model whose manifest is of a schema version this
+        phone does not read (contract.artifacts.manifest.SUPPORTED_SCHEMA_VERSIONS:
+        a newer server's) is refused the same way, and the current model stays.
         """
         self._next_app_check = self.clock.now() + self.settings.app_refresh_s
         try:
@@ -305,6 +307,8 @@ class Device:
         if not published or published.get("version") == self.predictor.version:
             return None
         version = int(published["version"])
+        read_manifest(self.cache.get(published["manifest"]))   # a manifest newer than this phone reads is
+        # refused here (SchemaMismatch), before the model is downloaded; the current model stays
         files = {name: {"url": f["url"], "sha256": f["sha256"]} for name, f in published["files"].items()}
         files[MANIFEST_NAME] = published["manifest"]
         directory = self.cache.materialize(files, self.dir / "app" / str(version))
