@@ -36,6 +36,16 @@ class ServerOptimizer(Protocol):
 
     def next(self, state: State, weights: np.ndarray, gradient: np.ndarray) -> tuple[State, np.ndarray]: ...
 
+    def published(self) -> dict: ...
+
+
+def _published(optimizer, momentum: float | None = None, **extra: float) -> dict:
+    """What a version publishes of the optimizer that made it (the versions endpoint's `train`), so an
+    independent verifier can step the parent by the round's mean itself: server_lr, server_momentum
+    (sgdm's; null for the others) and the rest of its hyperparameters as server_<name>."""
+    return {"server_lr": float(optimizer.learning_rate), "server_momentum": momentum,
+            **{f"server_{k}": float(v) for k, v in extra.items()}}
+
 
 @dataclasses.dataclass(frozen=True)
 class SGD:
@@ -44,6 +54,9 @@ class SGD:
     learning_rate: float = 0.01
     momentum: float | None = None
     name: str = "sgd"
+
+    def published(self) -> dict:
+        return _published(self, float(self.momentum) if self.momentum else None)
 
     def initialize(self, size: int) -> State:
         state: State = {"step": 0}
@@ -75,6 +88,9 @@ class Adam:
     epsilon: float = 1e-7
     name: str = "adam"
 
+    def published(self) -> dict:
+        return _published(self, beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
+
     def initialize(self, size: int) -> State:
         return {"step": 0, "accumulator": np.zeros(size, F32), "preconditioner": np.zeros(size, F32)}
 
@@ -98,6 +114,10 @@ class Yogi:
     epsilon: float = 1e-3
     initial_preconditioner_value: float = 1e-6
     name: str = "yogi"
+
+    def published(self) -> dict:
+        return _published(self, beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
+                          initial_preconditioner=self.initial_preconditioner_value)
 
     def initialize(self, size: int) -> State:
         return {"step": 0, "accumulator": np.zeros(size, F32),

@@ -43,6 +43,9 @@ def test_each_round_is_bound_to_the_adaptive_clip_and_the_mean_is_over_the_goal(
     expected = np.sum([min(n, 0.5) for n in norms]) / 4 / math.sqrt(env.layout.size)
     np.testing.assert_allclose(env.services.versions.weights(v1) - env.flat, expected, atol=1e-6)
     assert v1.train["dp_unclipped"] == 2 and v1.train["dp_clip"] == 0.5
+    # what the round added, published beside the version (the round's spec: its noise and denominator)
+    assert {k: v1.train[k] for k in ("dp_mechanism", "dp_stddev", "dp_denominator", "dp_count_stddev")} == {
+        k: specs[0][k] for k in ("dp_mechanism", "dp_stddev", "dp_denominator", "dp_count_stddev")}
     clip = adapt_clip(0.5, 2, 4, 4, DPSpec(**DP))
     _, specs = train_round(env, norms)
     assert specs[0]["clip_norm"] == pytest.approx(clip, rel=1e-12)

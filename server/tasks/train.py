@@ -216,6 +216,7 @@ class TrainKind(KindBase):
         train.update(reports=rnd.reported, zeroed=zeroed, examples=weight_sum,
                      mean_delta_norm=float(np.linalg.norm(mean_delta)), optimizer=optimizer.name,
                      update_bits=rnd.update.spec.bits, secure_aggregation=rnd.secure)
+        train.update(optimizer.published(), **{k: v for k, v in rnd.update.to_json().items() if k.startswith("dp_")})
         if self.pipeline(rnd).dp:
             train.update(dp_clip=rnd.update.spec.clip_norm, dp_unclipped=unclipped)
         population = load_population(tx, rnd.population)
