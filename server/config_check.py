@@ -72,6 +72,7 @@ def validated(config):
         _check_discovery(p, where)
         if p.update.secure_aggregation:
             _check_secagg(p, where)
+            _check_secagg_bodies(p, where, config.max_json_bytes)
         _check_dp(p, where, check)
         _check_cohort(p, where)
         _check_enrollment(p, where)
@@ -156,6 +157,23 @@ def _check_secagg(p, where: str) -> None:
         p.update.bind(1, "0" * 64, "check", 0, p.max_selected)
     except ValueError as e:
         raise ConfigError(f"{where}.update: {e}") from None
+
+
+def _check_secagg_bodies(p, where: str, max_json_bytes: int) -> None:
+    """The round's neighbour count k against the JSON body cap: an honest device sends one share per
+    neighbour and reveals at most one per neighbour, and each body must fit (else every honest device's
+    shares request would be refused 413)."""
+    from contract.secagg.masking import default_degree
+    from contract.secagg.messages import SecAggReveal, SecAggShares, items_within, largest_body
+
+    n = p.max_selected
+    k = min(p.secagg.neighbours or default_degree(n, p.secagg.max_dropout), n - 1)
+    for message in (SecAggShares, SecAggReveal):
+        most = items_within(message, max_json_bytes)
+        check(k <= most, f"{where}.secagg.neighbours: rounds of up to {n} devices give each up to {k} neighbours, "
+              f"and an honest device's {message.__name__} body would then be up to {largest_body(message, k)} "
+              f"bytes, over max_json_bytes ({max_json_bytes}): set secagg.neighbours to at most {most} "
+              "(or raise max_json_bytes)")
 
 
 def _check_enrollment(p, where: str) -> None:

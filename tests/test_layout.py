@@ -261,7 +261,7 @@ def test_only_the_train_kind_touches_the_running_sum():
 
 
 PRODUCT = ("contract", "device_runtime", "server", "models", "tflite_export", "privacy", "emulation", "deploy")
-DATA_FUNCTIONS = {"server/openapi.py": {"openapi_document"}}   # generated data: one long literal, read as data
+DATA_FUNCTIONS = {"server/openapi.py": {"_document"}}   # generated data: one long literal, read as data
 
 
 def test_no_product_module_over_400_lines_and_no_function_over_60():

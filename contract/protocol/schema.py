@@ -12,7 +12,9 @@ JSON is loose: true is not 1, 1.5 is not an integer, NaN parses in Python.
 An integer field accepts a whole-number float (13468.0), as JSON Schema's
 "integer" does; a number must be finite. An object takes no key it does not
 name (a device cannot slip free text into a field nobody reads), and a map
-of device-chosen names takes them from a closed set where it has one.
+of device-chosen names takes them from a closed set where it has one. No text
+holds U+0000: the server refuses it at the door (server.app), and a string's
+schema says so (`NO_NUL`) where its pattern does not already.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Any
 from contract.protocol.errors import ErrorCode, ProtocolError
 
 MAX_INT = 2**53   # JSON numbers are exact up to here
+NO_NUL = "^[^\\x00]*$"     # the JSON Schema pattern of a string without U+0000
 
 
 def _bad(where: str, what: str) -> ProtocolError:
@@ -126,7 +129,7 @@ class Str(Type):
         return value
 
     def _schema(self) -> dict:
-        out: dict = {"type": "string", "maxLength": self.max_len}
+        out: dict = {"type": "string", "maxLength": self.max_len, "pattern": NO_NUL}
         if self.pattern is not None:
             out["pattern"] = f"^(?:{self.pattern})$"
         return out
@@ -196,14 +199,20 @@ class Arr(Type):
     item: Type
     max_items: int = 1000
     description: str | None = None
+    min_items: int = 0
 
     def parse(self, value: Any, where: str = "value") -> list:
-        if not isinstance(value, list) or len(value) > self.max_items:
-            raise _bad(where, f"an array of at most {self.max_items} items")
+        if not isinstance(value, list) or not self.min_items <= len(value) <= self.max_items:
+            what = (f"exactly {self.max_items}" if self.min_items == self.max_items else
+                    f"{self.min_items} to {self.max_items}" if self.min_items else f"at most {self.max_items}")
+            raise _bad(where, f"an array of {what} items")
         return [self.item.parse(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
     def _schema(self) -> dict:
-        return {"type": "array", "items": self.item.schema(), "maxItems": self.max_items}
+        out = {"type": "array", "items": self.item.schema(), "maxItems": self.max_items}
+        if self.min_items:
+            out["minItems"] = self.min_items
+        return out
 
 
 @dataclasses.dataclass
@@ -230,7 +239,7 @@ class Map(Type):
         return out
 
     def _schema(self) -> dict:
-        names: dict = {"minLength": 1, "maxLength": self.max_key_len}
+        names: dict = {"minLength": 1, "maxLength": self.max_key_len, "pattern": NO_NUL}
         if self.keys is not None:
             names = {"enum": list(self.keys)}
         return {"type": "object", "additionalProperties": self.value.schema(),

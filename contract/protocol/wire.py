@@ -259,7 +259,8 @@ class EvalReport:
     SCHEMA = s.Obj("EvalReport", [
         s.Field("model_version", s.Int(0)), s.Field("top1_hits", s.Int(0)), s.Field("top3_hits", s.Int(0)),
         s.Field("positions", s.Int(0)), s.Field("loss_sum", s.Num(0, MAX_METRIC), required=False),
-    ], description="top1_hits <= top3_hits <= positions")
+    ], description="0 <= top1_hits <= top3_hits <= positions: a rule across fields, which JSON Schema cannot "
+                   "state; a report that breaks it is 400 invalid_field")
 
     @classmethod
     def from_json(cls, value: Any) -> "EvalReport":
@@ -353,4 +354,8 @@ APP_MODEL = s.Obj("AppModel", [
                "population keeps personal models, what a phone personalizes it with (contract.tasks.personal).")
 
 ERROR = s.Obj("Error", [s.Field("error", s.Str(64, description="a code of contract.protocol.errors.ErrorCode")),
-                        s.Field("message", s.Str(2000))])
+                        s.Field("message", s.Str(2000)),
+                        s.Field("supported", s.Obj("ProtocolRange", [s.Field("min", s.Int(1)), s.Field("max", s.Int(1))],
+                                                   description="the Nightjar-Protocol versions the server serves, "
+                                                               "inclusive (contract.protocol.version)"),
+                                required=False)])

@@ -10,6 +10,7 @@ session's usual upload (contract.update.masked.MaskedWireFormat).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from contract.protocol import schema as s
@@ -91,6 +92,28 @@ class SecAggReveal:
     def to_json(self) -> dict:
         return {"shares": [{"owner": o, "kind": k, "share": s.B64.encode(v)}
                            for o, (k, v) in sorted(self.shares.items())]}
+
+
+def largest_body(message: type, items: int) -> int:
+    """Bytes of the largest body of `items` entries a device may send as `message` (SecAggShares or
+    SecAggReveal): every node number at its largest, written as json.dumps writes it by default
+    (", " and ": ", ASCII), as `requests` sends it. The server's JSON body cap must hold it for the
+    round's neighbour count (server.config_check), and the OpenAPI document bounds the entries by it."""
+    node = NODE.hi
+    if message is SecAggShares:
+        body = SecAggShares({node + i: bytes(CIPHERTEXT_BYTES) for i in range(items)}).to_json()
+    else:
+        kind = max((SELF, KEY), key=len)
+        body = SecAggReveal({node + i: (kind, bytes(shamir.SHARE_BYTES)) for i in range(items)}).to_json()
+    for entry in body["shares"]:       # every entry names the largest node (distinct keys were only for the dict)
+        entry["to" if message is SecAggShares else "owner"] = node
+    return len(json.dumps(body))
+
+
+def items_within(message: type, nbytes: int) -> int:
+    """The most entries (at most MAX_NEIGHBOURS) whose largest `message` body fits in `nbytes`."""
+    first, step = largest_body(message, 1), largest_body(message, 2) - largest_body(message, 1)
+    return max(0, min(MAX_NEIGHBOURS, (nbytes - first) // step + 1))
 
 
 NEIGHBOUR = s.Obj("SecAggNeighbour", [s.Field("node", NODE), s.Field("enc_pk", KEY_B64),

@@ -320,10 +320,17 @@ class PersonalEvalReport:
 
     SCHEMA = sc.Obj("PersonalEvalReport", [
         sc.Field("model_version", sc.Int(0)),
-        sc.Field("counts", sc.Arr(sc.Int(0), 64, description="contract.tasks.personal.PersonalReport.vector()")),
+        sc.Field("counts", sc.Arr(sc.Int(0, 2**53 - 1), PersonalReport.size(), min_items=PersonalReport.size(),
+                                  description=f"exactly {PersonalReport.size()} integers, "
+                                              "contract.tasks.personal.PersonalReport.vector()")),
         sc.Field("masked", sc.Bool(), required=False, default=False),
-    ], description="hits of the global and the personal model, positions, two one-hot top-1 buckets, "
-                   "helped / hurt / fell back; masked (uint32 words) under secure aggregation")
+    ], description=f"counts = [global top1, global top3, personal top1, personal top3, positions, devices, "
+                   f"{BUCKETS} one-hot buckets of the global model's top-1 rate, {BUCKETS} of the personal "
+                   "model's, helped, hurt, fell back]. Unmasked (one device's own counts) they must be "
+                   "consistent: top1 <= top3 <= positions for both models, devices = 1, exactly one 1 (the "
+                   "rest 0) in each histogram, helped, hurt and fell back each 0 or 1 with helped + hurt <= 1; "
+                   "else 400 invalid_field. masked (secure aggregation): each is a uint32 word (< 2^32), the "
+                   "counts plus the device's masks; only the round's unmasked sum is checked")
 
     @classmethod
     def from_json(cls, value) -> "PersonalEvalReport":
