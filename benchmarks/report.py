@@ -262,8 +262,11 @@ def fuzz(r: dict) -> str:
     busiest = sorted(r["per_operation"].items(), key=lambda kv: -kv[1])
     rows = "\n".join(f"| `{op}` | {n:,} |" for op, n in busiest if n > 1)
     single = sum(1 for _, n in busiest if n == 1)
+    checks = r.get("checks", [])
+    phases = ", ".join(f"{name} {status}" for name, status in r.get("phases", {}).items())
     return (f"{r['cases']:,} schemathesis cases against the live server from its own `/openapi.json` in "
-            f"{r['wall_s']:.0f} s (every phase, seed {r['seed']}): **{r['server_errors']} × 5xx, "
+            f"{r['wall_s']:.0f} s (every check — {len(checks)}: {', '.join(checks)} —; phases {phases}; "
+            f"seed {r['seed']}): **{r.get('failed_checks', 'n/a')} failed checks, {r['server_errors']} × 5xx, "
             f"{r['schema_violations']} schema violations**; the stateful phase followed "
             f"{r['stateful_transitions']} links, {r['full_chains']} of them completing register → check-in "
             f"→ upload.\n\n| operation | cases |\n|---|---|\n{rows}\n\n"
