@@ -33,6 +33,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from contract.model.batching import epoch_orders, round_seed
+from contract.model.dropout import Dropout, session_masks
 from contract.dp.noise import DPSpec
 from contract.update.spec import UpdateSpec
 from contract.model.weights import save_checkpoint
@@ -68,6 +69,7 @@ class SimulationConfig:
     dp_deploy_reports: int | None = None   # projection: a deployment's m reports per round (noise z·C/m)
     dp_delta: float | None = None  # δ of the reported ε (default N^-1.1)
     attack: AttackConfig | None = None   # a minority of each round's clients attacks (models.attacks)
+    dropout: Dropout | None = None  # client training's dropout (masks from each client's seed, as on phones)
 
 
 def server_optimizer(name: str, learning_rate: float):
@@ -87,15 +89,24 @@ def server_optimizer(name: str, learning_rate: float):
 
 
 def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
-                   max_examples: int | None = None) -> tf.data.Dataset:
+                   max_examples: int | None = None, dropout: Dropout | None = None,
+                   embedding_dim: int = 0) -> tf.data.Dataset:
     """(x, y) batches of one client in `contract.model.batching` order.
 
     Inputs and targets are sliced in NumPy: a `map` would add a traced
-    function to every client's serialized dataset.
+    function to every client's serialized dataset. With `dropout`, x is
+    (tokens, keep masks...): every step's masks drawn from `seed` as a phone
+    draws them (contract.model.dropout), as uint8 to keep the dataset small.
     """
     x, y = windows[:, :-1], windows[:, 1:]
-    parts = [tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size)
-             for order in epoch_orders(len(windows), epochs, seed, max_examples)]
+    orders = epoch_orders(len(windows), epochs, seed, max_examples)
+    if dropout is not None:
+        rows = [len(o[i:i + batch_size]) for o in orders for i in range(0, len(o), batch_size)]
+        masks, ends = session_masks(dropout, seed, rows, x.shape[1], embedding_dim), np.cumsum([len(o) for o in orders])
+        parts = [tf.data.Dataset.from_tensor_slices(((x[o], *(m[end - len(o):end] for m in masks)), y[o]))
+                 .batch(batch_size) for o, end in zip(orders, ends)]
+    else:
+        parts = [tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size) for order in orders]
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.concatenate(p)
@@ -117,7 +128,7 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig) -> Federated
     elif sim.dp is not None:
         dp = DPAggregator(sim.dp, sim.clients_per_round, layout.size, sim.dp_deploy_reports)
     return FederatedAveraging(model_config, client_optimizer(sim.client_lr, sim.client_clip_norm),
-                              server, sim.update, sim.seed, dp)
+                              server, sim.update, sim.seed, dp, sim.dropout)
 
 
 def privacy_spent(sim: SimulationConfig, training_clients: int, rounds: int) -> dict | None:
@@ -168,7 +179,8 @@ def fedavg_round(process: FederatedAveraging, flat: np.ndarray, corpus: Federate
     bad = adversary.attackers(round_num, len(client_ids)) if adversary else set()
     own = [corpus.train[cid] if i not in bad else adversary.training_windows(corpus.train[cid])
            for i, cid in enumerate(client_ids)]
-    datasets = [client_dataset(w, sim.batch_size, sim.local_epochs, seed, sim.max_client_examples)
+    datasets = [client_dataset(w, sim.batch_size, sim.local_epochs, seed, sim.max_client_examples,
+                               sim.dropout, process.config.embedding_dim)
                 for w, seed in zip(own, seeds)]
     tamper = (lambda deltas: adversary.tamper(deltas, bad, round_num)) if bad else None
     return process.next(flat, datasets, seeds, round_num, tamper)

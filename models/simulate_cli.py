@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from models.cli_common import UsageError, load_corpus_for, model_config, read_checkpoint, summary_table
+from models.cli_common import (UsageError, add_dropout_flags, dropout_from, load_corpus_for, model_config,
+                               read_checkpoint, summary_table)
 
 
 def cmd_simulate(args) -> None:
@@ -38,7 +39,7 @@ def cmd_simulate(args) -> None:
                            server_lr_decay_rounds=args.server_lr_decay_rounds,
                            eval_every=args.eval_every,
                            max_eval_windows=args.max_eval_windows, seed=args.seed, update=update,
-                           attack=_attack_settings(args), **_dp_settings(args))
+                           attack=_attack_settings(args), dropout=dropout_from(args), **_dp_settings(args))
     initial = read_checkpoint(args.init, config) if args.init else None
     corpus = load_corpus_for(args, config)
     if sim.attack is not None:
@@ -153,6 +154,7 @@ def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--update-zeroing", type=float, default=u.zeroing,
                    help="zero an update whose norm is above this many times the last round's median (0: off)")
     s.add_argument("--init", help="start from this checkpoint instead of the seeded initial model")
+    add_dropout_flags(s)
     from contract.dp.noise import DPSpec
 
     dps = DPSpec()

@@ -10,6 +10,12 @@ client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)` — or, when
 the plan is exported with a clip norm, w -= lr * clip_by_global_norm(grad),
 the update of `models.fedavg.build_clipped_sgd`.
 
+Exported with dropout (contract.model.dropout), `train` takes one more
+input per placement, `keep_<placement>` float32 [batch, seq_len, E]: the 0/1
+masks the phone draws from its session's seed (the plan has no random ops).
+Nothing else takes masks: `personalize`, `infer` and `next_probs` run the
+network whole.
+
 Personalization (contract.tasks.personal) uses two more signatures: `personalize`,
 the same SGD step on only the layers the plan was exported to personalize
 (`personal_layers`; the step of every layer when none are named), and
@@ -22,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from contract.model.dropout import Dropout
 from models.model import ModelConfig, forward, hidden_states, masked_cross_entropy, weight_layout
 from contract.model.text import PAD_ID
 from tflite_export.convert import convert
@@ -30,7 +37,8 @@ SIGNATURES = ("train", "personalize", "infer", "next_probs", "get_weights", "set
 
 
 def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_norm: float | None = None,
-                personal_layers: tuple[str, ...] | None = None) -> tuple[tf.Module, dict[str, object]]:
+                personal_layers: tuple[str, ...] | None = None,
+                dropout: Dropout | None = None) -> tuple[tf.Module, dict[str, object]]:
     """The plan as a tf.Module holding the weights, and its concrete signatures."""
     layout = weight_layout(config)
     names = [e.name for e in layout.entries]
@@ -44,9 +52,12 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
     step_specs = [tf.TensorSpec.from_spec(tokens, "x"), tf.TensorSpec.from_spec(tokens, "y"),
                   tf.TensorSpec([], tf.float32, "lr")]
 
-    def sgd_step(x, y, lr, trained: list[int]):
+    masks = [tf.TensorSpec([batch_size, config.seq_len, config.embedding_dim], tf.float32, f"keep_{p}")
+             for p in (dropout.placement if dropout is not None else ())]
+
+    def sgd_step(x, y, lr, trained: list[int], keep=()):
         with tf.GradientTape() as tape:
-            loss = masked_cross_entropy(y, forward(module.weights, x, config))
+            loss = masked_cross_entropy(y, forward(module.weights, x, config, dropout if keep else None, keep))
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, [module.weights[i] for i in trained])]
         if clip_norm is not None:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm)
@@ -58,9 +69,9 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
     everything = list(range(len(names)))
     personal = [i for i, n in enumerate(names) if n in personal_layers] if personal_layers else everything
 
-    @tf.function(input_signature=step_specs)
-    def train(x, y, lr):
-        return sgd_step(x, y, lr, everything)
+    @tf.function(input_signature=step_specs + masks)
+    def train(x, y, lr, *keep):
+        return sgd_step(x, y, lr, everything, keep)
 
     @tf.function(input_signature=step_specs)
     def personalize(x, y, lr):
@@ -100,11 +111,14 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
 
 
 def convert_plan(config: ModelConfig, flat: np.ndarray, batch_size: int = 16,
-                 clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None) -> bytes:
+                 clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None,
+                 dropout: Dropout | None = None) -> bytes:
     """The training plan as .tflite bytes (built-in ops only, float32 weights)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError("clip_norm must be > 0 (or None: no clipping)")
-    module, concrete = plan_module(config, flat, batch_size, clip_norm, personal_layers)
+    if dropout is not None:
+        dropout.validate()
+    module, concrete = plan_module(config, flat, batch_size, clip_norm, personal_layers, dropout)
     return convert(module, concrete, what="training plan", resource_variables=True)
