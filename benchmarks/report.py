@@ -329,7 +329,12 @@ def headline(results: dict[str, dict]) -> str:
     if q:
         r = q["results"]
         public = [n for n in ("federated_pretrained", "federated_pretrained_discovery") if n in r]
-        if public:
+        if "shipped_predictor" in r and "federated_pretrained_dropout" in r:
+            s, net = r["shipped_predictor"], r["federated_pretrained_dropout"]
+            lines.append(f"| quality (held-out) | shipped predictor ({s['combines']}): top-1 {_pct(s['top1'])}, top-3 "
+                         f"{_pct(s['top3'])}; the federated network alone {_pct(net['top1'])}; users'-vocabulary "
+                         f"n-gram {_pct(r['ngram']['top1'])} | `make bench-quality` |")
+        elif public:
             best = max(public, key=lambda n: r[n]["top1"])
             label = "federated from public pretraining" + (" + discovered words" if best.endswith("discovery") else "")
             lines.append(f"| quality (held-out) | {label}: top-1 {_pct(r[best]['top1'])}, top-3 "

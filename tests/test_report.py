@@ -45,7 +45,7 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
                           "central": {"top1": 0.1583, "top3": 0.2676},
                           "federated": {"top1": 0.1560, "top3": 0.2628}}}
     text = table(report)
-    assert ("| CIFG, federated from random weights (600 rounds × 10 clients, FedAdam), users' vocabulary "
+    assert ("| CIFG, federated from random weights (600 rounds × 10 clients, FedSgdm), users' vocabulary "
             "| 15.60% | 26.28% |") in text
     assert "0.03 points above the users'-vocabulary n-gram's (60 held-out positions). The margin is thin" in text
     behind = copy.deepcopy(report)
@@ -61,12 +61,32 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
                              oov_rate={"public": 0.1362, "after_discovery": 0.0741, "users": 0.0371})
     text = table(public)
     assert "| CIFG, federated from pretrained + discovered words | 17.50% | 29.00% |" in text
+    # a row that ran another setting is named with its own
+    public["results"]["federated"]["config"] = {"server_optimizer": "adam", "server_lr": 0.03, "rounds": 600}
+    assert "(600 rounds × 10 clients, FedAdam), users' vocabulary | 15.60% | 26.28% | 600 rounds, server adam 0.03 |" \
+        in table(public)
     assert "CIFG, federated from pretrained + discovered words: top-1 1.93 points above" in text
     assert "13.62% under the public vocabulary, 7.41% with the discovered words, 3.71% under the users'" in text
     assert "thin" not in table(ahead)
+    # the shipped rows: each against its target, the goals, the predictor's parts and its setting
+    shipped = copy.deepcopy(public)
+    shipped["results"].update(
+        central_dropout={"top1": 0.1653, "top3": 0.28, "config": {"epochs": 8, "dropout": 0.3}},
+        federated_pretrained_dropout={"top1": 0.1690, "top3": 0.29, "config": {
+            "dropout": 0.3, "rounds": 600, "server_optimizer": "sgdm", "server_lr": 1.0}},
+        shipped_predictor={"top1": 0.1712, "top3": 0.30, "combines": "app model + typing cache",
+                           "app_model_alone": {"top1": 0.1688},
+                           "config": {"cache_weight": 0.1, "cache_smoothing": 1.0, "ngram_weight": 0.0}})
+    text = table(shipped)
+    assert "| **Shipped predictor: app model + typing cache** | 17.12% | 30.00% | λ cache 0.1, κ 1.0" in text
+    assert "| 600 rounds, server sgdm 1.0, dropout 0.3 |" in text
+    assert "Target for the federated pretrained dropout (top-1 ≥ 16.8%): met (16.90%)." in text
+    assert "Target for the shipped predictor (top-1 ≥ 17.0%): met (17.12%)." in text
+    assert "shipped predictor ≥ 17.6%: not met; the network alone (16.90%) at or above central with dropout " \
+           "(16.53%): met." in text
 
 
-def test_quality_rows_run_side_by_side_merge_and_a_changed_setting_drops_old_rows():
+def test_quality_rows_run_side_by_side_merge_and_old_rows_keep_the_setting_they_ran_with():
     from benchmarks.quality import QualityConfig, merge
 
     cfg = QualityConfig(rows="federated_pretrained")
@@ -78,12 +98,17 @@ def test_quality_rows_run_side_by_side_merge_and_a_changed_setting_drops_old_row
     mine = {"config": vars(cfg), "results": {"federated_pretrained": {"top1": 0.16}, "oov_rate": {"public": 0.136}},
             "timings": {"federated_pretrained_s": 2000.0}, "reused": [], "wall_s": 2000.0}
     merged = merge(mine, earlier, cfg)
-    assert merged["results"]["ngram"] == {"top1": 0.1557}                    # kept from the file
+    assert merged["results"]["ngram"] == {"top1": 0.1557, "config": old_config}   # kept, with its setting
     assert merged["results"]["federated_pretrained"] == {"top1": 0.16}       # this run's figure wins
     assert merged["results"]["oov_rate"] == {"users": 0.037, "public": 0.136}
     assert merged["reused"] == ["ngram"] and merged["wall_s"] == 2008.0
-    changed = merge(mine, {**earlier, "config": {**old_config, "rounds": 10}}, cfg)
-    assert "ngram" not in changed["results"] and changed["reused"] == []
+    # a row of another setting stays, named with its own setting; a row that carries one keeps it
+    changed = merge(mine, {**earlier, "config": {**old_config, "rounds": 10},
+                           "results": {**earlier["results"], "central_dropout": {"top1": 0.165, "config": {"epochs": 8}}}},
+                    cfg)
+    assert changed["results"]["ngram"]["config"]["rounds"] == 10
+    assert changed["results"]["central_dropout"]["config"] == {"epochs": 8}
+    assert changed["reused"] == ["central_dropout", "ngram"]
     assert merge(mine, None, cfg) is mine
 
 
