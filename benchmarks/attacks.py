@@ -1,10 +1,10 @@
 """Attack benchmark: what a minority of protocol-following attackers does, with and without defences.
 
-`make bench-attacks` runs the quality benchmark's federated setting over fewer
-rounds (Gboard-size model, from the public-pretrained model, public
-vocabulary), with the deployment's server step — FedAvg, plain SGD at 1.0,
-as the demo and the papers measured (Bagdasaryan et al., Sun et al.) —
-with 1%, 5% and 10% of each round's clients attacking (models.attacks),
+`make bench-attacks` runs the quality benchmark's federated setting — the
+configuration we ship (benchmarks.quality.FederatedConfig: its server
+optimizer, client training with dropout, from the model pretrained on public
+text with dropout, public vocabulary) — over fewer rounds (Gboard-size
+model), with 1%, 5% and 10% of each round's clients attacking (models.attacks),
 and measures the held-out top-1 (the same metric and users as `make
 bench-quality`) and the backdoor's success (the fraction of trigger
 contexts whose first suggestion is the attacker's word):
@@ -54,9 +54,7 @@ SINGLE = ("clip", "zeroing", "dp", "robust", "plain_all")
 
 @dataclasses.dataclass
 class AttackBenchConfig(FederatedConfig):
-    rounds: int = 20
-    server_optimizer: str = "sgd"              # FedAvg; "adam" shows the adaptive step's weakness
-    server_lr: float = 1.0
+    rounds: int = 20                           # the shipped server optimizer ("adam" shows the adaptive step's weakness)
     server_lr_decay_rounds: int = 12
     eval_every: int = 20
     model: str = "gboard"
@@ -102,12 +100,13 @@ def run(cfg: AttackBenchConfig, work: Path, earlier: dict | None = None, save=No
     from models.attacks import AttackConfig
     from models.corpus import load_corpus
     from models.model import CONFIGS
+    from benchmarks.quality_shipped import pretrain_config
     from models.pretrain import pretrain
     from models.simulate import run_simulation
 
     model = CONFIGS[cfg.model]
     corpus = load_corpus(vocab_size=model.vocab_size - 4, seq_len=model.seq_len)
-    initial = pretrain(model, corpus.vocab)[0]
+    initial = pretrain(model, corpus.vocab, pretrain_config(cfg))[0]
     base = FederatedConfig(**{k: v for k, v in dataclasses.asdict(cfg).items()
                               if k in dataclasses.asdict(FederatedConfig())})
     same = bool(earlier) and same_setting(cfg, earlier.get("config"),

@@ -4,7 +4,10 @@ Given the server's weights and the task's hyperparameters, the device tokenizes
 its stored text with the plan's vocabulary, visits the windows in the order
 `contract.model.batching` defines for the task's seed (the order TFF's simulation uses
 too), runs one SGD step per batch in LiteRT, and returns the weight delta and
-the number of examples it represents — FedAvg's client weight. Between every
+the number of examples it represents — FedAvg's client weight. A plan
+exported with dropout gets each step's masks drawn from the task's seed
+(contract.model.dropout), the masks the simulation draws for the same seed.
+Between every
 two batches it asks `should_stop`; a reason aborts the task at once, before
 the next batch, and nothing of the partial training survives.
 """
@@ -17,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from contract.model.batching import client_batches
+from contract.model.dropout import keep_masks
 from contract.model.text import to_sequences
 from device_runtime.errors import DeviceError
 from tflite_export.reader import TrainingPlan
@@ -73,7 +77,9 @@ def train_locally(plan: TrainingPlan, initial: np.ndarray, windows: np.ndarray,
         if reason:
             plan.set_weights(initial)   # leave no half-trained state behind
             raise Interrupted(reason, done)
-        step = plan.train_windows(batch, hp.learning_rate)
+        keep = (keep_masks(plan.dropout, hp.seed, done, len(batch), plan.seq_len,
+                           int(plan.manifest.model_config["embedding_dim"])) if plan.dropout else ())
+        step = plan.train_windows(batch, hp.learning_rate, keep)
         loss_sum += step.loss * step.tokens
         tokens += step.tokens
     delta = plan.get_weights() - np.asarray(initial, np.float32)

@@ -56,10 +56,10 @@ def tiny_model(root: Path, corpus: FederatedCorpus, batch_size: int = 16) -> Mod
 
 
 def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
-                  batch_size: int = 16, flat: np.ndarray | None = None) -> Model:
+                  batch_size: int = 16, flat: np.ndarray | None = None, dropout=None) -> Model:
     """The initial model of `config` (sized to the corpus' vocabulary: `flat`, say pretrained
-    weights, or the seeded initial ones), its checkpoint, vocabulary and training plan: what
-    `python -m server init` registers."""
+    weights, or the seeded initial ones), its checkpoint, vocabulary and training plan (with
+    `dropout`, a contract.model.dropout.Dropout, if given): what `python -m server init` registers."""
     from models.model import weight_layout
     from models.simulate import initial_weights
     from tflite_export import export_plan
@@ -70,5 +70,5 @@ def initial_model(root: Path, corpus: FederatedCorpus, config: ModelConfig,
     ckpt = save_checkpoint(root / "init.safetensors", weight_layout(config), flat,
                            {"round": 0, "model_config": dataclasses.asdict(config)})
     corpus.vocab.save(root / "vocab.json")
-    export_plan(config, flat, corpus.vocab, root / "plan", batch_size=batch_size)
+    export_plan(config, flat, corpus.vocab, root / "plan", batch_size=batch_size, dropout=dropout)
     return Model(config, ckpt, root / "vocab.json", root / "plan", flat)

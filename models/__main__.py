@@ -16,7 +16,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from contract.cli import ArgumentParser, UsageError, run  # noqa: E402
-from models.cli_common import common_flags, load_corpus_for, model_config, read_checkpoint  # noqa: E402
+from models.cli_common import (add_dropout_flags, common_flags, dropout_from, load_corpus_for,  # noqa: E402
+                               model_config, read_checkpoint, summary_table)
 from models.simulate_cli import add_simulate_commands  # noqa: E402
 
 
@@ -59,7 +60,9 @@ def cmd_pretrain(args) -> None:
     heldout = np.concatenate(list(corpus.heldout.values()))
     if args.max_eval_windows:
         heldout = heldout[np.random.default_rng(0).permutation(len(heldout))[:args.max_eval_windows]]
-    cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    dropout_from(args)      # checks the flags
+    cfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                         dropout=args.dropout)
     cached = cache_path(config, corpus.vocab, cfg, args.data).is_file()
     print(f"pretraining on the public text only ({args.vocabulary} vocabulary){'; cached' if cached else ''}")
     flat, history = pretrain(config, corpus.vocab, cfg, args.data, heldout)
@@ -89,7 +92,7 @@ def cmd_central(args) -> None:
 
     result = train_central(config, list(corpus.train.values()), np.concatenate(heldout),
                            epochs=args.epochs, batch_size=args.batch_size,
-                           learning_rate=args.lr, seed=args.seed)
+                           learning_rate=args.lr, seed=args.seed, dropout=dropout_from(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus.vocab.save(out / "vocab.json")
@@ -184,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--lr", type=float, default=2e-3)
     ce.add_argument("--seed", type=int, default=0)
     ce.add_argument("--out", default="runs/central")
+    add_dropout_flags(ce)
     ce.set_defaults(func=cmd_central)
 
     pt = sub.add_parser("pretrain", parents=[common], help="train the CIFG centrally on public text only")
@@ -196,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=pc.seed)
     pt.add_argument("--max-eval-windows", type=int, default=None)
     pt.add_argument("--out", default="runs/pretrained")
+    add_dropout_flags(pt, placement=False)
     pt.set_defaults(func=cmd_pretrain)
 
     from contract.tasks.discovery import DiscoverySpec

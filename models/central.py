@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from contract.model.dropout import Dropout, keep_masks
 from contract.model.metrics import Hits
 from models.model import (ModelConfig, build_keras_model, masked_cross_entropy,
                           suggestion_hits, weight_layout)
@@ -73,22 +74,33 @@ class CentralResult:
 def train_central(config: ModelConfig, train_windows: Sequence[np.ndarray] | np.ndarray,
                   eval_windows: np.ndarray | None = None, epochs: int = 1,
                   batch_size: int = 64, learning_rate: float = 1e-3,
-                  seed: int = 0) -> CentralResult:
-    """Adam on the pooled training windows; evaluates on `eval_windows` after each epoch."""
+                  seed: int = 0, dropout: Dropout | None = None) -> CentralResult:
+    """Adam on the pooled training windows; evaluates on `eval_windows` after each epoch.
+
+    `dropout`: each step's masks come from contract.model.dropout (keyed by `seed` and the step),
+    the same placement and arithmetic as a phone's training plan."""
     pooled = train_windows if isinstance(train_windows, np.ndarray) else np.concatenate(list(train_windows))
-    model = build_keras_model(config)
+    model = build_keras_model(config, dropout)
     optimizer = tf.keras.optimizers.Adam(learning_rate)
     rng = np.random.default_rng(seed)
+    masks = len(dropout.placement) if dropout is not None else 0
+    mask_spec = tf.TensorSpec([None, config.seq_len, config.embedding_dim], tf.uint8)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, config.seq_len + 1], tf.int32)])
-    def step(w):
+    @tf.function(input_signature=[tf.TensorSpec([None, config.seq_len + 1], tf.int32)] + [mask_spec] * masks)
+    def step(w, *keep):
         with tf.GradientTape() as tape:
-            loss = masked_cross_entropy(w[:, 1:], model(w[:, :-1]))
+            loss = masked_cross_entropy(w[:, 1:], model((w[:, :-1], *keep) if keep else w[:, :-1]))
         grads = tape.gradient(loss, model.trainable_weights)
         optimizer.apply_gradients(zip(grads, model.trainable_weights))
         return loss
 
-    history = []
+    def keep(step_index: int, rows: int) -> list[np.ndarray]:
+        if dropout is None:
+            return []
+        return [m.astype(np.uint8) for m in keep_masks(dropout, seed, step_index, rows, config.seq_len,
+                                                         config.embedding_dim)]
+
+    history, steps = [], 0
     for epoch in range(epochs):
         start = time.monotonic()
         order = rng.permutation(len(pooled))
@@ -96,7 +108,9 @@ def train_central(config: ModelConfig, train_windows: Sequence[np.ndarray] | np.
         bar = tqdm(range(0, len(pooled), batch_size), desc=f"central epoch {epoch + 1}/{epochs}",
                    unit="batch", leave=False)
         for i in bar:
-            losses.append(float(step(pooled[order[i:i + batch_size]])))
+            batch = pooled[order[i:i + batch_size]]
+            losses.append(float(step(batch, *keep(steps, len(batch)))))
+            steps += 1
             if len(losses) % 50 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),

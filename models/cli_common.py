@@ -53,3 +53,25 @@ def summary_table(name: str, initial: dict, final: dict) -> str:
     return (f"\n{name}\n{'':12}{'top-1':>8}{'top-3':>8}{'loss':>8}\n"
             f"{'initial':12}{initial['top1']:8.4f}{initial['top3']:8.4f}{initial['loss']:8.3f}\n"
             f"{'final':12}{final['top1']:8.4f}{final['top3']:8.4f}{final['loss']:8.3f}")
+
+
+def add_dropout_flags(parser, placement: bool = True) -> None:
+    """--dropout RATE and --dropout-placement (contract.model.dropout), shared by the training commands."""
+    from contract.model.dropout import PLACEMENTS
+
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout rate while training (0: none), Zaremba et al.'s placement")
+    parser.set_defaults(dropout_placement=",".join(PLACEMENTS))
+    if placement:
+        parser.add_argument("--dropout-placement", default=",".join(PLACEMENTS),
+                            help=f"where dropout applies, comma-separated among {', '.join(PLACEMENTS)}")
+
+
+def dropout_from(args):
+    """The Dropout of --dropout/--dropout-placement (None at rate 0), or a UsageError naming the flag."""
+    from contract.model.dropout import parse
+
+    try:
+        return parse(args.dropout, args.dropout_placement)
+    except ValueError as e:
+        raise UsageError(str(e)) from None

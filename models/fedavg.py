@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from contract.model.dropout import Dropout
 from contract.update.pipeline import UpdatePipeline, running_sum
 from contract.update.robust import zeroing_norm
 from contract.update.spec import UpdateSpec, rotation_seed
@@ -123,7 +124,10 @@ class FederatedAveraging:
     """One simulated population: `next(weights, datasets, seeds, round_num)` runs one round."""
 
     def __init__(self, model_config: ModelConfig, client_optimizer, server_optimizer,
-                 spec: UpdateSpec, seed: int = 0, dp: "DPAggregator | DistributedDPAggregator | None" = None):
+                 spec: UpdateSpec, seed: int = 0, dp: "DPAggregator | DistributedDPAggregator | None" = None,
+                 dropout: Dropout | None = None):
+        """`dropout`: the clients train with it, their datasets carrying the masks
+        (models.simulate.client_dataset)."""
         import tensorflow_federated as tff
 
         self.config, self.spec, self.seed, self.dp = model_config, spec.validate(), seed, dp
@@ -132,7 +136,7 @@ class FederatedAveraging:
                              "does not cover: use one or the other")
         self._accepted_norms: list[float] = []     # the last round's, for zeroing's median
         self.layout = weight_layout(model_config)
-        model_fn = tff_model_fn(model_config)
+        model_fn = tff_model_fn(model_config, dropout)
         self.client_work = tff.learning.templates.build_model_delta_client_work(
             model_fn, client_optimizer, tff.learning.ClientWeighting.NUM_EXAMPLES,
             loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)

@@ -9,6 +9,12 @@ to a TFLite training plan that uses built-in ops only (see tflite_export/).
 CIFG ("coupled input and forget gate", Hard et al. 2018): an LSTM whose forget
 gate is `1 - input gate`, with the cell output projected down to the embedding
 size so the output layer can reuse (tie) the input embedding matrix.
+
+Dropout (a training option, contract.model.dropout) multiplies the embedding
+output and the projected cell output by keep masks that are *inputs* of the
+forward pass, never drawn inside it: a phone draws them from its session's
+seed and feeds them to the LiteRT plan, and the simulation feeds TFF the same
+ones. Inference takes no masks.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from contract.model.dropout import Dropout
 from contract.model.text import NEVER_SUGGEST, PAD_ID
 from contract.model.weights import WeightLayout
 
@@ -59,9 +66,9 @@ def parameter_count(config: ModelConfig) -> int:
 class CIFGLanguageModel(tf.keras.layers.Layer):
     """token ids [B, T] int32 → next-token logits [B, T, V] float32."""
 
-    def __init__(self, config: ModelConfig, **kwargs):
+    def __init__(self, config: ModelConfig, dropout: Dropout | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.config = config
+        self.config, self.dropout = config, dropout
 
     def build(self, input_shape):
         c = self.config
@@ -85,29 +92,43 @@ class CIFGLanguageModel(tf.keras.layers.Layer):
                                            initializer="zeros")
         super().build(input_shape)
 
-    def call(self, tokens):
-        return forward(self.trainable_weights, tokens, self.config)
+    def call(self, inputs):
+        if self.dropout is None:
+            return forward(self.trainable_weights, inputs, self.config)
+        tokens, *keep = inputs
+        return forward(self.trainable_weights, tokens, self.config, self.dropout, keep)
 
 
-def forward(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+def forward(weights, tokens: tf.Tensor, config: ModelConfig, dropout: Dropout | None = None,
+            keep=()) -> tf.Tensor:
     """The network as a pure function of its weights (in `weight_layout` order).
 
-    tokens: [B, T] int32 → logits [B, T, V].
+    tokens: [B, T] int32 → logits [B, T, V]. With `dropout`, `keep` holds one
+    0/1 mask [B, T, E] per placement (contract.model.dropout.keep_masks).
     """
     embedding, output_bias = weights[0], weights[-1]
-    hidden = hidden_states(weights, tokens, config)                  # [B, T, E]
+    hidden = hidden_states(weights, tokens, config, dropout, keep)    # [B, T, E]
     return tf.einsum("bte,ve->btv", hidden, embedding) + output_bias  # tied output
 
 
-def hidden_states(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+def hidden_states(weights, tokens: tf.Tensor, config: ModelConfig, dropout: Dropout | None = None,
+                  keep=()) -> tf.Tensor:
     """The CIFG's projected outputs [B, T, E] for tokens [B, T], from zero state.
 
     The RNN is unrolled in Python over T = config.seq_len steps, which
-    TFLite's built-in ops can express.
+    TFLite's built-in ops can express. Dropout (Zaremba et al. 2014) scales the
+    embedding output and the projected output that leaves the cell by their
+    masks; the recurrent state is never dropped.
     """
     embedding, kernel, recurrent_kernel, bias, projection, _ = weights
     h_units, e_dim = config.units, config.embedding_dim
+    masks = dict(zip(dropout.placement, keep)) if dropout is not None else {}
+    if dropout is not None and len(keep) != len(dropout.placement):
+        raise ValueError(f"dropout on {list(dropout.placement)} needs {len(dropout.placement)} masks")
+    scale = dropout.scale if dropout is not None else 1.0
     inputs = tf.gather(embedding, tokens)                       # [B, T, E]
+    if "embedding" in masks:
+        inputs = inputs * (tf.cast(masks["embedding"], tf.float32) * scale)
     batch = tf.shape(tokens)[0]
     state_c = tf.zeros([batch, h_units])                        # [B, H]
     state_h = tf.zeros([batch, e_dim])                          # [B, E] (projected)
@@ -121,7 +142,10 @@ def hidden_states(weights, tokens: tf.Tensor, config: ModelConfig) -> tf.Tensor:
         state_c = (1.0 - i) * state_c + i * tf.tanh(g)          # forget gate = 1 - input gate
         state_h = (tf.sigmoid(o) * tf.tanh(state_c)) @ projection  # [B, E]
         outputs.append(state_h)
-    return tf.stack(outputs, axis=1)
+    hidden = tf.stack(outputs, axis=1)
+    if "projection" in masks:
+        hidden = hidden * (tf.cast(masks["projection"], tf.float32) * scale)
+    return hidden
 
 
 def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -190,29 +214,38 @@ class TokenCount(tf.keras.metrics.Sum):
         return super().update_state(tf.reduce_sum(tf.cast(tf.not_equal(y_true, PAD_ID), tf.float32)))
 
 
-def build_keras_model(config: ModelConfig) -> tf.keras.Model:
-    """Functional Keras model: tokens [B, T] → logits [B, T, V]."""
+def build_keras_model(config: ModelConfig, dropout: Dropout | None = None) -> tf.keras.Model:
+    """Functional Keras model: tokens [B, T] → logits [B, T, V]; with `dropout`, its inputs are
+    (tokens, one uint8 keep mask [B, T, E] per placement) — a training model only."""
     tokens = tf.keras.Input(shape=(config.seq_len,), dtype=tf.int32, name="tokens")
-    logits = CIFGLanguageModel(config, name="cifg_lm")(tokens)
-    return tf.keras.Model(tokens, logits, name="nightjar_cifg")
+    if dropout is None:
+        return tf.keras.Model(tokens, CIFGLanguageModel(config, name="cifg_lm")(tokens), name="nightjar_cifg")
+    keep = [tf.keras.Input(shape=(config.seq_len, config.embedding_dim), dtype=tf.uint8, name=f"keep_{p}")
+            for p in dropout.placement]
+    logits = CIFGLanguageModel(config, dropout, name="cifg_lm")((tokens, *keep))
+    return tf.keras.Model((tokens, *keep), logits, name="nightjar_cifg")
 
 
 def keras_metrics() -> list[tf.keras.metrics.Metric]:
     return [SuggestionRecall(1), SuggestionRecall(3), TokenCount()]
 
 
-def input_spec(config: ModelConfig) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+def input_spec(config: ModelConfig, dropout: Dropout | None = None) -> tuple:
+    """(x, y) of a training batch: x is the tokens, or (tokens, keep masks...) with dropout."""
     spec = tf.TensorSpec([None, config.seq_len], tf.int32)
-    return (spec, spec)
+    if dropout is None:
+        return (spec, spec)
+    mask = tf.TensorSpec([None, config.seq_len, config.embedding_dim], tf.uint8)
+    return ((spec,) + (mask,) * len(dropout.placement), spec)
 
 
-def tff_model_fn(config: ModelConfig):
+def tff_model_fn(config: ModelConfig, dropout: Dropout | None = None):
     """A no-argument constructor of the `tff.learning` model, as TFF's builders want."""
     import tensorflow_federated as tff
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            build_keras_model(config), loss=MaskedCrossEntropy(),
-            input_spec=input_spec(config), metrics=keras_metrics())
+            build_keras_model(config, dropout), loss=MaskedCrossEntropy(),
+            input_spec=input_spec(config, dropout), metrics=keras_metrics())
 
     return model_fn

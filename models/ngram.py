@@ -134,9 +134,19 @@ class KneserNeyTrigram:
     def fit(self, windows: Windows) -> "KneserNeyTrigram":
         """Count every non-pad target of `windows` ([n, L+1] int, or a list of
         such arrays, e.g. one per client) and build the three orders."""
+        return self.fit_counts(*np.unique(self.trigram_keys(windows), return_counts=True))
+
+    def trigram_keys(self, windows: Windows) -> np.ndarray:
+        """One key (u·V + v)·V + w per non-pad target of `windows` (u = V: no token before the window)."""
         V = self.vocab_size
         u, v, w = self._events(windows)
-        trigrams, c3 = np.unique((u * V + v) * V + w, return_counts=True)
+        return (u * V + v) * V + w
+
+    def fit_counts(self, trigrams: np.ndarray, c3: np.ndarray) -> "KneserNeyTrigram":
+        """Build the three orders from trigram counts: sorted distinct `trigram_keys` and their counts
+        (say, only the trigrams enough users typed)."""
+        V = self.vocab_size
+        trigrams, c3 = np.asarray(trigrams, np.int64), np.asarray(c3, np.int64)
         ctx3, w3 = trigrams // V, trigrams % V
         # Continuation counts: each distinct trigram type adds 1 to its bigram.
         bigrams, cont2 = np.unique(ctx3 % V * V + w3, return_counts=True)

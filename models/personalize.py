@@ -54,17 +54,28 @@ def evaluate_users(plan, global_flat: np.ndarray, users: dict[str, np.ndarray], 
     return rows
 
 
+def worst_decile(per_user_top1: np.ndarray) -> float | None:
+    """The mean top-1 of the tenth of users it serves worst (at least one user)."""
+    v = np.sort(np.asarray(per_user_top1, np.float64))
+    return float(v[:max(1, int(round(0.1 * len(v))))].mean()) if len(v) else None
+
+
 def report(rows: list[UserResult]) -> dict:
-    """The benchmark's figures from per-user results (benchmarks/results/personalization.json)."""
+    """The benchmark's figures from per-user results (benchmarks/results/personalization.json).
+
+    relative_gain: of the mean per-user top-1 (personal over global, minus 1); micro_gain: the same of
+    the top-1 over all positions pooled; worst_decile: each model's own worst tenth of users."""
     scored = [r for r in rows if r.positions]
     g = np.array([r.global_top1 / r.positions for r in scored])
     p = np.array([r.personal_top1 / r.positions for r in scored])
     positions = sum(r.positions for r in scored)
     glob, mine = fairness(g), fairness(p)
+    g_hits, p_hits = sum(r.global_top1 for r in scored), sum(r.personal_top1 for r in scored)
     return {"users": len(scored), "positions": positions,
-            "global": {**glob, "micro_top1": sum(r.global_top1 for r in scored) / max(positions, 1)},
-            "personal": {**mine, "micro_top1": sum(r.personal_top1 for r in scored) / max(positions, 1)},
+            "global": {**glob, "micro_top1": g_hits / max(positions, 1), "worst_decile": worst_decile(g)},
+            "personal": {**mine, "micro_top1": p_hits / max(positions, 1), "worst_decile": worst_decile(p)},
             "relative_gain": (mine["top1"] / glob["top1"] - 1) if glob["top1"] else None,
+            "micro_gain": (p_hits / g_hits - 1) if g_hits else None,
             "helped": float(np.mean(p > g)) if len(g) else None,
             "hurt": float(np.mean(p < g)) if len(g) else None,
             "fell_back": float(np.mean([r.fell_back for r in scored])) if scored else None}

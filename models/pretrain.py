@@ -33,6 +33,7 @@ class PretrainConfig:
     batch_size: int = 64
     learning_rate: float = 2e-3   # Adam (models.central.train_central)
     seed: int = 0
+    dropout: float = 0.0          # dropout rate at contract.model.dropout's placement (0: none)
 
 
 def public_windows(vocab: Vocabulary, seq_len: int, data_dir: str | Path | None = None) -> np.ndarray:
@@ -42,8 +43,11 @@ def public_windows(vocab: Vocabulary, seq_len: int, data_dir: str | Path | None 
 
 def cache_path(config: ModelConfig, vocab: Vocabulary, cfg: PretrainConfig,
                data_dir: str | Path | None = None) -> Path:
+    settings = dataclasses.asdict(cfg)
+    if not settings["dropout"]:     # keeps the key (the cache) of a run from before dropout existed
+        del settings["dropout"]
     key = json.dumps({"model": dataclasses.asdict(config), "vocab": vocab.sha256, "text": TEXT_SHA256,
-                      "pretrain": dataclasses.asdict(cfg)}, sort_keys=True)
+                      "pretrain": settings}, sort_keys=True)
     return Path(data_dir or default_data_dir()) / f"pretrained-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
@@ -55,11 +59,12 @@ def pretrain(config: ModelConfig, vocab: Vocabulary, cfg: PretrainConfig = Pretr
         layout, flat, meta = load_checkpoint(path)
         if layout == weight_layout(config):
             return flat, meta.get("history", [])
+    from contract.model.dropout import parse
     from models.central import train_central
 
     result = train_central(config, public_windows(vocab, config.seq_len, data_dir), eval_windows,
                            epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                           seed=cfg.seed)
+                           seed=cfg.seed, dropout=parse(cfg.dropout))
     save_checkpoint(path, weight_layout(config), result.flat,           # atomic: a killed run leaves none
                     {"model_config": dataclasses.asdict(config), "history": result.history,
                      "trained_on": "public", "vocab_sha256": vocab.sha256})

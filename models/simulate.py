@@ -35,9 +35,11 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from contract.model.batching import epoch_orders, round_seed
+from contract.model.dropout import Dropout, session_masks
 from contract.dp.noise import DPSpec
 from contract.update.spec import UpdateSpec
 from contract.model.weights import save_checkpoint
+from contract.optimizers import SERVER_OPTIMIZERS
 from models.central import evaluate, get_flat_weights
 from models.corpus import FederatedCorpus
 from models.attacks import Adversary, AttackConfig, backdoor_success, canary
@@ -46,7 +48,6 @@ from models.fedavg import DistributedDPAggregator, DPAggregator, FederatedAverag
 from models.model import ModelConfig, build_keras_model, weight_layout
 from models.tff_runtime import tff_session
 
-SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class SimulationConfig:
     dp_deploy_reports: int | None = None   # projection: a deployment's m reports per round (noise z·C/m)
     dp_delta: float | None = None  # δ of the reported ε (default N^-1.1)
     attack: AttackConfig | None = None   # a minority of each round's clients attacks (models.attacks)
+    dropout: Dropout | None = None  # client training's dropout (masks from each client's seed, as on phones)
 
 
 def server_optimizer(name: str, learning_rate: float):
@@ -91,15 +93,24 @@ def server_optimizer(name: str, learning_rate: float):
 
 
 def client_dataset(windows: np.ndarray, batch_size: int, epochs: int, seed: int,
-                   max_examples: int | None = None) -> tf.data.Dataset:
+                   max_examples: int | None = None, dropout: Dropout | None = None,
+                   embedding_dim: int = 0) -> tf.data.Dataset:
     """(x, y) batches of one client in `contract.model.batching` order.
 
     Inputs and targets are sliced in NumPy: a `map` would add a traced
-    function to every client's serialized dataset.
+    function to every client's serialized dataset. With `dropout`, x is
+    (tokens, keep masks...): every step's masks drawn from `seed` as a phone
+    draws them (contract.model.dropout), as uint8 to keep the dataset small.
     """
     x, y = windows[:, :-1], windows[:, 1:]
-    parts = [tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size)
-             for order in epoch_orders(len(windows), epochs, seed, max_examples)]
+    orders = epoch_orders(len(windows), epochs, seed, max_examples)
+    if dropout is not None:
+        rows = [len(o[i:i + batch_size]) for o in orders for i in range(0, len(o), batch_size)]
+        masks, ends = session_masks(dropout, seed, rows, x.shape[1], embedding_dim), np.cumsum([len(o) for o in orders])
+        parts = [tf.data.Dataset.from_tensor_slices(((x[o], *(m[end - len(o):end] for m in masks)), y[o]))
+                 .batch(batch_size) for o, end in zip(orders, ends)]
+    else:
+        parts = [tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size) for order in orders]
     ds = parts[0]
     for p in parts[1:]:
         ds = ds.concatenate(p)
@@ -124,7 +135,7 @@ def build_process(model_config: ModelConfig, sim: SimulationConfig) -> Federated
     elif sim.dp is not None:
         dp = DPAggregator(sim.dp, sim.clients_per_round, layout.size, sim.dp_deploy_reports)
     return FederatedAveraging(model_config, client_optimizer(sim.client_lr, sim.client_clip_norm),
-                              server, sim.update, sim.seed, dp)
+                              server, sim.update, sim.seed, dp, sim.dropout)
 
 
 def privacy_spent(sim: SimulationConfig, training_clients: int, rounds: int) -> dict | None:
@@ -177,7 +188,8 @@ def fedavg_round(process: FederatedAveraging, flat: np.ndarray, corpus: Federate
     bad = adversary.attackers(round_num, len(client_ids)) if adversary else set()
     own = [corpus.train[cid] if i not in bad else adversary.training_windows(corpus.train[cid])
            for i, cid in enumerate(client_ids)]
-    datasets = [client_dataset(w, sim.batch_size, sim.local_epochs, seed, sim.max_client_examples)
+    datasets = [client_dataset(w, sim.batch_size, sim.local_epochs, seed, sim.max_client_examples,
+                               sim.dropout, process.config.embedding_dim)
                 for w, seed in zip(own, seeds)]
     tamper = (lambda deltas: adversary.tamper(deltas, bad, round_num)) if bad else None
     return process.next(flat, datasets, seeds, round_num, tamper)
@@ -198,9 +210,7 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     layout = weight_layout(model_config)
-    heldout = np.concatenate(list(corpus.heldout.values()))
-    if sim.max_eval_windows is not None:
-        heldout = heldout[:sim.max_eval_windows]
+    heldout = np.concatenate(list(corpus.heldout.values()))[:sim.max_eval_windows]
     train_ids = sorted(corpus.train)
     if sim.clients_per_round > len(train_ids):
         raise ValueError(f"clients_per_round={sim.clients_per_round} but only "
@@ -238,12 +248,8 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
             result = fedavg_round(process, flat, corpus, sampled, sim, r, adversary)
             flat = result.weights
             upload_bytes += result.upload_bytes
-            row = {"round": r, "clients": result.clients, "train": result.train,
-                   "upload_bytes": result.upload_bytes, "encode_s": round(result.encode_s, 4),
-                   "update_norms": [round(n, 5) for n in result.update_norms],
-                   "clipped": sum(n > (result.dp_clip or sim.update.clip_norm) for n in result.update_norms),
-                   "dp_clip": result.dp_clip, "zeroed": result.zeroed,
-                   "seconds": time.monotonic() - t0, **({"participants": sampled} if rule else {})}
+            row = {**round_row(r, result, sim), "seconds": time.monotonic() - t0,
+                   **({"participants": sampled} if rule else {})}
             log.write(json.dumps(row) + "\n")
             log.flush()
             history.append(row)
@@ -253,16 +259,31 @@ def run_simulation(corpus: FederatedCorpus, model_config: ModelConfig, sim: Simu
                             heldout_top1=f"{ev['top1']:.4f}")
     save_checkpoint(out / "final.safetensors", layout, flat,
                     {"round": sim.rounds, "model_config": dataclasses.asdict(model_config)})
+    return write_summary(out, model_config, sim, history, ev, upload_bytes, len(train_ids), start)
+
+
+def write_summary(out: Path, model_config: ModelConfig, sim: SimulationConfig, history: list[dict], final: dict,
+                  upload_bytes: int, clients: int, start: float) -> dict:
+    """summary.json and curves.png of a finished run; returns the summary."""
     summary = {"model_config": dataclasses.asdict(model_config),
                "simulation": dataclasses.asdict(sim),
-               "initial": history[0]["heldout"], "final": ev,
+               "initial": history[0]["heldout"], "final": final,
                "upload_bytes_per_client": upload_bytes / max(1, sum(h.get("clients", 0) for h in history)),
-               "dp": privacy_spent(sim, len(train_ids), sim.rounds),
+               "dp": privacy_spent(sim, clients, sim.rounds),
                "canary": history[-1].get("canary"),
                "wall_s": time.monotonic() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(history, out / "curves.png")
     return summary
+
+
+def round_row(r: int, result: RoundResult, sim: SimulationConfig) -> dict:
+    """One round's line of metrics.jsonl: who trained, what they uploaded, how many were clipped."""
+    return {"round": r, "clients": result.clients, "train": result.train,
+            "upload_bytes": result.upload_bytes, "encode_s": round(result.encode_s, 4),
+            "update_norms": [round(n, 5) for n in result.update_norms],
+            "clipped": sum(n > (result.dp_clip or sim.update.clip_norm) for n in result.update_norms),
+            "dp_clip": result.dp_clip, "zeroed": result.zeroed}
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 
 from contract.cli import UsageError
-from models.cli_common import load_corpus_for, model_config, read_checkpoint, summary_table
+from models.cli_common import (add_dropout_flags, dropout_from, load_corpus_for, model_config, read_checkpoint,
+                               summary_table)
 
 
 def cmd_simulate(args) -> None:
@@ -39,7 +40,7 @@ def cmd_simulate(args) -> None:
                            server_lr_decay_rounds=args.server_lr_decay_rounds,
                            eval_every=args.eval_every,
                            max_eval_windows=args.max_eval_windows, seed=args.seed, update=update,
-                           attack=_attack_settings(args), **_dp_settings(args))
+                           attack=_attack_settings(args), dropout=dropout_from(args), **_dp_settings(args))
     initial = read_checkpoint(args.init, config) if args.init else None
     corpus = load_corpus_for(args, config)
     sim = _ftrl_settled(sim, args, len(corpus.train))
@@ -175,12 +176,54 @@ def _add_ftrl_flags(s: argparse.ArgumentParser) -> None:
                    help="ftrl: restart the tree every this many rounds (default 0: chosen for the least noise)")
 
 
-def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
-    """The `simulate` and `attack` subcommands on `sub` (an argparse subparsers object)."""
+def _update_flags(s: argparse.ArgumentParser) -> None:
+    """The --update-* flags: contract.update.spec.UpdateSpec, what each client's update goes through."""
     from contract.update.hadamard import BLOCK_SIZES
     from contract.update.robust import AGGREGATORS
     from contract.update.spec import BITS, WEIGHTINGS, UpdateSpec
-    from models.simulate import SERVER_OPTIMIZERS, SimulationConfig
+
+    u = UpdateSpec()
+    s.add_argument("--update-bits", type=int, default=u.bits, choices=BITS,
+                   help="bits per value of each client's update (32: float32)")
+    s.add_argument("--update-rotation", action=argparse.BooleanOptionalAction, default=u.rotation,
+                   help="randomized Hadamard rotation before quantizing")
+    s.add_argument("--update-clip-norm", type=float, default=u.clip_norm,
+                   help="clip each client's update to this L2 norm")
+    s.add_argument("--update-weighting", choices=WEIGHTINGS, default=u.weighting)
+    s.add_argument("--update-max-weight", type=int, default=None,
+                   help=f"cap on a client's weight (default: {u.max_weight} x --local-epochs)")
+    s.add_argument("--update-block-size", type=int, default=u.block_size, choices=BLOCK_SIZES)
+    s.add_argument("--update-aggregator", choices=AGGREGATORS, default=u.aggregator,
+                   help="mean, or a robust rule over every update (needs --update-weighting uniform)")
+    s.add_argument("--update-trim", type=float, default=u.trim, help="trimmed_mean: the fraction cut at each end")
+    s.add_argument("--update-zeroing", type=float, default=u.zeroing,
+                   help="zero an update whose norm is above this many times the last round's median (0: off)")
+
+
+def _dp_flags(s: argparse.ArgumentParser) -> None:
+    """The --dp-* flags: DP-FedAvg or DP-FTRL (contract.dp.noise.DPSpec) and ε's projection."""
+    from contract.dp.noise import DPSpec
+
+    dps = DPSpec()
+    s.add_argument("--dp-noise-multiplier", type=float, default=None,
+                   help="user-level DP-FedAvg with adaptive clipping (TFF's gaussian_adaptive) at this z")
+    _add_ftrl_flags(s)
+    s.add_argument("--dp-initial-clip", type=float, default=dps.initial_clip)
+    s.add_argument("--dp-target-quantile", type=float, default=dps.target_quantile)
+    s.add_argument("--dp-clip-lr", type=float, default=dps.clip_learning_rate)
+    s.add_argument("--dp-clipped-count-stddev", type=float, default=None,
+                   help="noise on the unclipped count (default 0.05 x reports per round)")
+    s.add_argument("--dp-deploy-reports", type=int, default=None,
+                   help="projection: add the noise of a deployment with this many reports per round")
+    s.add_argument("--dp-population", type=int, default=None,
+                   help="devices in the (projected) population, for ε (default: the training clients)")
+    s.add_argument("--dp-delta", type=float, default=None, help="δ of ε (default: population^-1.1)")
+
+
+def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
+    """The `simulate` and `attack` subcommands on `sub` (an argparse subparsers object)."""
+    from contract.optimizers import SERVER_OPTIMIZERS
+    from models.simulate import SimulationConfig
 
     d = SimulationConfig()
     s = argparse.ArgumentParser(add_help=False)          # simulate's flags, shared by attack
@@ -202,39 +245,10 @@ def add_simulate_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--eval-every", type=int, default=d.eval_every)
     s.add_argument("--max-eval-windows", type=int, default=None)
     s.add_argument("--seed", type=int, default=d.seed)
-    u = UpdateSpec()
-    s.add_argument("--update-bits", type=int, default=u.bits, choices=BITS,
-                   help="bits per value of each client's update (32: float32)")
-    s.add_argument("--update-rotation", action=argparse.BooleanOptionalAction, default=u.rotation,
-                   help="randomized Hadamard rotation before quantizing")
-    s.add_argument("--update-clip-norm", type=float, default=u.clip_norm,
-                   help="clip each client's update to this L2 norm")
-    s.add_argument("--update-weighting", choices=WEIGHTINGS, default=u.weighting)
-    s.add_argument("--update-max-weight", type=int, default=None,
-                   help=f"cap on a client's weight (default: {u.max_weight} x --local-epochs)")
-    s.add_argument("--update-block-size", type=int, default=u.block_size, choices=BLOCK_SIZES)
-    s.add_argument("--update-aggregator", choices=AGGREGATORS, default=u.aggregator,
-                   help="mean, or a robust rule over every update (needs --update-weighting uniform)")
-    s.add_argument("--update-trim", type=float, default=u.trim, help="trimmed_mean: the fraction cut at each end")
-    s.add_argument("--update-zeroing", type=float, default=u.zeroing,
-                   help="zero an update whose norm is above this many times the last round's median (0: off)")
+    _update_flags(s)
     s.add_argument("--init", help="start from this checkpoint instead of the seeded initial model")
-    from contract.dp.noise import DPSpec
-
-    dps = DPSpec()
-    s.add_argument("--dp-noise-multiplier", type=float, default=None,
-                   help="user-level DP-FedAvg with adaptive clipping (TFF's gaussian_adaptive) at this z")
-    _add_ftrl_flags(s)
-    s.add_argument("--dp-initial-clip", type=float, default=dps.initial_clip)
-    s.add_argument("--dp-target-quantile", type=float, default=dps.target_quantile)
-    s.add_argument("--dp-clip-lr", type=float, default=dps.clip_learning_rate)
-    s.add_argument("--dp-clipped-count-stddev", type=float, default=None,
-                   help="noise on the unclipped count (default 0.05 x reports per round)")
-    s.add_argument("--dp-deploy-reports", type=int, default=None,
-                   help="projection: add the noise of a deployment with this many reports per round")
-    s.add_argument("--dp-population", type=int, default=None,
-                   help="devices in the (projected) population, for ε (default: the training clients)")
-    s.add_argument("--dp-delta", type=float, default=None, help="δ of ε (default: population^-1.1)")
+    add_dropout_flags(s)
+    _dp_flags(s)
     s.add_argument("--out", default="runs/simulate", help="output directory")
     sub.add_parser("simulate", parents=[common, s], help="federated training with TFF").set_defaults(func=cmd_simulate)
     from models.attacks import ATTACKS, AttackConfig

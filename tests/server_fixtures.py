@@ -253,3 +253,11 @@ def init_small_population(root: Path, config: Path) -> np.ndarray:
                           timeout=120)
     assert done.returncode == 0, done.stderr
     return flat
+
+
+def break_finish(env, monkeypatch, kind: str):
+    """Fault injection: `kind`'s finish raises from now on; returns what puts the real one back."""
+    task = env.services.kinds[kind]
+    real = task.finish
+    monkeypatch.setattr(task, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
+    return lambda: monkeypatch.setattr(task, "finish", real)

@@ -2,7 +2,7 @@
 /openapi.json): one level per round, votes checked against the trie, counts gone at the close."""
 from __future__ import annotations
 
-from tests.server_fixtures import DeviceClient
+from tests.server_fixtures import DeviceClient, break_finish
 from tests.test_server_views import checked_server, train_one_round
 
 N = 4
@@ -88,13 +88,11 @@ def test_discover_rounds_can_hear_from_more_devices_than_training_rounds(make_se
 def test_a_discover_finish_that_raises_fails_only_that_round_and_the_level_is_retried(make_server, monkeypatch):
     env = discovering_server(make_server)
     train_one_round(env, N)
-    kind = env.services.kinds["discover"]
-    real = kind.finish
-    monkeypatch.setattr(kind, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
+    restore = break_finish(env, monkeypatch, "discover")
     vote(env, [["t"], ["t"], ["t"], ["a"]])
     rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]
     assert (rounds[0]["task"], rounds[0]["state"], rounds[0]["reason"]) == ("discover", "failed", "finish_error")
-    monkeypatch.setattr(kind, "finish", real)
+    restore()
     asked = vote(env, [["t"], ["t"], ["t"], ["a"]])
     assert asked[0]["level"] == 1                                        # the same level, asked again
     rounds = env.api.request("GET", "/v1/populations/en/rounds", headers=env.operator_headers).body["rounds"]

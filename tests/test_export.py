@@ -234,11 +234,78 @@ def test_quantized_app_model_agrees_with_float_top1(export_dir, trained_flat, he
     assert agree / positions >= 0.98, f"top-1 agreement {agree / positions:.4f} over {positions}"
 
 
-def test_app_model_stores_the_tied_embedding_once_in_int8(export_dir):
+def test_app_model_stores_the_tied_embedding_once_in_8_and_4_bits(export_dir):
     model = (export_dir / "app.tflite").read_bytes()
-    embedding_sized = [c for c in constant_buffers(model)
-                       if any(sorted(t["shape"]) == sorted([TINY.vocab_size, TINY.embedding_dim])
-                              for t in c["tensors"])]
-    assert len(embedding_sized) == 1
-    assert {t["dtype"] for t in embedding_sized[0]["tensors"]} == {"int8"}
-    assert embedding_sized[0]["bytes"] == TINY.vocab_size * TINY.embedding_dim
+    half = TINY.vocab_size // 2
+    kinds = sorted((c["tensors"][0]["dtype"], c["tensors"][0]["shape"][0], c["bytes"]) for c in constant_buffers(model)
+                   if c["tensors"][0]["shape"] in ([half, TINY.embedding_dim], [TINY.vocab_size - half, TINY.embedding_dim]))
+    assert kinds == [("int4", TINY.vocab_size - half, (TINY.vocab_size - half) * TINY.embedding_dim // 2),
+                     ("int8", half, half * TINY.embedding_dim)]
+
+
+def test_weights_are_rounded_per_channel_and_int4_is_packed_low_nibble_first():
+    from tflite_export.compact import dequantize, pack_int4, quantize
+
+    w = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32) * np.arange(1, 6)  # columns differ
+    for bits in (8, 4):
+        q, scale = quantize(w, bits, axis=1)
+        top = 2 ** (bits - 1) - 1
+        assert q.dtype == np.int8 and np.abs(q).max() == top and scale.shape == (5,)
+        np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / top, rtol=1e-6)
+        assert np.all(np.abs(dequantize(q, scale, 1) - w) <= scale / 2 + 1e-6)     # nearest level
+    assert pack_int4(np.array([1, -2, 3], np.int8)).tolist() == [0xE1, 0x03]
+
+
+def test_app_model_runs_the_network_on_exactly_its_stored_weights(export_dir, trained_flat, heldout):
+    """The phone's arithmetic is the float network on `rounded` weights: LiteRT's distribution equals
+    TensorFlow's on them, at every context length; `suggest` is its top-k."""
+    from tflite_export.app_model import phone_weights
+
+    rounded_flat = phone_weights(TINY, trained_flat)
+    assert not np.array_equal(rounded_flat, trained_flat)
+    app = load_app_model(export_dir / "app.manifest.json")
+    expected = tf.nn.softmax(keras_logits(rounded_flat, heldout[:4, :-1])).numpy()
+    for row, p in zip(heldout[:4], expected):
+        for length in (1, 2, 9, TINY.seq_len):
+            got = app.probabilities(row[:length])
+            np.testing.assert_allclose(got, p[length - 1], atol=2e-6)
+            assert [i for i, _ in app.suggest(row[:length])] == suggestions(got, k=3).tolist()
+
+
+def test_app_model_bytes_are_its_stored_weights_and_a_small_graph(export_dir):
+    """Where the bytes go: each weight once, at its precision, half the embedding's rows in 4 bits, and a
+    graph that grows with neither the vocabulary nor the steps; so the Gboard config's budget is its weights'
+    bytes plus that graph."""
+    from models.model import GBOARD
+    from tflite_export.app_model import bytes_by_array
+
+    def stored(config):
+        return sum(bytes_by_array(config).values())
+
+    model = (export_dir / "app.tflite").read_bytes()
+    graph = len(model) - stored(TINY)
+    assert 0 < graph < GRAPH_ALLOWANCE
+    by_size = [c["bytes"] for c in constant_buffers(model)]
+    half = TINY.vocab_size // 2 * TINY.embedding_dim
+    assert by_size[:2] == [half, half // 2]                     # the embedding: 8-bit rows, 4-bit rows
+    assert stored(GBOARD) + GRAPH_ALLOWANCE <= 1_400_000
+
+
+GRAPH_ALLOWANCE = 30_000   # bytes: the graph, signatures and small constants (the zero states)
+
+
+def test_distribution_and_suggest_share_one_graph(export_dir, heldout):
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = (export_dir / "app.tflite").read_bytes()
+    root = schema.Model.GetRootAsModel(model, 0)
+    graphs = {root.SignatureDefs(i).SignatureKey(): root.SignatureDefs(i).SubgraphIndex()
+              for i in range(root.SignatureDefsLength())}
+    assert set(graphs) == {b"suggest", b"distribution"} and len(set(graphs.values())) == 1
+    assert "WHILE" in operator_names(model) and root.SubgraphsLength() == 3        # main, loop test, loop step
+    app = load_app_model(export_dir / "app.manifest.json")
+    for row in heldout[:3]:
+        p = app.probabilities(row[:5])
+        assert p.sum() == pytest.approx(1.0, abs=1e-5)
+        top = app.suggest(row[:5])
+        np.testing.assert_allclose([q for _, q in top], p[[i for i, _ in top]], rtol=1e-6)

@@ -48,7 +48,7 @@ def test_a_finish_that_raises_fails_only_its_round(make_server, monkeypatch):
     (finish_error), and the population's next round of that kind completes."""
     import numpy as np
 
-    from tests.server_fixtures import DeviceClient, FlaskTransport
+    from tests.server_fixtures import DeviceClient, FlaskTransport, break_finish
 
     env = make_server(eval_every=1, goal=2, min_round_size=1, over_selection=1.0, min_selected_fraction=1.0)
     transport = FlaskTransport(env.client)
@@ -65,10 +65,8 @@ def test_a_finish_that_raises_fails_only_its_round(make_server, monkeypatch):
                               headers=env.operator_headers).json
 
     for task in ("train", "eval"):
-        kind = env.services.kinds[task]
-        real = kind.finish
-        monkeypatch.setattr(kind, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
+        restore = break_finish(env, monkeypatch, task)
         failed = play(task)
         assert (failed["state"], failed["reason"]) == ("failed", "finish_error"), failed
-        monkeypatch.setattr(kind, "finish", real)
+        restore()
         assert play(task)["state"] == "completed"

@@ -16,6 +16,11 @@ float rounding (~1e-7), which now and then puts a value on the other side of
 a rounding threshold — one quantization step in the rotated space. The
 inverse rotation spreads that step over a block of 1,024 weights (divided by
 32), which keeps its trace in any one weight below 1e-5.
+
+With dropout on, the plan the server hands out takes its dropout masks as
+inputs: each phone draws them from its session seed (contract.model.dropout),
+and the simulation draws the same ones for the same seed, so the round must
+match within the same bound.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import Device, DeviceSettings
 from models.corpus import load_corpus
 from models.model import TINY
+from contract.model.dropout import Dropout
 from contract.model.text import to_sequences
 from contract.update.spec import UpdateSpec
 from contract.model.weights import load_checkpoint
@@ -40,6 +46,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)
 ROUND = dict(client_lr=0.5, client_epochs=2, client_batch_size=16, client_max_examples=40)
 SPECS = {"f32": UpdateSpec(bits=32), "q8-rotated": UpdateSpec(bits=8, rotation=True)}
+DROPOUTS = {"no-dropout": None, "dropout": Dropout(0.3)}
 
 
 @dataclasses.dataclass
@@ -52,11 +59,12 @@ class Report:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     corpus = load_corpus(vocab_size=TINY.vocab_size - 4)
-    model = initial_model(tmp_path_factory.mktemp("model"), corpus, TINY)
+    models = {name: initial_model(tmp_path_factory.mktemp(name), corpus, TINY, dropout=dropout)
+              for name, dropout in DROPOUTS.items()}
     # Three users with little, some and a lot of text (the cap binds for the last).
     sizes = {cid: len(w) for cid, w in corpus.train.items()}
     clients = [min(sizes, key=lambda c: abs(sizes[c] - n)) for n in (7, 25, 120)]
-    return corpus, model, clients
+    return corpus, models, clients
 
 
 def production_round(root, corpus, model, clients, **population) -> tuple[np.ndarray, list[Report]]:
@@ -101,36 +109,41 @@ def _wait_for_version(url: str, number: int, headers: dict, timeout_s: float = 3
     raise AssertionError(f"no version {number} after {timeout_s} s")
 
 
-def simulated_round(model, reports: list[Report], spec: UpdateSpec) -> np.ndarray:
-    """The same round in simulation: TFF client work, the contract's pipeline, TFF's server sgd."""
+def simulated_round(model, reports: list[Report], spec: UpdateSpec, dropout: Dropout | None) -> np.ndarray:
+    """The same round in simulation: TFF client work (with the phones' dropout masks), the contract's
+    pipeline, TFF's server sgd."""
     from models.fedavg import FederatedAveraging, client_optimizer
     from models.simulate import client_dataset, server_optimizer
     from models.tff_runtime import tff_session
 
     with tff_session():
         process = FederatedAveraging(model.config, client_optimizer(ROUND["client_lr"], None),
-                                     server_optimizer("sgd", 1.0), spec, seed=0)   # the server's seed
+                                     server_optimizer("sgd", 1.0), spec, seed=0, dropout=dropout)  # the server's seed
         datasets = [client_dataset(r.windows, ROUND["client_batch_size"], ROUND["client_epochs"], r.seed,
-                                   ROUND["client_max_examples"]) for r in reports]
+                                   ROUND["client_max_examples"], dropout, model.config.embedding_dim)
+                    for r in reports]
         result = process.next(model.flat, datasets, [r.seed for r in reports], round_num=1)
     assert result.clients == len(reports)
     assert int(result.train["num_examples"]) == sum(r.num_examples for r in reports)
     return result.weights
 
 
+@pytest.mark.parametrize("drop", list(DROPOUTS))
 @pytest.mark.parametrize("name", list(SPECS))
-def test_one_round_through_server_and_phones_equals_the_simulation(world, tmp_path, name):
-    corpus, model, clients = world
-    spec = SPECS[name]
+def test_one_round_through_server_and_phones_equals_the_simulation(world, tmp_path, name, drop):
+    corpus, models, clients = world
+    model, spec = models[drop], SPECS[name]
     update = {k: v for k, v in dataclasses.asdict(spec).items()}
     served, reports = production_round(tmp_path, corpus, model, clients, server_optimizer="sgd",
                                        server_lr=1.0, update=update)
     assert len({r.seed for r in reports}) == len(reports)          # each phone its own order
     for r, cid in zip(reports, clients):
         np.testing.assert_array_equal(r.windows, corpus.train[cid])  # the phone's text = the client's
-    expected = simulated_round(model, reports, spec)
+    expected = simulated_round(model, reports, spec, DROPOUTS[drop])
     moved = np.abs(served - model.flat).max()
     diff = np.abs(served - expected).max()
-    print(f"parity {name}: max |production - simulation| = {diff:.2e} (largest weight change {moved:.3f})")
+    print(f"parity {name} {drop}: max |production - simulation| = {diff:.2e} (largest weight change {moved:.3f})")
+    if DROPOUTS[drop] is not None:      # the masks matter: the same round without them lands elsewhere
+        assert np.abs(simulated_round(model, reports, spec, None) - expected).max() > 10 * 1e-5
     assert moved > 1e-3
     assert diff <= 1e-5

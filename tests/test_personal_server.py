@@ -9,7 +9,7 @@ import numpy as np
 
 from contract.model.metrics import Hits
 from contract.tasks.personal import PersonalReport
-from tests.server_fixtures import DeviceClient
+from tests.server_fixtures import DeviceClient, break_finish
 from tests.test_server_views import checked_server, train_one_round
 
 N = 3
@@ -157,9 +157,7 @@ def test_under_secure_aggregation_the_counts_travel_masked_and_only_their_sum_is
 def test_a_personalize_finish_that_raises_fails_only_that_round_and_the_retry_completes(make_server, monkeypatch):
     env = personal_server(make_server)
     train_one_round(env, N)
-    kind = env.services.kinds["personalize"]
-    real = kind.finish
-    monkeypatch.setattr(kind, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
+    restore = break_finish(env, monkeypatch, "personalize")
     vector = PersonalReport(Hits(10, 20, 100), Hits(15, 25, 100), False).vector().tolist()
     for number, state, reason in ((2, "failed", "finish_error"), (3, "completed", None)):
         for d in [DeviceClient(env.api, "en", env.enrollment) for _ in range(N)]:
@@ -168,4 +166,4 @@ def test_a_personalize_finish_that_raises_fails_only_that_round_and_the_retry_co
             assert report(env, d, a, vector).body["status"] == "accepted"
         detail = env.api.request("GET", f"/v1/populations/en/rounds/{number}", headers=env.operator_headers).body
         assert (detail["state"], detail["reason"]) == (state, reason), detail
-        monkeypatch.setattr(kind, "finish", real)
+        restore()

@@ -197,3 +197,101 @@ def test_the_simulation_loop_gives_the_devices_counts_exactly(world):
             on_device.fell_back)
     r = report(rows)
     assert r["users"] == len(rows) and r["helped"] + r["hurt"] <= 1
+
+
+def test_the_cache_scores_many_positions_as_the_per_position_mix_does():
+    """window_scores ranks the target among the cache's words and the best three outside it; that gives the
+    hits and log-likelihood of mixing every position's whole distribution and taking its suggestions."""
+    from contract.model.metrics import Hits, suggestions
+    from contract.tasks.personal import mix, softmax, window_scores
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        windows = rng.integers(4, 60, size=(30, 11))
+        windows[:, 0] = BOS_ID
+        windows[rng.random(windows.shape) < 0.03] = 3                        # oov
+        for row, length in zip(windows, rng.integers(2, 11, 30)):
+            row[length:] = 0
+        logits = rng.normal(size=(30, 10, 300)) * 2
+        cache = PersonalCache.from_windows(windows[:15])
+        for weight, smoothing in ((0.1, 1.0), (0.5, 0.3), (0.9, 5.0)):
+            spec = PersonalSpec(cache_weight=weight, cache_smoothing=smoothing)
+            mask = windows[:, 1:] != 0
+            probs = np.stack([mix(p, v, cache, spec) for p, v in zip(softmax(logits[mask]), windows[:, :-1][mask])])
+            match = suggestions(probs, k=3) == windows[:, 1:][mask][:, None]
+            expected = Hits(int(match[:, 0].sum()), int(match.any(axis=1).sum()), int(mask.sum()))
+            hits, loglik = window_scores(logits, windows, cache, spec)
+            assert hits == expected and 0 < hits.top1 < hits.top3
+            assert loglik == pytest.approx(np.log(probs[np.arange(len(probs)), windows[:, 1:][mask]]).sum(), abs=1e-9)
+
+
+def trained(world) -> np.ndarray:
+    """The tiny global model after two epochs over the training users (so that it predicts something)."""
+    from contract.model.batching import client_batches
+
+    corpus, model, _ = world
+    plan = load_plan(model.plan_dir / "plan.manifest.json")
+    plan.set_weights(model.flat)
+    for batch in client_batches(np.concatenate(list(corpus.train.values())), 16, 2, 0):
+        plan.train_windows(batch, 0.5)
+    return plan.get_weights()
+
+
+def test_the_selection_counts_what_each_phone_would_report(world):
+    """models.personal_select scores a grid from shared distributions; each setting's counts are those of
+    contract.tasks.personal.evaluate (the phone's evaluation) with that setting."""
+    from models.personal_select import Grid, user_results
+    from models.personalize import evaluate_users
+
+    corpus, _, plan = world
+    flat = trained(world)
+    grid = Grid(cache_weights=(0.1, 0.4), smoothings=(1.0,), fallback_nats=(0.0, 5.0), finetune=((0, 0.0), (1, 0.3)))
+    specs = sorted(grid.specs(PersonalSpec()), key=lambda s: (s.epochs, s.lr))
+    changed = 0
+    for user in sorted(corpus.train)[:4]:
+        for spec, fast in zip(specs, user_results(plan, flat, user, corpus.train[user], specs)):
+            (row,) = evaluate_users(plan, flat, {user: corpus.train[user]}, spec, progress=False)
+            assert (fast.global_top1, fast.personal_top1, fast.positions, fast.fell_back) == (
+                row.global_top1, row.personal_top1, row.positions, row.fell_back)
+            changed += fast.personal_top1 != fast.global_top1
+    assert changed > 0
+
+
+class HeldOut(dict):
+    """Held-out users that fail the test if anything reads them."""
+
+    def _read(self, *args, **kwargs):
+        raise AssertionError("the selection read the held-out users")
+
+    __getitem__ = __iter__ = __len__ = __contains__ = keys = items = values = get = _read
+
+
+def test_the_selection_never_reads_the_held_out_users(world):
+    import dataclasses
+
+    from benchmarks.personalization import PersonalizationBench, choose_spec
+    from models.personal_select import Grid
+
+    corpus, _, plan = world
+    flat = trained(world)
+    guarded = dataclasses.replace(corpus, heldout=HeldOut(), heldout_texts=HeldOut())
+    with pytest.raises(AssertionError, match="held-out"):
+        len(guarded.heldout)
+    grid = Grid(cache_weights=(0.1, 0.3), smoothings=(1.0,), fallback_nats=(2.0,), finetune=((0, 0.0),), max_hurt=1.0)
+    chosen, table = choose_spec(plan, flat, guarded, PersonalizationBench(), grid)
+    assert len(table) == 2 and chosen in table
+    assert chosen["users"] == sum(len(w) >= 2 for w in corpus.train.values())
+
+
+def test_the_rule_takes_the_largest_gain_that_hurts_few_and_spares_the_worst_decile():
+    from models.personal_select import choose
+
+    def row(gain, micro, hurt, worst):
+        return {"relative_gain": gain, "micro_gain": micro, "hurt": hurt,
+                "global": {"worst_decile": 0.05}, "personal": {"worst_decile": worst}}
+
+    table = [row(0.09, 0.02, 0.20, 0.06), row(0.07, 0.01, 0.05, 0.04), row(0.05, 0.01, 0.05, 0.06),
+             row(0.05, 0.02, 0.08, 0.05), row(0.01, 0.00, 0.00, 0.05)]
+    assert choose(table, max_hurt=0.08) is table[3]       # too many hurt; worst decile lower; then micro breaks the tie
+    with pytest.raises(ValueError, match="hurts at most"):
+        choose(table[:2], max_hurt=0.08)

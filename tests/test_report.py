@@ -45,7 +45,7 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
                           "central": {"top1": 0.1583, "top3": 0.2676},
                           "federated": {"top1": 0.1560, "top3": 0.2628}}}
     text = table(report)
-    assert ("| CIFG, federated from random weights (600 rounds × 10 clients, FedAdam), users' vocabulary "
+    assert ("| CIFG, federated from random weights (600 rounds × 10 clients, FedSgdm), users' vocabulary "
             "| 15.60% | 26.28% |") in text
     assert "0.03 points above the users'-vocabulary n-gram's (60 held-out positions). The margin is thin" in text
     behind = copy.deepcopy(report)
@@ -61,12 +61,32 @@ def test_the_quality_table_states_the_margin_over_the_ngram_in_positions():
                              oov_rate={"public": 0.1362, "after_discovery": 0.0741, "users": 0.0371})
     text = table(public)
     assert "| CIFG, federated from pretrained + discovered words | 17.50% | 29.00% |" in text
+    # a row that ran another setting is named with its own
+    public["results"]["federated"]["config"] = {"server_optimizer": "adam", "server_lr": 0.03, "rounds": 600}
+    assert "(600 rounds × 10 clients, FedAdam), users' vocabulary | 15.60% | 26.28% | 600 rounds, server adam 0.03 |" \
+        in table(public)
     assert "CIFG, federated from pretrained + discovered words: top-1 1.93 points above" in text
     assert "13.62% under the public vocabulary, 7.41% with the discovered words, 3.71% under the users'" in text
     assert "thin" not in table(ahead)
+    # the shipped rows: each against its target, the goals, the predictor's parts and its setting
+    shipped = copy.deepcopy(public)
+    shipped["results"].update(
+        central_dropout={"top1": 0.1653, "top3": 0.28, "config": {"epochs": 8, "dropout": 0.3}},
+        federated_pretrained_dropout={"top1": 0.1690, "top3": 0.29, "config": {
+            "dropout": 0.3, "rounds": 600, "server_optimizer": "sgdm", "server_lr": 1.0}},
+        shipped_predictor={"top1": 0.1712, "top3": 0.30, "combines": "app model + typing cache",
+                           "app_model_alone": {"top1": 0.1688},
+                           "config": {"cache_weight": 0.1, "cache_smoothing": 1.0, "ngram_weight": 0.0}})
+    text = table(shipped)
+    assert "| **Shipped predictor: app model + typing cache** | 17.12% | 30.00% | λ cache 0.1, κ 1.0" in text
+    assert "| 600 rounds, server sgdm 1.0, dropout 0.3 |" in text
+    assert "Target for the federated pretrained dropout (top-1 ≥ 16.8%): met (16.90%)." in text
+    assert "Target for the shipped predictor (top-1 ≥ 17.0%): met (17.12%)." in text
+    assert "shipped predictor ≥ 17.6%: not met; the network alone (16.90%) at or above central with dropout " \
+           "(16.53%): met." in text
 
 
-def test_quality_rows_run_side_by_side_merge_and_a_changed_setting_drops_old_rows():
+def test_quality_rows_run_side_by_side_merge_and_old_rows_keep_the_setting_they_ran_with():
     from benchmarks.quality import QualityConfig, merge
 
     cfg = QualityConfig(rows="federated_pretrained")
@@ -78,12 +98,17 @@ def test_quality_rows_run_side_by_side_merge_and_a_changed_setting_drops_old_row
     mine = {"config": vars(cfg), "results": {"federated_pretrained": {"top1": 0.16}, "oov_rate": {"public": 0.136}},
             "timings": {"federated_pretrained_s": 2000.0}, "reused": [], "wall_s": 2000.0}
     merged = merge(mine, earlier, cfg)
-    assert merged["results"]["ngram"] == {"top1": 0.1557}                    # kept from the file
+    assert merged["results"]["ngram"] == {"top1": 0.1557, "config": old_config}   # kept, with its setting
     assert merged["results"]["federated_pretrained"] == {"top1": 0.16}       # this run's figure wins
     assert merged["results"]["oov_rate"] == {"users": 0.037, "public": 0.136}
     assert merged["reused"] == ["ngram"] and merged["wall_s"] == 2008.0
-    changed = merge(mine, {**earlier, "config": {**old_config, "rounds": 10}}, cfg)
-    assert "ngram" not in changed["results"] and changed["reused"] == []
+    # a row of another setting stays, named with its own setting; a row that carries one keeps it
+    changed = merge(mine, {**earlier, "config": {**old_config, "rounds": 10},
+                           "results": {**earlier["results"], "central_dropout": {"top1": 0.165, "config": {"epochs": 8}}}},
+                    cfg)
+    assert changed["results"]["ngram"]["config"]["rounds"] == 10
+    assert changed["results"]["central_dropout"]["config"] == {"epochs": 8}
+    assert changed["reused"] == ["central_dropout", "ngram"]
     assert merge(mine, None, cfg) is mine
 
 
@@ -177,16 +202,43 @@ def test_the_attack_table_judges_the_all_defences_runs_at_ten_percent():
 def test_the_personalization_section_judges_gain_worst_decile_and_hurt():
     from benchmarks.report import personalization
 
-    dist = {"top1": 0.15, "median": 0.14, "p10": 0.08, "below_half_mean": 0.05}
-    mine = {"top1": 0.165, "median": 0.16, "p10": 0.09, "below_half_mean": 0.03}
-    r = {"users": 226, "global_model": "m", "global": dist, "personal": mine, "relative_gain": 0.10,
-         "helped": 0.6, "hurt": 0.05, "fell_back": 0.1, "median_user_windows": 40, "finetune_s_median_user": 0.5,
-         "suggest_ms_p50": 1.2, "suggest_ms_p99": 3.0,
-         "variants": {"both": {"global": dist, "personal": mine, "relative_gain": 0.1, "helped": 0.6,
-                               "hurt": 0.05, "fell_back": 0.1}}}
+    dist = {"top1": 0.15, "micro_top1": 0.14, "median": 0.14, "p10": 0.08, "worst_decile": 0.06,
+            "below_half_mean": 0.05}
+    mine = {"top1": 0.165, "micro_top1": 0.145, "median": 0.16, "p10": 0.09, "worst_decile": 0.07,
+            "below_half_mean": 0.03}
+    spec = {"epochs": 0, "lr": 0.0, "cache_weight": 0.2, "cache_smoothing": 2.0, "fallback_nats": 2.0}
+    chosen = {"spec": spec, "users": 905, "relative_gain": 0.06, "micro_gain": 0.02, "hurt": 0.07, "fell_back": 0.4}
+    r = {"selection": "training users", "users": 226, "positions": 39671, "global_model": "m", "global": dist,
+         "personal": mine, "relative_gain": 0.10, "micro_gain": 0.036, "helped": 0.6, "hurt": 0.05, "fell_back": 0.1,
+         "spec": spec, "personal_layers": ["output_bias"],
+         "meets_targets": {"relative_gain": True, "hurt": True, "worst_decile": True},
+         "training_users": {"chosen": chosen, "best_of_each_family": {"cache only": chosen}, "settings_tried": 270},
+         "median_user_windows": 40, "finetune_s_median_user": 0.5, "suggest_ms_p50": 1.2, "suggest_ms_p99": 3.0,
+         "in_sample_previous": {"relative_gain": 0.048}}
     text = personalization(r)
-    assert "| personal (after fallback) | 16.50% | 16.00% | 9.00% | 3.0% |" in text
-    assert "Target (gain ≥ 5%, p10 not below the global model's, < 10% of users hurt): met; goal (gain ≥ 10%): met" \
-        in text
-    assert "not met; goal" in personalization({**r, "hurt": 0.2})
-    assert "Target" in text and "not met" in personalization({**r, "personal": {**mine, "p10": 0.07}})
+    assert "| personal (after fallback) | 16.50% | 14.50% | 16.00% | 9.00% | 7.00% | 3.0% |" in text
+    assert "chosen on the 905 training users only, measured once on 226 held-out users" in text
+    assert "per-user mean +10.0%, micro-averaged +3.6%" in text and "+4.8%" in text and "in-sample" in text
+    assert "| cache only | 0.2 / 2.0 / 2.0 / 0×0.0 | +6.0% | +2.0% | 7% | 40% |" in text
+    assert "worst decile not below the global model's): met; goal (gain ≥ 10%): met" in text
+    worse = {**r, "meets_targets": {**r["meets_targets"], "worst_decile": False}, "relative_gain": 0.04}
+    assert "not met (worst_decile); goal (gain ≥ 10%): not met" in personalization(worse)
+
+
+def test_the_export_section_says_where_the_bytes_go_and_judges_size_and_agreement():
+    from benchmarks.report import export
+
+    judged = {"federated": {"top1_agreement": 0.994, "positions": 2772, "float": {"top1": 0.15, "top3": 0.26},
+                            "quantized": {"top1": 0.15, "top3": 0.26},
+                            "precision_variants": {"shipped": {"top1_agreement": 0.994, "stored_bytes": 1228060}}}}
+    r = {"plan_bytes": 6_000_000, "plan_to_float_weights": 1.05, "app_model_bytes": 1_244_320,
+         "app_model_bytes_by_weight": {"embedding_8bit": 480_204, "graph and the rest": 16_260},
+         "train_step_ms_median": 80.0, "suggest_ms_p50": 0.8, "suggest_ms_p99": 2.0, "threads": 1,
+         "judged": judged, "targets": {"app_model_bytes_max": 1_400_000, "top1_agreement_min": 0.98},
+         "meets_targets": {"app_model_bytes": True, "top1_agreement_trained": True}}
+    text = export(r)
+    assert "1,244,320 B — embedding_8bit 480,204, graph and the rest 16,260" in text
+    assert "| shipped | 99.40% | 1,228,060 |" in text and text.endswith("trained weights): met.")
+    assert export({**r, "meets_targets": {"app_model_bytes": False, "top1_agreement_trained": True}}).endswith("not met.")
+
+

@@ -7,8 +7,9 @@ A phone runs LiteRT and nothing else. This package turns a checkpoint
   tokens` (one plain SGD step on a fixed-size, pad-masked batch),
   `infer(x) -> logits`, `get_weights() -> flat`, `set_weights(flat)`, built
   from TFLite built-in ops only (a Flex op fails the export);
-* an **app model** (`app.tflite`): `suggest(tokens, length) -> ids, probs`,
-  batch 1, int8 weights, the top-k next words, never pad/bos/oov;
+* an **app model** (`app.tflite`): `suggest(tokens, length) -> ids, probs`
+  and `distribution(tokens, length) -> probs`, batch 1, within 1.4 MB (8-
+  and 4-bit weights, `compact`), the top-k next words, never pad/bos/oov;
 
 each with a JSON **manifest** (schema version, model version and config,
 vocabulary hash, flat weight layout, signatures, sha256 of every file) and the

@@ -21,20 +21,18 @@ _CUSTOM_OPS = re.compile(r"Custom ops: ([^\n]+)")
 
 
 def convert(module: tf.Module, signatures: dict, *, what: str,
-            resource_variables: bool = False, quantize: bool = False) -> bytes:
-    """SavedModel of `module` with `signatures` → .tflite bytes (TFLITE_BUILTINS only).
+            resource_variables: bool = False) -> bytes:
+    """SavedModel of `module` with `signatures` → .tflite bytes (TFLITE_BUILTINS only, float weights: the
+    app model's are stored small afterwards by tflite_export.compact).
 
     resource_variables keeps tf.Variables as LiteRT variables (the training
-    plan); quantize applies dynamic-range quantization (int8 weights, float
-    activations: no representative dataset needed).
+    plan).
     """
     with tempfile.TemporaryDirectory(prefix="nightjar-savedmodel-") as saved:
         tf.saved_model.save(module, saved, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=list(signatures))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = resource_variables
-        if quantize:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
         try:
             model = converter.convert()
         except Exception as e:  # the converter raises ConverterError, whose module is private

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from contract.model.dropout import Dropout
 from contract.model.text import Vocabulary
 from contract.model.weights import load_checkpoint
 from contract.artifacts.manifest import (APP_MODEL, TRAINING_PLAN, Manifest, file_record,
@@ -33,20 +34,23 @@ PLAN_NAME, APP_NAME, VOCAB_FILE = "plan", "app", "vocab.json"
 
 def export_plan(config: ModelConfig, flat: np.ndarray, vocab: Vocabulary, out_dir: str | Path,
                 batch_size: int = 16, model_version: int = 0,
-                clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None) -> Path:
+                clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None,
+                dropout: Dropout | None = None) -> Path:
     """Write the training plan of weights `flat` to `out_dir`; returns its manifest path.
 
     `clip_norm`: clip each step's gradient to this global L2 norm (None: plain SGD).
     `personal_layers`: the weights (layout names) a phone's personalization may train (None: all).
+    `dropout`: rate and placement of the `train` signature's dropout (its masks are inputs; None: none).
     """
     from tflite_export.plan import convert_plan
 
     _check_inputs(config, flat, vocab)
-    model = convert_plan(config, flat, batch_size, clip_norm, personal_layers)
+    model = convert_plan(config, flat, batch_size, clip_norm, personal_layers, dropout)
     return _write(out_dir, PLAN_NAME, model, vocab, config,
                   _manifest_fields(TRAINING_PLAN, config, model_version, batch_size=batch_size,
                                    clip_norm=clip_norm,
-                                   personal_layers=list(personal_layers) if personal_layers else None))
+                                   personal_layers=list(personal_layers) if personal_layers else None,
+                                   dropout=dropout.to_json() if dropout is not None else None))
 
 
 def export_app_model(config: ModelConfig, flat: np.ndarray, vocab: Vocabulary, out_dir: str | Path,

@@ -10,6 +10,12 @@ client update of TFF's FedAvg with `build_sgdm(learning_rate=lr)` — or, when
 the plan is exported with a clip norm, w -= lr * clip_by_global_norm(grad),
 the update of `models.fedavg.build_clipped_sgd`.
 
+Exported with dropout (contract.model.dropout), `train` takes one more
+input per placement, `keep_<placement>` float32 [batch, seq_len, E]: the 0/1
+masks the phone draws from its session's seed (the plan has no random ops).
+Nothing else takes masks: `personalize`, `infer` and `next_probs` run the
+network whole.
+
 Personalization (contract.tasks.personal) uses two more signatures: `personalize`,
 the same SGD step on only the layers the plan was exported to personalize
 (`personal_layers`; the step of every layer when none are named), and
@@ -22,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from contract.model.dropout import Dropout
 from models.model import ModelConfig, forward, hidden_states, masked_cross_entropy, weight_layout
 from contract.model.text import PAD_ID
 from tflite_export.convert import convert
@@ -29,14 +36,20 @@ from tflite_export.convert import convert
 SIGNATURES = ("train", "personalize", "infer", "next_probs", "get_weights", "set_weights")
 
 
-def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_norm: float | None = None,
-                personal_layers: tuple[str, ...] | None = None) -> tuple[tf.Module, dict[str, object]]:
-    """The plan as a tf.Module holding the weights, and its concrete signatures."""
-    layout = weight_layout(config)
-    names = [e.name for e in layout.entries]
+def check_personal_layers(names: list[str], personal_layers: tuple[str, ...] | None) -> None:
+    """personal_layers (None: every weight) must name some of the plan's weights and nothing else."""
     unknown = sorted(set(personal_layers or ()) - set(names))
     if unknown or personal_layers == ():
         raise ValueError(f"personal_layers must name some of {', '.join(names)}; got {unknown or 'none'}")
+
+
+def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_norm: float | None = None,
+                personal_layers: tuple[str, ...] | None = None,
+                dropout: Dropout | None = None) -> tuple[tf.Module, dict[str, object]]:
+    """The plan as a tf.Module holding the weights, and its concrete signatures."""
+    layout = weight_layout(config)
+    names = [e.name for e in layout.entries]
+    check_personal_layers(names, personal_layers)
     module = tf.Module(name="nightjar_plan")
     module.weights = [tf.Variable(tensor, name=name.replace("/", "_"))
                       for name, tensor in layout.unflatten(np.asarray(flat, np.float32)).items()]
@@ -44,9 +57,12 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
     step_specs = [tf.TensorSpec.from_spec(tokens, "x"), tf.TensorSpec.from_spec(tokens, "y"),
                   tf.TensorSpec([], tf.float32, "lr")]
 
-    def sgd_step(x, y, lr, trained: list[int]):
+    masks = [tf.TensorSpec([batch_size, config.seq_len, config.embedding_dim], tf.float32, f"keep_{p}")
+             for p in (dropout.placement if dropout is not None else ())]
+
+    def sgd_step(x, y, lr, trained: list[int], keep=()):
         with tf.GradientTape() as tape:
-            loss = masked_cross_entropy(y, forward(module.weights, x, config))
+            loss = masked_cross_entropy(y, forward(module.weights, x, config, dropout if keep else None, keep))
         grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, [module.weights[i] for i in trained])]
         if clip_norm is not None:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm)
@@ -58,9 +74,9 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
     everything = list(range(len(names)))
     personal = [i for i, n in enumerate(names) if n in personal_layers] if personal_layers else everything
 
-    @tf.function(input_signature=step_specs)
-    def train(x, y, lr):
-        return sgd_step(x, y, lr, everything)
+    @tf.function(input_signature=step_specs + masks)
+    def train(x, y, lr, *keep):
+        return sgd_step(x, y, lr, everything, keep)
 
     @tf.function(input_signature=step_specs)
     def personalize(x, y, lr):
@@ -77,6 +93,19 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
     def infer(x):
         return {"logits": forward(module.weights, x, config)}
 
+    get_weights, set_weights = weight_signatures(module, layout)
+
+    concrete = dict(train=train.get_concrete_function(),
+                    personalize=personalize.get_concrete_function(),
+                    infer=infer.get_concrete_function(),
+                    next_probs=next_probs.get_concrete_function(),
+                    get_weights=get_weights.get_concrete_function(),
+                    set_weights=set_weights.get_concrete_function())
+    return module, concrete
+
+
+def weight_signatures(module: tf.Module, layout) -> tuple:
+    """`get_weights` and `set_weights`: the plan's weights as one flat float32 vector, out and in."""
     @tf.function(input_signature=[])
     def get_weights():
         return {"flat": tf.concat([tf.reshape(w, [-1]) for w in module.weights], axis=0)}
@@ -90,21 +119,18 @@ def plan_module(config: ModelConfig, flat: np.ndarray, batch_size: int, clip_nor
         with tf.control_dependencies(assigns):
             return {"count": tf.size(flat)}
 
-    concrete = dict(train=train.get_concrete_function(),
-                    personalize=personalize.get_concrete_function(),
-                    infer=infer.get_concrete_function(),
-                    next_probs=next_probs.get_concrete_function(),
-                    get_weights=get_weights.get_concrete_function(),
-                    set_weights=set_weights.get_concrete_function())
-    return module, concrete
+    return get_weights, set_weights
 
 
 def convert_plan(config: ModelConfig, flat: np.ndarray, batch_size: int = 16,
-                 clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None) -> bytes:
+                 clip_norm: float | None = None, personal_layers: tuple[str, ...] | None = None,
+                 dropout: Dropout | None = None) -> bytes:
     """The training plan as .tflite bytes (built-in ops only, float32 weights)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError("clip_norm must be > 0 (or None: no clipping)")
-    module, concrete = plan_module(config, flat, batch_size, clip_norm, personal_layers)
+    if dropout is not None:
+        dropout.validate()
+    module, concrete = plan_module(config, flat, batch_size, clip_norm, personal_layers, dropout)
     return convert(module, concrete, what="training plan", resource_variables=True)

@@ -57,7 +57,9 @@ class TrainingPlan:
         self.layout: WeightLayout = manifest.layout
         self.batch_size: int = manifest.batch_size
         self.seq_len: int = manifest.seq_len
+        self.dropout = manifest.training_dropout        # None: `train` takes no masks
         self._vocab_size = int(manifest.model_config["vocab_size"])
+        self._mask_shape = (self.seq_len, int(manifest.model_config["embedding_dim"]))
         interpreter = _interpreter(model, manifest, source, num_threads)
         self._train = interpreter.get_signature_runner("train")
         self._personalize = interpreter.get_signature_runner("personalize")
@@ -75,23 +77,41 @@ class TrainingPlan:
         _check_tokens(rows, self._vocab_size, what)
         return pad_batch(rows.astype(np.int32, copy=False), self.batch_size)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> TrainStep:
-        """One SGD step on inputs x and targets y [n ≤ batch_size, seq_len] (padded here)."""
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float,
+                   keep: Sequence[np.ndarray] = ()) -> TrainStep:
+        """One SGD step on inputs x and targets y [n ≤ batch_size, seq_len] (padded here).
+
+        A plan with dropout needs `keep`: one 0/1 mask [n, seq_len, E] per placement of
+        `self.dropout` (contract.model.dropout.keep_masks); a plan without takes none."""
         x, y = np.asarray(x), np.asarray(y)
         if x.shape != y.shape:
             raise ValueError(f"x {x.shape} and y {y.shape} must have the same shape")
         out = self._train(x=self._batch(x, "x"), y=self._batch(y, "y"),
-                          lr=np.asarray(lr, np.float32))
+                          lr=np.asarray(lr, np.float32), **self._masks(keep, len(x)))
         return TrainStep(float(out["loss"]), int(out["tokens"]))
 
-    def train(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-        """One SGD step; returns the batch's loss before the step."""
-        return self.train_step(x, y, lr).loss
+    def _masks(self, keep: Sequence[np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        placement = self.dropout.placement if self.dropout is not None else ()
+        if len(keep) != len(placement):
+            raise ValueError(f"keep: this plan's dropout takes {len(placement)} mask(s) ({', '.join(placement)}), "
+                             f"got {len(keep)}")
+        out = {}
+        for name, mask in zip(placement, keep):
+            mask = np.asarray(mask, np.float32)
+            if mask.shape != (rows, *self._mask_shape) or not np.isin(mask, (0.0, 1.0)).all():
+                raise ValueError(f"keep_{name}: expected 0/1 values of shape {(rows, *self._mask_shape)}, "
+                                 f"got {mask.shape}")
+            out[f"keep_{name}"] = pad_batch(mask, self.batch_size)
+        return out
 
-    def train_windows(self, windows: np.ndarray, lr: float) -> TrainStep:
+    def train(self, x: np.ndarray, y: np.ndarray, lr: float, keep: Sequence[np.ndarray] = ()) -> float:
+        """One SGD step; returns the batch's loss before the step."""
+        return self.train_step(x, y, lr, keep).loss
+
+    def train_windows(self, windows: np.ndarray, lr: float, keep: Sequence[np.ndarray] = ()) -> TrainStep:
         """One SGD step on windows [n, seq_len + 1] (x = [:, :-1], y = [:, 1:]), as the corpus stores them."""
         windows = np.asarray(windows)
-        return self.train_step(windows[:, :-1], windows[:, 1:], lr)
+        return self.train_step(windows[:, :-1], windows[:, 1:], lr, keep)
 
     def personalize_windows(self, windows: np.ndarray, lr: float) -> TrainStep:
         """One SGD step on windows [n, seq_len + 1] that moves only the plan's `personal_layers`."""

@@ -18,6 +18,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from contract.model.dropout import Dropout
 from contract.model.text import Vocabulary
 from contract.model.weights import LayoutError, WeightLayout
 from contract.artifacts.errors import (HashMismatch, MissingArtifact, SchemaMismatch,
@@ -48,6 +49,7 @@ class Manifest:
     k: int | None = None            # app model: suggestions per call
     clip_norm: float | None = None  # training plan: gradient clip (global L2 norm), if any
     personal_layers: list[str] | None = None   # training plan: what `personalize` trains (None: all)
+    dropout: dict | None = None     # training plan: {rate, placement} of `train`'s dropout (None: none)
     privacy: dict | None = None     # app model trained under DP: {epsilon, delta, accountant, rounds}
     canary: dict | None = None      # app model: {probe context: first suggestion} (contract.model.canary)
     ops: list[str] = dataclasses.field(default_factory=list)
@@ -93,7 +95,16 @@ class Manifest:
             manifest.layout
         except (LayoutError, KeyError, TypeError) as e:
             raise SchemaMismatch(f"{source}: invalid weight_layout ({e})") from None
+        try:
+            Dropout.from_json(manifest.dropout)
+        except ValueError as e:
+            raise SchemaMismatch(f"{source}: invalid dropout ({e})") from None
         return manifest
+
+    @property
+    def training_dropout(self) -> Dropout | None:
+        """The plan's dropout option (None: its `train` takes no masks)."""
+        return Dropout.from_json(self.dropout)
 
 
 FIELD_DOCS = {
@@ -113,6 +124,8 @@ FIELD_DOCS = {
     "k": "app model: suggestions per call",
     "clip_norm": "training plan: each SGD step's gradient clip (global L2), if any",
     "personal_layers": "training plan: the weights its personalize signature trains (null: all of them)",
+    "dropout": "training plan: {rate, placement} of the train signature's dropout; its keep_<placement> inputs "
+               "are 0/1 masks the device draws from the session's seed (contract.model.dropout); absent: none",
     "privacy": "app model trained under user-level DP: the server ledger's {epsilon, delta, accountant, rounds}",
     "canary": "app model: the first suggestion after each standing probe context (contract.model.canary), "
               "computed by this model on the LiteRT interpreter",

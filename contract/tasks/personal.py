@@ -3,15 +3,10 @@
 A personal model is the global model fine-tuned on the phone's own text
 (`PersonalSpec.epochs` at `lr`, through the training plan's `personalize`
 signature, which moves only the layers the plan was exported to personalize)
-and a *personal cache*: unigram and bigram counts of the words its user
-typed, mixed into the model's next-word distribution,
-
-    p(w | context) = (1 − λ) · p_model(w | context) + λ · p_cache(w | previous word),
-    p_cache(w | v) = (c(v, w) + κ · c(w) / N) / (c(v) + κ),
-
-the unigram/bigram cache of the keyboard literature (Kuhn and De Mori 1990).
-It never leaves the phone. The device and the simulation both use this
-module, so their evaluations agree exactly.
+and a *personal cache* (contract.tasks.personal_cache, re-exported here):
+unigram and bigram counts of the words its user typed, mixed into the
+model's next-word distribution. It never leaves the phone. The device and
+the simulation both use this module, so their evaluations agree exactly.
 
 Judging it: the phone's text, in the order it was typed, is split at
 `adapt_fraction` (the first part adapts, the rest scores — Wang et al.
@@ -34,8 +29,9 @@ import numpy as np
 
 from contract.protocol import schema as sc
 from contract.model.batching import client_batches
-from contract.model.metrics import Hits, suggestions
-from contract.model.text import NEVER_SUGGEST, PAD_ID
+from contract.model.metrics import Hits
+# the cache lives in personal_cache; these names stay importable from here (the public API)
+from contract.tasks.personal_cache import PersonalCache, mix, softmax, window_scores  # noqa: F401
 
 BUCKETS = 20                   # top-1 histogram: [0, 0.05), [0.05, 0.10), ..., [0.95, 1.0]
 
@@ -90,84 +86,6 @@ def split(windows: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]
     n = len(windows)
     cut = min(max(int(round(fraction * n)), 1), n - 1) if n >= 2 else n
     return windows[:cut], windows[cut:]
-
-
-class PersonalCache:
-    """Unigram and bigram counts of a user's own words (targets of its windows; never pad/bos/oov)."""
-
-    def __init__(self, unigrams: dict[int, int], bigrams: dict[int, dict[int, int]]):
-        self.unigrams, self.bigrams = unigrams, bigrams
-        self.total = sum(unigrams.values())
-        # made once: a suggestion then only adds its previous word's bigrams
-        self._ids = np.fromiter(unigrams, np.int64, len(unigrams))
-        self._counts = np.fromiter(unigrams.values(), np.float64, len(unigrams))
-        self._where = {w: i for i, w in enumerate(self._ids.tolist())}
-
-    @classmethod
-    def from_windows(cls, windows: np.ndarray) -> "PersonalCache":
-        windows = np.asarray(windows)
-        x, y = windows[:, :-1].reshape(-1), windows[:, 1:].reshape(-1)
-        keep = ~np.isin(y, NEVER_SUGGEST)
-        unigrams: dict[int, int] = {}
-        bigrams: dict[int, dict[int, int]] = {}
-        for prev, word in zip(x[keep].tolist(), y[keep].tolist()):
-            unigrams[word] = unigrams.get(word, 0) + 1
-            row = bigrams.setdefault(prev, {})
-            row[word] = row.get(word, 0) + 1
-        return cls(unigrams, bigrams)
-
-    def distribution(self, prev: int, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, probabilities) of p_cache(· | prev); empty for an empty cache."""
-        if not self.total:
-            return np.zeros(0, np.int64), np.zeros(0)
-        p = self._counts * (smoothing / self.total)
-        row = self.bigrams.get(int(prev), {})
-        for w, c in row.items():
-            p[self._where[w]] += c
-        return self._ids, p / (sum(row.values()) + smoothing)
-
-    def to_json(self) -> dict:
-        return {"unigrams": {str(k): v for k, v in self.unigrams.items()},
-                "bigrams": {str(k): {str(w): c for w, c in row.items()} for k, row in self.bigrams.items()}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "PersonalCache":
-        return cls({int(k): int(v) for k, v in data["unigrams"].items()},
-                   {int(k): {int(w): int(c) for w, c in row.items()} for k, row in data["bigrams"].items()})
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities of logits [..., V] in float64 (pad/bos/oov keep theirs: `suggestions` drops them)."""
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
-def mix(probs: np.ndarray, prev: int, cache: PersonalCache | None, spec: PersonalSpec) -> np.ndarray:
-    """The personal next-word distribution [V] from the model's `probs` [V] after word `prev`."""
-    if cache is None or spec.cache_weight == 0 or not cache.total:
-        return probs
-    ids, p = cache.distribution(prev, spec.cache_smoothing)
-    out = (1 - spec.cache_weight) * np.asarray(probs, np.float64)
-    out[ids] += spec.cache_weight * p
-    return out
-
-
-def window_scores(logits: np.ndarray, windows: np.ndarray, cache: PersonalCache | None,
-                  spec: PersonalSpec) -> tuple[Hits, float]:
-    """contract.model.metrics hits of the model's `logits` [n, L, V] on `windows` [n, L + 1], mixed with `cache`
-    (None: the model alone), and Σ log p(target) over the non-pad positions (an oov target counts its own
-    probability)."""
-    windows = np.asarray(windows)
-    x, y = windows[:, :-1], windows[:, 1:]
-    mask = y != PAD_ID
-    probs = softmax(np.asarray(logits)[mask])
-    if cache is not None:
-        probs = np.stack([mix(p, int(v), cache, spec) for p, v in zip(probs, x[mask])]) if len(probs) else probs
-    top = suggestions(probs, k=3) if len(probs) else np.zeros((0, 3), np.int64)
-    match = top == y[mask][:, None]
-    loglik = float(np.log(np.maximum(probs[np.arange(len(probs)), y[mask]], 1e-300)).sum()) if len(probs) else 0.0
-    return Hits(int(match[:, 0].sum()), int(match.any(axis=1).sum()), int(mask.sum())), loglik
 
 
 def decide(base: tuple[Hits, float], personal: tuple[Hits, float], spec: PersonalSpec) -> bool:
