@@ -2,11 +2,13 @@
 a restart), the participation rule at selection, and the ledger's ε without a sampling assumption.
 
 Rounds run through the Flask app (the fixture's population: goal 4, float32 updates, server SGD at lr 1)
-with `[populations.en.dp] mechanism = "ftrl"`.
+with `[populations.en.dp] mechanism = "ftrl"`; the restart mid-horizon also through the real server
+(gunicorn), SIGKILLed between two rounds.
 """
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -158,3 +160,64 @@ def test_status_and_the_health_page_show_the_mechanism_b_k_the_refusals_and_epsi
     sign_in(env.client, env.services.operator_token)
     page = env.client.get("/dashboard/p/en/health", headers=BROWSER).get_data(as_text=True)
     assert "DP-FTRL" in page and "b = 3" in page and "k = 2" in page and "turned away 2 of" in page
+
+
+def test_after_a_sigkill_mid_horizon_the_real_server_adds_the_noise_it_would_have_added(tmp_path):
+    """The real server (gunicorn, SIGKILLed between two DP-FTRL rounds and restarted on the same state):
+    every version's step is the tree's noise for its release index, the same key before and after."""
+    import requests
+
+    from contract.model.weights import load_checkpoint
+    from deploy.server_process import ServerProcess, free_port
+    from emulation.deployment import enrollment
+    from server.config import load_config
+    from tests.server_fixtures import HttpTransport, init_small_population, write_small_config
+
+    config = write_small_config(tmp_path, goal=4, over_selection=1.0, min_selected_fraction=1.0,
+                                min_report_fraction=1.0)
+    dp = {**FTRL, "noise_multiplier": 0.5, "clipped_count_stddev": 100.0}
+    with config.open("a") as f:
+        f.write("\n[populations.en.update]\nbits = 32\nclip_norm = 100.0\nmax_weight = 1000\n"
+                + "\n[populations.en.dp]\n" + "".join(f'{k} = {v!r}\n'.replace("'", '"') for k, v in dp.items())
+                + "\n[populations.en.dp_budget]\n" + "".join(f"{k} = {v}\n" for k, v in LEDGER.items()))
+    initial = init_small_population(tmp_path, config)
+    layout = participation(load_config(config).population("en"))
+    server = ServerProcess(config, free_port(), tmp_path / "server.log")
+
+    def versioned(version: int) -> np.ndarray:
+        listed = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10,
+                              headers=server.operator_headers).json()["versions"]
+        sha = next(v["checkpoint_sha256"] for v in listed if v["version"] == version)
+        path = tmp_path / f"v{version}.safetensors"
+        path.write_bytes(requests.get(f"{server.url}/v1/artifacts/{sha}", timeout=10,
+                                      headers=server.operator_headers).content)
+        return load_checkpoint(path)[1]
+
+    def dp_round(version: int, previous: np.ndarray) -> np.ndarray:
+        pool = [DeviceClient(HttpTransport(server.url), "en", enrollment(config, "en")) for _ in range(4)]
+        chosen, _ = train_round(None, pool, [np.zeros(initial.size)] * 4)
+        stddev = chosen[0].assignment["update"]["dp_stddev"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                flat = versioned(version)
+                break
+            except StopIteration:
+                time.sleep(0.2)
+        key = bytes.fromhex((tmp_path / "state" / "private" / "dp-ftrl.key").read_text().strip())
+        unit = TreeNoise(key, layout.horizon, layout.restart_every, label="en").unit(version - 1, initial.size)
+        assert stddev > 0
+        np.testing.assert_allclose(flat - previous, stddev * unit / 4, rtol=1e-5, atol=1e-6)
+        return flat
+
+    try:
+        server.start()
+        flat = dp_round(1, initial)
+        flat = dp_round(2, flat)
+        key_before = (tmp_path / "state" / "private" / "dp-ftrl.key").read_bytes()
+        server.kill()                                     # SIGKILL master and workers mid-horizon
+        server.start()
+        dp_round(3, flat)                                 # release index 2, the same key
+        assert (tmp_path / "state" / "private" / "dp-ftrl.key").read_bytes() == key_before
+    finally:
+        server.kill()
