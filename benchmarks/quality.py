@@ -266,9 +266,9 @@ def _setting(name: str, row: dict) -> str:
     if "server_optimizer" in c and name not in ("ngram", "public_ngram", "pretrained", "central"):
         drop = f", dropout {c['dropout']}" if c.get("dropout") else ""
         return f"{c['rounds']} rounds, server {c['server_optimizer']} {c['server_lr']}{drop}"
-    if name.startswith("central"):
-        return f"{c.get('epochs', c.get('central_epochs'))} epochs" + (f", dropout {c['dropout']}"
-                                                                       if name == "central_dropout" else "")
+    epochs = c.get("epochs", c.get("central_epochs"))
+    if name.startswith("central") and epochs is not None:
+        return f"{epochs} epochs" + (f", dropout {c['dropout']}" if name == "central_dropout" else "")
     return ""
 
 

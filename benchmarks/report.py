@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -458,6 +459,22 @@ def load_results(results_dir: Path = RESULTS) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
 
 
+def written_at(path: Path) -> dt.datetime:
+    """When a results file was written: its last commit's time if git holds it unchanged (a clone or
+    checkout resets every file's mtime), else the file's mtime."""
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--", path.name], cwd=path.parent,
+                                capture_output=True, text=True, timeout=10)
+        if status.returncode == 0 and not status.stdout.strip():
+            log = subprocess.run(["git", "log", "-1", "--format=%ct", "--", path.name], cwd=path.parent,
+                                 capture_output=True, text=True, timeout=10)
+            if log.returncode == 0 and log.stdout.strip():
+                return dt.datetime.fromtimestamp(int(log.stdout.strip()), dt.timezone.utc)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
+
+
 def render(results: dict[str, dict], results_dir: Path = RESULTS) -> str:
     m = machine()
     pk = m["packages"]
@@ -479,7 +496,7 @@ def render(results: dict[str, dict], results_dir: Path = RESULTS) -> str:
         if r is None:
             out += [f"Not yet measured: run `{target}`.", ""]
             continue
-        stamp = dt.datetime.fromtimestamp((results_dir / f"{key}.json").stat().st_mtime, dt.timezone.utc)
+        stamp = written_at(results_dir / f"{key}.json")
         try:
             body = fmt(r)
         except (KeyError, TypeError, ValueError) as e:   # an older or partial result file
