@@ -356,6 +356,36 @@ def discovery(r: dict) -> str:
             f"nothing (Zhu et al. evaluate it on millions of users).")
 
 
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def hostile(r: dict) -> str:
+    rows = "\n".join(
+        f"| {a['name']} | {'yes' if a['secure_aggregation'] else 'no'} | "
+        f"{', '.join(f'{s}: {n}' for s, n in sorted(a['answers'].items()))} | {a['server_errors']} | "
+        f"{a['round_outcome']} | {'yes' if a['next_round_completed'] else 'no'} | "
+        f"{_ratio(a['step_ratio'])} |" for a in r["attacks"])
+    bounds = "; ".join(f"{b['round']} ({b['reports']} reports, {b['weighting']}): {b['ratio']:.1f}×"
+                       for b in r.get("largest_step_bound", []))
+    s = r["slow_clients"]
+    return ("| attack | secure | answers | 5xx | round | next round | step / honest |\n|---|---|---|---|---|---|---|\n"
+            f"{rows}\n\nThe most one modified phone can move the mean after the plausibility checks, over an honest "
+            f"round's step (contract.secagg.plausible.largest_step): {bounds}.\n\nSlow clients: "
+            f"{s['stalled_connections']} stalled connections, {s['honest_completed']}/{s['honest_checkins']} honest "
+            f"check-ins completed, p99 {s['honest_p99_ms']:.0f} ms, /healthz "
+            f"{'answered' if s['health_answered'] else 'NOT answered'}.")
+
+
+def fleet_ftrl(r: dict) -> str:
+    f = r["dp_ftrl"]
+    return (fleet(r) + f"\n\nUnder DP-FTRL's participation rule (b = {f['b']}, k = {f['k']} per {f['horizon']} "
+            f"rounds, tree restarts every {f['restart_every']}): {f['refused']:,} of {f['checked']:,} check-ins "
+            f"({f['refused_fraction']:.0%}) turned away; {r['rounds_completed']} training rounds completed and "
+            f"{r['rounds_failed']} failed; ε {f['epsilon']:.1f} after {f['released']} releases (tiny model, "
+            f"no projection: the noise of these rounds themselves).")
+
+
 SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "quality": ("Model quality: n-gram vs central vs federated CIFG", "make bench-quality", quality),
     "compression": ("Update compression: 32, 8 and 4 bits", "make bench-compression", compression),
@@ -364,6 +394,10 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict], str]]] = {
     "scale": ("Replicas on PostgreSQL behind nginx", "make bench-scale", scale),
     "device": ("One phone's task, Gboard-size plan", "make bench-device", device),
     "fleet": ("Emulated fleet at scale", "make bench-fleet", fleet),
+    "fleet_ftrl": ("The fleet under DP-FTRL's participation rule",
+                   "python -m benchmarks.fleet --ftrl-separation 8 --ftrl-participations 3 --ftrl-horizon 24 "
+                   "--out benchmarks/results/fleet_ftrl.json", fleet_ftrl),
+    "hostile": ("One hostile phone, and slow clients", "make bench-hostile", hostile),
     "demo": ("The demo: the whole system end to end", "make demo", demo),
     "fuzz": ("Fuzzing the protocol (schemathesis)", "make fuzz", fuzz),
     "secagg": ("Secure aggregation (SecAgg+)", "make bench-secagg", secagg),

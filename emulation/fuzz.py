@@ -56,9 +56,11 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403",
 """
 FUZZ_LIMITS = {f.name: [1e9, 3600.0] for f in dataclasses.fields(RateLimits)}
 # A population that keeps a round open for the whole run with room for every check-in the fuzzer
-# makes eligible, so the stateful phase can reach an upload (emulation.deployment.start_server keys).
-FUZZ_POPULATION = {"goal": 2000, "over_selection": 1.0, "min_selected_fraction": 1.0,
-                   "selection_window_s": 3600.0, "reporting_window_s": 3600.0,
+# makes eligible, so the stateful phase, which comes last, can still reach an upload
+# (emulation.deployment.start_server keys). `make fuzz`'s earlier phases make thousands of eligible
+# check-ins: a goal of 2,000 filled the round before the stateful phase began.
+FUZZ_POPULATION = {"goal": 1_000_000, "over_selection": 1.0, "min_selected_fraction": 1.0,
+                   "selection_window_s": 4 * 3600.0, "reporting_window_s": 4 * 3600.0,
                    "server": {"rate_limits": FUZZ_LIMITS}}
 
 
