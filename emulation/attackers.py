@@ -77,10 +77,10 @@ class BoostedPlan:
         self._initial: np.ndarray | None = None
         self._rng = np.random.default_rng([seed, 0xA77])   # an attacker's noise: no secret to keep
 
-    def train_windows(self, batch, learning_rate: float):
+    def train_windows(self, batch, learning_rate: float, keep=()):
         for _ in range(self.repeat - 1):
-            self.plan.train_windows(batch, learning_rate)
-        return self.plan.train_windows(batch, learning_rate)
+            self.plan.train_windows(batch, learning_rate, keep)
+        return self.plan.train_windows(batch, learning_rate, keep)
 
     def set_weights(self, weights) -> None:
         self._initial = np.array(weights, np.float32)

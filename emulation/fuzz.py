@@ -40,9 +40,13 @@ CHECKS = "all"
 # * invalid data may also be refused 413: an over-long array or string can take a body past the JSON cap;
 # * a schema-valid update body may be 422: its bytes are a safetensors file, which no JSON Schema can
 #   describe (the upload's description lists the 422 codes).
+# The stateful phase follows the document's links with valid requests only, as a phone would (register →
+# check-in → upload): the other three phases send the invalid ones, and an invalid step (a missing
+# Nightjar-Protocol header, say) ends a chain at its first request.
 SCHEMATHESIS_TOML = f"""
 [phases.stateful]
 max-steps = {STATEFUL_STEPS}
+generation.mode = "positive"
 
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]

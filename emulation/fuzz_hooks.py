@@ -16,10 +16,14 @@ past authentication instead of all stopping at a 401:
   the others'), and a valid evaluation report keeps the
   document's cross-field rule top1_hits <= top3_hits <= positions (which JSON
   Schema cannot say);
-* half of the valid registrations are replaced by a real enrollment — a fresh
+* half of the valid registrations (every one in the stateful phase) are
+  replaced by a real enrollment — a fresh
   nonce from the server, a statement signed by the development issuer, the
   app credential — so the stateful phase can follow the document's links
-  from a real registration to a check-in and an upload.
+  from a real registration to a check-in and an upload;
+* an operation on a session that a check-in assigned goes with that
+  device's credential (`SESSIONS`, filled from the check-ins' answers),
+  unless schemathesis made its headers invalid on purpose.
 
 The hooks read their settings from the NIGHTJAR_FUZZ environment variable
 (JSON: base URL, population, operator token, enrollment material, device
@@ -115,6 +119,12 @@ def _negative(case, location: ParameterLocation) -> bool:
     return case.meta is not None and case.meta.is_negative_at(location)
 
 
+def _stateful(case) -> bool:
+    """Whether the case is a step of the stateful phase (a phone's walk along the document's links)."""
+    phase = getattr(getattr(case.meta, "phase", None), "name", "")
+    return str(getattr(phase, "value", phase)).lower().endswith("stateful")
+
+
 @schemathesis.hook
 def before_call(context, case, kwargs):
     """The served population, eligible check-ins, the eval rule and real enrollments, where valid."""
@@ -141,6 +151,29 @@ def before_call(context, case, kwargs):
     if post and operation.path == "/v1/sessions/{session_id}/personal" and body_ok:
         case.body = {**case.body, "counts": consistent_personal_counts(case.body.get("counts"))} \
             if not case.body.get("masked") and isinstance(case.body.get("counts"), list) else case.body
-    if post and operation.path == "/v1/devices" and body_ok and _rng.random() < 0.5:
+    session = (case.path_parameters or {}).get("session_id")
+    if session in SESSIONS and not _negative(case, ParameterLocation.HEADER):
+        case.headers = {**(case.headers or {}), "Authorization": SESSIONS[session]}
+    if post and operation.path == "/v1/devices" and body_ok and (_stateful(case) or _rng.random() < 0.5):
         case.body = valid_registration()
         case.media_type = "application/json"
+
+
+# Session → the credential of the device it was assigned to, from the check-ins' answers: an operation
+# on a session a link carried over goes with that device's credential, as the phone's own request would
+# (the auth provider knows only the pre-enrolled devices).
+SESSIONS: dict[str, str] = {}
+
+
+@schemathesis.hook
+def after_call(context, case, response):
+    """Remember which device each assigned session belongs to."""
+    if case.operation.method.upper() != "POST" or case.operation.path != "/v1/checkin" or response.status_code != 200:
+        return
+    try:
+        assignment = json.loads(response.content or b"{}").get("assignment") or {}
+    except (ValueError, AttributeError):
+        return
+    credential = str((case.headers or {}).get("Authorization", ""))
+    if isinstance(assignment, dict) and isinstance(assignment.get("session_id"), str) and credential:
+        SESSIONS[assignment["session_id"]] = credential

@@ -62,8 +62,8 @@ def test_a_failing_condition_stops_training_within_one_batch(world, tmp_path, mo
     trained: list[int] = []
     train_windows = TrainingPlan.train_windows
 
-    def counting(plan, windows, lr):
-        step = train_windows(plan, windows, lr)
+    def counting(plan, windows, lr, keep=()):
+        step = train_windows(plan, windows, lr, keep)
         trained.append(len(windows))
         if len(trained) == AFTER_BATCHES:
             phone.fail(reason)
