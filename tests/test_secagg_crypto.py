@@ -182,8 +182,8 @@ def liar_round(seed: int, n: int, k: int, drop: dict[str, set[int]]) -> tuple[Ro
                 given[v] = (kind, secrets.randbelow(shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big"))
             elif how == 1:
                 given[v] = (KEY if kind == SELF else SELF, share)
-            else:
-                given[v] = (kind, shares[v][o][1] if o in shares.get(v, {}) else bytes(shamir.SHARE_BYTES))
+            else:   # from the round's own shares: a swap already made the other way would give back the truth
+                given[v] = (kind, r.shares.get(v, {}).get(o, bytes(shamir.SHARE_BYTES)))
             expected.setdefault(v, set()).add(o)
     return r, shares, expected
 
