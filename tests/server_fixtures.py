@@ -261,3 +261,26 @@ def break_finish(env, monkeypatch, kind: str):
     real = task.finish
     monkeypatch.setattr(task, "finish", lambda tx, rnd: (_ for _ in ()).throw(RuntimeError("injected")))
     return lambda: monkeypatch.setattr(task, "finish", real)
+
+
+def served_version(server, number: int, population: str = "en", timeout_s: float = 30.0) -> tuple[dict, np.ndarray]:
+    """A running server's version `number` (waiting for its round to finish): its entry in the operator's
+    versions list and its checkpoint's weights, fetched over HTTP as any verifier would."""
+    import tempfile
+    import time
+
+    from contract.model.weights import load_checkpoint
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        versions = requests.get(f"{server.url}/v1/populations/{population}/versions", timeout=10,
+                                headers=server.operator_headers).json()["versions"]
+        found = [v for v in versions if v["version"] == number]
+        if found:
+            blob = requests.get(f"{server.url}/v1/artifacts/{found[0]['checkpoint_sha256']}", timeout=10,
+                                headers=server.operator_headers).content
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "v.safetensors").write_bytes(blob)
+                return found[0], load_checkpoint(Path(tmp) / "v.safetensors")[1]
+        time.sleep(0.2)
+    raise AssertionError(f"no version {number} of {population} after {timeout_s} s")

@@ -8,7 +8,6 @@ with `[populations.en.dp] mechanism = "ftrl"`; the restart mid-horizon also thro
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -165,13 +164,10 @@ def test_status_and_the_health_page_show_the_mechanism_b_k_the_refusals_and_epsi
 def test_after_a_sigkill_mid_horizon_the_real_server_adds_the_noise_it_would_have_added(tmp_path):
     """The real server (gunicorn, SIGKILLed between two DP-FTRL rounds and restarted on the same state):
     every version's step is the tree's noise for its release index, the same key before and after."""
-    import requests
-
-    from contract.model.weights import load_checkpoint
     from deploy.server_process import ServerProcess, free_port
     from emulation.deployment import enrollment
     from server.config import load_config
-    from tests.server_fixtures import HttpTransport, init_small_population, write_small_config
+    from tests.server_fixtures import HttpTransport, init_small_population, served_version, write_small_config
 
     config = write_small_config(tmp_path, goal=4, over_selection=1.0, min_selected_fraction=1.0,
                                 min_report_fraction=1.0)
@@ -184,26 +180,11 @@ def test_after_a_sigkill_mid_horizon_the_real_server_adds_the_noise_it_would_hav
     layout = participation(load_config(config).population("en"))
     server = ServerProcess(config, free_port(), tmp_path / "server.log")
 
-    def versioned(version: int) -> np.ndarray:
-        listed = requests.get(f"{server.url}/v1/populations/en/versions", timeout=10,
-                              headers=server.operator_headers).json()["versions"]
-        sha = next(v["checkpoint_sha256"] for v in listed if v["version"] == version)
-        path = tmp_path / f"v{version}.safetensors"
-        path.write_bytes(requests.get(f"{server.url}/v1/artifacts/{sha}", timeout=10,
-                                      headers=server.operator_headers).content)
-        return load_checkpoint(path)[1]
-
     def dp_round(version: int, previous: np.ndarray) -> np.ndarray:
         pool = [DeviceClient(HttpTransport(server.url), "en", enrollment(config, "en")) for _ in range(4)]
         chosen, _ = train_round(None, pool, [np.zeros(initial.size)] * 4)
         stddev = chosen[0].assignment["update"]["dp_stddev"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                flat = versioned(version)
-                break
-            except StopIteration:
-                time.sleep(0.2)
+        _, flat = served_version(server, version)
         key = bytes.fromhex((tmp_path / "state" / "private" / "dp-ftrl.key").read_text().strip())
         unit = TreeNoise(key, layout.horizon, layout.restart_every, label="en").unit(version - 1, initial.size)
         assert stddev > 0

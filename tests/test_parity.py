@@ -29,7 +29,6 @@ import datetime as dt
 
 import numpy as np
 import pytest
-import requests
 
 from device_runtime.conditions import EmulatedConditions
 from device_runtime.runtime import Device, DeviceSettings
@@ -38,9 +37,9 @@ from models.model import TINY
 from contract.model.dropout import Dropout
 from contract.model.text import to_sequences
 from contract.update.spec import UpdateSpec
-from contract.model.weights import load_checkpoint
 from emulation.deployment import enrollment, start_server
 from emulation.models import initial_model
+from tests.server_fixtures import served_version
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 NIGHT = dt.datetime(2026, 11, 23, 23, 30)
@@ -86,27 +85,10 @@ def production_round(root, corpus, model, clients, **population) -> tuple[np.nda
             windows = to_sequences(device.examples.texts(), corpus.vocab, corpus.seq_len)
             reports.append(Report(windows, int(seen[0].hyperparameters["seed"]), events[0]["examples"]))
             device.close()
-        version = _wait_for_version(server.url, 1, server.operator_headers)
-        blob = requests.get(f"{server.url}/v1/artifacts/{version['checkpoint_sha256']}", timeout=10,
-                            headers=server.operator_headers).content
-        (root / "v1.safetensors").write_bytes(blob)
-        _, flat, _ = load_checkpoint(root / "v1.safetensors")
+        _, flat = served_version(server, 1)
         return flat, reports
     finally:
         server.kill()
-
-
-def _wait_for_version(url: str, number: int, headers: dict, timeout_s: float = 30.0) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        versions = requests.get(f"{url}/v1/populations/en/versions", timeout=10, headers=headers).json()["versions"]
-        found = [v for v in versions if v["version"] == number]
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no version {number} after {timeout_s} s")
 
 
 def simulated_round(model, reports: list[Report], spec: UpdateSpec, dropout: Dropout | None) -> np.ndarray:
